@@ -1,0 +1,5 @@
+import sys
+
+from afford.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""The `afford` command: generate, zoo (tokenizer, train, distill)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from afford.config import ConfigError
+
+
+def _zoo(sub):
+    zoo = sub.add_parser("zoo", help="train small models from local text (no model hub needed)")
+    zsub = zoo.add_subparsers(dest="zoo_cmd", required=True)
+    t = zsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    t.add_argument("--data", nargs="+", required=True, help="text or .jsonl files")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--val-fraction", type=float, default=0.05, help="tail of each file held out (not seen)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--overwrite", action="store_true")
+    for name in ("train", "distill"):
+        p = zsub.add_parser(name, help="train a Llama model from scratch" if name == "train"
+                            else "train a draft on a teacher's next-token distributions (KL)")
+        p.add_argument("--data", nargs="+", required=True)
+        p.add_argument("--out", required=True)
+        if name == "train":
+            p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
+            p.add_argument("--preset", help="target | draft | tiny (overrides the shape flags)")
+        else:
+            p.add_argument("--teacher", required=True, help="HF folder of the teacher (its tokenizer is used)")
+            p.add_argument("--student-preset", default="draft")
+            p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--layers", type=int, default=6)
+        p.add_argument("--hidden", type=int, default=256)
+        p.add_argument("--heads", type=int, default=4)
+        p.add_argument("--kv-heads", type=int, default=2)
+        p.add_argument("--intermediate", type=int, default=704)
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--lr", type=float, default=2e-3)
+        p.add_argument("--minutes", type=float)
+        p.add_argument("--steps", type=int)
+        p.add_argument("--eval-every", type=int, default=200)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int)
+        p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+        p.add_argument("--resume", action="store_true")
+        p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_zoo(a) -> int:
+    from afford.zoo.data import split_documents
+    if a.zoo_cmd == "tokenizer":
+        from afford.zoo.tokenizer import train_tokenizer
+        tok = train_tokenizer(split_documents(a.data, a.val_fraction).train, a.vocab_size, a.out, a.overwrite)
+        print(f"tokenizer with {len(tok)} tokens written to {a.out}")
+        return 0
+    from afford.zoo.train import PRESETS, TrainConfig, train
+    shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, intermediate=a.intermediate)
+    preset = a.preset if a.zoo_cmd == "train" else a.student_preset
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        shape = dict(zip(("layers", "hidden", "heads", "kv_heads", "intermediate"), PRESETS[preset]))
+    tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher,
+                     teacher=a.teacher if a.zoo_cmd == "distill" else None,
+                     temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
+                     lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
+                     threads=a.threads, bf16=not a.fp32, **shape)
+    res = train(tc, resume=a.resume, overwrite=a.overwrite)
+    print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afford", description="cheaper LLM decoding, with the cost in view")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _zoo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return {"zoo": cmd_zoo}[a.cmd](a)
+    except ConfigError as e:
+        print(f"afford: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Frozen configuration: ModelConfig ⊂ EngineConfig. Derived values are properties.
+
+ModelConfig is read from a Hugging Face config.json (`ModelConfig.from_hf`); nothing
+here imports torch, so the cost planner and the CLI can use it cheaply.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0          # llama3
+    high_freq_factor: float = 4.0         # llama3
+    original_max_position_embeddings: int | None = None  # llama3, yarn
+    beta_fast: float = 32.0               # yarn
+    beta_slow: float = 1.0                # yarn
+    attention_factor: float | None = None  # yarn
+
+    @staticmethod
+    def from_hf(cfg: dict) -> "RopeConfig":
+        # transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` + `rope_scaling`.
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        params = {**scaling, **params}
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rtype = params.get("rope_type", params.get("type", "default")) or "default"
+        if rtype not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope type {rtype!r} is not supported; afford supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+        return RopeConfig(
+            theta=theta, type=rtype, factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=params.get("original_max_position_embeddings"),
+            beta_fast=float(params.get("beta_fast", 32.0)), beta_slow=float(params.get("beta_slow", 1.0)),
+            attention_factor=params.get("attention_factor"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """K and V values stored per token per layer."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def num_parameters(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
+        mlp = 3 * h * self.intermediate_size
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * h) + emb + h
+
+    @staticmethod
+    def from_hf(cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                        "mistral": "MistralForCausalLM"}.get(cfg.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"architecture {arch or cfg.get('model_type')!r} is not supported; afford loads "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (afford implements SwiGLU/silu)")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if arch == "MistralForCausalLM" and cfg.get("sliding_window") and \
+                cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
+            # We attend to the full context; cap the usable length at the window so outputs stay exact.
+            max_pos = cfg["sliding_window"]
+        else:
+            max_pos = cfg.get("max_position_embeddings", 2048)
+        return ModelConfig(
+            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            max_position_embeddings=max_pos, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(cfg), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        )
+
+    @staticmethod
+    def from_dir(path: str | Path) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"no config.json in {path}: pass a Hugging Face model folder "
+                              f"(config.json, *.safetensors, tokenizer.json)")
+        return ModelConfig.from_hf(json.loads(p.read_text()))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model: device, dtype, KV pool and batch limits."""
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_blocks: int | None = None        # None: enough for max_num_seqs full-length sequences
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ConfigError("block_size must be >= 1")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ConfigError("kv_blocks must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")

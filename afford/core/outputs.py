@@ -1,0 +1,43 @@
+"""RequestOutput: what a finished (or streaming) request returns to the user."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from afford.core.sequence import Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    finished: bool
+    logprobs: list[dict] | None = None          # per generated token: {"token", "logprob", "top": {id: lp}}
+    prompt_logprobs: list[float] | None = None  # one per prompt token after the first
+    metrics: dict = field(default_factory=dict)
+    delta: str = ""                             # text added by the step that produced this output
+
+    @staticmethod
+    def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
+        m = seq.metrics
+        decode_s = (m.finished or m.first_token or 0) - (m.first_token or 0)
+        n_out = seq.num_output
+        metrics = {
+            "prompt_tokens": seq.num_prompt, "generated_tokens": n_out, "forward_passes": m.forward_passes,
+            "ttft_s": (m.first_token - m.arrival) if m.first_token else None,
+            "latency_s": (m.finished - m.arrival) if m.finished else None,
+            "decode_tokens_per_s": (n_out - 1) / decode_s if decode_s > 0 and n_out > 1 else None,
+            "preemptions": m.preemptions,
+        }
+        if m.drafted:
+            metrics.update(drafted=m.drafted, accepted=m.accepted, acceptance_rate=m.accepted / m.drafted,
+                           accepted_per_position=list(m.accepted_per_position),
+                           tokens_per_forward=n_out / max(m.forward_passes, 1))
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_ids),
+            text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason, finished=seq.finished,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta)

@@ -1,0 +1,70 @@
+"""Scheduler: waiting and running queues over one BlockPool.
+
+Each step is either a prefill of newly admitted sequences (admitted first-come first-served when their
+blocks fit and the token budget allows) or a decode of every running sequence. When a decode cannot
+find blocks, the newest running sequence is preempted by recompute: its blocks are freed and it goes
+back to the front of the waiting queue with its generated tokens, to be prefilled again.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from afford.core.sequence import Sequence, Status
+from afford.kv.paged import BlockPool
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, lookahead: int = 0) -> tuple[list[Sequence], str, int]:
+        """Returns (sequences, "prefill" | "decode", number preempted). `lookahead` extra slots per
+        decoding sequence are reserved (speculative drafts)."""
+        admitted, budget = [], self.max_num_batched_tokens
+        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = len(seq.token_ids)
+            if (admitted and n > budget) or not self.pool.can_grow(seq.seq_id, n + 1):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            admitted.append(seq)
+            budget -= n
+        if admitted:
+            self.running.extend(admitted)
+            return admitted, "prefill", 0
+        preempted = 0
+        # decode: every running sequence needs room for its next 1 + lookahead tokens
+        while self.running:
+            need = sum(self.pool.extra_blocks(s.seq_id, len(s.token_ids) + lookahead) for s in self.running)
+            if need <= self.pool.num_free:
+                break
+            self.preempt(self.running[-1])
+            preempted += 1
+        return list(self.running), "decode", preempted
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.metrics.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Free a finished or aborted sequence wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.free(seq.seq_id)

@@ -1,0 +1,110 @@
+"""Sequence: one request's tokens, state and per-request metrics; incremental detokenization."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from afford.core.params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Detokenizer:
+    """vLLM-style incremental decoding: re-decode a short window so multi-byte characters and
+    leading-space merges come out right, and emit only complete characters."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tok = tokenizer
+        self.prefix = self.read = len(prompt_ids)
+        self.window_start = max(0, len(prompt_ids) - 5)
+
+    def step(self, ids: list[int]) -> str:
+        prev = self.tok.decode(ids[self.window_start:self.read], skip_special_tokens=True)
+        new = self.tok.decode(ids[self.window_start:], skip_special_tokens=True)
+        if len(new) > len(prev) and not new.endswith("\ufffd"):
+            self.window_start, self.read = self.read, len(ids)
+            return new[len(prev):]
+        return ""
+
+
+@dataclass
+class SeqMetrics:
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: float | None = None
+    forward_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    preemptions: int = 0
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request_id: str, prompt: str | None, prompt_ids: list[int],
+                 params: SamplingParams, tokenizer, generator: torch.Generator | None):
+        self.seq_id, self.request_id, self.prompt = seq_id, request_id, prompt
+        self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)      # prompt + output
+        self.params = params
+        self.status = Status.WAITING
+        self.num_computed = 0                  # tokens whose K/V is in the cache
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict] = []
+        self.prompt_logprobs: list[float] | None = None
+        self.generator = generator
+        self.metrics = SeqMetrics()
+        self.detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+        self._stop_tail = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> str:
+        """Add one generated token, update text and stop state; returns the new text."""
+        self.token_ids.append(token)
+        if self.metrics.first_token is None:
+            self.metrics.first_token = time.perf_counter()
+        p = self.params
+        delta = self.detok.step(self.token_ids) if self.detok else ""
+        if delta:
+            start = max(0, len(self.text) - self._stop_tail)
+            self.text += delta
+            for s in p.stop:
+                at = self.text.find(s, start)
+                if at >= 0:
+                    cut = len(self.text) - at
+                    self.text = self.text[:at]
+                    delta = delta[:-cut] if cut < len(delta) else ""
+                    return self._finish("stop", delta)
+        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+            return self._finish("stop", delta)
+        if self.num_output >= p.max_tokens or len(self.token_ids) >= max_len:
+            return self._finish("length", delta)
+        return delta
+
+    def _finish(self, reason: str, delta: str) -> str:
+        self.finish_reason = reason
+        self.status = Status.FINISHED
+        self.metrics.finished = time.perf_counter()
+        return delta

@@ -1,0 +1,92 @@
+"""StepStats: what one engine step did, cost and saved. The engine, the CLI stats line, the server's
+/metrics and the bench all read this one record (and EngineStats, its running sum)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepStats:
+    kind: str                      # "prefill" | "decode"
+    num_seqs: int
+    tokens_in: int                 # tokens fed through the target this step
+    tokens_out: int                # tokens appended to sequences this step
+    context_tokens: int            # K/V positions attended (sum over sequences)
+    seconds: float
+    weight_bytes: int              # bytes of target weights read by this step's forward
+    kv_bytes: int                  # bytes of K/V read by attention
+    flops: float                   # ~2 * params * tokens_in + attention
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    k_per_seq: list[int] = field(default_factory=list)
+    preempted: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    bytes_read: int = 0
+    flops: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    preemptions: int = 0
+    last: StepStats | None = None
+
+    def add(self, s: StepStats) -> None:
+        self.steps += 1
+        self.last = s
+        self.bytes_read += s.weight_bytes + s.kv_bytes
+        self.flops += s.flops
+        self.preemptions += s.preempted
+        if s.kind == "prefill":
+            self.prefill_steps += 1
+            self.prompt_tokens += s.tokens_in
+            self.prefill_seconds += s.seconds
+        else:
+            self.decode_steps += 1
+            self.decode_seconds += s.seconds
+            self.decode_tokens += s.tokens_out
+        self.generated_tokens += s.tokens_out
+        self.drafted += s.drafted
+        self.accepted += s.accepted
+        for i, a in enumerate(s.accepted_per_position):
+            if i >= len(self.accepted_per_position):
+                self.accepted_per_position.append(0)
+            self.accepted_per_position[i] += a
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        t = self.prefill_seconds + self.decode_seconds
+        return self.bytes_read / t / 1e9 if t else 0.0
+
+    @property
+    def gflops(self) -> float:
+        t = self.prefill_seconds + self.decode_seconds
+        return self.flops / t / 1e9 if t else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def line(self) -> str:
+        s = (f"prompt {self.prompt_tokens} tok | generated {self.generated_tokens} tok | "
+             f"decode {self.decode_tokens_per_s:.1f} tok/s | {self.bandwidth_gbs:.2f} GB/s | "
+             f"{self.gflops:.1f} GFLOP/s | {self.steps} steps")
+        if self.drafted:
+            s += f" | accepted {self.accepted}/{self.drafted} ({self.acceptance_rate:.0%})"
+        if self.preemptions:
+            s += f" | {self.preemptions} preemptions"
+        return s

@@ -1,0 +1,150 @@
+"""The step loop: the ONLY place that wires levers into a step.
+
+    schedule -> (prefill | decode) batched forward -> sample -> append/stop -> free finished -> StepStats
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from afford.config import ConfigError, EngineConfig
+from afford.core.outputs import RequestOutput
+from afford.core.params import SamplingParams
+from afford.core.runner import ModelRunner
+from afford.core.sampler import Sampler, top_logprobs
+from afford.core.scheduler import Scheduler
+from afford.core.sequence import Sequence
+from afford.core.stats import EngineStats, StepStats
+from afford.kv.paged import BlockPool
+from afford.models.loader import load_model, resolve_model_path
+
+KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ConfigError(f"cannot load a tokenizer from {path} ({e}); the folder needs tokenizer.json "
+                          f"or the tokenizer files of its model") from e
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        path = resolve_model_path(cfg.model)
+        self.model_path = path
+        self.tokenizer = load_tokenizer(path)
+        model_max = None
+        from afford.config import ModelConfig
+        mcfg = ModelConfig.from_dir(path)
+        model_max = mcfg.max_position_embeddings
+        if cfg.max_model_len is not None and cfg.max_model_len > model_max:
+            raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's {model_max} positions")
+        self.max_model_len = cfg.max_model_len or model_max
+        self.model = load_model(path, cfg.device, cfg.dtype, max_len=self.max_model_len)
+        self.model_config = mcfg
+        per_token = mcfg.num_layers * mcfg.kv_values_per_token * next(self.model.parameters()).element_size()
+        bs = cfg.block_size
+        min_blocks = -(-(self.max_model_len + 1) // bs)
+        blocks = cfg.kv_blocks or max(min_blocks, min(cfg.max_num_seqs * -(-min(self.max_model_len, 2048) // bs),
+                                                      KV_BUDGET_BYTES // (per_token * bs)))
+        if blocks < min_blocks:
+            raise ConfigError(f"kv_blocks={blocks} cannot hold one sequence of max_model_len={self.max_model_len} "
+                              f"tokens; give at least {min_blocks} blocks or lower max_model_len")
+        self.pool = BlockPool(blocks, bs)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler(torch.Generator().manual_seed(cfg.seed))
+        eos = set(mcfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = tuple(sorted(eos))
+        self.stats = EngineStats()
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ----
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ConfigError(f"prompt token ids {bad[:3]} are outside the vocabulary (size "
+                                  f"{self.model_config.vocab_size})")
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ConfigError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                              f"shorten the prompt or raise max_model_len (nothing is truncated silently)")
+        sid = next(self._ids)
+        rid = request_id if request_id is not None else str(sid)
+        if rid in self.seqs:
+            raise ConfigError(f"request id {rid!r} is already in use")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(sid, rid, text, ids, params, self.tokenizer, gen)
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            seq._finish("abort", "")
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----
+    def step(self) -> list[RequestOutput]:
+        """One batched forward for every scheduled sequence; returns an output for each that advanced."""
+        seqs, kind, preempted = self.scheduler.schedule()
+        if not seqs:
+            return []
+        t0 = time.perf_counter()
+        starts = [s.num_computed for s in seqs]
+        tokens = [s.token_ids[s.num_computed:] for s in seqs]
+        rows = [list(range(len(t))) if kind == "prefill" and s.params.prompt_logprobs and s.prompt_logprobs is None
+                else [len(t) - 1] for s, t in zip(seqs, tokens)]
+        logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, rows)   # (R, V)
+        last = torch.tensor([sum(len(r) for r in rows[:i + 1]) - 1 for i in range(len(seqs))])
+        if any(len(r) > 1 for r in rows):
+            self._prompt_logprobs(seqs, rows, logits)
+            logits = logits[last]                                                       # (B, V)
+        next_tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        ctx = sum(st + len(t) for st, t in zip(starts, tokens))
+        outs = []
+        for s, st, toks, tok, row in zip(seqs, starts, tokens, next_tokens, logits):
+            s.num_computed = st + len(toks)
+            s.metrics.forward_passes += 1
+            if s.params.logprobs is not None:
+                s.logprobs.append(top_logprobs(torch.log_softmax(row.float(), -1), tok, s.params.logprobs))
+            delta = s.append(tok, self.eos_ids, self.max_model_len)
+            if s.finished:
+                self.scheduler.finish(s)
+                self.seqs.pop(s.request_id, None)
+            outs.append(RequestOutput.from_seq(s, delta))
+        n_in = sum(len(t) for t in tokens)
+        self.stats.add(StepStats(
+            kind=kind, num_seqs=len(seqs), tokens_in=n_in, tokens_out=len(seqs), context_tokens=ctx,
+            seconds=time.perf_counter() - t0, weight_bytes=self.runner.weight_bytes,
+            kv_bytes=ctx * self.runner.kv_bytes_per_token, preempted=preempted,
+            flops=2.0 * self.model_config.num_parameters * n_in))
+        return outs
+
+    def _prompt_logprobs(self, seqs, rows, logits) -> None:
+        at = 0
+        for s, r in zip(seqs, rows):
+            if len(r) > 1:
+                lp = torch.log_softmax(logits[at:at + len(r) - 1].float(), -1)       # (n-1, V)
+                nxt = torch.tensor(s.token_ids[1:len(r)], device=lp.device)
+                s.prompt_logprobs = lp.gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+            at += len(r)

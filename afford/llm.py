@@ -1,0 +1,55 @@
+"""LLM: the offline API. `LLM(model).generate(prompts, SamplingParams(...))` runs every prompt as
+one continuous batch and returns one RequestOutput per prompt, in order."""
+from __future__ import annotations
+
+from afford.config import ConfigError, EngineConfig
+from afford.core.outputs import RequestOutput
+from afford.core.params import SamplingParams
+from afford.engine import Engine
+
+
+class LLM:
+    def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
+                 max_model_len: int | None = None, kv_blocks: int | None = None, seed: int = 0,
+                 block_size: int = 16, max_num_seqs: int = 64):
+        self.engine = Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
+                                          kv_blocks=kv_blocks, seed=seed, block_size=block_size,
+                                          max_num_seqs=max_num_seqs))
+        self.tokenizer = self.engine.tokenizer
+
+    @property
+    def stats(self):
+        return self.engine.stats
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or lists of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ConfigError("give one SamplingParams, or one per prompt")
+        eng = self.engine
+        rids = []
+        try:
+            for p, sp in zip(prompts, params):
+                rids.append(eng.add_request(p, sp).request_id)
+        except ConfigError:
+            for r in rids:
+                eng.abort(r)
+            raise
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rids), unit="req")
+        while eng.has_unfinished():
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return [done[r] for r in rids]

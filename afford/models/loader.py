@@ -1,0 +1,128 @@
+"""Load a Hugging Face folder (config.json + *.safetensors, sharded too) into our Transformer,
+and save one back. Weight names map one to one onto HF's Llama/Qwen2/Mistral names."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from afford.config import ConfigError, ModelConfig
+from afford.models.transformer import Transformer
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_model_path(name: str | Path, role: str = "target") -> Path:
+    """'default' means the bundled pair; anything else is a local HF folder."""
+    if str(name) == "default":
+        path = ASSETS / "default" / role
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"the bundled default {role} is missing at {path}; train it with the zoo "
+                              f"recipe in the README or pass --model PATH")
+        return path
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model folder {str(path)!r} does not exist: pass a local Hugging Face folder "
+                          f"(config.json, *.safetensors, tokenizer.json) or 'default'")
+    if not path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a file, not a model folder")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        dtype = cfg.torch_dtype or "float32"
+        if dtype in ("float16", "fp16") and device.type == "cpu":
+            dtype = "bfloat16"   # fp16 matmuls are slow on CPUs; bf16 has the same memory cost
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors in {path}: afford loads safetensors checkpoints "
+                          f"(convert .bin with transformers' save_pretrained(safe_serialization=True))")
+    return files
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # corrupted or truncated file
+            raise ConfigError(f"cannot read {f}: {e}") from e
+    return state
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
+               max_len: int | None = None) -> Transformer:
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    dev = resolve_device(device)
+    state = load_state_dict(path)
+    with torch.device("meta"):
+        model = Transformer(cfg, max_len=max_len)
+    model = model.to_empty(device="cpu")
+    model.rope_cos, model.rope_sin = Transformer.rope_tables(cfg, model.max_len)  # buffers were on meta
+    expected = set(model.state_dict().keys())
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing = expected - set(state)
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    unknown = set(state) - expected - {"lm_head.weight"}
+    unknown = {k for k in unknown if not k.endswith("rotary_emb.inv_freq")}
+    if unknown:
+        raise ConfigError(f"checkpoint {path} has weights afford does not know, e.g. {sorted(unknown)[:3]}")
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=dev, dtype=resolve_dtype(dtype, cfg, dev)).eval()
+
+
+def save_model(model: Transformer, out: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors in Hugging Face layout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
+    rope = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.type}
+    return {
+        "architectures": [cfg.architecture],
+        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                       "MistralForCausalLM": "mistral"}[cfg.architecture],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope.theta, "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+        "hidden_act": "silu", "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids),
+        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+    }

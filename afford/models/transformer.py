@@ -1,0 +1,192 @@
+"""One readable Llama-family transformer: RMSNorm, RoPE (default/linear/llama3/yarn), GQA/MQA,
+SwiGLU, tied or untied embeddings. Parameter names follow Hugging Face's, so a Llama, Qwen2 or
+Mistral checkpoint loads by name and a model we train saves as an ordinary HF folder.
+
+Two ways to run it:
+- `forward(ids)`: dense causal attention over a (B, T) batch, no cache (training, reference checks);
+- `forward(ids, meta=AttnMeta)`: the engine's paged path. New K/V are written into the paged
+  pool at `meta.slots`, then each sequence attends to the slots of its own block table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afford.config import ModelConfig, RopeConfig
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) and the attention scaling factor for a rope variant."""
+    base = rope.theta
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if rope.type == "default":
+        return inv, 1.0
+    if rope.type == "linear":
+        return inv / rope.factor, 1.0
+    old = rope.original_max_position_embeddings or max_pos
+    if rope.type == "llama3":
+        low_wl, high_wl = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn (Peng et al. 2023), as Qwen2 long-context checkpoints use it
+    attn_factor = rope.attention_factor or (0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0)
+
+    def corr_dim(n_rot: float) -> float:
+        return dim * math.log(old / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(corr_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(rope.beta_slow)), dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrap = 1 - ramp
+    return (inv / rope.factor) * (1 - extrap) + inv * extrap, attn_factor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D); cos/sin: (B, T, 1, D)
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+@dataclass
+class AttnMeta:
+    """Per-step inputs of the paged attention, shared by every layer.
+
+    slots:   (B, T) flat slot (block * block_size + offset) where each new token's K/V goes; -1 = padding
+    gather:  (B, L) flat slots of every context token of each sequence (its block table, expanded)
+    mask:    (B, 1, T, L) bool, True where query t may attend to context position l
+    kv:      per layer, (k_pool, v_pool) each (num_slots, n_kv_heads, head_dim)
+    """
+    slots: torch.Tensor
+    gather: torch.Tensor
+    mask: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, meta: AttnMeta | None, layer: int):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.h, self.d), cos, sin)      # (B, T, H, D)
+        k = apply_rope(self.k_proj(x).view(B, T, self.kvh, self.d), cos, sin)    # (B, T, KV, D)
+        v = self.v_proj(x).view(B, T, self.kvh, self.d)                          # (B, T, KV, D)
+        if meta is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.kvh != self.h)
+        else:
+            k_pool, v_pool = meta.kv[layer]
+            flat = meta.slots.reshape(-1)
+            keep = flat >= 0
+            if bool(keep.all()):
+                k_pool[flat] = k.reshape(-1, self.kvh, self.d).to(k_pool.dtype)
+                v_pool[flat] = v.reshape(-1, self.kvh, self.d).to(v_pool.dtype)
+            else:
+                k_pool[flat[keep]] = k.reshape(-1, self.kvh, self.d)[keep].to(k_pool.dtype)
+                v_pool[flat[keep]] = v.reshape(-1, self.kvh, self.d)[keep].to(v_pool.dtype)
+            kc = k_pool[meta.gather].transpose(1, 2).to(q.dtype)                 # (B, KV, L, D)
+            vc = v_pool[meta.gather].transpose(1, 2).to(q.dtype)                 # (B, KV, L, D)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=meta.mask,
+                                               enable_gqa=self.kvh != self.h)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))    # (B, T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """`model.*` in HF naming: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_len = max_len or cfg.max_position_embeddings
+        cos, sin = self.rope_tables(cfg, self.max_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @staticmethod
+    def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (max_len, head_dim) fp32, scaled by the rope variant's attention factor."""
+        with torch.device("cpu"):
+            inv, scale = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+            freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)   # (P, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)                                # (P, D)
+            return (emb.cos() * scale).float(), (emb.sin() * scale).float()
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+               meta: AttnMeta | None = None) -> torch.Tensor:
+        """ids, positions: (B, T) -> final-normed hidden states (B, T, hidden)."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.model.embed_tokens(ids)                                   # (B, T, hidden)
+        cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)            # (B, T, 1, D)
+        sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, meta, i)
+        return self.model.norm(x)
+
+    def forward(self, ids, positions=None, meta=None):
+        """Logits (B, T, V) for every position."""
+        return self.lm_head(self.hidden(ids, positions, meta))

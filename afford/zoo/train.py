@@ -1,0 +1,240 @@
+"""`afford zoo train` and `afford zoo distill`: train a Llama-architecture model from scratch (or a
+draft on a teacher's distributions) and write a Hugging Face folder both afford and transformers load.
+
+AdamW, linear warm-up then cosine decay, gradient clipping, periodic validation loss/perplexity, a tqdm
+bar with tokens/s and ETA, resumable checkpoints (`ckpt.pt`), and Ctrl-C leaves a usable checkpoint.
+The schedule runs on progress = max(step / steps, elapsed / budget), so `--minutes` and `--steps`
+both give a full warm-up-and-decay.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from afford.config import ConfigError, ModelConfig, RopeConfig
+from afford.models.loader import hf_config, load_model, save_model
+from afford.models.transformer import Transformer
+
+# name -> (layers, hidden, heads, kv_heads, intermediate)
+PRESETS = {
+    "target": (6, 256, 4, 2, 704),
+    "draft": (2, 128, 2, 1, 352),
+    "tiny": (2, 64, 4, 2, 128),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    data: tuple[str, ...]
+    tokenizer: str
+    layers: int = 6
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 704
+    max_position_embeddings: int = 1024
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    steps: int | None = None
+    minutes: float | None = None
+    eval_every: int = 200
+    eval_batches: int = 8
+    val_fraction: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    teacher: str | None = None      # distillation: KL to this model's softmax
+    temperature: float = 1.0        # distillation temperature
+    threads: int | None = None
+    bf16: bool = True               # bf16 autocast (about 2x faster on this CPU); weights stay fp32
+
+    def __post_init__(self):
+        if self.steps is None and self.minutes is None:
+            raise ConfigError("give --steps or --minutes")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ConfigError("hidden must divide by heads and heads by kv_heads")
+
+
+def model_config(tc: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=vocab_size, hidden_size=tc.hidden,
+        intermediate_size=tc.intermediate, num_layers=tc.layers, num_heads=tc.heads,
+        num_kv_heads=tc.kv_heads, head_dim=tc.hidden // tc.heads,
+        max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
+        tie_word_embeddings=True, bos_token_id=eos_id, eos_token_ids=(eos_id,), torch_dtype="float32")
+
+
+def encode_corpus(tok, docs: list[str]) -> torch.Tensor:
+    """All documents as one id stream, each followed by EOS: (N,) int64."""
+    eos = tok.eos_token_id
+    ids: list[int] = []
+    for enc in tok(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batches(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
+    if len(stream) <= seq_len + 1:
+        raise ConfigError(f"the corpus has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+    while True:
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
+        win = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()])   # (B, T+1)
+        yield win[:, :-1], win[:, 1:]
+
+
+def loss_fn(model: Transformer, x, y, teacher: Transformer | None, tc: TrainConfig) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+        logits = model(x).float()                                                 # (B, T, V)
+        if teacher is None:
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with torch.no_grad():
+            t_logits = teacher(x).float()                                         # (B, T, V)
+    temperature = tc.temperature
+    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
+    s_logp = F.log_softmax(logits / temperature, dim=-1)
+    return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+
+
+@torch.no_grad()
+def evaluate(model, val: torch.Tensor, tc: TrainConfig, device) -> float:
+    """Mean next-token cross-entropy over the first eval_batches windows of the held-out stream."""
+    model.eval()
+    n = min(tc.eval_batches * tc.batch_size, (len(val) - 1) // tc.seq_len)
+    if n < 1:
+        return float("nan")
+    win = val[: n * tc.seq_len + 1]
+    x = win[:-1].view(n, tc.seq_len).to(device)                                   # (n, T)
+    y = win[1:].view(n, tc.seq_len).to(device)
+    losses = [F.cross_entropy(model(x[i:i + tc.batch_size]).flatten(0, 1).float(), y[i:i + tc.batch_size].flatten())
+              for i in range(0, n, tc.batch_size)]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cos)
+
+
+def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from afford.zoo.data import split_documents
+
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    out = Path(tc.out)
+    ckpt_path = out / "ckpt.pt"
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it or --resume to continue")
+    if resume and not ckpt_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if tc.device == "auto" else tc.device))
+    torch.manual_seed(tc.seed)
+    tok = AutoTokenizer.from_pretrained(tc.tokenizer)
+    split = split_documents(list(tc.data), tc.val_fraction)
+    train_ids, val_ids = encode_corpus(tok, split.train), encode_corpus(tok, split.val)
+    teacher = load_model(tc.teacher, device=str(device), dtype="float32") if tc.teacher else None
+    if teacher is not None and teacher.cfg.vocab_size != len(tok):
+        raise ConfigError("the teacher's vocabulary differs from the tokenizer's; distil with the teacher's tokenizer")
+    mcfg = model_config(tc, len(tok), tok.eos_token_id)
+    model = Transformer(mcfg).to(device)
+    init_weights(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    step, elapsed = 0, 0.0
+    if resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["model_config"] != asdict(mcfg):
+            raise ConfigError(f"{ckpt_path} was trained with another model shape; resume with the same flags")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        step, elapsed = ck["step"], ck["elapsed"]
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    gen = torch.Generator().manual_seed(tc.seed + step)
+    data = batches(train_ids, tc.batch_size, tc.seq_len, gen)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model {n_params / 1e6:.2f} M params | train {len(train_ids):,} tokens | val {len(val_ids):,} tokens")
+    history: list[dict] = []
+
+    def save(tag: str):
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "elapsed": elapsed,
+                    "model_config": asdict(mcfg), "train_config": asdict(tc)}, ckpt_path)
+        save_model(model, out, dtype=torch.float32)
+        log(f"[{tag}] saved {out} at step {step}")
+
+    budget = tc.minutes * 60 if tc.minutes else None
+    bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=2.0)
+    model.train()
+    t0 = time.time() - elapsed
+    try:
+        while True:
+            elapsed = time.time() - t0
+            progress = max(step / tc.steps if tc.steps else 0.0, elapsed / budget if budget else 0.0)
+            if progress >= 1.0:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(tc, step, progress)
+            x, y = next(data)
+            loss = loss_fn(model, x.to(device), y.to(device), teacher, tc)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            step += 1
+            tps = step * tc.batch_size * tc.seq_len / max(time.time() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", lr=f"{g['lr']:.1e}")
+            if step % tc.eval_every == 0:
+                vl = evaluate(model, val_ids, tc, device)
+                history.append({"step": step, "train_loss": loss.item(), "val_loss": vl, "val_ppl": math.exp(vl),
+                                "elapsed_s": round(time.time() - t0, 1)})
+                bar.write(f"step {step}: train {loss.item():.3f} | val {vl:.3f} (ppl {math.exp(vl):.1f}) | {tps:,.0f} tok/s")
+                save("eval")
+    except KeyboardInterrupt:
+        bar.write("interrupted: saving a usable checkpoint")
+    finally:
+        bar.close()
+        elapsed = time.time() - t0
+    vl = evaluate(model, val_ids, tc, device)
+    save("final")
+    result = {"steps": step, "elapsed_s": round(elapsed, 1), "val_loss": vl, "val_ppl": math.exp(vl),
+              "params": n_params, "history": history}
+    log(f"done: {step} steps in {elapsed / 60:.1f} min, val loss {vl:.3f} (ppl {math.exp(vl):.1f})")
+    return result
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    """GPT-2 style: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            s = std / math.sqrt(2 * model.cfg.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            torch.nn.init.normal_(p, 0.0, s)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+
+
+def from_preset(name: str, **kw) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    layers, hidden, heads, kv, inter = PRESETS[name]
+    return TrainConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter, **kw)
+
+
+__all__ = ["PRESETS", "TrainConfig", "train", "from_preset", "hf_config", "replace"]
