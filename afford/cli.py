@@ -71,9 +71,49 @@ def cmd_zoo(a) -> int:
     return 0
 
 
+def _generate(sub):
+    g = sub.add_parser("generate", help="generate text from a prompt and print the stats line")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
+    g.add_argument("--model", default="default", help="HF folder, or 'default' (the bundled target)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--max-model-len", type=int)
+
+
+def cmd_generate(a) -> int:
+    from afford import LLM, SamplingParams
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            seed=a.seed, stop=a.stop)
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len)
+    eng = llm.engine
+    if a.stream:
+        if len(a.prompt) > 1:
+            raise ConfigError("--stream takes one prompt")
+        eng.add_request(a.prompt[0], params)
+        print(a.prompt[0], end="", flush=True)
+        while eng.has_unfinished():
+            for out in eng.step():
+                print(out.delta, end="", flush=True)
+        print()
+    else:
+        for prompt, out in zip(a.prompt, llm.generate(a.prompt, params)):
+            print(prompt + out.text)
+            print(f"  [{out.finish_reason}] {out.metrics['generated_tokens']} tokens")
+    print(f"stats: {llm.stats.line()}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afford", description="cheaper LLM decoding, with the cost in view")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    _generate(sub)
     _zoo(sub)
     return parser
 
@@ -81,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"zoo": cmd_zoo}[a.cmd](a)
+        return {"generate": cmd_generate, "zoo": cmd_zoo}[a.cmd](a)
     except ConfigError as e:
         print(f"afford: error: {e}", file=sys.stderr)
         return 2

@@ -30,12 +30,14 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> tuple[list[Sequence], str, int]:
         """Returns (sequences, "prefill" | "decode", number preempted). `lookahead` extra slots per
         decoding sequence are reserved (speculative drafts)."""
-        admitted, budget = [], self.max_num_batched_tokens
+        admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
             n = len(seq.token_ids)
-            if (admitted and n > budget) or not self.pool.can_grow(seq.seq_id, n + 1):
+            need = self.pool.extra_blocks(seq.seq_id, n + 1)
+            if (admitted and n > budget) or need > free:
                 break
+            free -= need
             self.waiting.popleft()
             seq.status = Status.RUNNING
             admitted.append(seq)
