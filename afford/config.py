@@ -145,3 +145,19 @@ class EngineConfig:
             raise ConfigError("kv_blocks must be >= 1")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding: who drafts, how many tokens, how the target accepts them."""
+    draft: str                          # a model folder, "default" (the bundled draft), or "ngram"
+    num_speculative_tokens: int = 4     # k (the upper bound when the controller adapts it)
+    acceptance: str = "rejection"       # for sampled requests; greedy requests always use "greedy"
+    controller: str = "fixed"
+    ngram_max: int = 3
+    ngram_min: int = 1
+    draft_dtype: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
+            raise ConfigError(f"num_speculative_tokens must be between 1 and 32, got {self.num_speculative_tokens!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from afford.config import ConfigError, EngineConfig
+from afford.config import ConfigError, EngineConfig, ModelConfig, SpecConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.core.runner import ModelRunner
@@ -19,6 +19,7 @@ from afford.core.scheduler import Scheduler
 from afford.core.sequence import Sequence
 from afford.core.stats import EngineStats, StepStats
 from afford.kv.paged import BlockPool
+from afford.spec.speculator import Speculator
 from afford.models.loader import load_model, resolve_model_path
 
 KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
@@ -34,13 +35,11 @@ def load_tokenizer(path: Path):
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, spec: SpecConfig | None = None):
         self.cfg = cfg
         path = resolve_model_path(cfg.model)
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
-        model_max = None
-        from afford.config import ModelConfig
         mcfg = ModelConfig.from_dir(path)
         model_max = mcfg.max_position_embeddings
         if cfg.max_model_len is not None and cfg.max_model_len > model_max:
@@ -59,7 +58,8 @@ class Engine:
         self.pool = BlockPool(blocks, bs)
         self.runner = ModelRunner(self.model, self.pool)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.sampler = Sampler(torch.Generator().manual_seed(cfg.seed))
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.sampler = Sampler()
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -67,6 +67,7 @@ class Engine:
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.spec = Speculator.build(spec, self) if spec is not None else None
 
     # ---- requests ----
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -88,7 +89,9 @@ class Engine:
         rid = request_id if request_id is not None else str(sid)
         if rid in self.seqs:
             raise ConfigError(f"request id {rid!r} is already in use")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # every sequence owns a generator: its seed, or one drawn from the engine's seeded stream
+        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self.rng))
+        gen = torch.Generator().manual_seed(seed)
         seq = Sequence(sid, rid, text, ids, params, self.tokenizer, gen)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
@@ -99,46 +102,105 @@ class Engine:
         if seq is not None and not seq.finished:
             seq._finish("abort", "")
             self.scheduler.finish(seq)
+            if self.spec:
+                self.spec.proposer.free(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
-        """One batched forward for every scheduled sequence; returns an output for each that advanced."""
-        seqs, kind, preempted = self.scheduler.schedule()
+        """One batched target forward for every scheduled sequence; returns an output for each that advanced."""
+        seqs, kind, preempted = self.scheduler.schedule(lookahead=self.spec.k if self.spec else 0)
+        for s in preempted:
+            if self.spec:
+                self.spec.proposer.free(s)
         if not seqs:
             return []
         t0 = time.perf_counter()
+        ks = self.spec.ks(seqs, self.max_model_len) if self.spec and kind == "decode" else [0] * len(seqs)
+        if any(ks):
+            outs, st = self._spec_decode(seqs, ks)
+        else:
+            outs, st = self._plain(seqs, kind)
+        st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(preempted)
+        st.weight_bytes = self.runner.weight_bytes
+        st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
+        st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
+        self.stats.add(st)
+        return outs
+
+    def _plain(self, seqs: list[Sequence], kind: str) -> tuple[list[RequestOutput], StepStats]:
         starts = [s.num_computed for s in seqs]
         tokens = [s.token_ids[s.num_computed:] for s in seqs]
         rows = [list(range(len(t))) if kind == "prefill" and s.params.prompt_logprobs and s.prompt_logprobs is None
                 else [len(t) - 1] for s, t in zip(seqs, tokens)]
         logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, rows)   # (R, V)
-        last = torch.tensor([sum(len(r) for r in rows[:i + 1]) - 1 for i in range(len(seqs))])
         if any(len(r) > 1 for r in rows):
             self._prompt_logprobs(seqs, rows, logits)
+            last = torch.tensor([sum(len(r) for r in rows[:i + 1]) - 1 for i in range(len(seqs))])
             logits = logits[last]                                                       # (B, V)
         next_tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        ctx = sum(st + len(t) for st, t in zip(starts, tokens))
         outs = []
         for s, st, toks, tok, row in zip(seqs, starts, tokens, next_tokens, logits):
             s.num_computed = st + len(toks)
-            s.metrics.forward_passes += 1
+            outs.append(self._emit(s, [tok], row.unsqueeze(0)))
+        n_in = sum(len(t) for t in tokens)
+        return outs, StepStats(kind=kind, num_seqs=len(seqs), tokens_in=n_in, tokens_out=len(seqs),
+                               context_tokens=sum(st + len(t) for st, t in zip(starts, tokens)),
+                               seconds=0.0, weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[0] * len(seqs))
+
+    def _spec_decode(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[RequestOutput], StepStats]:
+        """Draft k_i tokens per sequence, verify all of them in ONE target forward, keep the accepted
+        prefix plus one token, roll both KV caches back past it."""
+        spec = self.spec
+        drafts = spec.proposer.propose(seqs, ks)
+        starts = [len(s.token_ids) - 1 for s in seqs]
+        tokens = [[s.token_ids[-1]] + d.tokens for s, d in zip(seqs, drafts)]
+        rows = [list(range(len(t))) for t in tokens]
+        logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, rows)   # (sum(k_i + 1), V)
+        st = StepStats(kind="decode", num_seqs=len(seqs), tokens_in=sum(len(t) for t in tokens), tokens_out=0,
+                       context_tokens=sum(a + len(t) for a, t in zip(starts, tokens)), seconds=0.0,
+                       weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[len(d.tokens) for d in drafts])
+        outs, at = [], 0
+        for s, start, d in zip(seqs, starts, drafts):
+            rows_s = logits[at:at + len(d.tokens) + 1]                                  # (k_i + 1, V)
+            at += len(d.tokens) + 1
+            policy = spec.greedy if s.params.greedy else spec.policy
+            n, nxt = policy.accept(rows_s, d, s.params, s.generator)
+            valid = start + 1 + n                  # K/V positions that hold kept tokens
+            self.pool.truncate(s.seq_id, valid)
+            spec.proposer.rollback(s, valid)
+            s.num_computed = valid
+            before = s.num_output
+            outs.append(self._emit(s, d.tokens[:n] + [nxt], rows_s[:n + 1]))
+            st.tokens_out += s.num_output - before
+            st.drafted += len(d.tokens)
+            st.accepted += n
+            s.metrics.drafted += len(d.tokens)
+            s.metrics.accepted += n
+            for counts in (st.accepted_per_position, s.metrics.accepted_per_position):
+                counts.extend([0] * (len(d.tokens) - len(counts)))
+                for i in range(n):
+                    counts[i] += 1
+        return outs, st
+
+    def _emit(self, s: Sequence, new_tokens: list[int], rows: torch.Tensor) -> RequestOutput:
+        """Append tokens to s until it stops; free it when finished."""
+        s.metrics.forward_passes += 1
+        delta = ""
+        for tok, row in zip(new_tokens, rows):
             if s.params.logprobs is not None:
                 s.logprobs.append(top_logprobs(torch.log_softmax(row.float(), -1), tok, s.params.logprobs))
-            delta = s.append(tok, self.eos_ids, self.max_model_len)
+            delta += s.append(tok, self.eos_ids, self.max_model_len)
             if s.finished:
-                self.scheduler.finish(s)
-                self.seqs.pop(s.request_id, None)
-            outs.append(RequestOutput.from_seq(s, delta))
-        n_in = sum(len(t) for t in tokens)
-        self.stats.add(StepStats(
-            kind=kind, num_seqs=len(seqs), tokens_in=n_in, tokens_out=len(seqs), context_tokens=ctx,
-            seconds=time.perf_counter() - t0, weight_bytes=self.runner.weight_bytes,
-            kv_bytes=ctx * self.runner.kv_bytes_per_token, preempted=preempted,
-            flops=2.0 * self.model_config.num_parameters * n_in))
-        return outs
+                break
+        if s.finished:
+            self.scheduler.finish(s)
+            if self.spec:
+                self.spec.proposer.free(s)
+            self.seqs.pop(s.request_id, None)
+        return RequestOutput.from_seq(s, delta)
 
     def _prompt_logprobs(self, seqs, rows, logits) -> None:
         at = 0

@@ -2,7 +2,7 @@
 one continuous batch and returns one RequestOutput per prompt, in order."""
 from __future__ import annotations
 
-from afford.config import ConfigError, EngineConfig
+from afford.config import ConfigError, EngineConfig, SpecConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.engine import Engine
@@ -11,10 +11,15 @@ from afford.engine import Engine
 class LLM:
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
                  max_model_len: int | None = None, kv_blocks: int | None = None, seed: int = 0,
-                 block_size: int = 16, max_num_seqs: int = 64):
+                 block_size: int = 16, max_num_seqs: int = 64, draft: str | None = None,
+                 num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection"):
+        """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
+        lossless speculative decoding with num_speculative_tokens drafted per step."""
+        spec = (SpecConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens, controller=speculation,
+                           acceptance=acceptance) if draft is not None else None)
         self.engine = Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
                                           kv_blocks=kv_blocks, seed=seed, block_size=block_size,
-                                          max_num_seqs=max_num_seqs))
+                                          max_num_seqs=max_num_seqs), spec)
         self.tokenizer = self.engine.tokenizer
 
     @property

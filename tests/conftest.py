@@ -21,7 +21,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_hf_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0, **kw) -> Path:
+def make_hf_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0, sharpen: float = 4.0,
+                  **kw) -> Path:
     import shutil
 
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -39,7 +40,7 @@ def make_hf_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(4.0)
+                p.mul_(sharpen)
     model.save_pretrained(out)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)

@@ -36,11 +36,8 @@ def top_logprobs(logprobs_row: torch.Tensor, token: int, n: int) -> dict:
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator   # for requests without their own seed
-
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[int]:
+                 generators: list[torch.Generator]) -> list[int]:
         """logits: (B, V) -> one token per row."""
         if all(p.greedy for p in params):
             return logits.argmax(-1).tolist()
@@ -49,5 +46,5 @@ class Sampler:
             if p.greedy:
                 out.append(int(row.argmax()))
             else:
-                out.append(int(torch.multinomial(probs(row, p), 1, generator=g or self.generator)))
+                out.append(int(torch.multinomial(probs(row, p), 1, generator=g)))
         return out

@@ -27,8 +27,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, lookahead: int = 0) -> tuple[list[Sequence], str, int]:
-        """Returns (sequences, "prefill" | "decode", number preempted). `lookahead` extra slots per
+    def schedule(self, lookahead: int = 0) -> tuple[list[Sequence], str, list[Sequence]]:
+        """Returns (sequences, "prefill" | "decode", sequences preempted). `lookahead` extra slots per
         decoding sequence are reserved (speculative drafts)."""
         admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
@@ -44,15 +44,15 @@ class Scheduler:
             budget -= n
         if admitted:
             self.running.extend(admitted)
-            return admitted, "prefill", 0
-        preempted = 0
+            return admitted, "prefill", []
+        preempted = []
         # decode: every running sequence needs room for its next 1 + lookahead tokens
         while self.running:
             need = sum(self.pool.extra_blocks(s.seq_id, len(s.token_ids) + lookahead) for s in self.running)
             if need <= self.pool.num_free:
                 break
+            preempted.append(self.running[-1])
             self.preempt(self.running[-1])
-            preempted += 1
         return list(self.running), "decode", preempted
 
     def preempt(self, seq: Sequence) -> None:

@@ -48,7 +48,7 @@ class SeqMetrics:
 
 class Sequence:
     def __init__(self, seq_id: int, request_id: str, prompt: str | None, prompt_ids: list[int],
-                 params: SamplingParams, tokenizer, generator: torch.Generator | None):
+                 params: SamplingParams, tokenizer, generator: torch.Generator):
         self.seq_id, self.request_id, self.prompt = seq_id, request_id, prompt
         self.prompt_ids = list(prompt_ids)
         self.token_ids = list(prompt_ids)      # prompt + output

@@ -1,0 +1,143 @@
+"""Proposers draft up to k tokens per running sequence (SmartSpec, S2D; ../shared/reference).
+
+Contract: `propose(seqs, ks)` returns one Draft per sequence with len(tokens) <= ks[i]; `probs` is the
+(len(tokens), V) distribution each token was drawn from when the proposer has one (None: a point mass).
+After the target verifies, the engine calls `rollback(seq, n_valid)`: the proposer must forget any
+state past the first n_valid tokens of seq.token_ids. `free(seq)` drops all state of a finished or
+preempted sequence. A proposer never changes a sequence.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from afford.config import ConfigError
+from afford.core.runner import ModelRunner
+from afford.core.sampler import probs as sampling_probs
+from afford.core.sequence import Sequence
+from afford.kv.paged import BlockPool
+from afford.models.loader import load_model, resolve_model_path
+
+PROPOSERS: dict[str, type["Proposer"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        PROPOSERS[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: torch.Tensor | None = None       # (len(tokens), V) or None for a point mass
+
+
+class Proposer(ABC):
+    name = "abstract"
+    has_model = False
+
+    @abstractmethod
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Draft]: ...
+
+    def rollback(self, seq: Sequence, n_valid: int) -> None:
+        pass
+
+    def free(self, seq: Sequence) -> None:
+        pass
+
+
+@register("ngram")
+class NgramProposer(Proposer):
+    """Prompt lookup: find the most recent earlier occurrence of the sequence's last n tokens
+    (n from max_n down to min_n) in its prompt and output, and propose what followed it."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        if not 1 <= min_n <= max_n:
+            raise ConfigError("ngram sizes need 1 <= min_n <= max_n")
+        self.max_n, self.min_n = max_n, min_n
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        arr = np.asarray(tokens, dtype=np.int64)
+        L = len(arr)
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)      # (L - n, n) earlier n-grams
+            hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
+            if len(hits):
+                start = int(hits[-1]) + n
+                return arr[start:start + k].tolist()
+        return []
+
+    def propose(self, seqs, ks):
+        return [Draft(self.lookup(s.token_ids, k) if k else []) for s, k in zip(seqs, ks)]
+
+
+@register("draft")
+class DraftModelProposer(Proposer):
+    """A small model sharing the target's tokenizer, with its own paged KV cache. Each step it catches
+    up on the tokens it has not seen (usually one), then drafts k tokens in k batched forwards."""
+    has_model = True
+
+    def __init__(self, path: str, target_tokenizer, target_max_len: int, num_blocks: int, block_size: int,
+                 device: str = "auto", dtype: str = "auto", vocab_size: int | None = None):
+        from afford.config import ModelConfig
+        from afford.engine import load_tokenizer
+        path = resolve_model_path(path, role="draft")
+        cfg = ModelConfig.from_dir(path)
+        if vocab_size is not None and cfg.vocab_size != vocab_size:
+            raise ConfigError(f"the draft's vocabulary ({cfg.vocab_size}) differs from the target's ({vocab_size}); "
+                              f"a draft must share the target's tokenizer")
+        tok = load_tokenizer(path)
+        if tok.get_vocab() != target_tokenizer.get_vocab():
+            raise ConfigError("the draft's tokenizer differs from the target's; a draft must share the "
+                              "target's tokenizer (train it with `afford zoo distill --teacher TARGET`)")
+        if cfg.max_position_embeddings < target_max_len:
+            raise ConfigError(f"the draft handles {cfg.max_position_embeddings} positions but the target runs "
+                              f"with max_model_len={target_max_len}; lower max_model_len or use a longer draft")
+        self.model = load_model(path, device, dtype, max_len=target_max_len)
+        self.cfg = cfg
+        self.pool = BlockPool(num_blocks, block_size)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.computed: dict[int, int] = {}
+
+    def propose(self, seqs, ks):
+        active = [i for i, k in enumerate(ks) if k > 0]
+        drafts = [Draft([], None) for _ in seqs]
+        if not active:
+            return drafts
+        rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+        feed = {i: seqs[i].token_ids[self.computed.get(seqs[i].seq_id, 0):] for i in active}
+        for j in range(max(ks[i] for i in active)):
+            cur = [i for i in active if ks[i] > j]
+            starts = [self.computed.get(seqs[i].seq_id, 0) for i in cur]
+            logits = self.runner.forward([seqs[i].seq_id for i in cur], starts, [feed[i] for i in cur])  # (b, V)
+            for row, i, st in zip(logits, cur, starts):
+                s = seqs[i]
+                self.computed[s.seq_id] = st + len(feed[i])
+                if s.params.greedy:
+                    tok = int(row.argmax())
+                else:
+                    q = sampling_probs(row.cpu(), s.params)
+                    tok = int(torch.multinomial(q, 1, generator=s.generator))
+                    rows[i].append(q)
+                drafts[i].tokens.append(tok)
+                feed[i] = [tok]
+        for i in active:
+            if rows[i]:
+                drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
+        return drafts
+
+    def rollback(self, seq, n_valid):
+        sid = seq.seq_id
+        if sid in self.computed and self.computed[sid] > n_valid:
+            self.computed[sid] = n_valid
+            self.pool.truncate(sid, n_valid)
+
+    def free(self, seq):
+        self.computed.pop(seq.seq_id, None)
+        self.pool.free(seq.seq_id)

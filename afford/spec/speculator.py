@@ -1,0 +1,39 @@
+"""Speculator: the proposer, the acceptance policies and the controller, built from one SpecConfig."""
+from __future__ import annotations
+
+from afford.config import ConfigError, SpecConfig
+from afford.core.sequence import Sequence
+from afford.spec.acceptance import POLICIES, GreedyAcceptance
+from afford.spec.control import CONTROLLERS
+from afford.spec.proposers import DraftModelProposer, NgramProposer, Proposer
+
+
+class Speculator:
+    def __init__(self, cfg: SpecConfig, proposer: Proposer):
+        if cfg.acceptance not in POLICIES:
+            raise ConfigError(f"unknown acceptance policy {cfg.acceptance!r}; known: {', '.join(POLICIES)}")
+        if cfg.controller not in CONTROLLERS:
+            raise ConfigError(f"unknown speculation controller {cfg.controller!r}; known: {', '.join(CONTROLLERS)}")
+        self.cfg = cfg
+        self.k = cfg.num_speculative_tokens
+        self.proposer = proposer
+        self.policy = POLICIES[cfg.acceptance]()
+        self.greedy = GreedyAcceptance()
+        self.controller = CONTROLLERS[cfg.controller]()
+
+    @staticmethod
+    def build(cfg: SpecConfig, engine) -> "Speculator":
+        if cfg.draft == "ngram":
+            proposer = NgramProposer(cfg.ngram_max, cfg.ngram_min)
+        else:
+            e = engine.cfg
+            proposer = DraftModelProposer(cfg.draft, engine.tokenizer, engine.max_model_len, engine.pool.num_blocks,
+                                          engine.pool.block_size, e.device, cfg.draft_dtype,
+                                          vocab_size=engine.model_config.vocab_size)
+        return Speculator(cfg, proposer)
+
+    def ks(self, seqs: list[Sequence], max_model_len: int) -> list[int]:
+        chosen = self.controller.choose(seqs, self.k)
+        # never draft past max_tokens (the last token comes from the target) or the context
+        return [max(0, min(k, s.params.max_tokens - s.num_output - 1, max_model_len - len(s.token_ids) - 1))
+                for k, s in zip(chosen, seqs)]

@@ -1,0 +1,67 @@
+"""Shared helpers for the benchmark scripts: random-weight checkpoints, machine description, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (layers, hidden, heads, kv_heads, intermediate, vocab)
+SIZES = {
+    "llama-34m": (8, 512, 8, 8, 1376, 8192),
+    "llama-100m": (12, 768, 12, 12, 2048, 16384),
+}
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def random_llama(out: Path, size: str, tokenizer_dir: Path | None = None) -> Path:
+    """A random-init Llama checkpoint of a given size, written with transformers' save_pretrained
+    (speed does not depend on the weights' values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if (out / "config.json").exists():
+        return out
+    layers, hidden, heads, kv, inter, vocab = SIZES[size]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                      max_position_embeddings=2048, eos_token_id=0, bos_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok = tokenizer_dir or ROOT / "afford" / "assets" / "default" / "target"
+    import shutil
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tok / f).exists():
+            shutil.copy(tok / f, out / f)
+    return out
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), "commit": git_rev(), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
