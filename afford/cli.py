@@ -85,13 +85,17 @@ def _generate(sub):
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--max-model-len", type=int)
+    g.add_argument("--draft", help="speculative decoding: a draft model folder, 'default' (the bundled draft) "
+                                   "or 'ngram' (prompt lookup); lossless")
+    g.add_argument("--k", type=int, default=4, help="tokens drafted per step (with --draft)")
 
 
 def cmd_generate(a) -> int:
     from afford import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=a.stop)
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len)
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, draft=a.draft,
+              num_speculative_tokens=a.k)
     eng = llm.engine
     if a.stream:
         if len(a.prompt) > 1:
@@ -107,7 +111,18 @@ def cmd_generate(a) -> int:
             print(prompt + out.text)
             print(f"  [{out.finish_reason}] {out.metrics['generated_tokens']} tokens")
     print(f"stats: {llm.stats.line()}", file=sys.stderr)
+    if llm.stats.drafted:
+        print(acceptance_histogram(llm.stats), file=sys.stderr)
     return 0
+
+
+def acceptance_histogram(stats) -> str:
+    """gpt-fast style: how often each draft position was accepted when it was drafted."""
+    lines = ["acceptance by draft position:"]
+    for i, (acc, dr) in enumerate(zip(stats.accepted_per_position, stats.drafted_per_position)):
+        rate = acc / dr if dr else 0.0
+        lines.append(f"  pos {i + 1}: {rate:6.1%} of {dr:5d} {'#' * int(40 * rate)}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from afford.core.runner import ModelRunner
 from afford.core.sampler import Sampler, top_logprobs
 from afford.core.scheduler import Scheduler
 from afford.core.sequence import Sequence
-from afford.core.stats import EngineStats, StepStats
+from afford.core.stats import EngineStats, StepStats, add_counts
 from afford.kv.paged import BlockPool
 from afford.spec.speculator import Speculator
 from afford.models.loader import load_model, resolve_model_path
@@ -179,10 +179,9 @@ class Engine:
             st.accepted += n
             s.metrics.drafted += len(d.tokens)
             s.metrics.accepted += n
-            for counts in (st.accepted_per_position, s.metrics.accepted_per_position):
-                counts.extend([0] * (len(d.tokens) - len(counts)))
-                for i in range(n):
-                    counts[i] += 1
+            for holder in (st, s.metrics):
+                add_counts(holder.accepted_per_position, [1] * n + [0] * (len(d.tokens) - n))
+                add_counts(holder.drafted_per_position, [1] * len(d.tokens))
         return outs, st
 
     def _emit(self, s: Sequence, new_tokens: list[int], rows: torch.Tensor) -> RequestOutput:

@@ -35,6 +35,7 @@ class RequestOutput:
         if m.drafted:
             metrics.update(drafted=m.drafted, accepted=m.accepted, acceptance_rate=m.accepted / m.drafted,
                            accepted_per_position=list(m.accepted_per_position),
+                           drafted_per_position=list(m.drafted_per_position),
                            tokens_per_forward=n_out / max(m.forward_passes, 1))
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_ids),

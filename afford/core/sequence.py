@@ -43,6 +43,7 @@ class SeqMetrics:
     drafted: int = 0
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
     preemptions: int = 0
 
 

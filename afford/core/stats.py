@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def add_counts(total: list[int], more: list[int]) -> None:
+    """Element-wise total += more, growing total as needed."""
+    total.extend([0] * (len(more) - len(total)))
+    for i, n in enumerate(more):
+        total[i] += n
+
+
 @dataclass
 class StepStats:
     kind: str                      # "prefill" | "decode"
@@ -19,6 +26,7 @@ class StepStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
     k_per_seq: list[int] = field(default_factory=list)
     preempted: int = 0
 
@@ -38,6 +46,7 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
     preemptions: int = 0
     last: StepStats | None = None
 
@@ -58,10 +67,8 @@ class EngineStats:
         self.generated_tokens += s.tokens_out
         self.drafted += s.drafted
         self.accepted += s.accepted
-        for i, a in enumerate(s.accepted_per_position):
-            if i >= len(self.accepted_per_position):
-                self.accepted_per_position.append(0)
-            self.accepted_per_position[i] += a
+        add_counts(self.accepted_per_position, s.accepted_per_position)
+        add_counts(self.drafted_per_position, s.drafted_per_position)
 
     @property
     def decode_tokens_per_s(self) -> float:
