@@ -20,7 +20,7 @@ from afford.core.sequence import Sequence
 from afford.core.stats import EngineStats, StepStats, add_counts
 from afford.kv.paged import BlockPool
 from afford.spec.speculator import Speculator
-from afford.models.loader import load_model, resolve_model_path
+from afford.models.loader import load_for_inference, resolve_model_path
 
 KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
 
@@ -45,7 +45,7 @@ class Engine:
         if cfg.max_model_len is not None and cfg.max_model_len > model_max:
             raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's {model_max} positions")
         self.max_model_len = cfg.max_model_len or model_max
-        self.model = load_model(path, cfg.device, cfg.dtype, max_len=self.max_model_len)
+        self.model = load_for_inference(path, cfg.device, cfg.dtype, max_len=self.max_model_len)
         self.model_config = mcfg
         per_token = mcfg.num_layers * mcfg.kv_values_per_token * next(self.model.parameters()).element_size()
         bs = cfg.block_size

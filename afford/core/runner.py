@@ -59,7 +59,10 @@ class ModelRunner:
         # every context slot of every sequence: (B, n_blk * bs) -> first L
         gather = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(B, -1)[:, :L]
         mask = torch.arange(L).view(1, 1, L) <= pos.unsqueeze(-1)                 # (B, T, L) causal + own length
-        meta = AttnMeta(slots=slots.to(self.device), gather=gather.to(self.device),
+        flat = slots.view(-1)
+        real = flat >= 0
+        rows = None if bool(real.all()) else real.nonzero().view(-1).to(self.device)
+        meta = AttnMeta(slots=flat[real].to(self.device), rows=rows, gather=gather.to(self.device),
                         mask=mask.unsqueeze(1).to(self.device), kv=self.kv)       # mask (B, 1, T, L)
         h = self.model.hidden(ids.to(self.device), pos.to(self.device), meta)     # (B, T, hidden)
         if logits_rows is None:

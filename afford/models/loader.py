@@ -98,6 +98,13 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     return model.to(device=dev, dtype=resolve_dtype(dtype, cfg, dev)).eval()
 
 
+def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto",
+                       max_len: int | None = None) -> Transformer:
+    """load_model, then fuse and pre-transpose the matrices for fast decoding."""
+    with torch.no_grad():
+        return load_model(path, device, dtype, max_len).pack_for_inference()
+
+
 def save_model(model: Transformer, out: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in Hugging Face layout."""
     out = Path(out)

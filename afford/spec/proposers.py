@@ -19,7 +19,7 @@ from afford.core.runner import ModelRunner
 from afford.core.sampler import probs as sampling_probs
 from afford.core.sequence import Sequence
 from afford.kv.paged import BlockPool
-from afford.models.loader import load_model, resolve_model_path
+from afford.models.loader import load_for_inference, resolve_model_path
 
 PROPOSERS: dict[str, type["Proposer"]] = {}
 
@@ -99,7 +99,7 @@ class DraftModelProposer(Proposer):
         if cfg.max_position_embeddings < target_max_len:
             raise ConfigError(f"the draft handles {cfg.max_position_embeddings} positions but the target runs "
                               f"with max_model_len={target_max_len}; lower max_model_len or use a longer draft")
-        self.model = load_model(path, device, dtype, max_len=target_max_len)
+        self.model = load_for_inference(path, device, dtype, max_len=target_max_len)
         self.cfg = cfg
         self.pool = BlockPool(num_blocks, block_size)
         self.runner = ModelRunner(self.model, self.pool)
