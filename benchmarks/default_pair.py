@@ -1,0 +1,93 @@
+"""Quality bar of the bundled default pair, measured through the public API.
+
+- target perplexity on held-out GSM8K test answers (given their question) and on the held-out tail of
+  Tiny Shakespeare (never trained on), through `SamplingParams(prompt_logprobs=True)`;
+- the draft's greedy acceptance rate against the target at k = 4 on GSM8K test questions;
+- target vs draft cost per token: parameters and measured decode time (batch 1, fp32).
+
+    python benchmarks/default_pair.py [--questions 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from common import ROOT, save
+
+
+def perplexity(llm, texts_with_prefix: list[tuple[str, str]]) -> float:
+    """exp(mean NLL) of each text's continuation given its prefix."""
+    from afford import SamplingParams
+    tok = llm.tokenizer
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    nll, n = 0.0, 0
+    prompts, skips = [], []
+    for prefix, cont in texts_with_prefix:
+        ids = tok(prefix + cont, add_special_tokens=False)["input_ids"][: llm.engine.max_model_len - 1]
+        skip = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+        prompts.append(ids)
+        skips.append(max(skip - 1, 0))       # prompt_logprobs[i] scores token i + 1
+    for out, skip in zip(llm.generate(prompts, sp), skips):
+        lps = out.prompt_logprobs[skip:]
+        nll -= sum(lps)
+        n += len(lps)
+    return math.exp(nll / n)
+
+
+def decode_time_per_token(path, n=128):
+    from afford import LLM, SamplingParams
+    llm = LLM(path, dtype="float32")
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    t = time.perf_counter()
+    llm.generate([[5, 6, 7]], sp)
+    return (time.perf_counter() - t) / n, llm.engine.model_config.num_parameters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--questions", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from afford import LLM, SamplingParams
+    from afford.zoo.data import split_documents
+    gsm = [json.loads(line) for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][: a.questions]
+    target = LLM("default", dtype="float32")
+    ppl_gsm = perplexity(target, [(r["question"] + "\n", r["answer"]) for r in gsm])
+    tail = split_documents([ROOT / "data" / "tinyshakespeare" / "input.txt"], 0.05).val[0]
+    ids = target.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    chunks = [target.tokenizer.decode(ids[i:i + 256]) for i in range(0, len(ids) - 256, 256)]
+    ppl_shk = perplexity(target, [("", c) for c in chunks])
+    print(f"target perplexity: GSM8K test answers {ppl_gsm:.2f} | held-out Shakespeare {ppl_shk:.2f}")
+    spec = LLM("default", dtype="float32", draft="default", num_speculative_tokens=4)
+    t = time.perf_counter()
+    spec.generate([r["question"] + "\n" for r in gsm], SamplingParams(max_tokens=a.new_tokens, temperature=0))
+    spec_s = time.perf_counter() - t
+    st = spec.stats
+    rate = st.accepted / st.drafted
+    per_pos = [acc / dr for acc, dr in zip(st.accepted_per_position, st.drafted_per_position)]
+    print(f"draft acceptance at k=4 on {len(gsm)} GSM8K test questions: {rate:.3f} "
+          f"(per position {', '.join(f'{p:.2f}' for p in per_pos)}); "
+          f"{st.generated_tokens / max(st.decode_steps + st.prefill_steps, 1):.2f} tokens per target forward")
+    from afford.models.loader import resolve_model_path
+    t_tok, t_params = decode_time_per_token(str(resolve_model_path("default")))
+    d_tok, d_params = decode_time_per_token(str(resolve_model_path("default", "draft")))
+    print(f"cost per token: params {t_params / 1e6:.2f} M vs {d_params / 1e6:.2f} M ({t_params / d_params:.1f}x); "
+          f"measured decode {t_tok * 1e3:.2f} ms vs {d_tok * 1e3:.2f} ms ({t_tok / d_tok:.1f}x)")
+    out = save("default_pair", {
+        "settings": vars(a), "target_ppl_gsm8k_test_answers": ppl_gsm, "target_ppl_shakespeare_heldout": ppl_shk,
+        "draft_acceptance_k4_gsm8k": rate, "acceptance_per_position": per_pos,
+        "spec_batch_seconds": spec_s, "target_params": t_params, "draft_params": d_params,
+        "param_ratio": t_params / d_params, "target_ms_per_token": t_tok * 1e3, "draft_ms_per_token": d_tok * 1e3,
+        "time_ratio": t_tok / d_tok})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

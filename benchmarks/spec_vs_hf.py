@@ -1,0 +1,107 @@
+"""Speculative decoding, side by side in one run: afford plain / draft (k = 2, 4, 6) / ngram against
+transformers plain / assisted generation (same draft) / prompt lookup, on Spec-Bench first turns (per
+category) and GSM8K test questions; greedy, batch 1, the bundled default pair. Then batch 8 with and
+without speculation on GSM8K.
+
+    python benchmarks/spec_vs_hf.py [--per-category 5] [--new-tokens 128]
+
+Writes benchmarks/results/spec_vs_hf.json; every arm's tokens/s is also given as a ratio to
+transformers plain on the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from common import ROOT, save
+
+
+def workloads(per_category: int) -> dict[str, list[str]]:
+    cats: dict[str, list[str]] = defaultdict(list)
+    for line in open(ROOT / "data" / "specbench" / "question.jsonl"):
+        rec = json.loads(line)
+        if len(cats[rec["category"]]) < per_category:
+            cats[rec["category"]].append(rec["turns"][0] + "\n")
+    for line in open(ROOT / "data" / "gsm8k" / "test.jsonl"):
+        if len(cats["gsm8k"]) >= per_category:
+            break
+        cats["gsm8k"].append(json.loads(line)["question"] + "\n")
+    return dict(cats)
+
+
+def afford_arm(llm, prompts, new_tokens, batch=1):
+    from afford import SamplingParams
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    s0 = (llm.stats.generated_tokens, llm.stats.accepted, llm.stats.decode_steps)
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        llm.generate(prompts[i:i + batch], sp)
+    dt = time.perf_counter() - t
+    gen = llm.stats.generated_tokens - s0[0]
+    steps = llm.stats.decode_steps - s0[2]
+    return {"tok_s": gen / dt, "tokens_per_step": (gen - len(prompts)) / max(steps, 1) / batch,
+            "accepted": llm.stats.accepted - s0[1]}
+
+
+def hf_arm(model, tok, prompts, new_tokens, **kw):
+    n = 0
+    t = time.perf_counter()
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, **kw)
+        n += out.shape[1] - ids["input_ids"].shape[1]
+    return {"tok_s": n / (time.perf_counter() - t)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-category", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from afford import LLM
+    from afford.models.loader import resolve_model_path
+    tpath, dpath = resolve_model_path("default"), resolve_model_path("default", "draft")
+    tok = AutoTokenizer.from_pretrained(tpath)
+    hf_t = AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32).eval()
+    hf_d = AutoModelForCausalLM.from_pretrained(dpath, dtype=torch.float32).eval()
+    llms = {"afford plain": LLM("default", dtype="float32")}
+    for k in (2, 4, 6):
+        llms[f"afford draft k={k}"] = LLM("default", dtype="float32", draft="default", num_speculative_tokens=k)
+    llms["afford ngram k=4"] = LLM("default", dtype="float32", draft="ngram", num_speculative_tokens=4)
+    hf_arms = {"hf plain": {}, "hf assisted": {"assistant_model": hf_d}, "hf prompt lookup": {"prompt_lookup_num_tokens": 4}}
+    work = workloads(a.per_category)
+    rows = []
+    warm = work["gsm8k"][:1]
+    for llm in llms.values():
+        afford_arm(llm, warm, 8)
+    for cat, prompts in work.items():
+        res = {name: afford_arm(llm, prompts, a.new_tokens) for name, llm in llms.items()}
+        res.update({name: hf_arm(hf_t, tok, prompts, a.new_tokens, **kw) for name, kw in hf_arms.items()})
+        base = res["hf plain"]["tok_s"]
+        for name, r in res.items():
+            r["ratio_vs_hf_plain"] = r["tok_s"] / base
+            rows.append({"category": cat, "arm": name, **{k: round(v, 3) for k, v in r.items()}})
+        print(cat.ljust(15) + " | ".join(f"{n} {r['tok_s']:.0f} ({r['ratio_vs_hf_plain']:.2f}x"
+                                         + (f", {r['tokens_per_step']:.2f} tok/step)" if "tokens_per_step" in r else ")")
+                                         for n, r in res.items()), flush=True)
+    batch_rows = []
+    gsm = workloads(max(a.per_category, 8))["gsm8k"][:8]
+    for name in ("afford plain", "afford draft k=4"):
+        r = afford_arm(llms[name], gsm, a.new_tokens, batch=8)
+        batch_rows.append({"arm": name, "batch": 8, **{k: round(v, 3) for k, v in r.items()}})
+        print(f"batch 8 GSM8K {name}: {r['tok_s']:.1f} tok/s", flush=True)
+    out = save("spec_vs_hf", {"settings": vars(a), "rows": rows, "batch8": batch_rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
