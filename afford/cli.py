@@ -17,6 +17,11 @@ def _zoo(sub):
     t.add_argument("--val-fraction", type=float, default=0.05, help="tail of each file held out (not seen)")
     t.add_argument("--out", required=True)
     t.add_argument("--overwrite", action="store_true")
+    e = zsub.add_parser("export", help="copy a trained folder without its checkpoint, weights in 16-bit")
+    e.add_argument("src")
+    e.add_argument("dst")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    e.add_argument("--overwrite", action="store_true")
     for name in ("train", "distill"):
         p = zsub.add_parser(name, help="train a Llama model from scratch" if name == "train"
                             else "train a draft on a teacher's next-token distributions (KL)")
@@ -53,6 +58,11 @@ def cmd_zoo(a) -> int:
         from afford.zoo.tokenizer import train_tokenizer
         tok = train_tokenizer(split_documents(a.data, a.val_fraction).train, a.vocab_size, a.out, a.overwrite)
         print(f"tokenizer with {len(tok)} tokens written to {a.out}")
+        return 0
+    if a.zoo_cmd == "export":
+        from afford.zoo.train import export
+        export(a.src, a.dst, a.dtype, a.overwrite)
+        print(f"exported {a.src} -> {a.dst} ({a.dtype})")
         return 0
     from afford.zoo.train import PRESETS, TrainConfig, train
     shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, intermediate=a.intermediate)

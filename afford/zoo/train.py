@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from afford.config import ConfigError, ModelConfig, RopeConfig
-from afford.models.loader import hf_config, load_model, save_model
+from afford.models.loader import load_model, save_model
 from afford.models.transformer import Transformer
 
 # name -> (layers, hidden, heads, kv_heads, intermediate)
@@ -147,7 +147,10 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
     device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if tc.device == "auto" else tc.device))
     torch.manual_seed(tc.seed)
-    tok = AutoTokenizer.from_pretrained(tc.tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(tc.tokenizer)
+    except Exception as e:
+        raise ConfigError(f"cannot load a tokenizer from {tc.tokenizer!r} ({e}); make one with `afford zoo tokenizer`") from e
     split = split_documents(list(tc.data), tc.val_fraction)
     train_ids, val_ids = encode_corpus(tok, split.train), encode_corpus(tok, split.val)
     teacher = load_model(tc.teacher, device=str(device), dtype="float32") if tc.teacher else None
@@ -237,4 +240,14 @@ def from_preset(name: str, **kw) -> TrainConfig:
     return TrainConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter, **kw)
 
 
-__all__ = ["PRESETS", "TrainConfig", "train", "from_preset", "hf_config", "replace"]
+def export(src: str | Path, dst: str | Path, dtype: str = "bfloat16", overwrite: bool = False) -> None:
+    """Write src's weights in `dtype` plus its config and tokenizer to dst, without the training checkpoint."""
+    import shutil
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConfigError(f"{dst} exists; pass --overwrite to replace it")
+    model = load_model(src, device="cpu", dtype="float32")
+    save_model(model, dst, dtype=getattr(torch, dtype))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
+            shutil.copy(f, dst / f.name)

@@ -1,0 +1,129 @@
+"""The zoo: tokenizer, training, resume, distillation, export, the bundled pair, and its bad input."""
+import json
+
+import pytest
+import torch
+
+from afford import LLM, ConfigError, SamplingParams
+from afford.cli import main as cli
+from afford.zoo.tokenizer import train_tokenizer
+from afford.zoo.train import TrainConfig, export, from_preset, train
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = (ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()[:60_000]
+    (d / "shk.txt").write_text(text)
+    lines = (ROOT / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()[:200]
+    (d / "gsm.jsonl").write_text("\n".join(lines) + "\n")
+    return [str(d / "shk.txt"), str(d / "gsm.jsonl")]
+
+
+def tiny(out, corpus, tokenizer, steps, **kw) -> TrainConfig:
+    return from_preset("tiny", out=str(out), data=tuple(corpus), tokenizer=str(tokenizer), steps=steps,
+                       seq_len=64, batch_size=8, eval_every=10 ** 6, warmup_steps=5, lr=3e-3, threads=2, **kw)
+
+
+def test_train_lowers_loss_and_loads_in_transformers_and_afford(tmp_path, corpus, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+    first = train(tiny(tmp_path / "m0", corpus, tokenizer_dir, steps=1), log=lambda *_: None)
+    res = train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=60), log=lambda *_: None)
+    assert res["val_loss"] < first["val_loss"] - 0.5
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    llm = LLM(str(tmp_path / "m"), dtype="float32")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        ref = hf(ids).logits[0, -1]
+    out = llm.generate(ids[0].tolist(), SamplingParams(max_tokens=1, temperature=0, logprobs=0))[0]
+    assert out.token_ids[0] == int(ref.argmax())
+    assert abs(out.logprobs[0]["logprob"] - float(torch.log_softmax(ref, -1).max())) < 1e-4
+
+
+def test_resume_continues_from_saved_step(tmp_path, corpus, tokenizer_dir):
+    train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=5), log=lambda *_: None)
+    res = train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=9), resume=True, log=lambda *_: None)
+    assert res["steps"] == 9
+    ck = torch.load(tmp_path / "m" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 9
+    with pytest.raises(ConfigError, match="another model shape"):
+        bigger = TrainConfig(out=str(tmp_path / "m"), data=tuple(corpus), tokenizer=str(tokenizer_dir), steps=12,
+                             layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128, seq_len=64)
+        train(bigger, resume=True, log=lambda *_: None)
+
+
+def test_distillation_lowers_kl_to_teacher(tmp_path, corpus, tokenizer_dir):
+    train(tiny(tmp_path / "t", corpus, tokenizer_dir, steps=40), log=lambda *_: None)
+    kw = dict(teacher=str(tmp_path / "t"))
+    cfg = lambda out, steps: from_preset("tiny", out=str(out), data=tuple(corpus), tokenizer=str(tmp_path / "t"),
+                                         steps=steps, seq_len=64, batch_size=8, eval_every=10 ** 6,
+                                         warmup_steps=5, lr=3e-3, **kw)
+    from afford.zoo.train import batches, encode_corpus, loss_fn
+    from afford.models.loader import load_model
+    from transformers import AutoTokenizer
+    train(cfg(tmp_path / "s0", 1), log=lambda *_: None)
+    train(cfg(tmp_path / "s", 40), log=lambda *_: None)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "t")
+    stream = encode_corpus(tok, [open(corpus[0]).read()[-5000:]])
+    x, y = next(batches(stream, 8, 64, torch.Generator().manual_seed(0)))
+    teacher = load_model(tmp_path / "t", "cpu", "float32")
+    with torch.no_grad():
+        kl = [float(loss_fn(load_model(tmp_path / s, "cpu", "float32"), x, y, teacher, cfg(tmp_path / s, 1)))
+              for s in ("s0", "s")]
+    assert kl[1] < 0.7 * kl[0]
+
+
+def test_export_writes_16_bit_without_checkpoint(tmp_path, corpus, tokenizer_dir):
+    train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=2), log=lambda *_: None)
+    export(tmp_path / "m", tmp_path / "e")
+    assert not (tmp_path / "e" / "ckpt.pt").exists()
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert LLM(str(tmp_path / "e")).generate([5, 6], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
+
+
+def test_bad_input(tmp_path, corpus, tokenizer_dir):
+    with pytest.raises(ConfigError, match="not found"):
+        train(tiny(tmp_path / "x", [str(tmp_path / "missing.txt")], tokenizer_dir, steps=1))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ConfigError, match="empty"):
+        train(tiny(tmp_path / "x", [str(tmp_path / "empty.txt")], tokenizer_dir, steps=1))
+    with pytest.raises(ConfigError, match="byte alphabet"):
+        train_tokenizer(["some text"], 100, tmp_path / "tok")
+    train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=1), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=1), log=lambda *_: None)
+    assert cli(["zoo", "train", "--preset", "nope", "--data", corpus[0], "--tokenizer", str(tokenizer_dir),
+                "--out", str(tmp_path / "n"), "--steps", "1"]) == 2
+
+
+def test_bundled_pair_loads_shares_vocabulary_and_generates():
+    target = LLM("default")
+    draft_llm = LLM("default", draft="default", num_speculative_tokens=4)
+    assert draft_llm.engine.spec.proposer.cfg.vocab_size == target.engine.model_config.vocab_size
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    plain = target.generate("Natalia sold clips to 48 of her friends in April", sp)[0]
+    spec = draft_llm.generate("Natalia sold clips to 48 of her friends in April", sp)[0]
+    assert plain.text.strip() and spec.token_ids == plain.token_ids
+    assert draft_llm.stats.accepted > 0
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, corpus, tokenizer_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "afford", "zoo", "train", "--preset", "tiny", "--data", *corpus,
+                             "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "m"), "--steps", "100000",
+                             "--seq-len", "64", "--batch-size", "4", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    while "step" not in seen and proc.poll() is None:        # wait until training steps are running
+        seen += proc.stdout.read(1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "interrupted" in out
+    assert (tmp_path / "m" / "ckpt.pt").exists()
+    assert LLM(str(tmp_path / "m")).generate([5, 6], SamplingParams(max_tokens=2, temperature=0))[0].token_ids
