@@ -135,10 +135,45 @@ def acceptance_histogram(stats) -> str:
     return "\n".join(lines)
 
 
+def _serve(sub):
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--model", default="default")
+    s.add_argument("--draft", help="a draft folder, 'default' or 'ngram': lossless speculative decoding")
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.add_argument("--max-model-len", type=int)
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--kv-blocks", type=int)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--served-model-name")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests may finish")
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    from afford.async_engine import AsyncLLM
+    from afford.config import EngineConfig, SpecConfig
+    from afford.serve.app import create_app
+    cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len,
+                       max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks)
+    spec = SpecConfig(draft=a.draft, num_speculative_tokens=a.k) if a.draft else None
+    llm = AsyncLLM.from_config(cfg, spec, max_queue=a.max_queue)
+    app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
+    uvicorn.run(app, host=a.host, port=a.port, timeout_graceful_shutdown=int(a.shutdown_timeout), log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afford", description="cheaper LLM decoding, with the cost in view")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _generate(sub)
+    _serve(sub)
     _zoo(sub)
     return parser
 
@@ -146,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "zoo": cmd_zoo}[a.cmd](a)
+        return {"generate": cmd_generate, "serve": cmd_serve, "zoo": cmd_zoo}[a.cmd](a)
     except ConfigError as e:
         print(f"afford: error: {e}", file=sys.stderr)
         return 2

@@ -85,25 +85,37 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise ConfigError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                               f"shorten the prompt or raise max_model_len (nothing is truncated silently)")
-        sid = next(self._ids)
-        rid = request_id if request_id is not None else str(sid)
+        if -(-(len(ids) + 1) // self.pool.block_size) * params.n > self.pool.num_blocks:
+            raise ConfigError(f"n={params.n} copies of a {len(ids)}-token prompt do not fit the KV pool; lower n")
+        rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.seqs:
             raise ConfigError(f"request id {rid!r} is already in use")
-        # every sequence owns a generator: its seed, or one drawn from the engine's seeded stream
-        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self.rng))
-        gen = torch.Generator().manual_seed(seed)
-        seq = Sequence(sid, rid, text, ids, params, self.tokenizer, gen)
+        seqs = [self._new_seq(rid if i == 0 else f"{rid}/{i}", text, ids, params, i) for i in range(params.n)]
+        parent = seqs[0]
+        parent.children = seqs[1:]       # forked from the parent's prompt blocks right after its prefill
+        self.scheduler.add(parent)
+        return parent
+
+    def _new_seq(self, rid: str, text, ids, params: SamplingParams, index: int) -> Sequence:
+        # every sequence owns a generator: its seed (+ its index among n), or one drawn from the engine's stream
+        seed = params.seed + index if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self.rng))
+        seq = Sequence(next(self._ids), rid, text, ids, params, self.tokenizer, torch.Generator().manual_seed(seed))
+        seq.index = index
         self.seqs[rid] = seq
-        self.scheduler.add(seq)
         return seq
 
     def abort(self, request_id: str) -> None:
-        seq = self.seqs.pop(request_id, None)
-        if seq is not None and not seq.finished:
-            seq._finish("abort", "")
-            self.scheduler.finish(seq)
-            if self.spec:
-                self.spec.proposer.free(seq)
+        """Stop a request (and its n > 1 siblings) and free its blocks now."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return
+        for s in [seq] + seq.children:
+            self.seqs.pop(s.request_id, None)
+            if not s.finished:
+                s._finish("abort", "")
+                self.scheduler.finish(s)
+                if self.spec:
+                    self.spec.proposer.free(s)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -144,7 +156,15 @@ class Engine:
         outs = []
         for s, st, toks, tok, row in zip(seqs, starts, tokens, next_tokens, logits):
             s.num_computed = st + len(toks)
+            children, s.children = s.children, []
+            for c in children:                 # n > 1: share the prompt's blocks, sample independently
+                self.pool.fork(s.seq_id, c.seq_id)
+                c.num_computed = s.num_computed
+                self.scheduler.admit_forked(c)
             outs.append(self._emit(s, [tok], row.unsqueeze(0)))
+            for c in children:
+                c_tok = self.sampler(row.unsqueeze(0), [c.params], [c.generator])[0]
+                outs.append(self._emit(c, [c_tok], row.unsqueeze(0)))
         n_in = sum(len(t) for t in tokens)
         return outs, StepStats(kind=kind, num_seqs=len(seqs), tokens_in=n_in, tokens_out=len(seqs),
                                context_tokens=sum(st + len(t) for st, t in zip(starts, tokens)),

@@ -19,6 +19,7 @@ class RequestOutput:
     prompt_logprobs: list[float] | None = None  # one per prompt token after the first
     metrics: dict = field(default_factory=dict)
     delta: str = ""                             # text added by the step that produced this output
+    index: int = 0                              # which of the request's n choices
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
@@ -41,4 +42,4 @@ class RequestOutput:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_ids),
             text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason, finished=seq.finished,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta)
+            prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta, index=seq.index)

@@ -55,6 +55,11 @@ class Scheduler:
             self.preempt(self.running[-1])
         return list(self.running), "decode", preempted
 
+    def admit_forked(self, seq: Sequence) -> None:
+        """A fork of a running sequence (n > 1) joins the running batch directly."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.free(seq.seq_id)

@@ -61,6 +61,8 @@ class Sequence:
         self.logprobs: list[dict] = []
         self.prompt_logprobs: list[float] | None = None
         self.generator = generator
+        self.index = 0                         # which of the request's n choices
+        self.children: list[Sequence] = []     # n > 1: choices still to fork from this one after prefill
         self.metrics = SeqMetrics()
         self.detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stop_tail = max((len(s) for s in params.stop), default=0)

@@ -1,0 +1,66 @@
+"""Prometheus metrics of one server: its own registry, request counters and latency histograms, and
+gauges read from the engine at scrape time (StepStats totals, queue and KV-pool state)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _SpecCollector:
+    """Speculation counters straight from the engine's EngineStats (one source of truth)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        st = self.engine.stats
+        yield CounterMetricFamily("afford_spec_drafted_tokens", "draft tokens proposed", value=st.drafted)
+        yield CounterMetricFamily("afford_spec_accepted_tokens", "draft tokens accepted", value=st.accepted)
+        pos = CounterMetricFamily("afford_spec_accepted_by_position", "accepted draft tokens by position",
+                                  labels=["position"])
+        for i, n in enumerate(st.accepted_per_position):
+            pos.add_metric([str(i + 1)], n)
+        yield pos
+        yield CounterMetricFamily("afford_engine_steps", "engine steps", value=st.steps)
+        yield CounterMetricFamily("afford_preemptions", "sequences preempted by recompute", value=st.preemptions)
+
+
+class ServerMetrics:
+    def __init__(self, llm):
+        eng = llm.engine
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("afford_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.ttft = Histogram("afford_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("afford_time_per_output_token_seconds", "time per output token after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("afford_e2e_request_latency_seconds", "request latency", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.prompt_tokens = Counter("afford_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("afford_generation_tokens", "tokens generated", registry=r)
+        Gauge("afford_running_sequences", "sequences running", registry=r).set_function(
+            lambda: len(eng.scheduler.running))
+        Gauge("afford_waiting_sequences", "sequences waiting", registry=r).set_function(
+            lambda: len(eng.scheduler.waiting))
+        Gauge("afford_kv_blocks_used", "KV blocks in use", registry=r).set_function(lambda: eng.pool.num_used)
+        Gauge("afford_kv_blocks_free", "KV blocks free", registry=r).set_function(lambda: eng.pool.num_free)
+        Gauge("afford_requests_in_flight", "requests admitted and not finished", registry=r).set_function(
+            lambda: llm.in_flight)
+        r.register(_SpecCollector(eng))
+
+    def observe_finished(self, metrics: dict) -> None:
+        self.prompt_tokens.inc(metrics["prompt_tokens"])
+        self.generated_tokens.inc(metrics["generated_tokens"])
+        if metrics.get("ttft_s") is not None:
+            self.ttft.observe(metrics["ttft_s"])
+        if metrics.get("latency_s") is not None:
+            self.e2e.observe(metrics["latency_s"])
+            n = metrics["generated_tokens"]
+            if n > 1 and metrics.get("ttft_s") is not None:
+                self.tpot.observe((metrics["latency_s"] - metrics["ttft_s"]) / (n - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

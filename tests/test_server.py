@@ -1,0 +1,201 @@
+"""A real uvicorn server on a free loopback port, talked to with the official openai client and httpx."""
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from afford import LLM, SamplingParams
+from afford.async_engine import AsyncLLM
+from afford.config import EngineConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir, **kw):
+        import uvicorn
+
+        from afford.serve.app import create_app
+        self.llm = AsyncLLM.from_config(EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256),
+                                        max_queue=kw.pop("max_queue", 256))
+        self.app = create_app(self.llm, "tiny", **kw)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    s = Server(llama_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(llama_dir):
+    return LLM(str(llama_dir), dtype="float32", max_model_len=256)
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def wait_idle(server, timeout=10.0):
+    eng = server.llm.engine
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not eng.has_unfinished() and server.llm.in_flight == 0 and eng.pool.num_free == eng.pool.num_blocks:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_completion_equals_offline_greedy(client, offline, server):
+    r = client.completions.create(model="tiny", prompt="To be or not", max_tokens=20, temperature=0)
+    ref = offline.generate("To be or not", SamplingParams(max_tokens=20, temperature=0))[0]
+    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.completion_tokens == len(ref.token_ids) and r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_stream_n_stop_seed_logprobs(client, server):
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.total_tokens > 0
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
+    pieces, usage = [], None
+    for ch in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
+                                             max_tokens=12, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}):
+        if ch.usage:
+            usage = ch.usage
+        for c in ch.choices:
+            pieces.append(c.delta.content or "")
+    assert "".join(pieces) == chat.choices[0].message.content and usage.completion_tokens == chat.usage.completion_tokens
+    three = client.completions.create(model="tiny", prompt="Hello there", max_tokens=8, temperature=1.0, n=3, seed=5)
+    assert sorted(c.index for c in three.choices) == [0, 1, 2]
+    again = client.completions.create(model="tiny", prompt="Hello there", max_tokens=8, temperature=1.0, n=3, seed=5)
+    assert [c.text for c in three.choices] == [c.text for c in again.choices]
+    full = client.completions.create(model="tiny", prompt="Hello there", max_tokens=30, temperature=0)
+    stop = full.choices[0].text[8:11]
+    cut = client.completions.create(model="tiny", prompt="Hello there", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full.choices[0].text.split(stop)[0]
+    lp = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
+    assert len(lp.choices[0].logprobs.token_logprobs) == 4 and len(lp.choices[0].logprobs.top_logprobs[0]) == 3
+    assert wait_idle(server)
+
+
+def test_64_concurrent_streams_equal_offline(server, offline):
+    prompts = [f"Line {i}: the king" for i in range(64)]
+    refs = offline.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+
+    async def one(c, p):
+        text = ""
+        async with c.stream("POST", "/v1/completions", json={"prompt": p, "max_tokens": 16, "temperature": 0,
+                                                               "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            return await asyncio.gather(*(one(c, p) for p in prompts))
+    texts = asyncio.run(main())
+    assert texts == [r.text for r in refs]
+    assert server.llm.engine.stats.last is not None
+    assert wait_idle(server)
+
+
+def test_client_dropping_a_stream_frees_its_blocks(server):
+    eng = server.llm.engine
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "Once upon", "max_tokens": 200, "temperature": 0,
+                                                        "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 3:
+                    break                    # hang up mid-stream
+    assert wait_idle(server)
+    eng.pool.check()
+
+
+@pytest.mark.parametrize("body,param", [
+    ('{"prompt": "x", "max_tokens": ', None),                               # malformed JSON
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),                   # wrong type
+    ({"prompt": "x", "bogus_field": 1}, "bogus_field"),                      # unknown field
+    ({"prompt": "word " * 400, "max_tokens": 4}, "prompt"),                  # prompt over the context
+    ({"prompt": "x", "max_tokens": 10_000}, "max_tokens"),                   # max_tokens over the context
+    ({"prompt": "x", "n": 100}, "n"),                                        # n too large
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+])
+def test_bad_input_is_400_and_server_keeps_serving(server, body, param):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v1/completions", content=body if isinstance(body, str) else json.dumps(body),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error" and set(err) == {"message", "type", "param",
+                                                                                           "code"}
+        if param:
+            assert param in (err["param"] or "")
+        ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200
+
+
+def test_body_limit_api_key_and_queue_full(llama_dir):
+    s = Server(llama_dir, api_key="sekret", max_body_bytes=2000, max_queue=1)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 401
+            assert c.post("/v1/completions", json={"prompt": "x"},
+                          headers={"authorization": "Bearer nope"}).status_code == 401
+            auth = {"authorization": "Bearer sekret"}
+            big = c.post("/v1/completions", json={"prompt": "x" * 5000}, headers=auth)
+            assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+            assert c.get("/health").status_code == 200
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60, headers={"authorization": "Bearer sekret"}) as ac:
+                return await asyncio.gather(*(ac.post("/v1/completions", json={"prompt": "x", "max_tokens": 50,
+                                                                               "temperature": 0}) for _ in range(6)))
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert 200 in codes and 429 in codes
+        assert all(r.headers.get("retry-after") for r in asyncio.run(burst()) if r.status_code == 429)
+    finally:
+        s.stop()
+
+
+def test_metrics_parse_and_move(server, client):
+    def scrape():
+        text = httpx.get(server.url + "/metrics").text
+        return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+    before = scrape()
+    client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
+    after = scrape()
+    key = 'afford_generation_tokens_total{}'
+    assert after[key] >= before.get(key, 0) + 5
+    assert after['afford_time_to_first_token_seconds_count{}'] > before.get('afford_time_to_first_token_seconds_count{}', 0)
+    assert 'afford_kv_blocks_free{}' in after and 'afford_running_sequences{}' in after
+    assert any(k.startswith("afford_requests_total") and '"200"' in k for k in after)
