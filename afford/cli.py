@@ -175,12 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     _generate(sub)
     _serve(sub)
     _zoo(sub)
+    from afford.cost.cli import add_parser as _cost
+    _cost(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if a.cmd == "cost":
+            from afford.cost.cli import run
+            return run(a)
         return {"generate": cmd_generate, "serve": cmd_serve, "zoo": cmd_zoo}[a.cmd](a)
     except ConfigError as e:
         print(f"afford: error: {e}", file=sys.stderr)

@@ -1,0 +1,77 @@
+"""Accelerators for the Step-3 cost model (../shared/reference/step3.md §2.2). Pure arithmetic.
+
+compute FLOPs = FP8 peak where the card has FP8, else BF16 (the paper's convention; INT8 weights and
+KV have FP8's bytes on cards without FP8). Prices are USD per card-hour and can be overridden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from afford.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    key: str
+    name: str
+    price_per_hour: float
+    bf16_flops: float
+    fp8_flops: float | None
+    mem_bw: float               # bytes / s
+    net_gbps: float             # per 8-card server, the paper's network assumption
+    source: str
+
+    @property
+    def flops(self) -> float:
+        return self.fp8_flops or self.bf16_flops
+
+    @property
+    def usd_per_flop(self) -> float:
+        return self.price_per_hour / (3600 * self.flops)
+
+    @property
+    def usd_per_byte(self) -> float:
+        return self.price_per_hour / (3600 * self.mem_bw)
+
+    @property
+    def roofline(self) -> float:
+        """FLOPs per byte where compute and memory time are equal."""
+        return self.flops / self.mem_bw
+
+
+HARDWARE: dict[str, Hardware] = {h.key: h for h in (
+    # Step-3 TR Table 4 (prices, FLOPs, bandwidth) and §5.4 (8 x 400 / 8 x 200 Gbps per server)
+    Hardware("h800", "NVIDIA H800", 2.0, 9.89e14, 1.98e15, 3.35e12, 3200, "Step-3 TR Table 4"),
+    Hardware("h20", "NVIDIA H20", 0.8, 1.48e14, 2.96e14, 4.00e12, 3200, "Step-3 TR Table 4"),
+    Hardware("a800", "NVIDIA A800", 0.75, 3.12e14, None, 2.00e12, 1600, "Step-3 TR Table 4"),
+    Hardware("910b", "Huawei Ascend 910B", 0.67, 2.80e14, None, 1.60e12, 1600,
+             "Step-3 TR Table 4 (price estimated from FLOPs vs A800)"),
+    # Public dense (no sparsity) datasheet peaks. Prices are NOT from the paper: assumed on-demand cloud
+    # prices per card-hour; set your own with --price KEY=USD.
+    Hardware("h100", "NVIDIA H100 SXM", 2.5, 9.89e14, 1.979e15, 3.35e12, 3200,
+             "NVIDIA H100 datasheet (SXM5: 989 TF BF16, 1979 TF FP8, 3.35 TB/s); price assumed"),
+    Hardware("h200", "NVIDIA H200 SXM", 3.5, 9.89e14, 1.979e15, 4.8e12, 3200,
+             "NVIDIA H200 datasheet (989 TF BF16, 1979 TF FP8, 4.8 TB/s); price assumed"),
+    Hardware("a100", "NVIDIA A100 SXM 80GB", 1.3, 3.12e14, None, 2.039e12, 1600,
+             "NVIDIA A100 datasheet (312 TF BF16, 2.039 TB/s); price assumed"),
+    Hardware("l20", "NVIDIA L20", 0.5, 1.195e14, 2.39e14, 8.64e11, 800,
+             "NVIDIA L20 spec (119.5 TF BF16, 239 TF FP8, 864 GB/s); 4 x 200 Gbps per server (Step-3 TR §6); price assumed"),
+    Hardware("l4", "NVIDIA L4", 0.4, 1.21e14, 2.425e14, 3.0e11, 800,
+             "NVIDIA L4 datasheet (121 TF BF16, 242.5 TF FP8, 300 GB/s); price assumed"),
+)}
+
+
+def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] | None = None) -> list[Hardware]:
+    """Hardware by key (comma-separated or list; None: all), with optional price overrides."""
+    if keys is None:
+        names = list(HARDWARE)
+    else:
+        names = [k.strip().lower() for k in (keys.split(",") if isinstance(keys, str) else keys) if k.strip()]
+    unknown = [k for k in names if k not in HARDWARE]
+    if unknown:
+        raise ConfigError(f"unknown hardware {', '.join(unknown)}; known: {', '.join(HARDWARE)}")
+    prices = prices or {}
+    bad = [k for k in prices if k not in HARDWARE]
+    if bad:
+        raise ConfigError(f"--price names unknown hardware {', '.join(bad)}; known: {', '.join(HARDWARE)}")
+    return [replace(HARDWARE[k], price_per_hour=prices.get(k, HARDWARE[k].price_per_hour)) for k in names]
