@@ -39,6 +39,7 @@ def _zoo(sub):
         p.add_argument("--heads", type=int, default=4)
         p.add_argument("--kv-heads", type=int, default=2)
         p.add_argument("--intermediate", type=int, default=704)
+        p.add_argument("--q-rank", type=int, default=0, help="> 0: MFA attention with this query rank (kv-heads 1)")
         p.add_argument("--seq-len", type=int, default=256)
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--lr", type=float, default=2e-3)
@@ -65,12 +66,13 @@ def cmd_zoo(a) -> int:
         print(f"exported {a.src} -> {a.dst} ({a.dtype})")
         return 0
     from afford.zoo.train import PRESETS, TrainConfig, train
-    shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, intermediate=a.intermediate)
+    shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, intermediate=a.intermediate,
+                 q_rank=a.q_rank)
     preset = a.preset if a.zoo_cmd == "train" else a.student_preset
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        shape = dict(zip(("layers", "hidden", "heads", "kv_heads", "intermediate"), PRESETS[preset]))
+        shape = dict(zip(("layers", "hidden", "heads", "kv_heads", "intermediate", "q_rank"), PRESETS[preset]))
     tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher,
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
@@ -98,6 +100,7 @@ def _generate(sub):
     g.add_argument("--draft", help="speculative decoding: a draft model folder, 'default' (the bundled draft) "
                                    "or 'ngram' (prompt lookup); lossless")
     g.add_argument("--k", type=int, default=4, help="tokens drafted per step (with --draft)")
+    g.add_argument("--cost-hardware", help="show the modeled USD per 1M tokens on this hardware (see afford cost)")
 
 
 def cmd_generate(a) -> int:
@@ -105,7 +108,7 @@ def cmd_generate(a) -> int:
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=a.stop)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, draft=a.draft,
-              num_speculative_tokens=a.k)
+              num_speculative_tokens=a.k, cost_hardware=a.cost_hardware)
     eng = llm.engine
     if a.stream:
         if len(a.prompt) > 1:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "AffordMFAForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -67,6 +67,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    attention: str = "gqa"               # "gqa" (MHA/GQA/MQA) or "mfa" (Step-3 multi-matrix factorization)
+    q_rank: int = 0                      # MFA: low-rank query dimension
 
     @property
     def kv_values_per_token(self) -> int:
@@ -77,6 +79,8 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
         attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
+        if self.attention == "mfa":
+            attn = h * self.q_rank + self.q_rank + self.q_rank * self.num_heads * d + 2 * h * d + self.num_heads * d * h
         mlp = 3 * h * self.intermediate_size
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * h) + emb + h
@@ -96,6 +100,9 @@ class ModelConfig:
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (afford implements SwiGLU/silu)")
         heads = cfg["num_attention_heads"]
+        if arch == "AffordMFAForCausalLM" and (cfg.get("attention") != "mfa" or not cfg.get("q_rank")
+                                                or cfg.get("num_key_value_heads", 1) != 1):
+            raise ConfigError("an AffordMFAForCausalLM config needs attention='mfa', q_rank > 0 and one KV head")
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         if arch == "MistralForCausalLM" and cfg.get("sliding_window") and \
@@ -114,6 +121,7 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            attention=cfg.get("attention", "gqa"), q_rank=cfg.get("q_rank", 0),
         )
 
     @staticmethod
@@ -137,6 +145,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     seed: int = 0
+    cost_hardware: str | None = None     # report modeled USD per 1M tokens on this hardware (afford cost keys)
 
     def __post_init__(self):
         if self.block_size < 1:

@@ -68,6 +68,19 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.spec = Speculator.build(spec, self) if spec is not None else None
+        self.cost_hw = self.cost_spec = None
+        if cfg.cost_hardware:
+            from afford.cost.hardware import get_hardware
+            from afford.cost.hf import spec_from_model_config
+            self.cost_hw = get_hardware(cfg.cost_hardware)[0]
+            self.cost_spec = spec_from_model_config(mcfg, self.runner.kv[0][0].element_size())
+
+    def modeled_usd_per_1m(self, context: int) -> float | None:
+        """The Step-3 cost model's USD per 1M decoded tokens of this model at `context` on cost_hardware."""
+        if self.cost_spec is None:
+            return None
+        from afford.cost.model import cost_per_token_usd
+        return 1e6 * cost_per_token_usd(self.cost_spec, max(context, 1), self.cost_hw)
 
     # ---- requests ----
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -140,6 +153,9 @@ class Engine:
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
         self.stats.add(st)
+        if self.cost_spec is not None and kind == "decode":
+            self.stats.modeled_usd_per_1m = self.modeled_usd_per_1m(st.context_tokens // st.num_seqs)
+            self.stats.cost_hardware = self.cost_hw.key
         return outs
 
     def _plain(self, seqs: list[Sequence], kind: str) -> tuple[list[RequestOutput], StepStats]:
@@ -215,6 +231,7 @@ class Engine:
             if s.finished:
                 break
         if s.finished:
+            s.metrics.usd_per_1m_tokens = self.modeled_usd_per_1m(len(s.token_ids))
             self.scheduler.finish(s)
             if self.spec:
                 self.spec.proposer.free(s)

@@ -125,3 +125,16 @@ def test_bad_input(capsys):
         spec_from_config({"model_type": "gpt2", "n_embd": 64})
     assert cli(["cost", "--model", "step3", "--hardware", "tpu"]) == 2
     assert "known" in capsys.readouterr().err
+
+
+def test_live_cost_in_metrics_and_stats(llama_dir):
+    from afford import LLM, SamplingParams
+    from afford.cost.hf import spec_from_model_config
+    llm = LLM(str(llama_dir), dtype="float32", cost_hardware="h100")
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    spec = spec_from_model_config(llm.engine.model_config, 4)
+    want = costs(spec, 8, get_hardware("h100"))["total_cost"]["h100"]
+    assert out.metrics["modeled_usd_per_1m_tokens"] == pytest.approx(want)
+    assert "modeled $" in llm.stats.line() and "h100" in llm.stats.line()
+    with pytest.raises(ConfigError, match="known"):
+        LLM(str(llama_dir), cost_hardware="tpu9")

@@ -33,6 +33,8 @@ class RequestOutput:
             "decode_tokens_per_s": (n_out - 1) / decode_s if decode_s > 0 and n_out > 1 else None,
             "preemptions": m.preemptions,
         }
+        if m.usd_per_1m_tokens is not None:
+            metrics["modeled_usd_per_1m_tokens"] = m.usd_per_1m_tokens
         if m.drafted:
             metrics.update(drafted=m.drafted, accepted=m.accepted, acceptance_rate=m.accepted / m.drafted,
                            accepted_per_position=list(m.accepted_per_position),

@@ -45,6 +45,7 @@ class SeqMetrics:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
     preemptions: int = 0
+    usd_per_1m_tokens: float | None = None     # modeled (Step-3 cost model) at the final context
 
 
 class Sequence:

@@ -48,6 +48,8 @@ class EngineStats:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
     preemptions: int = 0
+    modeled_usd_per_1m: float | None = None     # Step-3 cost model at the last decode step's mean context
+    cost_hardware: str | None = None
     last: StepStats | None = None
 
     def add(self, s: StepStats) -> None:
@@ -96,4 +98,6 @@ class EngineStats:
             s += f" | accepted {self.accepted}/{self.drafted} ({self.acceptance_rate:.0%})"
         if self.preemptions:
             s += f" | {self.preemptions} preemptions"
+        if self.modeled_usd_per_1m is not None:
+            s += f" | modeled ${self.modeled_usd_per_1m:.4g}/1M tok on {self.cost_hardware}"
         return s

@@ -112,3 +112,13 @@ def load_spec(name_or_path: str) -> ModelSpec:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p} is not valid JSON: {e}") from e
     return spec_from_config(cfg, name=str(p.parent.name if p.name == "config.json" else p.stem))
+
+
+def spec_from_model_config(cfg, kv_bytes: float) -> ModelSpec:
+    """The cost-model view of a model the engine has loaded (afford.config.ModelConfig)."""
+    if cfg.attention == "mfa":
+        attn = AttnGroup("mfa", cfg.num_layers, cfg.num_heads, kv_heads=1, head_dim=cfg.head_dim, kv_bytes=kv_bytes,
+                         q_rank=cfg.q_rank)
+    else:
+        attn = AttnGroup("gqa", cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_bytes=kv_bytes)
+    return ModelSpec(cfg.architecture, cfg.hidden_size, (attn,), (FFNGroup(cfg.num_layers, cfg.intermediate_size),))

@@ -121,8 +121,8 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     rope = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.type}
     return {
         "architectures": [cfg.architecture],
-        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                       "MistralForCausalLM": "mistral"}[cfg.architecture],
+        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+                       "AffordMFAForCausalLM": "afford_mfa"}[cfg.architecture],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -132,4 +132,5 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
         "hidden_act": "silu", "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids),
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        **({"attention": "mfa", "q_rank": cfg.q_rank} if cfg.attention == "mfa" else {}),
     }

@@ -108,27 +108,46 @@ class AttnMeta:
 
 
 class Attention(nn.Module):
+    """GQA/MQA/MHA, or MFA (Step-3): the query goes through a low-rank bottleneck
+    (q_a_proj: hidden -> q_rank, RMSNorm, q_b_proj: q_rank -> heads * head_dim) and all heads share ONE
+    key head and ONE value head, so the cache holds 2 * head_dim values per token per layer."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.mfa = cfg.attention == "mfa"
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=bias)
+        if self.mfa:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_rank, self.h * self.d, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.qkv: PackedLinear | None = None
 
     def pack(self) -> None:
-        self.qkv = PackedLinear(self.q_proj, self.k_proj, self.v_proj)
+        first = self.q_a_proj if self.mfa else self.q_proj
+        self.qkv = PackedLinear(first, self.k_proj, self.v_proj)
         self.o_proj = PackedLinear(self.o_proj)
-        del self.q_proj, self.k_proj, self.v_proj
+        if self.mfa:
+            self.q_b_proj = PackedLinear(self.q_b_proj)
+            del self.q_a_proj
+        else:
+            del self.q_proj
+        del self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, meta: AttnMeta | None, layer: int):
         B, T, _ = x.shape
         if self.qkv is not None:
             q, k, v = self.qkv(x).split(self.qkv.sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = self.q_a_proj(x) if self.mfa else self.q_proj(x)
+            k, v = self.k_proj(x), self.v_proj(x)
+        if self.mfa:
+            q = self.q_b_proj(self.q_norm(q))                                    # (B, T, H * D)
         q = apply_rope(q.view(B, T, self.h, self.d), cos, sin)                   # (B, T, H, D)
         k = apply_rope(k.view(B, T, self.kvh, self.d), cos, sin)                 # (B, T, KV, D)
         v = v.view(B, T, self.kvh, self.d)                                       # (B, T, KV, D)

@@ -20,11 +20,14 @@ from afford.config import ConfigError, ModelConfig, RopeConfig
 from afford.models.loader import load_model, save_model
 from afford.models.transformer import Transformer
 
-# name -> (layers, hidden, heads, kv_heads, intermediate)
+# name -> (layers, hidden, heads, kv_heads, intermediate[, q_rank for MFA])
 PRESETS = {
     "target": (6, 256, 4, 2, 704),
     "draft": (2, 128, 2, 1, 352),
     "tiny": (2, 64, 4, 2, 128),
+    # equal-parameter pair for the MFA vs GQA comparison (benchmarks/mfa_vs_gqa.py)
+    "small-gqa": (4, 192, 6, 2, 512),
+    "small-mfa": (4, 192, 6, 1, 512, 128),
 }
 
 
@@ -56,6 +59,7 @@ class TrainConfig:
     teacher: str | None = None      # distillation: KL to this model's softmax
     temperature: float = 1.0        # distillation temperature
     threads: int | None = None
+    q_rank: int = 0                 # > 0: MFA attention (low-rank query, one shared K/V head)
     bf16: bool = True               # bf16 autocast (about 2x faster on this CPU); weights stay fp32
 
     def __post_init__(self):
@@ -66,12 +70,16 @@ class TrainConfig:
 
 
 def model_config(tc: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
+    mfa = tc.q_rank > 0
+    if mfa and tc.kv_heads != 1:
+        raise ConfigError("MFA shares one K/V head: use --kv-heads 1 with --q-rank")
     return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=vocab_size, hidden_size=tc.hidden,
+        architecture="AffordMFAForCausalLM" if mfa else "LlamaForCausalLM", vocab_size=vocab_size, hidden_size=tc.hidden,
         intermediate_size=tc.intermediate, num_layers=tc.layers, num_heads=tc.heads,
         num_kv_heads=tc.kv_heads, head_dim=tc.hidden // tc.heads,
         max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
-        tie_word_embeddings=True, bos_token_id=eos_id, eos_token_ids=(eos_id,), torch_dtype="float32")
+        tie_word_embeddings=True, bos_token_id=eos_id, eos_token_ids=(eos_id,), torch_dtype="float32",
+        attention="mfa" if mfa else "gqa", q_rank=tc.q_rank)
 
 
 def encode_corpus(tok, docs: list[str]) -> torch.Tensor:
@@ -236,8 +244,9 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
 def from_preset(name: str, **kw) -> TrainConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    layers, hidden, heads, kv, inter = PRESETS[name]
-    return TrainConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter, **kw)
+    layers, hidden, heads, kv, inter, *q_rank = PRESETS[name]
+    return TrainConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter,
+                       q_rank=q_rank[0] if q_rank else 0, **kw)
 
 
 def export(src: str | Path, dst: str | Path, dtype: str = "bfloat16", overwrite: bool = False) -> None:

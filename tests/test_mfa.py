@@ -1,0 +1,51 @@
+"""MFA (Step-3 multi-matrix factorization attention) in our transformer."""
+import torch
+
+from afford import LLM, SamplingParams
+from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+from afford.models.loader import load_model
+from afford.zoo.train import from_preset, init_weights, model_config
+from afford.models.loader import save_model
+from afford.models.transformer import Transformer
+
+
+def mfa_model(tmp_path, tokenizer_dir):
+    tc = from_preset("small-mfa", out=str(tmp_path), data=("x",), tokenizer=str(tokenizer_dir), steps=1)
+    torch.manual_seed(0)
+    m = Transformer(model_config(tc, 512, 0))
+    init_weights(m, std=0.1)
+    save_model(m, tmp_path)
+    for f in tokenizer_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    return tmp_path
+
+
+def test_mfa_cache_holds_two_head_dims_and_matches_dense(tmp_path, tokenizer_dir):
+    path = mfa_model(tmp_path, tokenizer_dir)
+    m = load_model(path, "cpu", "float32")
+    cfg = m.cfg
+    assert cfg.attention == "mfa" and cfg.num_kv_heads == 1
+    assert cfg.kv_values_per_token == 2 * cfg.head_dim
+    ids = torch.randint(2, 512, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = m(ids)[0]                                                  # no cache
+    runner = ModelRunner(m, BlockPool(8, 16))
+    for k, v in runner.kv:                                                 # (slots, 1 head, head_dim)
+        assert k.shape[1:] == (1, cfg.head_dim) and v.shape[1:] == (1, cfg.head_dim)
+    pre = runner.forward([0], [0], [ids[0, :20].tolist()], [list(range(20))])
+    assert (pre - dense[:20]).abs().max() <= 1e-4
+    for t in range(20, 30):
+        assert (runner.forward([0], [t], [[int(ids[0, t])]])[0] - dense[t]).abs().max() <= 1e-4
+
+
+def test_mfa_generates_through_llm_and_packs_like_unpacked(tmp_path, tokenizer_dir):
+    path = mfa_model(tmp_path, tokenizer_dir)
+    llm = LLM(str(path), dtype="float32")
+    out = llm.generate([5, 6, 7, 8], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    m = load_model(path, "cpu", "float32")
+    ids = [5, 6, 7, 8]
+    with torch.no_grad():
+        for _ in range(16):
+            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.token_ids == ids[4:]
