@@ -100,6 +100,8 @@ def _generate(sub):
     g.add_argument("--draft", help="speculative decoding: a draft model folder, 'default' (the bundled draft) "
                                    "or 'ngram' (prompt lookup); lossless")
     g.add_argument("--k", type=int, default=4, help="tokens drafted per step (with --draft)")
+    g.add_argument("--speculation", default="fixed", choices=["fixed", "off", "goodput"],
+                   help="how k is chosen each step: fixed, off, or goodput (SmartSpec; --k is then the bound)")
     g.add_argument("--cost-hardware", help="show the modeled USD per 1M tokens on this hardware (see afford cost)")
 
 
@@ -108,7 +110,7 @@ def cmd_generate(a) -> int:
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=a.stop)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, draft=a.draft,
-              num_speculative_tokens=a.k, cost_hardware=a.cost_hardware)
+              num_speculative_tokens=a.k, cost_hardware=a.cost_hardware, speculation=a.speculation)
     eng = llm.engine
     if a.stream:
         if len(a.prompt) > 1:
@@ -142,7 +144,9 @@ def _serve(sub):
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     s.add_argument("--model", default="default")
     s.add_argument("--draft", help="a draft folder, 'default' or 'ngram': lossless speculative decoding")
-    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--k", type=int, default=4, help="tokens drafted per step (the bound with goodput)")
+    s.add_argument("--speculation", default="goodput", choices=["fixed", "off", "goodput"],
+                   help="how k is chosen: goodput (SmartSpec, default), fixed, off")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -165,7 +169,7 @@ def cmd_serve(a) -> int:
     from afford.serve.app import create_app
     cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len,
                        max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks)
-    spec = SpecConfig(draft=a.draft, num_speculative_tokens=a.k) if a.draft else None
+    spec = SpecConfig(draft=a.draft, num_speculative_tokens=a.k, controller=a.speculation) if a.draft else None
     llm = AsyncLLM.from_config(cfg, spec, max_queue=a.max_queue)
     app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
     uvicorn.run(app, host=a.host, port=a.port, timeout_graceful_shutdown=int(a.shutdown_timeout), log_level="info")

@@ -68,6 +68,8 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.spec = Speculator.build(spec, self) if spec is not None else None
+        if self.spec:
+            self.spec.controller.profile(self)
         self.cost_hw = self.cost_spec = None
         if cfg.cost_hardware:
             from afford.cost.hardware import get_hardware
@@ -153,6 +155,8 @@ class Engine:
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
         self.stats.add(st)
+        if self.spec:
+            self.spec.controller.observe(st)
         if self.cost_spec is not None and kind == "decode":
             self.stats.modeled_usd_per_1m = self.modeled_usd_per_1m(st.context_tokens // st.num_seqs)
             self.stats.cost_hardware = self.cost_hw.key
@@ -184,20 +188,24 @@ class Engine:
         n_in = sum(len(t) for t in tokens)
         return outs, StepStats(kind=kind, num_seqs=len(seqs), tokens_in=n_in, tokens_out=len(seqs),
                                context_tokens=sum(st + len(t) for st, t in zip(starts, tokens)),
-                               seconds=0.0, weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[0] * len(seqs))
+                               seconds=0.0, weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[0] * len(seqs),
+                               seq_ids=[s.seq_id for s in seqs], accepted_per_seq=[0] * len(seqs))
 
     def _spec_decode(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[RequestOutput], StepStats]:
         """Draft k_i tokens per sequence, verify all of them in ONE target forward, keep the accepted
         prefix plus one token, roll both KV caches back past it."""
         spec = self.spec
+        t0 = time.perf_counter()
         drafts = spec.proposer.propose(seqs, ks)
+        draft_s = time.perf_counter() - t0
         starts = [len(s.token_ids) - 1 for s in seqs]
         tokens = [[s.token_ids[-1]] + d.tokens for s, d in zip(seqs, drafts)]
         rows = [list(range(len(t))) for t in tokens]
         logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, rows)   # (sum(k_i + 1), V)
         st = StepStats(kind="decode", num_seqs=len(seqs), tokens_in=sum(len(t) for t in tokens), tokens_out=0,
                        context_tokens=sum(a + len(t) for a, t in zip(starts, tokens)), seconds=0.0,
-                       weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[len(d.tokens) for d in drafts])
+                       weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[len(d.tokens) for d in drafts],
+                       seq_ids=[s.seq_id for s in seqs], draft_seconds=draft_s)
         outs, at = [], 0
         for s, start, d in zip(seqs, starts, drafts):
             rows_s = logits[at:at + len(d.tokens) + 1]                                  # (k_i + 1, V)
@@ -213,6 +221,7 @@ class Engine:
             st.tokens_out += s.num_output - before
             st.drafted += len(d.tokens)
             st.accepted += n
+            st.accepted_per_seq.append(n)
             s.metrics.drafted += len(d.tokens)
             s.metrics.accepted += n
             for holder in (st, s.metrics):
@@ -235,6 +244,7 @@ class Engine:
             self.scheduler.finish(s)
             if self.spec:
                 self.spec.proposer.free(s)
+                self.spec.controller.forget(s.seq_id)
             self.seqs.pop(s.request_id, None)
         return RequestOutput.from_seq(s, delta)
 

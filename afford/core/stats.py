@@ -27,7 +27,10 @@ class StepStats:
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
-    k_per_seq: list[int] = field(default_factory=list)
+    k_per_seq: list[int] = field(default_factory=list)        # drafted tokens per sequence (decode)
+    seq_ids: list[int] = field(default_factory=list)
+    accepted_per_seq: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0                                 # part of `seconds` spent proposing
     preempted: int = 0
 
 
@@ -48,6 +51,7 @@ class EngineStats:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
     preemptions: int = 0
+    k_histogram: list[int] = field(default_factory=list)       # how often each k was chosen (decode steps)
     modeled_usd_per_1m: float | None = None     # Step-3 cost model at the last decode step's mean context
     cost_hardware: str | None = None
     last: StepStats | None = None
@@ -71,6 +75,11 @@ class EngineStats:
         self.accepted += s.accepted
         add_counts(self.accepted_per_position, s.accepted_per_position)
         add_counts(self.drafted_per_position, s.drafted_per_position)
+        if s.kind == "decode":
+            hist = [0] * (max(s.k_per_seq, default=0) + 1)
+            for k in s.k_per_seq:
+                hist[k] += 1
+            add_counts(self.k_histogram, hist)
 
     @property
     def decode_tokens_per_s(self) -> float:

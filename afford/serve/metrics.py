@@ -23,6 +23,11 @@ class _SpecCollector:
         for i, n in enumerate(st.accepted_per_position):
             pos.add_metric([str(i + 1)], n)
         yield pos
+        ks = CounterMetricFamily("afford_spec_k_chosen", "speculation length chosen per sequence and step",
+                                 labels=["k"])
+        for k, n in enumerate(st.k_histogram):
+            ks.add_metric([str(k)], n)
+        yield ks
         yield CounterMetricFamily("afford_engine_steps", "engine steps", value=st.steps)
         yield CounterMetricFamily("afford_preemptions", "sequences preempted by recompute", value=st.preemptions)
 
