@@ -102,6 +102,7 @@ def _generate(sub):
     g.add_argument("--k", type=int, default=4, help="tokens drafted per step (with --draft)")
     g.add_argument("--speculation", default="fixed", choices=["fixed", "off", "goodput"],
                    help="how k is chosen each step: fixed, off, or goodput (SmartSpec; --k is then the bound)")
+    g.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (lossy)")
     g.add_argument("--cost-hardware", help="show the modeled USD per 1M tokens on this hardware (see afford cost)")
 
 
@@ -110,7 +111,8 @@ def cmd_generate(a) -> int:
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=a.stop)
     llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, draft=a.draft,
-              num_speculative_tokens=a.k, cost_hardware=a.cost_hardware, speculation=a.speculation)
+              num_speculative_tokens=a.k, cost_hardware=a.cost_hardware, speculation=a.speculation,
+              quantization=a.quantization)
     eng = llm.engine
     if a.stream:
         if len(a.prompt) > 1:
@@ -176,12 +178,42 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def _quantize(sub):
+    q = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (FineQuant-style, lossy)")
+    q.add_argument("--model", required=True)
+    q.add_argument("--bits", type=int, required=True, help="8 or 4")
+    q.add_argument("--group", default="auto", help="auto (adaptive per matrix) | per-channel | 32 | 64 | 128 ...")
+    q.add_argument("--tau", type=float, default=0.15, help="auto: halve the group while that cuts the error by > tau")
+    q.add_argument("--out", required=True)
+
+
+def cmd_quantize(a) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    import torch
+
+    from afford.models.loader import load_model, resolve_model_path
+    from afford.models.quant import quantize_model, save_quantized
+    if a.bits not in (4, 8):
+        raise ConfigError(f"--bits must be 4 or 8, got {a.bits}")
+    path = resolve_model_path(a.model)
+    with torch.no_grad():
+        model = load_model(path, device="cpu", dtype="float32")
+        groups = quantize_model(model, a.bits, a.group, a.tau)
+    tok_files = [f for f in Path(path).iterdir() if f.name.startswith(("tokenizer", "special_tokens"))]
+    save_quantized(model, a.out, tok_files)
+    print(f"int{a.bits} checkpoint written to {a.out}; group sizes chosen: {dict(Counter(groups.values()))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afford", description="cheaper LLM decoding, with the cost in view")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _generate(sub)
     _serve(sub)
     _zoo(sub)
+    _quantize(sub)
     from afford.cost.cli import add_parser as _cost
     _cost(sub)
     return parser
@@ -193,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "cost":
             from afford.cost.cli import run
             return run(a)
-        return {"generate": cmd_generate, "serve": cmd_serve, "zoo": cmd_zoo}[a.cmd](a)
+        return {"generate": cmd_generate, "serve": cmd_serve, "zoo": cmd_zoo, "quantize": cmd_quantize}[a.cmd](a)
     except ConfigError as e:
         print(f"afford: error: {e}", file=sys.stderr)
         return 2

@@ -146,6 +146,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     seed: int = 0
     cost_hardware: str | None = None     # report modeled USD per 1M tokens on this hardware (afford cost keys)
+    quantization: str | None = None      # "int8" | "int4": weight-only, quantized on load (FineQuant)
+    quant_group: str = "auto"            # auto | per-channel | 32 | 64 | 128 ...
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -166,6 +168,7 @@ class SpecConfig:
     ngram_max: int = 3
     ngram_min: int = 1
     draft_dtype: str = "auto"
+    draft_quantization: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:

@@ -45,7 +45,8 @@ class Engine:
         if cfg.max_model_len is not None and cfg.max_model_len > model_max:
             raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's {model_max} positions")
         self.max_model_len = cfg.max_model_len or model_max
-        self.model = load_for_inference(path, cfg.device, cfg.dtype, max_len=self.max_model_len)
+        self.model = load_for_inference(path, cfg.device, cfg.dtype, max_len=self.max_model_len,
+                                        quantization=cfg.quantization, quant_group=cfg.quant_group)
         self.model_config = mcfg
         per_token = mcfg.num_layers * mcfg.kv_values_per_token * next(self.model.parameters()).element_size()
         bs = cfg.block_size

@@ -13,15 +13,18 @@ class LLM:
                  max_model_len: int | None = None, kv_blocks: int | None = None, seed: int = 0,
                  block_size: int = 16, max_num_seqs: int = 64, draft: str | None = None,
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
-                 cost_hardware: str | None = None):
+                 cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
+                 draft_quantization: str | None = None):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
-        adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats."""
+        adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
+        quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`)."""
         spec = (SpecConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens, controller=speculation,
-                           acceptance=acceptance) if draft is not None else None)
+                           acceptance=acceptance, draft_quantization=draft_quantization) if draft is not None else None)
         self.engine = Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
                                           kv_blocks=kv_blocks, seed=seed, block_size=block_size,
-                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware), spec)
+                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
+                                          quantization=quantization, quant_group=quant_group), spec)
         self.tokenizer = self.engine.tokenizer
 
     @property

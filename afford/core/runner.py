@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from afford.kv.paged import BlockPool
+from afford.models.quant import quant_bytes
 from afford.models.transformer import AttnMeta, Transformer
 
 
@@ -21,7 +22,7 @@ class ModelRunner:
         self.kv = [(torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype),
                     torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype))
                    for _ in range(cfg.num_layers)]
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+        self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
         self.kv_bytes_per_token = cfg.num_layers * cfg.kv_values_per_token * self.kv[0][0].element_size()
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -81,7 +81,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
         model = Transformer(cfg, max_len=max_len)
     model = model.to_empty(device="cpu")
     model.rope_cos, model.rope_sin = Transformer.rope_tables(cfg, model.max_len)  # buffers were on meta
-    expected = set(model.state_dict().keys())
+    if (path / "quantization.json").is_file():
+        from afford.models.quant import load_quantized
+        load_quantized(path, model, state)
+    qmods = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in qmods}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
@@ -95,14 +99,31 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device=dev, dtype=resolve_dtype(dtype, cfg, dev)).eval()
+    model = model.to(device=dev, dtype=resolve_dtype(dtype, cfg, dev)).eval()
+    for m in model.modules():
+        if type(m).__name__ == "QuantLinear":
+            m.refresh()                          # pick the kernel for the device the model now lives on
+    return model
 
 
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto",
-                       max_len: int | None = None) -> Transformer:
-    """load_model, then fuse and pre-transpose the matrices for fast decoding."""
+                       max_len: int | None = None, quantization: str | None = None,
+                       quant_group: str = "auto") -> Transformer:
+    """load_model, then either quantize it (quantization="int8"|"int4", weight-only, FineQuant-style)
+    or fuse and pre-transpose its matrices for fast full-precision decoding."""
     with torch.no_grad():
-        return load_model(path, device, dtype, max_len).pack_for_inference()
+        model = load_model(path, device, dtype, max_len)
+        if getattr(model, "quant", None):                       # a quantized checkpoint
+            if quantization:
+                raise ConfigError(f"{path} is already quantized ({model.quant['bits']}-bit); drop quantization=")
+            return model
+        if quantization:
+            from afford.models.quant import quantize_model
+            if quantization not in ("int8", "int4"):
+                raise ConfigError(f"quantization must be int8 or int4, got {quantization!r}")
+            quantize_model(model, 8 if quantization == "int8" else 4, quant_group)
+            return model
+        return model.pack_for_inference()
 
 
 def save_model(model: Transformer, out: str | Path, dtype: torch.dtype | None = None) -> None:

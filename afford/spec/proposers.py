@@ -84,7 +84,8 @@ class DraftModelProposer(Proposer):
     has_model = True
 
     def __init__(self, path: str, target_tokenizer, target_max_len: int, num_blocks: int, block_size: int,
-                 device: str = "auto", dtype: str = "auto", vocab_size: int | None = None):
+                 device: str = "auto", dtype: str = "auto", vocab_size: int | None = None,
+                 quantization: str | None = None):
         from afford.config import ModelConfig
         from afford.engine import load_tokenizer
         path = resolve_model_path(path, role="draft")
@@ -99,7 +100,7 @@ class DraftModelProposer(Proposer):
         if cfg.max_position_embeddings < target_max_len:
             raise ConfigError(f"the draft handles {cfg.max_position_embeddings} positions but the target runs "
                               f"with max_model_len={target_max_len}; lower max_model_len or use a longer draft")
-        self.model = load_for_inference(path, device, dtype, max_len=target_max_len)
+        self.model = load_for_inference(path, device, dtype, max_len=target_max_len, quantization=quantization)
         self.cfg = cfg
         self.pool = BlockPool(num_blocks, block_size)
         self.runner = ModelRunner(self.model, self.pool)

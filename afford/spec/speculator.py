@@ -29,7 +29,8 @@ class Speculator:
             e = engine.cfg
             proposer = DraftModelProposer(cfg.draft, engine.tokenizer, engine.max_model_len, engine.pool.num_blocks,
                                           engine.pool.block_size, e.device, cfg.draft_dtype,
-                                          vocab_size=engine.model_config.vocab_size)
+                                          vocab_size=engine.model_config.vocab_size,
+                                          quantization=cfg.draft_quantization)
         return Speculator(cfg, proposer)
 
     def ks(self, seqs: list[Sequence], max_model_len: int) -> list[int]:
