@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -65,3 +66,34 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def perplexity(llm, texts_with_prefix: list[tuple[str, str]]) -> float:
+    """exp(mean NLL) of each text's continuation given its prefix."""
+    from afford import SamplingParams
+    tok = llm.tokenizer
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    nll, n = 0.0, 0
+    prompts, skips = [], []
+    for prefix, cont in texts_with_prefix:
+        ids = tok(prefix + cont, add_special_tokens=False)["input_ids"][: llm.engine.max_model_len - 1]
+        skip = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+        prompts.append(ids)
+        skips.append(max(skip - 1, 0))       # prompt_logprobs[i] scores token i + 1
+    for out, skip in zip(llm.generate(prompts, sp), skips):
+        lps = out.prompt_logprobs[skip:]
+        nll -= sum(lps)
+        n += len(lps)
+    return math.exp(nll / n)
+
+
+
+def heldout_texts(tokenizer, questions: int = 100) -> tuple[list, list]:
+    """(prefix, continuation) pairs never trained on: GSM8K test answers given their question, and
+    256-token chunks of the held-out 5 % tail of Tiny Shakespeare."""
+    from afford.zoo.data import split_documents
+    gsm = [json.loads(line) for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][:questions]
+    tail = split_documents([ROOT / "data" / "tinyshakespeare" / "input.txt"], 0.05).val[0]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    chunks = [tokenizer.decode(ids[i:i + 256]) for i in range(0, len(ids) - 256, 256)]
+    return [(r["question"] + "\n", r["answer"]) for r in gsm], [("", c) for c in chunks]

@@ -11,31 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
-from common import ROOT, save
-
-
-def perplexity(llm, texts_with_prefix: list[tuple[str, str]]) -> float:
-    """exp(mean NLL) of each text's continuation given its prefix."""
-    from afford import SamplingParams
-    tok = llm.tokenizer
-    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
-    nll, n = 0.0, 0
-    prompts, skips = [], []
-    for prefix, cont in texts_with_prefix:
-        ids = tok(prefix + cont, add_special_tokens=False)["input_ids"][: llm.engine.max_model_len - 1]
-        skip = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
-        prompts.append(ids)
-        skips.append(max(skip - 1, 0))       # prompt_logprobs[i] scores token i + 1
-    for out, skip in zip(llm.generate(prompts, sp), skips):
-        lps = out.prompt_logprobs[skip:]
-        nll -= sum(lps)
-        n += len(lps)
-    return math.exp(nll / n)
+from common import ROOT, heldout_texts, perplexity, save
 
 
 def decode_time_per_token(path, n=128):
@@ -56,14 +36,11 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from afford import LLM, SamplingParams
-    from afford.zoo.data import split_documents
     gsm = [json.loads(line) for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][: a.questions]
     target = LLM("default", dtype="float32")
-    ppl_gsm = perplexity(target, [(r["question"] + "\n", r["answer"]) for r in gsm])
-    tail = split_documents([ROOT / "data" / "tinyshakespeare" / "input.txt"], 0.05).val[0]
-    ids = target.tokenizer(tail, add_special_tokens=False)["input_ids"]
-    chunks = [target.tokenizer.decode(ids[i:i + 256]) for i in range(0, len(ids) - 256, 256)]
-    ppl_shk = perplexity(target, [("", c) for c in chunks])
+    gsm_texts, shk_texts = heldout_texts(target.tokenizer, a.questions)
+    ppl_gsm = perplexity(target, gsm_texts)
+    ppl_shk = perplexity(target, shk_texts)
     print(f"target perplexity: GSM8K test answers {ppl_gsm:.2f} | held-out Shakespeare {ppl_shk:.2f}")
     spec = LLM("default", dtype="float32", draft="default", num_speculative_tokens=4)
     t = time.perf_counter()

@@ -1,0 +1,100 @@
+"""Weight-only quantization, side by side in one run: fp32, bf16, int8 and int4 (per-channel, 128,
+auto) decode tokens/s at batch 1 and 8 on random-init Llamas (34 M, 100 M) and on the bundled zoo
+target; held-out perplexity (through prompt_logprobs) and greedy agreement with fp32 on the zoo target.
+
+    python benchmarks/quant.py [--sizes llama-34m llama-100m] [--new-tokens 128]
+
+Writes benchmarks/results/quant.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import SIZES, heldout_texts, perplexity, random_llama, save
+
+ARMS = [("fp32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),
+        ("int8 per-channel", dict(dtype="bfloat16", quantization="int8", quant_group="per-channel")),
+        ("int8 g128", dict(dtype="bfloat16", quantization="int8", quant_group="128")),
+        ("int8 auto", dict(dtype="bfloat16", quantization="int8", quant_group="auto")),
+        ("int4 per-channel", dict(dtype="bfloat16", quantization="int4", quant_group="per-channel")),
+        ("int4 g128", dict(dtype="bfloat16", quantization="int4", quant_group="128")),
+        ("int4 auto", dict(dtype="bfloat16", quantization="int4", quant_group="auto"))]
+
+
+def speed(llm, batch, new_tokens, reps=2):
+    from afford import SamplingParams
+    prompt = list(range(2, 130))
+    llm.generate([prompt] * batch, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    runs = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        llm.generate([prompt] * batch, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+        runs.append(batch * new_tokens / (time.perf_counter() - t))
+    return statistics.median(runs)
+
+
+def agreement(ref_llm, llm, prompts, n):
+    """Mean length of the exact greedy prefix shared with the reference model, over n tokens."""
+    from afford import SamplingParams
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    prefix = []
+    for r, m in zip(ref_llm.generate(prompts, sp), llm.generate(prompts, sp)):
+        k = 0
+        while k < n and r.token_ids[k] == m.token_ids[k]:
+            k += 1
+        prefix.append(k)
+    return statistics.mean(prefix)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES))
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from afford import LLM
+    tmp = Path(tempfile.mkdtemp())
+    rows = []
+    models = [("default target", "default")] + [(s, str(random_llama(tmp / s, s))) for s in a.sizes]
+    for label, path in models:
+        for arm, kw in ARMS:
+            llm = LLM(path, max_model_len=512, **kw)
+            for batch in (1, 8):
+                tps = speed(llm, batch, a.new_tokens)
+                rows.append({"model": label, "arm": arm, "batch": batch, "tok_s": round(tps, 1),
+                             "weight_MB": round(llm.engine.runner.weight_bytes / 1e6, 2)})
+                print(rows[-1], flush=True)
+            del llm
+    for label, _ in models:
+        base = {r["batch"]: r["tok_s"] for r in rows if r["model"] == label and r["arm"] == "fp32"}
+        for r in rows:
+            if r["model"] == label:
+                r["ratio_vs_fp32"] = round(r["tok_s"] / base[r["batch"]], 2)
+    quality = []
+    ref = LLM("default", dtype="float32", max_model_len=512)
+    gsm, shk = heldout_texts(ref.tokenizer, 100)
+    prompts = [ref.tokenizer(q)["input_ids"] for q, _ in gsm[:16]]
+    for arm, kw in ARMS:
+        llm = LLM("default", max_model_len=512, **kw)
+        q = {"arm": arm, "ppl_gsm8k_test": round(perplexity(llm, gsm), 3),
+             "ppl_shakespeare_heldout": round(perplexity(llm, shk), 3),
+             "greedy_prefix_match_of_256": agreement(ref, llm, prompts, 256) if arm != "fp32" else 256}
+        quality.append(q)
+        print(q, flush=True)
+    base = quality[0]
+    for q in quality:
+        q["ppl_increase_gsm8k_pct"] = round(100 * (q["ppl_gsm8k_test"] / base["ppl_gsm8k_test"] - 1), 2)
+        q["ppl_increase_shakespeare_pct"] = round(100 * (q["ppl_shakespeare_heldout"] / base["ppl_shakespeare_heldout"] - 1), 2)
+    out = save("quant", {"settings": vars(a), "speed": rows, "quality": quality})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
