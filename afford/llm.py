@@ -62,4 +62,9 @@ class LLM:
                         bar.update(1)
         if bar:
             bar.close()
-        return [done[r] for r in rids]
+        outs = []
+        for r, sp in zip(rids, params):
+            out = done[r]
+            out.outputs = [out] + [done[f"{r}/{i}"] for i in range(1, sp.n)]   # n > 1: every choice
+            outs.append(out)
+        return outs

@@ -111,3 +111,19 @@ def test_bad_input_gets_clear_errors(llama_dir):
     assert llm.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
     out = llm.generate([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 64 - 3   # stops at the context, says so
+
+
+def test_n_choices_share_prompt_blocks(llama_dir):
+    llm = LLM(str(llama_dir), dtype="float32")
+    eng = llm.engine
+    prompt = prompts(1, seed=8)[0] * 3
+    eng.add_request(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=4, seed=1), "g")
+    eng.step()                                                  # prefill + fork
+    shared = -(-len(prompt) // eng.pool.block_size)
+    assert len(eng.scheduler.running) == 4 and eng.pool.num_used == shared   # 4 choices, one copy of the prompt
+    while eng.has_unfinished():
+        eng.step()
+    eng.pool.check()
+    assert eng.pool.num_free == eng.pool.num_blocks
+    out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=4, seed=1))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3] and len({tuple(o.token_ids) for o in out.outputs}) > 1

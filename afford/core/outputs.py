@@ -20,6 +20,7 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     delta: str = ""                             # text added by the step that produced this output
     index: int = 0                              # which of the request's n choices
+    outputs: list["RequestOutput"] = field(default_factory=list)   # LLM.generate: all n choices (this one first)
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
