@@ -19,8 +19,8 @@ from afford.core.scheduler import Scheduler
 from afford.core.sequence import Sequence
 from afford.core.stats import EngineStats, StepStats, add_counts
 from afford.kv.paged import BlockPool
-from afford.spec.speculator import Speculator
 from afford.models.loader import load_for_inference, resolve_model_path
+from afford.spec.speculator import Speculator
 
 KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
 

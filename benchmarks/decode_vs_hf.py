@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import llamacpp
 import torch
-
 from common import SIZES, random_llama, save
 
 
@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
@@ -84,6 +85,18 @@ def main():
                 print(f"{size:11s} {dtype:9s} B={batch}: afford {tps:7.1f} tok/s | transformers {hf_tps:7.1f} | "
                       f"x{tps / hf_tps:.2f} | {gbs:.1f} GB/s | {row['afford_GFLOP_s']:.1f} GFLOP/s", flush=True)
             del llm, hf
+        if llamacpp.available() and not a.no_llamacpp:
+            for outtype in ("f32", "q8_0"):
+                gguf = llamacpp.to_gguf(path, tmp / f"{size}-{outtype}.gguf", outtype)
+                tps = llamacpp.decode_tok_s(gguf, prompt, a.new_tokens, a.threads, a.reps)
+                ref = next(r for r in rows if r["model"] == size and r["dtype"] == "float32" and r["batch"] == 1)
+                bf = next((r for r in rows if r["model"] == size and r["dtype"] == "bfloat16" and r["batch"] == 1), None)
+                row = {"model": size, "engine": f"llama.cpp {outtype}", "batch": 1, "tok_s": round(tps, 1),
+                       "afford_fp32_over_it": round(ref["afford_tok_s"] / tps, 2),
+                       "afford_bf16_over_it": round(bf["afford_tok_s"] / tps, 2) if bf else None}
+                rows.append(row)
+                print(f"{size:11s} llama.cpp {outtype}: {tps:7.1f} tok/s | afford fp32 x{row['afford_fp32_over_it']} "
+                      f"| afford bf16 x{row['afford_bf16_over_it']}", flush=True)
     out = save("decode_vs_hf", {"settings": vars(a), "rows": rows})
     print(f"wrote {out}")
 

@@ -14,7 +14,6 @@ import json
 import time
 
 import torch
-
 from common import ROOT, heldout_texts, perplexity, save
 
 

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import ROOT, save
 
 
@@ -20,8 +19,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from afford.zoo.tokenizer import train_tokenizer
     from afford.zoo.data import split_documents
+    from afford.zoo.tokenizer import train_tokenizer
     from afford.zoo.train import from_preset, model_config, train
     data = (str(ROOT / "data" / "tinyshakespeare" / "input.txt"), str(ROOT / "data" / "gsm8k" / "train.jsonl"))
     tmp = Path(tempfile.mkdtemp())

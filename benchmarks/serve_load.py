@@ -17,7 +17,6 @@ import time
 
 import httpx
 import numpy as np
-
 from common import ROOT, save
 
 

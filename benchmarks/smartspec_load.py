@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import RESULTS, ROOT, save
 
 ARMS = {"k=0": dict(speculation="off"), "fixed k=1": dict(num_speculative_tokens=1),

@@ -16,7 +16,6 @@ import time
 from collections import defaultdict
 
 import torch
-
 from common import ROOT, save
 
 

@@ -2,9 +2,9 @@
 do not change outputs, seeded sampling is reproducible, bad input gets a clear error."""
 import pytest
 import torch
+from conftest import make_hf_model
 
 from afford import LLM, ConfigError, SamplingParams
-from conftest import make_hf_model
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 

@@ -72,7 +72,6 @@ def test_estimators_converge():
 
 def test_greedy_output_identical_under_goodput(tmp_path, tokenizer_dir):
     import torch
-
     from conftest import make_hf_model
     target = make_hf_model(tmp_path / "t", tokenizer_dir, seed=1)
     g = torch.Generator().manual_seed(3)

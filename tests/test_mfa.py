@@ -4,10 +4,9 @@ import torch
 from afford import LLM, SamplingParams
 from afford.core.runner import ModelRunner
 from afford.kv.paged import BlockPool
-from afford.models.loader import load_model
-from afford.zoo.train import from_preset, init_weights, model_config
-from afford.models.loader import save_model
+from afford.models.loader import load_model, save_model
 from afford.models.transformer import Transformer
+from afford.zoo.train import from_preset, init_weights, model_config
 
 
 def mfa_model(tmp_path, tokenizer_dir):

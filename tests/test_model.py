@@ -1,12 +1,12 @@
 """Our transformer against transformers' own classes: same weights, same logits (fp32)."""
 import pytest
 import torch
+from conftest import make_hf_model
 
 from afford.config import ConfigError, ModelConfig
 from afford.core.runner import ModelRunner
 from afford.kv.paged import BlockPool
 from afford.models.loader import load_model
-from conftest import make_hf_model
 
 ROPES = {
     "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -3,10 +3,10 @@ preemption; speculative sampling reproduces the target distribution (and the tes
 always accepts); caches stay consistent; bad input is refused."""
 import pytest
 import torch
+from conftest import make_hf_model
 
 from afford import LLM, ConfigError, SamplingParams
 from afford.spec.acceptance import POLICIES, AcceptancePolicy, register
-from conftest import make_hf_model
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 

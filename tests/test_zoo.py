@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT
 
 from afford import LLM, ConfigError, SamplingParams
 from afford.cli import main as cli
 from afford.zoo.tokenizer import train_tokenizer
 from afford.zoo.train import TrainConfig, export, from_preset, train
-from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,13 @@ def test_resume_continues_from_saved_step(tmp_path, corpus, tokenizer_dir):
 def test_distillation_lowers_kl_to_teacher(tmp_path, corpus, tokenizer_dir):
     train(tiny(tmp_path / "t", corpus, tokenizer_dir, steps=40), log=lambda *_: None)
     kw = dict(teacher=str(tmp_path / "t"))
-    cfg = lambda out, steps: from_preset("tiny", out=str(out), data=tuple(corpus), tokenizer=str(tmp_path / "t"),
-                                         steps=steps, seq_len=64, batch_size=8, eval_every=10 ** 6,
-                                         warmup_steps=5, lr=3e-3, **kw)
-    from afford.zoo.train import batches, encode_corpus, loss_fn
-    from afford.models.loader import load_model
+    def cfg(out, steps):
+        return from_preset("tiny", out=str(out), data=tuple(corpus), tokenizer=str(tmp_path / "t"), steps=steps,
+                           seq_len=64, batch_size=8, eval_every=10 ** 6, warmup_steps=5, lr=3e-3, **kw)
     from transformers import AutoTokenizer
+
+    from afford.models.loader import load_model
+    from afford.zoo.train import batches, encode_corpus, loss_fn
     train(cfg(tmp_path / "s0", 1), log=lambda *_: None)
     train(cfg(tmp_path / "s", 40), log=lambda *_: None)
     tok = AutoTokenizer.from_pretrained(tmp_path / "t")

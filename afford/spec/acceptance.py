@@ -11,17 +11,10 @@ import torch
 
 from afford.core.params import SamplingParams
 from afford.core.sampler import probs as sampling_probs
+from afford.registry import registry
 from afford.spec.proposers import Draft
 
-POLICIES: dict[str, type["AcceptancePolicy"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        POLICIES[name] = cls
-        cls.name = name
-        return cls
-    return deco
+POLICIES, register = registry()
 
 
 class AcceptancePolicy(ABC):

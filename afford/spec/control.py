@@ -10,16 +10,9 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from afford.core.sequence import Sequence
+from afford.registry import registry
 
-CONTROLLERS: dict[str, type["SpecController"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        CONTROLLERS[name] = cls
-        cls.name = name
-        return cls
-    return deco
+CONTROLLERS, register = registry()
 
 
 class SpecController(ABC):

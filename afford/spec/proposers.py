@@ -20,16 +20,9 @@ from afford.core.sampler import probs as sampling_probs
 from afford.core.sequence import Sequence
 from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference, resolve_model_path
+from afford.registry import registry
 
-PROPOSERS: dict[str, type["Proposer"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        PROPOSERS[name] = cls
-        cls.name = name
-        return cls
-    return deco
+PROPOSERS, register = registry()
 
 
 @dataclass
