@@ -199,3 +199,43 @@ def test_metrics_parse_and_move(server, client):
     assert after['afford_time_to_first_token_seconds_count{}'] > before.get('afford_time_to_first_token_seconds_count{}', 0)
     assert 'afford_kv_blocks_free{}' in after and 'afford_running_sequences{}' in after
     assert any(k.startswith("afford_requests_total") and '"200"' in k for k in after)
+
+
+def test_sigterm_shuts_down_gracefully_within_the_bound(llama_dir):
+    import signal
+    import subprocess
+    import sys
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "afford", "serve", "--model", str(llama_dir), "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "256", "--shutdown-timeout", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        got = []
+
+        def client():
+            with httpx.Client(base_url=url, timeout=30) as c:
+                with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 200, "temperature": 0,
+                                                                "stream": True}) as r:
+                    for line in r.iter_lines():
+                        got.append(line)
+        t = threading.Thread(target=client)
+        t.start()
+        while len(got) < 3:
+            time.sleep(0.01)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        t.join(timeout=20)
+        assert time.time() - t0 < 10                 # finished or aborted in-flight work within the bound
+        assert proc.returncode in (0, -signal.SIGTERM)
+        assert "data: [DONE]" in got                 # the in-flight stream was closed properly
+    finally:
+        if proc.poll() is None:
+            proc.kill()
