@@ -128,7 +128,7 @@ class Engine:
         for s in [seq] + seq.children:
             self.seqs.pop(s.request_id, None)
             if not s.finished:
-                s._finish("abort", "")
+                s._finish("abort")
                 self.scheduler.finish(s)
                 if self.spec:
                     self.spec.proposer.free(s)

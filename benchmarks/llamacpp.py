@@ -65,7 +65,7 @@ def to_gguf(hf_dir: Path, out: Path, outtype: str) -> Path:
         return out
     ensure_converter()
     code = DRIVER.format(tree=str(TREE), src=str(hf_dir), out=str(out), outtype=outtype)
-    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
 

@@ -127,3 +127,18 @@ def test_n_choices_share_prompt_blocks(llama_dir):
     assert eng.pool.num_free == eng.pool.num_blocks
     out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=4, seed=1))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2, 3] and len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_streamed_deltas_never_show_text_a_stop_string_cuts(llama_dir):
+    llm = LLM(str(llama_dir), dtype="float32")
+    eng = llm.engine
+    p = prompts(1, seed=6)[0]
+    full = llm.generate(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].text
+    for stop in (full[10:13], full[20:22]):
+        eng.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]), "s")
+        streamed, final = "", None
+        while eng.has_unfinished():
+            for out in eng.step():
+                streamed += out.delta
+                final = out
+        assert final.finish_reason == "stop" and streamed == final.text == full[:full.find(stop)]

@@ -58,6 +58,7 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0                  # tokens whose K/V is in the cache
         self.text = ""
+        self.streamed = 0                      # characters of text already handed out as deltas
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []
         self.prompt_logprobs: list[float] | None = None
@@ -85,30 +86,31 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def append(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> str:
-        """Add one generated token, update text and stop state; returns the new text."""
+        """Add one generated token, update text and stop state; returns the text that may be streamed now.
+        With stop strings, the last len(longest stop) - 1 characters are held back until they cannot
+        start a stop string, so a stream never shows text the final output cuts."""
         self.token_ids.append(token)
         if self.metrics.first_token is None:
             self.metrics.first_token = time.perf_counter()
         p = self.params
-        delta = self.detok.step(self.token_ids) if self.detok else ""
-        if delta:
+        piece = self.detok.step(self.token_ids) if self.detok else ""
+        if piece:
             start = max(0, len(self.text) - self._stop_tail)
-            self.text += delta
-            for s in p.stop:
-                at = self.text.find(s, start)
-                if at >= 0:
-                    cut = len(self.text) - at
-                    self.text = self.text[:at]
-                    delta = delta[:-cut] if cut < len(delta) else ""
-                    return self._finish("stop", delta)
-        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
-            return self._finish("stop", delta)
-        if self.num_output >= p.max_tokens or len(self.token_ids) >= max_len:
-            return self._finish("length", delta)
+            self.text += piece
+            hits = [at for at in (self.text.find(s, start) for s in p.stop) if at >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self._finish("stop")
+        if not self.finished:
+            if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+                self._finish("stop")
+            elif self.num_output >= p.max_tokens or len(self.token_ids) >= max_len:
+                self._finish("length")
+        upto = len(self.text) if self.finished else max(self.streamed, len(self.text) - max(self._stop_tail - 1, 0))
+        delta, self.streamed = self.text[self.streamed:upto], upto
         return delta
 
-    def _finish(self, reason: str, delta: str) -> str:
+    def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.status = Status.FINISHED
         self.metrics.finished = time.perf_counter()
-        return delta
