@@ -17,6 +17,14 @@ def _zoo(sub):
     t.add_argument("--val-fraction", type=float, default=0.05, help="tail of each file held out (not seen)")
     t.add_argument("--out", required=True)
     t.add_argument("--overwrite", action="store_true")
+    t = zsub.add_parser("teacher-text", help="write a teacher's greedy continuations of prompts as JSON lines "
+                                             "(sequence-level distillation data for a draft)")
+    t.add_argument("--teacher", required=True)
+    t.add_argument("--prompts", required=True, help=".jsonl file")
+    t.add_argument("--field", default="question", help="the prompt field of each record")
+    t.add_argument("--limit", type=int, help="first N records")
+    t.add_argument("--max-tokens", type=int, default=160)
+    t.add_argument("--out", required=True)
     e = zsub.add_parser("export", help="copy a trained folder without its checkpoint, weights in 16-bit")
     e.add_argument("src")
     e.add_argument("dst")
@@ -50,6 +58,7 @@ def _zoo(sub):
         p.add_argument("--threads", type=int)
         p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
         p.add_argument("--resume", action="store_true")
+        p.add_argument("--init", help="start from this HF folder's weights (same shape)")
         p.add_argument("--overwrite", action="store_true")
 
 
@@ -59,6 +68,11 @@ def cmd_zoo(a) -> int:
         from afford.zoo.tokenizer import train_tokenizer
         tok = train_tokenizer(split_documents(a.data, a.val_fraction).train, a.vocab_size, a.out, a.overwrite)
         print(f"tokenizer with {len(tok)} tokens written to {a.out}")
+        return 0
+    if a.zoo_cmd == "teacher-text":
+        from afford.zoo.data import teacher_text
+        n = teacher_text(a.teacher, a.prompts, a.field, a.out, a.limit, a.max_tokens)
+        print(f"wrote {n} teacher continuations to {a.out}")
         return 0
     if a.zoo_cmd == "export":
         from afford.zoo.train import export
@@ -77,7 +91,7 @@ def cmd_zoo(a) -> int:
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
                      lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
-                     threads=a.threads, bf16=not a.fp32, **shape)
+                     threads=a.threads, bf16=not a.fp32, init=a.init, **shape)
     res = train(tc, resume=a.resume, overwrite=a.overwrite)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0

@@ -128,3 +128,15 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, corpus, tokenizer_dir):
     assert "interrupted" in out
     assert (tmp_path / "m" / "ckpt.pt").exists()
     assert LLM(str(tmp_path / "m")).generate([5, 6], SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+def test_teacher_text_writes_the_teachers_greedy_continuations(tmp_path, llama_dir):
+    from afford.zoo.data import teacher_text
+    src = tmp_path / "q.jsonl"
+    src.write_text("\n".join(json.dumps({"question": q, "answer": "x"}) for q in ("To be", "Or not", "Hello")) + "\n")
+    assert teacher_text(str(llama_dir), str(src), "question", str(tmp_path / "t.jsonl"), limit=2, max_tokens=5) == 2
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    ref = LLM(str(llama_dir)).generate("To be\n", SamplingParams(max_tokens=5, temperature=0))[0].text
+    assert [r["question"] for r in rows] == ["To be", "Or not"] and rows[0]["answer"] == ref
+    with pytest.raises(ConfigError, match="field"):
+        teacher_text(str(llama_dir), str(src), "prompt", str(tmp_path / "u.jsonl"))

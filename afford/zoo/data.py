@@ -71,3 +71,20 @@ def split_documents(paths: list[str | Path], val_fraction: float = 0.05) -> Spli
             train.extend(docs[: len(docs) - n_val])
             val.extend(docs[len(docs) - n_val:])
     return Split(train, val)
+
+
+def teacher_text(teacher: str, prompts_path: str, field: str, out: str, limit: int | None = None,
+                 max_tokens: int = 160) -> int:
+    """The teacher's greedy continuation of each record's `field`, written as {field, "answer"} JSON
+    lines: text a draft can be distilled on so that it learns the teacher's own outputs."""
+    from afford import LLM, SamplingParams
+    recs = [json.loads(line) for line in Path(prompts_path).read_text().splitlines() if line.strip()]
+    if not recs or field not in recs[0]:
+        raise ConfigError(f"{prompts_path} has no records with a {field!r} field")
+    prompts = [r[field] for r in recs[:limit]]
+    llm = LLM(teacher, max_num_seqs=128)
+    outs = llm.generate([p + "\n" for p in prompts], SamplingParams(max_tokens=max_tokens, temperature=0))
+    with open(out, "w") as f:
+        for p, o in zip(prompts, outs):
+            f.write(json.dumps({field: p, "answer": o.text}) + "\n")
+    return len(prompts)

@@ -60,6 +60,7 @@ class TrainConfig:
     temperature: float = 1.0        # distillation temperature
     threads: int | None = None
     q_rank: int = 0                 # > 0: MFA attention (low-rank query, one shared K/V head)
+    init: str | None = None         # start from these weights (an HF folder of the same shape)
     bf16: bool = True               # bf16 autocast (about 2x faster on this CPU); weights stay fp32
 
     def __post_init__(self):
@@ -167,6 +168,11 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
     mcfg = model_config(tc, len(tok), tok.eos_token_id)
     model = Transformer(mcfg).to(device)
     init_weights(model)
+    if tc.init and not resume:
+        start = load_model(tc.init, device=str(device), dtype="float32")
+        if start.cfg.hidden_size != mcfg.hidden_size or start.cfg.num_layers != mcfg.num_layers:
+            raise ConfigError(f"--init {tc.init} has another shape than the model being trained")
+        model.load_state_dict(start.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step, elapsed = 0, 0.0
     if resume:

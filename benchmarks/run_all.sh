@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every benchmark, one after another on a quiet machine (each writes benchmarks/results/NAME.json).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-../.venv/bin/python}
+mkdir -p results/logs
+for cmd in "default_pair.py" "decode_vs_hf.py" "spec_vs_hf.py --per-category 4" "quant.py" \
+           "mfa_vs_gqa.py --steps 300" "serve_load.py" "smartspec_load.py"; do
+  name=${cmd%%.py*}
+  echo "== $cmd ($(date +%H:%M:%S))"
+  /usr/bin/time -f "$name: %e s" $PY $cmd > "results/logs/$name.log" 2>&1 || echo "$name FAILED"
+done
