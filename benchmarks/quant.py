@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import llamacpp
 from common import SIZES, heldout_texts, perplexity, random_llama, save
 
 ARMS = [("fp32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),
@@ -38,6 +39,18 @@ def speed(llm, batch, new_tokens, reps=2):
     return statistics.median(runs)
 
 
+def fixed_group(path: str, arm: str, kw: dict) -> tuple[str, dict]:
+    """The g128 arm uses the largest of 128, 64, 32 that divides every input width of the model
+    (the zoo target's 704 and the 34 M model's 1376 are not multiples of 128)."""
+    if kw.get("quant_group") != "128":
+        return arm, kw
+    from afford.config import ModelConfig
+    from afford.models.loader import resolve_model_path
+    cfg = ModelConfig.from_dir(resolve_model_path(path))
+    g = next(g for g in (128, 64, 32) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0)
+    return arm.replace("g128", f"g{g}"), {**kw, "quant_group": str(g)}
+
+
 def agreement(ref_llm, llm, prompts, n):
     """Mean length of the exact greedy prefix shared with the reference model, over n tokens."""
     from afford import SamplingParams
@@ -59,11 +72,13 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from afford import LLM
+    from afford.models.loader import resolve_model_path
     tmp = Path(tempfile.mkdtemp())
     rows = []
     models = [("default target", "default")] + [(s, str(random_llama(tmp / s, s))) for s in a.sizes]
     for label, path in models:
         for arm, kw in ARMS:
+            arm, kw = fixed_group(path, arm, kw)
             llm = LLM(path, max_model_len=512, **kw)
             for batch in (1, 8):
                 tps = speed(llm, batch, a.new_tokens)
@@ -71,6 +86,15 @@ def main():
                              "weight_MB": round(llm.engine.runner.weight_bytes / 1e6, 2)})
                 print(rows[-1], flush=True)
             del llm
+    anchors = []
+    if llamacpp.available():
+        for label, path in models[1:]:
+            prompt = list(range(2, 130))
+            for outtype in ("q8_0", "q4_0"):
+                gguf = llamacpp.to_gguf(Path(path), tmp / f"{label}-{outtype}.gguf", outtype)
+                anchors.append({"model": label, "engine": f"llama.cpp {outtype}",
+                                "tok_s": round(llamacpp.decode_tok_s(gguf, prompt, a.new_tokens, a.threads), 1)})
+                print(anchors[-1], flush=True)
     for label, _ in models:
         base = {r["batch"]: r["tok_s"] for r in rows if r["model"] == label and r["arm"] == "fp32"}
         for r in rows:
@@ -81,6 +105,7 @@ def main():
     gsm, shk = heldout_texts(ref.tokenizer, 100)
     prompts = [ref.tokenizer(q)["input_ids"] for q, _ in gsm[:16]]
     for arm, kw in ARMS:
+        arm, kw = fixed_group(str(resolve_model_path("default")), arm, kw)
         llm = LLM("default", max_model_len=512, **kw)
         q = {"arm": arm, "ppl_gsm8k_test": round(perplexity(llm, gsm), 3),
              "ppl_shakespeare_heldout": round(perplexity(llm, shk), 3),
@@ -91,7 +116,7 @@ def main():
     for q in quality:
         q["ppl_increase_gsm8k_pct"] = round(100 * (q["ppl_gsm8k_test"] / base["ppl_gsm8k_test"] - 1), 2)
         q["ppl_increase_shakespeare_pct"] = round(100 * (q["ppl_shakespeare_heldout"] / base["ppl_shakespeare_heldout"] - 1), 2)
-    out = save("quant", {"settings": vars(a), "speed": rows, "quality": quality})
+    out = save("quant", {"settings": vars(a), "speed": rows, "quality": quality, "llamacpp": anchors})
     print(f"wrote {out}")
 
 

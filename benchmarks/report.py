@@ -1,0 +1,113 @@
+"""Render benchmarks/results/*.json as the markdown tables quoted in BENCHMARKS.md.
+
+    python benchmarks/report.py > /tmp/tables.md
+"""
+from __future__ import annotations
+
+import json
+
+from common import RESULTS
+
+
+def load(name):
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine(r) -> str:
+    m = r["machine"]
+    return f"_{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, {m['date']}, commit {r['commit']}_"
+
+
+def main():
+    r = load("default_pair")
+    if r:
+        print("## default_pair\n" + machine(r) + "\n")
+        print(table(["target ppl GSM8K test answers", "target ppl held-out Shakespeare", "draft acceptance k=4",
+                     "per position", "tokens / target forward", "params target / draft", "ms/token target / draft"],
+                    [[f"{r['target_ppl_gsm8k_test_answers']:.2f}", f"{r['target_ppl_shakespeare_heldout']:.2f}",
+                      f"{r['draft_acceptance_k4_gsm8k']:.3f}", ", ".join(f"{p:.2f}" for p in r["acceptance_per_position"]),
+                      f"{r.get('tokens_per_target_forward', float('nan')):.2f}",
+                      f"{r['target_params'] / 1e6:.2f} M / {r['draft_params'] / 1e6:.2f} M ({r['param_ratio']:.1f}x)",
+                      f"{r['target_ms_per_token']:.2f} / {r['draft_ms_per_token']:.2f} ({r['time_ratio']:.1f}x)"]]))
+    r = load("decode_vs_hf")
+    if r:
+        print("\n## decode_vs_hf\n" + machine(r) + "\n")
+        rows = [[x["model"], x["dtype"], x["batch"], x["afford_tok_s"], x["hf_tok_s"], f"**{x['ratio_vs_hf']:.2f}x**",
+                 x["afford_GB_s"], x["afford_GFLOP_s"]] for x in r["rows"] if "dtype" in x]
+        print(table(["model", "dtype", "batch", "afford tok/s", "transformers tok/s", "afford / HF", "GB/s", "GFLOP/s"], rows))
+        lc = [x for x in r["rows"] if "engine" in x]
+        if lc:
+            print()
+            print(table(["model", "engine", "batch", "tok/s", "afford fp32 / it", "afford bf16 / it"],
+                        [[x["model"], x["engine"], x["batch"], x["tok_s"], x["afford_fp32_over_it"], x["afford_bf16_over_it"]]
+                         for x in lc]))
+    r = load("spec_vs_hf")
+    if r:
+        print("\n## spec_vs_hf\n" + machine(r) + "\n")
+        arms = list(dict.fromkeys(x["arm"] for x in r["rows"]))
+        cats = list(dict.fromkeys(x["category"] for x in r["rows"]))
+        cell = {(x["category"], x["arm"]): x for x in r["rows"]}
+        rows = []
+        for c in cats:
+            row = [c]
+            for a in arms:
+                x = cell[(c, a)]
+                s = f"{x['ratio_vs_hf_plain']:.2f}x"
+                if "tokens_per_step" in x:
+                    s += f" ({x['tokens_per_step']:.2f})"
+                row.append(s)
+            rows.append(row)
+        print(table(["category"] + arms, rows))
+        print("\nbatch 8, GSM8K: " + "; ".join(f"{x['arm']} {x['tok_s']:.1f} tok/s" for x in r["batch8"]))
+    r = load("quant")
+    if r:
+        print("\n## quant\n" + machine(r) + "\n")
+        models = list(dict.fromkeys(x["model"] for x in r["speed"]))
+        arms = list(dict.fromkeys(x["arm"] for x in r["speed"]))
+        cell = {(x["model"], x["arm"], x["batch"]): x for x in r["speed"]}
+        def fmt(k):
+            return f"{cell[k]['tok_s']} ({cell[k]['ratio_vs_fp32']:.2f}x)" if k in cell else "—"
+        rows = [[a] + [fmt((m, a, b)) for m in models for b in (1, 8)] for a in arms]
+        print(table(["arm"] + [f"{m} B={b}" for m in models for b in (1, 8)], rows))
+        print()
+        print(table(["arm", "ppl GSM8K test", "Δ %", "ppl Shakespeare held-out", "Δ %", "greedy prefix match / 256"],
+                    [[q["arm"], q["ppl_gsm8k_test"], q["ppl_increase_gsm8k_pct"], q["ppl_shakespeare_heldout"],
+                      q["ppl_increase_shakespeare_pct"], q["greedy_prefix_match_of_256"]] for q in r["quality"]]))
+        extra = r.get("llamacpp")
+        if extra:
+            print("\n" + table(["model", "engine", "tok/s (batch 1)"], [[x["model"], x["engine"], x["tok_s"]] for x in extra]))
+    r = load("mfa_vs_gqa")
+    if r:
+        print("\n## mfa_vs_gqa\n" + machine(r) + "\n")
+        print(table(["preset", "attention", "params", "val loss", "val ppl", "KV values / token", "KV bytes / token (bf16)"],
+                    [[x["preset"], x["attention"], x["params"], x["val_loss"], x["val_ppl"], x["kv_values_per_token"],
+                      x["kv_bytes_per_token_bf16"]] for x in r["rows"]]))
+    r = load("serve_load")
+    if r:
+        print("\n## serve_load\n" + machine(r) + "\n")
+        print(table(["arm", "rate (req/s)", "tok/s", "TTFT p50 / p99 (s)", "TPOT p50 / p99 (ms)"],
+                    [[x["arm"], x["rate"], f"{x['tok_s']:.1f}", f"{x['ttft_p50_s']:.3f} / {x['ttft_p99_s']:.3f}",
+                      f"{1e3 * x['tpot_p50_s']:.1f} / {1e3 * x['tpot_p99_s']:.1f}"] for x in r["rows"]]))
+    r = load("smartspec_load")
+    if r:
+        print("\n## smartspec_load\n" + machine(r) + "\n")
+        for wl in dict.fromkeys(x["workload"] for x in r["rows"]):
+            sub = [x for x in r["rows"] if x["workload"] == wl]
+            arms = list(dict.fromkeys(x["arm"] for x in sub))
+            rates = list(dict.fromkeys(x["rate_req_s"] for x in sub))
+            cell = {(x["rate_req_s"], x["arm"]): x for x in sub}
+            print(f"\n{wl}: mean latency s (p99) | throughput tok/s\n")
+            print(table(["rate req/s"] + arms,
+                        [[rt] + [f"{cell[(rt, a)]['mean_latency_s']:.2f} ({cell[(rt, a)]['p99_latency_s']:.2f}) | "
+                                 f"{cell[(rt, a)]['throughput_tok_s']:.0f}" for a in arms] for rt in rates]))
+
+
+if __name__ == "__main__":
+    main()
