@@ -15,8 +15,6 @@ the same numbers up to bf16 rounding.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -130,12 +128,11 @@ class QuantLinear(nn.Module):
         return None
 
     def _prepare(self) -> None:
-        N, K, G = self.out_features, self.in_features, self.scales.shape[1]
+        G = self.scales.shape[1]
         if self.kernel == "int8pack":
             # one contiguous (N, g) chunk per group: y = sum_c x_c @ (q_c * s_c)^T
             self._chunks = [self.codes[:, c * self.group:(c + 1) * self.group].contiguous() for c in range(G)]
             self._chunk_scales = [self.scales[:, c].to(torch.bfloat16).contiguous() for c in range(G)]
-            self._chunks = [c.to(self.codes.device) for c in self._chunks]
         elif self.kernel == "int4pack":
             kg = self._int4_kernel_group()
             rep = self.group // kg
@@ -144,7 +141,6 @@ class QuantLinear(nn.Module):
             self._kg = kg
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
             self._sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()   # (K/kg, N, 2)
-        del N, K
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -284,4 +280,5 @@ def load_quantized(path, model, state: dict) -> None:
     model.quant = {"bits": bits, "groups": meta["groups"]}
 
 
-__all__ = ["QuantLinear", "quantize", "dequantize", "choose_group", "quantize_model", "FORMAT_VERSION", "math"]
+__all__ = ["QuantLinear", "quantize", "dequantize", "choose_group", "quantize_model", "save_quantized", "load_quantized",
+           "FORMAT_VERSION"]
