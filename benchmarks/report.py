@@ -26,6 +26,12 @@ def machine(r) -> str:
 
 
 def main():
+    r = load("matmul_micro")
+    if r:
+        print("## matmul_micro\n" + machine(r) + "\n")
+        print(table(["dtype", "out x in", "rows", "F.linear GB/s", "x @ W^T GB/s"],
+                    [[x["dtype"], f"{x['out']} x {x['in']}", x["rows"], x["F_linear_GB_s"], x["x_at_Wt_GB_s"]]
+                     for x in r["rows"]]))
     r = load("default_pair")
     if r:
         print("## default_pair\n" + machine(r) + "\n")
