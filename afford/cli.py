@@ -79,14 +79,12 @@ def cmd_zoo(a) -> int:
         export(a.src, a.dst, a.dtype, a.overwrite)
         print(f"exported {a.src} -> {a.dst} ({a.dtype})")
         return 0
-    from afford.zoo.train import PRESETS, TrainConfig, train
+    from afford.zoo.train import TrainConfig, preset_shape, train
     shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, intermediate=a.intermediate,
                  q_rank=a.q_rank)
     preset = a.preset if a.zoo_cmd == "train" else a.student_preset
     if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        shape = dict(zip(("layers", "hidden", "heads", "kv_heads", "intermediate", "q_rank"), PRESETS[preset]))
+        shape = preset_shape(preset)
     tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher,
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,

@@ -10,7 +10,7 @@ from afford.core.sequence import Sequence
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]                  # the sequence's own list (never mutated): not copied per step
     text: str
     token_ids: list[int]
     finish_reason: str | None
@@ -42,7 +42,7 @@ class RequestOutput:
                            drafted_per_position=list(m.drafted_per_position),
                            tokens_per_forward=n_out / max(m.forward_passes, 1))
         return RequestOutput(
-            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_ids),
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids,
             text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason, finished=seq.finished,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta, index=seq.index)

@@ -202,14 +202,17 @@ def quantize_model(model, bits: int, group: int | str = "auto", tau: float = 0.1
 
 
 def quant_bytes(model) -> int:
-    """Bytes of weights a forward reads: codes at their bit width, scales/zeros, full-precision rest."""
+    """Bytes of weights one decode step reads: low-bit codes at their bit width plus bf16 scales/zeros,
+    every full-precision parameter, but not the input embedding table (a step reads one row of it) —
+    unless it is tied to the LM head, which reads all of it."""
     total = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += m.codes.numel() * m.bits // 8 + m.scales.numel() * 2 * (2 if m.zeros is not None else 1)
-    qnames = {n + ".weight" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for n, p in model.named_parameters():
-        if n not in qnames:
+    embed = model.model.embed_tokens.weight
+    head = getattr(model.lm_head, "weight", None)
+    for p in model.parameters():                # tied parameters are listed once
+        if p is not embed or p is head:
             total += p.numel() * p.element_size()
     return total
 

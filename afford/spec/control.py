@@ -96,7 +96,6 @@ class Goodput(SpecController):
         self.alpha: dict[int, float] = {}
         self.target = StepTimeModel(3)
         self.draft = StepTimeModel(2)
-        self.last_goodput = 0.0
 
     # -- estimators --
     def observe_acceptance(self, seq_id: int, drafted: int, accepted: int) -> None:
@@ -152,7 +151,6 @@ class Goodput(SpecController):
                 g = gain[np.arange(B), ks].sum() / self.step_time(ks, ctx)
             if ks.max() > 0 and g > best_g:
                 best_k, best_g = ks, g
-        self.last_goodput = best_g
         return best_k.tolist()
 
     def profile(self, engine) -> None:

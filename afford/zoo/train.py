@@ -247,12 +247,17 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
             torch.nn.init.zeros_(p)
 
 
-def from_preset(name: str, **kw) -> TrainConfig:
+def preset_shape(name: str) -> dict:
+    """A preset's model shape as TrainConfig fields."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     layers, hidden, heads, kv, inter, *q_rank = PRESETS[name]
-    return TrainConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter,
-                       q_rank=q_rank[0] if q_rank else 0, **kw)
+    return dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter,
+                q_rank=q_rank[0] if q_rank else 0)
+
+
+def from_preset(name: str, **kw) -> TrainConfig:
+    return TrainConfig(**preset_shape(name), **kw)
 
 
 def export(src: str | Path, dst: str | Path, dtype: str = "bfloat16", overwrite: bool = False) -> None:
