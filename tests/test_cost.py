@@ -49,7 +49,9 @@ def test_table5_unit_costs():
             "910b": ("6.65e-19", "1.16e-16")}
     for k, (flop, byte) in want.items():
         hw = HARDWARE[k]
-        assert f"{hw.usd_per_flop:.2e}" in (flop, "2.81e-19") and f"{hw.usd_per_byte:.2e}" == byte
+        # the paper prints H800's 2.806e-19 truncated as 2.80e-19
+        ok = (flop, "2.81e-19") if k == "h800" else (flop,)
+        assert f"{hw.usd_per_flop:.2e}" in ok and f"{hw.usd_per_byte:.2e}" == byte
 
 
 @pytest.mark.parametrize("name", list(TABLE6))
