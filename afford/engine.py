@@ -152,6 +152,8 @@ class Engine:
         else:
             outs, st = self._plain(seqs, kind)
         st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(preempted)
+        if self.spec and kind == "decode":
+            st.predicted_seconds = getattr(self.spec.controller, "last_prediction", None)
         st.weight_bytes = self.runner.weight_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
@@ -197,6 +199,7 @@ class Engine:
         prefix plus one token, roll both KV caches back past it."""
         spec = self.spec
         t0 = time.perf_counter()
+        catchup = sum(spec.proposer.catchup(s) for s, k in zip(seqs, ks) if k)
         drafts = spec.proposer.propose(seqs, ks)
         draft_s = time.perf_counter() - t0
         starts = [len(s.token_ids) - 1 for s in seqs]
@@ -206,7 +209,7 @@ class Engine:
         st = StepStats(kind="decode", num_seqs=len(seqs), tokens_in=sum(len(t) for t in tokens), tokens_out=0,
                        context_tokens=sum(a + len(t) for a, t in zip(starts, tokens)), seconds=0.0,
                        weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[len(d.tokens) for d in drafts],
-                       seq_ids=[s.seq_id for s in seqs], draft_seconds=draft_s)
+                       seq_ids=[s.seq_id for s in seqs], draft_seconds=draft_s, draft_catchup=catchup)
         outs, at = [], 0
         for s, start, d in zip(seqs, starts, drafts):
             rows_s = logits[at:at + len(d.tokens) + 1]                                  # (k_i + 1, V)

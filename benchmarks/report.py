@@ -109,11 +109,26 @@ def main():
             arms = list(dict.fromkeys(x["arm"] for x in sub))
             rates = list(dict.fromkeys(x["rate_req_s"] for x in sub))
             cell = {(x["rate_req_s"], x["arm"]): x for x in sub}
-            print(f"\n{wl}: mean latency s (p99) | throughput tok/s\n")
-            print(table(["rate req/s"] + arms,
-                        [[rt] + [f"{cell[(rt, a)]['mean_latency_s']:.2f} ({cell[(rt, a)]['p99_latency_s']:.2f}) | "
-                                 f"{cell[(rt, a)]['throughput_tok_s']:.0f}" for a in arms] for rt in rates]))
-
+            print(f"\n{wl}: mean latency s (p99 s), throughput tok/s; goodput's mean latency over the best "
+                  f"and the worst fixed arm and over k=0 (below 1 is faster); noise floor = the second k=0 engine "
+                  f"over the first\n")
+            fixed = [a for a in arms if a not in ("goodput", "k=0 again")]
+            rows = []
+            for rt in rates:
+                lat = {a: cell[(rt, a)]["mean_latency_s"] for a in arms}
+                row = [rt] + [f"{lat[a]:.3f} ({cell[(rt, a)]['p99_latency_s']:.2f}), "
+                              f"{cell[(rt, a)]['throughput_tok_s']:.0f}" for a in arms]
+                row.append(f"{lat['goodput'] / min(lat[a] for a in fixed):.2f} / "
+                           f"{lat['goodput'] / max(lat[a] for a in fixed):.2f} / {lat['goodput'] / lat['k=0']:.2f}")
+                if "k=0 again" in lat:
+                    row.append(f"{lat['k=0 again'] / lat['k=0']:.2f}")
+                row.append(cell[(rt, "goodput")].get("forecast_mean_abs_err", ""))
+                rows.append(row)
+            head = ["rate req/s"] + arms + ["goodput / best, / worst, / k=0"]
+            head += ["noise floor"] if "k=0 again" in arms else []
+            print(table(head + ["step-time forecast error"], rows))
+        for name, c in r.get("controller", {}).items():
+            print(f"\n- {name}: acceptance {c['acceptance']}, k histogram {c['k_histogram']}")
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,8 @@ class StepStats:
     seq_ids: list[int] = field(default_factory=list)
     accepted_per_seq: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0                                 # part of `seconds` spent proposing
+    draft_catchup: int = 0         # tokens the proposer fed to catch up (beyond one per drafting sequence)
+    predicted_seconds: float | None = None                     # the goodput controller's step-time forecast
     preempted: int = 0
 
 

@@ -44,6 +44,10 @@ class Proposer(ABC):
     def free(self, seq: Sequence) -> None:
         pass
 
+    def catchup(self, seq: Sequence) -> int:
+        """Tokens this proposer must feed for seq before it can draft, beyond the usual one."""
+        return 0
+
 
 @register("ngram")
 class NgramProposer(Proposer):
@@ -110,11 +114,12 @@ class DraftModelProposer(Proposer):
             cur = [i for i in active if ks[i] > j]
             starts = [self.computed.get(seqs[i].seq_id, 0) for i in cur]
             logits = self.runner.forward([seqs[i].seq_id for i in cur], starts, [feed[i] for i in cur])  # (b, V)
-            for row, i, st in zip(logits, cur, starts):
+            top = logits.argmax(-1).tolist()                                             # one op for all rows
+            for row, best, i, st in zip(logits, top, cur, starts):
                 s = seqs[i]
                 self.computed[s.seq_id] = st + len(feed[i])
                 if s.params.greedy:
-                    tok = int(row.argmax())
+                    tok = best
                 else:
                     q = sampling_probs(row.cpu(), s.params)
                     tok = int(torch.multinomial(q, 1, generator=s.generator))
@@ -125,6 +130,9 @@ class DraftModelProposer(Proposer):
             if rows[i]:
                 drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
         return drafts
+
+    def catchup(self, seq):
+        return max(0, len(seq.token_ids) - self.computed.get(seq.seq_id, 0) - 1)
 
     def rollback(self, seq, n_valid):
         sid = seq.seq_id
