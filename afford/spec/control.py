@@ -124,18 +124,22 @@ class Goodput(SpecController):
       remaining tokens, since it is paid once);
     - search: for each bound K = max k, Dinkelbach iterations pick every request's k independently
       given the shared cost of K, then the best K wins; k = 0 everywhere when speculation does not pay;
+    - margin: speculation must beat k = 0 by more than the time model's recent underestimate of
+      speculative steps (the moving mean of measured / forecast - 1 over them, within [2 %, 25 %]):
+      a step the model thinks cheaper than it is inflates the predicted gain by as much;
     - exploration: after `explore_every` steps with k = 0 everywhere, the request with the oldest
       acceptance information drafts one token, so a workload whose acceptance rises is noticed.
     """
 
     def __init__(self, prior: float = 0.6, decay: float = 0.9, prior_weight: float = 1.0,
-                 explore_every: int = 32):
+                 explore_every: int = 64):
         self.prior, self.decay, self.prior_weight, self.explore_every = prior, decay, prior_weight, explore_every
         self.g_succ, self.g_trials = prior * 20.0, 20.0         # global counts (slower decay)
         self.succ: dict[int, float] = {}
         self.trials: dict[int, float] = {}
         self.last_drafted: dict[int, int] = {}                  # seq_id -> step it last drafted
         self.steps, self.idle_steps = 0, 0
+        self.forecast_bias = 0.05                  # moving mean of measured / forecast - 1, speculative steps
         self.target = StepTimeModel(6)
         self.draft = StepTimeModel(3)
         self.last_prediction: float | None = None
@@ -182,6 +186,9 @@ class Goodput(SpecController):
         if st.kind != "decode":
             return
         self.steps += 1
+        if st.predicted_seconds and max(st.k_per_seq, default=0) > 0 and st.seconds > 0:
+            err = st.seconds / st.predicted_seconds - 1.0
+            self.forecast_bias = 0.95 * self.forecast_bias + 0.05 * min(max(err, -1.0), 1.0)
         for sid, d, a in zip(st.seq_ids, st.k_per_seq, st.accepted_per_seq):
             if d > 0:
                 self.observe_acceptance(sid, d, a)
@@ -210,8 +217,10 @@ class Goodput(SpecController):
         # quick exit (most steps of a low-acceptance or heavy load): even every draft accepted at the
         # least extra time would not beat k = 0
         best_case = sum((1.0 - a ** (k_max + 1)) / (1.0 - a) for a in alphas) / (base + d1 + c3 * (B == 1))
-        if best_case <= B / base:
-            return self._no_speculation(seqs, base)
+        margin = 1.0 + min(max(self.forecast_bias, 0.02), 0.25)
+        probe_cost = d1 + c3 * (B == 1) + c1 + c4 + d2 + c5                    # one token drafted, plus catch-up
+        if best_case <= margin * B / base:
+            return self._no_speculation(seqs, base, probe_cost, d3, catchup)
         alpha = np.array(alphas)
         cu = np.zeros(B) if catchup is None else np.asarray(catchup, dtype=float)
         left = np.array([max(1, s.params.max_tokens - s.num_output) for s in seqs], dtype=float)
@@ -233,23 +242,25 @@ class Goodput(SpecController):
             g = gain[rows, ks].sum(axis=1) / (shared + charge[rows, ks].sum(axis=1))
         g = np.where(ks.max(axis=1) > 0, g, -np.inf)
         best = int(g.argmax())
-        if g[best] <= g0:
-            return self._no_speculation(seqs, base)
+        if g[best] <= margin * g0:
+            return self._no_speculation(seqs, base, probe_cost, d3, catchup)
         self.idle_steps = 0
         best_k = ks[best]
         self.last_prediction = base + d1 * int(best_k.max()) + c3 * (B == 1) + float(cost[np.arange(B), best_k].sum())
         return best_k.tolist()
 
-    def _no_speculation(self, seqs, base: float) -> list[int]:
+    def _no_speculation(self, seqs, base: float, probe_cost: float, d3: float, catchup) -> list[int]:
         """k = 0 for all, except that after `explore_every` such steps the request with the oldest
-        acceptance information drafts one token."""
+        acceptance information drafts one token (its forecast feeds the margin too, so a margin that
+        grew while speculating can shrink again)."""
         ks = [0] * len(seqs)
         self.idle_steps += 1
         self.last_prediction = base
         if self.idle_steps >= self.explore_every:
             self.idle_steps = 0
-            ks[min(range(len(seqs)), key=lambda i: self.last_drafted.get(seqs[i].seq_id, -1))] = 1
-            self.last_prediction = None
+            i = min(range(len(seqs)), key=lambda j: self.last_drafted.get(seqs[j].seq_id, -1))
+            ks[i] = 1
+            self.last_prediction = base + probe_cost + d3 * (catchup[i] if catchup is not None else 0)
         return ks
 
     def profile(self, engine) -> None:
