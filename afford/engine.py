@@ -146,14 +146,14 @@ class Engine:
         if not seqs:
             return []
         t0 = time.perf_counter()
-        ks = self.spec.ks(seqs, self.max_model_len) if self.spec and kind == "decode" else [0] * len(seqs)
+        ks, catchup = self.spec.ks(seqs, self.max_model_len) if self.spec and kind == "decode" else ([0] * len(seqs), [])
         if any(ks):
-            outs, st = self._spec_decode(seqs, ks)
+            outs, st = self._spec_decode(seqs, ks, catchup)
         else:
             outs, st = self._plain(seqs, kind)
         st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(preempted)
         if self.spec and kind == "decode":
-            st.predicted_seconds = getattr(self.spec.controller, "last_prediction", None)
+            st.predicted_seconds = self.spec.controller.last_prediction
         st.weight_bytes = self.runner.weight_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
@@ -194,12 +194,12 @@ class Engine:
                                seconds=0.0, weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[0] * len(seqs),
                                seq_ids=[s.seq_id for s in seqs], accepted_per_seq=[0] * len(seqs))
 
-    def _spec_decode(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[RequestOutput], StepStats]:
+    def _spec_decode(self, seqs: list[Sequence], ks: list[int],
+                     catchup: list[int]) -> tuple[list[RequestOutput], StepStats]:
         """Draft k_i tokens per sequence, verify all of them in ONE target forward, keep the accepted
         prefix plus one token, roll both KV caches back past it."""
         spec = self.spec
         t0 = time.perf_counter()
-        catchup = sum(spec.proposer.catchup(s) for s, k in zip(seqs, ks) if k)
         drafts = spec.proposer.propose(seqs, ks)
         draft_s = time.perf_counter() - t0
         starts = [len(s.token_ids) - 1 for s in seqs]
@@ -209,7 +209,8 @@ class Engine:
         st = StepStats(kind="decode", num_seqs=len(seqs), tokens_in=sum(len(t) for t in tokens), tokens_out=0,
                        context_tokens=sum(a + len(t) for a, t in zip(starts, tokens)), seconds=0.0,
                        weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[len(d.tokens) for d in drafts],
-                       seq_ids=[s.seq_id for s in seqs], draft_seconds=draft_s, draft_catchup=catchup)
+                       seq_ids=[s.seq_id for s in seqs], draft_seconds=draft_s,
+                       draft_catchup=sum(c for c, k in zip(catchup, ks) if k))
         outs, at = [], 0
         for s, start, d in zip(seqs, starts, drafts):
             rows_s = logits[at:at + len(d.tokens) + 1]                                  # (k_i + 1, V)

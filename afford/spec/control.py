@@ -18,6 +18,7 @@ CONTROLLERS, register = registry()
 
 class SpecController(ABC):
     name = "abstract"
+    last_prediction: float | None = None     # forecast seconds of the step just chosen (adaptive controllers)
 
     @abstractmethod
     def choose(self, seqs: list[Sequence], k_max: int, catchup: list[int] | None = None) -> list[int]:
