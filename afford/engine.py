@@ -139,19 +139,21 @@ class Engine:
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
         """One batched target forward for every scheduled sequence; returns an output for each that advanced."""
-        seqs, kind, preempted = self.scheduler.schedule(lookahead=self.spec.k if self.spec else 0)
-        for s in preempted:
+        sched = self.scheduler.schedule(lookahead=self.spec.k if self.spec else 0)
+        seqs, kind = sched.seqs, sched.kind
+        for s in sched.preempted:
             if self.spec:
                 self.spec.proposer.free(s)
         if not seqs:
             return []
+        self.runner.copy_blocks(sched.copies)
         t0 = time.perf_counter()
         ks, catchup = self.spec.ks(seqs, self.max_model_len) if self.spec and kind == "decode" else ([0] * len(seqs), [])
         if any(ks):
             outs, st = self._spec_decode(seqs, ks, catchup)
         else:
             outs, st = self._plain(seqs, kind)
-        st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(preempted)
+        st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(sched.preempted)
         if self.spec and kind == "decode":
             st.predicted_seconds = self.spec.controller.last_prediction
         st.weight_bytes = self.runner.weight_bytes
@@ -177,8 +179,11 @@ class Engine:
             logits = logits[last]                                                       # (B, V)
         next_tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outs = []
+        lookahead = self.spec is not None and kind == "decode"
         for s, st, toks, tok, row in zip(seqs, starts, tokens, next_tokens, logits):
             s.num_computed = st + len(toks)
+            if lookahead:                      # the scheduler reserved speculative slots this step did not use
+                self.pool.truncate(s.seq_id, s.num_computed)
             children, s.children = s.children, []
             for c in children:                 # n > 1: share the prompt's blocks, sample independently
                 self.pool.fork(s.seq_id, c.seq_id)

@@ -32,6 +32,7 @@ def test_mfa_cache_holds_two_head_dims_and_matches_dense(tmp_path, tokenizer_dir
     runner = ModelRunner(m, BlockPool(8, 16))
     for k, v in runner.kv:                                                 # (slots, 1 head, head_dim)
         assert k.shape[1:] == (1, cfg.head_dim) and v.shape[1:] == (1, cfg.head_dim)
+    runner.pool.prepare_write(0, 30)            # the scheduler's job: the runner only reads tables
     pre = runner.forward([0], [0], [ids[0, :20].tolist()], [list(range(20))])
     assert (pre - dense[:20]).abs().max() <= 1e-4
     for t in range(20, 30):

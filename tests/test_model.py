@@ -28,6 +28,7 @@ def test_logits_match_transformers_prefill_and_every_decode_step(arch, tmp_path,
     assert (ours(ids)[0] - ref).abs().max() <= 1e-4                         # dense path
     pool = BlockPool(16, 4)
     runner = ModelRunner(ours, pool)
+    pool.prepare_write(0, 40)                   # the scheduler's job: the runner only reads tables
     pre = runner.forward([0], [0], [ids[0, :24].tolist()], [list(range(24))])   # prefill, all rows
     assert (pre - ref[:24]).abs().max() <= 1e-4
     for t in range(24, 40):                                                 # every decode step

@@ -1,17 +1,60 @@
-"""ModelRunner: owns the model and its paged K/V tensors and runs one batched forward over sequences
-of different lengths, each feeding a different number of new tokens (prefill: its prompt; decode: 1;
-speculative verification: 1 + k)."""
+"""ModelRunner: owns the model and its paged K/V tensors and runs one batched forward over sequences of
+different lengths, each feeding a different number of new tokens (prefill: its prompt; decode: 1;
+speculative verification: 1 + k). The fed tokens are flattened into 1-D inputs (N tokens, no padding)
+held in persistent buffers; the attention backend turns the block tables into its metadata once per
+forward. The runner only READS block tables: the scheduler (or a proposer, for its own pool) allocates
+every block a forward writes and hands the copy-on-write copies to `copy_blocks` first.
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from afford.attention import ForwardBatch, get_backend
 from afford.kv.paged import BlockPool
 from afford.models.quant import quant_bytes
-from afford.models.transformer import AttnMeta, Transformer
+from afford.models.transformer import Transformer
+
+
+def default_attention(device: torch.device) -> str:
+    """The backend `attention="auto"` picks: in-place paged reads on the CPU (benchmarks/decode_vs_hf.py
+    measures both), the gather + SDPA reference elsewhere until a CUDA paged backend lands."""
+    return "cpu_paged" if device.type == "cpu" else "sdpa"
+
+
+class StepBuffers:
+    """Persistent 1-D input buffers (token ids, positions, slot mapping), grown on demand and reused every
+    forward. On the CPU they are numpy-backed (filled from Python lists without a tensor per list); on a
+    GPU the host side is pinned and copied with non_blocking=True into device buffers."""
+
+    def __init__(self, device: torch.device, capacity: int = 256):
+        self.device = device
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.host = np.zeros((3, capacity), dtype=np.int64)                     # ids, positions, slots
+        host_t = torch.from_numpy(self.host)
+        if self.device.type == "cuda":
+            host_t = host_t.pin_memory()
+            self.host = host_t.numpy()
+            self.dev = torch.zeros(3, capacity, dtype=torch.long, device=self.device)
+        else:
+            self.dev = host_t
+        self.host_t = host_t
+
+    def fill(self, n: int, ids, positions, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if n > self.capacity:
+            self._alloc(max(n, 2 * self.capacity))
+        h = self.host
+        h[0, :n], h[1, :n], h[2, :n] = ids, positions, slots
+        if self.dev is not self.host_t:
+            self.dev[:, :n].copy_(self.host_t[:, :n], non_blocking=True)
+        return self.dev[0, :n], self.dev[1, :n], self.dev[2, :n]
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: BlockPool):
+    def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto"):
         self.model = model
         self.pool = pool
         cfg = model.cfg
@@ -22,52 +65,74 @@ class ModelRunner:
         self.kv = [(torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype),
                     torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype))
                    for _ in range(cfg.num_layers)]
+        self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention)
+        self.buffers = StepBuffers(self.device)
         self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
         self.kv_bytes_per_token = cfg.num_layers * cfg.kv_values_per_token * self.kv[0][0].element_size()
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Apply the scheduler's copy-on-write (src, dst) block copies before the forward that writes."""
         bs = self.pool.block_size
         for src, dst in copies:
             for k, v in self.kv:
                 k[dst * bs:(dst + 1) * bs] = k[src * bs:(src + 1) * bs]
                 v[dst * bs:(dst + 1) * bs] = v[src * bs:(src + 1) * bs]
 
+    def _tables(self, seq_ids: list[int]) -> list[list[int]]:
+        try:
+            return [self.pool.tables[s] for s in seq_ids]
+        except KeyError as e:
+            raise RuntimeError(f"sequence {e.args[0]} has no KV blocks: the scheduler (pool.prepare_write) "
+                               f"allocates them before a forward; the runner only reads tables") from None
+
+    # ---- per-phase input preparation ----
+    def prepare_decode(self, seq_ids: list[int], positions: list[int], ids) -> tuple[ForwardBatch, torch.Tensor]:
+        """One token per sequence at `positions` (ids: list or (B,) tensor)."""
+        bs = self.pool.block_size
+        tbls = self._tables(seq_ids)
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tbls, positions)]
+        n = len(seq_ids)
+        from_tensor = isinstance(ids, torch.Tensor)
+        ids_t, pos_t, slot_t = self.buffers.fill(n, 0 if from_tensor else ids, positions, slots)
+        if from_tensor:
+            ids_t.copy_(ids)
+        return ForwardBatch("decode", list(seq_ids), list(positions), [1] * n, tbls, bs, slot_t, pos_t), ids_t
+
+    def prepare_ragged(self, seq_ids: list[int], starts: list[int],
+                       tokens: list[list[int]]) -> tuple[ForwardBatch, torch.Tensor]:
+        """Prefill (every start 0) or verify (1 + k tokens after each sequence's cache)."""
+        bs = self.pool.block_size
+        tbls = self._tables(seq_ids)
+        lens = [len(t) for t in tokens]
+        pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])   # (N,)
+        blocks = np.concatenate([np.asarray(t, dtype=np.int64)[np.arange(s, s + n) // bs]
+                                 for t, s, n in zip(tbls, starts, lens)])
+        slots = blocks * bs + pos % bs
+        flat = [t for toks in tokens for t in toks]
+        ids_t, pos_t, slot_t = self.buffers.fill(len(flat), flat, pos, slots)
+        phase = "prefill" if not any(starts) else "verify"
+        return ForwardBatch(phase, list(seq_ids), list(starts), lens, tbls, bs, slot_t, pos_t), ids_t
+
     @torch.inference_mode()
+    def run(self, batch: ForwardBatch, ids: torch.Tensor, logits_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits (R, V) float32 of the fed tokens at flat indices `logits_rows` (None: every fed token)."""
+        meta = self.backend.prepare_metadata(batch, self.kv)
+        h = self.model.hidden(ids, batch.positions, meta)                          # (N, hidden)
+        if logits_rows is not None:
+            h = h.index_select(0, torch.tensor(logits_rows, device=self.device))   # (R, hidden)
+        return self.model.lm_head(h).float()                                      # (R, V)
+
     def forward(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],
                 logits_rows: list[list[int]] | None = None) -> torch.Tensor:
-        """Feed tokens[i] at positions starts[i].. of sequence seq_ids[i]; their K/V are written into the pool.
-
-        logits_rows[i]: which of sequence i's fed positions need logits (default: its last).
-        Returns logits (sum of len(logits_rows[i]), V) in float32, in that order."""
-        B, T = len(seq_ids), max(len(t) for t in tokens)
-        ends = [s + len(t) for s, t in zip(starts, tokens)]
-        for sid, end in zip(seq_ids, ends):
-            self._copy_blocks(self.pool.prepare_write(sid, end))
-        L = max(ends)
-        bs = self.pool.block_size
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        slots = torch.full((B, T), -1, dtype=torch.long)
-        n_blk = -(-L // bs)
-        tables = torch.zeros(B, n_blk, dtype=torch.long)
-        for i, (sid, s, toks) in enumerate(zip(seq_ids, starts, tokens)):
-            n = len(toks)
-            ids[i, :n] = torch.tensor(toks)
-            pos[i, :n] = torch.arange(s, s + n)
-            tbl = self.pool.tables[sid]
-            tables[i, :len(tbl)] = torch.tensor(tbl)
-            slots[i, :n] = torch.tensor(self.pool.slots(sid, s, s + n))
-        # every context slot of every sequence: (B, n_blk * bs) -> first L
-        gather = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(B, -1)[:, :L]
-        mask = torch.arange(L).view(1, 1, L) <= pos.unsqueeze(-1)                 # (B, T, L) causal + own length
-        flat = slots.view(-1)
-        real = flat >= 0
-        rows = None if bool(real.all()) else real.nonzero().view(-1).to(self.device)
-        meta = AttnMeta(slots=flat[real].to(self.device), rows=rows, gather=gather.to(self.device),
-                        mask=mask.unsqueeze(1).to(self.device), kv=self.kv)       # mask (B, 1, T, L)
-        h = self.model.hidden(ids.to(self.device), pos.to(self.device), meta)     # (B, T, hidden)
-        if logits_rows is None:
-            logits_rows = [[len(t) - 1] for t in tokens]
-        b_idx = torch.tensor([i for i, rows in enumerate(logits_rows) for _ in rows], device=self.device)
-        t_idx = torch.tensor([r for rows in logits_rows for r in rows], device=self.device)
-        return self.model.lm_head(h[b_idx, t_idx]).float()                       # (R, V)
+        """Feed tokens[i] at positions starts[i].. of sequence seq_ids[i]; their K/V are written into the
+        pool (whose blocks must already be allocated). logits_rows[i]: which of sequence i's fed tokens need
+        logits (default: its last). Returns logits (sum of len(logits_rows[i]), V) in float32, in order."""
+        if all(len(t) == 1 for t in tokens):
+            batch, ids = self.prepare_decode(seq_ids, starts, [t[0] for t in tokens])
+        else:
+            batch, ids = self.prepare_ragged(seq_ids, starts, tokens)
+        at, flat = 0, []
+        for i, toks in enumerate(tokens):
+            flat.extend(at + r for r in (logits_rows[i] if logits_rows else [len(toks) - 1]))
+            at += len(toks)
+        return self.run(batch, ids, None if flat == list(range(at)) else flat)

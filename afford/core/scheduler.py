@@ -4,13 +4,25 @@ Each step is either a prefill of newly admitted sequences (admitted first-come f
 blocks fit and the token budget allows) or a decode of every running sequence. When a decode cannot
 find blocks, the newest running sequence is preempted by recompute: its blocks are freed and it goes
 back to the front of the waiting queue with its generated tokens, to be prefilled again.
+
+The scheduler owns the block pool: `schedule` allocates every block the step's forward will write
+(and the copy-on-write copies it needs, which the engine applies through the runner before the forward).
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from afford.core.sequence import Sequence, Status
 from afford.kv.paged import BlockPool
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence]
+    kind: str                                  # "prefill" | "decode"
+    preempted: list[Sequence]
+    copies: list[tuple[int, int]]              # (src, dst) blocks to copy before the forward
 
 
 class Scheduler:
@@ -27,9 +39,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, lookahead: int = 0) -> tuple[list[Sequence], str, list[Sequence]]:
-        """Returns (sequences, "prefill" | "decode", sequences preempted). `lookahead` extra slots per
-        decoding sequence are reserved (speculative drafts)."""
+    def schedule(self, lookahead: int = 0) -> ScheduledStep:
+        """The next step's sequences, with their blocks allocated: a prefill writes each prompt, a decode
+        each sequence's last token plus `lookahead` speculative slots (the engine truncates what the
+        verification does not keep)."""
         admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -44,7 +57,7 @@ class Scheduler:
             budget -= n
         if admitted:
             self.running.extend(admitted)
-            return admitted, "prefill", []
+            return ScheduledStep(admitted, "prefill", [], self._allocate(admitted, 0))
         preempted = []
         # decode: every running sequence needs room for its next 1 + lookahead tokens
         while self.running:
@@ -53,7 +66,10 @@ class Scheduler:
                 break
             preempted.append(self.running[-1])
             self.preempt(self.running[-1])
-        return list(self.running), "decode", preempted
+        return ScheduledStep(list(self.running), "decode", preempted, self._allocate(self.running, lookahead))
+
+    def _allocate(self, seqs: list[Sequence], lookahead: int) -> list[tuple[int, int]]:
+        return [c for s in seqs for c in self.pool.prepare_write(s.seq_id, len(s.token_ids) + lookahead)]
 
     def admit_forked(self, seq: Sequence) -> None:
         """A fork of a running sequence (n > 1) joins the running batch directly."""

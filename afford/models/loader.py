@@ -40,10 +40,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": float32 on a CPU -- exact (a bf16/fp16 checkpoint upcasts without loss, and fp32 kernels that
+    see a different number of rows round differently only at ~1e-7 relative, where bf16's rounding
+    flipped greedy choices between batch sizes and under speculation)
+    and the fastest here (benchmarks/matmul_micro.py: bf16 GEMV reads 2-30x slower than fp32 on these
+    CPUs); the checkpoint's own dtype on an accelerator."""
     if dtype == "auto":
-        dtype = cfg.torch_dtype or "float32"
-        if dtype in ("float16", "fp16") and device.type == "cpu":
-            dtype = "bfloat16"   # fp16 matmuls are slow on CPUs; bf16 has the same memory cost
+        dtype = "float32" if device.type == "cpu" else (cfg.torch_dtype or "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use auto, float32, bfloat16 or float16")
     return DTYPES[dtype]

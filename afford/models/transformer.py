@@ -4,18 +4,18 @@ Mistral checkpoint loads by name and a model we train saves as an ordinary HF fo
 
 Two ways to run it:
 - `forward(ids)`: dense causal attention over a (B, T) batch, no cache (training, reference checks);
-- `forward(ids, meta=AttnMeta)`: the engine's paged path. New K/V are written into the paged
-  pool at `meta.slots`, then each sequence attends to the slots of its own block table.
+- `forward(ids, positions, meta=AttnMetadata)`: the engine's paged path over N flattened tokens
+  (ids and positions 1-D). The attention backend named in the metadata writes the new K/V into the
+  paged pool and attends (afford/attention/).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afford.attention.backend import AttnMetadata
 from afford.config import ModelConfig, RopeConfig
 
 
@@ -49,24 +49,37 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tenso
     return (inv / rope.factor) * (1 - extrap) + inv * extrap, attn_factor
 
 
-class PackedLinear(nn.Module):
-    """Inference-only linear layer holding W^T contiguous (in, out), optionally several HF matrices
-    concatenated along `out` (q|k|v, gate|up). x @ W^T on a pre-transposed weight runs the CPU GEMV
-    up to ~2x faster than F.linear at batch 1 (benchmarks/decode_vs_hf.py), and one fused matmul
-    replaces three."""
+# A CPU one-row GEMV reads a (in, out) weight 1.4-1.9x faster than a (out, in) one, and 2-8 rows run
+# 2.2-2.4x faster as W @ x^T on the (out, in) weight than as F.linear (benchmarks/matmul_micro.py, MKL,
+# AVX2 EPYC). Below this many bytes of weights the CPU keeps both layouts (2x the weight memory).
+DUAL_LAYOUT_MAX_BYTES = 4 << 30
 
-    def __init__(self, *linears: nn.Linear):
+
+class PackedLinear(nn.Module):
+    """Inference-only linear layer, optionally several HF matrices concatenated along `out` (q|k|v,
+    gate|up: one matmul instead of three). Holds W (out, in); on the CPU also W^T (in, out) contiguous
+    for the one-row decode GEMV. Rows > 1 run as (W @ x^T)^T, the faster MKL path on the CPU."""
+
+    def __init__(self, *linears: nn.Linear, one_row_copy: bool = False):
         super().__init__()
         w = torch.cat([lin.weight for lin in linears], dim=0)                    # (out, in)
-        self.weight_t = nn.Parameter(w.t().contiguous(), requires_grad=False)    # (in, out)
+        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        # the same matrix in the other layout: a buffer, so weight-byte counts see one copy
+        self.register_buffer("weight_t", w.t().contiguous() if one_row_copy else None, persistent=False)  # (in, out)
         biases = [lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=w.dtype,
                                                                     device=w.device) for lin in linears]
         has_bias = any(lin.bias is not None for lin in linears)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.sizes = [lin.out_features for lin in linears]
+        self.cpu = w.device.type == "cpu"
 
     def forward(self, x):
-        y = x @ self.weight_t
+        if self.weight_t is not None and x.numel() == x.shape[-1]:
+            y = x @ self.weight_t                                                # one row: (1, out)
+        elif self.cpu and x.dim() == 2:
+            y = torch.mm(self.weight, x.t()).t().contiguous()                    # (N, out)
+        else:
+            y = F.linear(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
 
@@ -78,33 +91,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:                   # one fused op; same formula as below
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, H, D); cos/sin: (B, T, 1, D)
+    # x: (..., heads, D); cos/sin: (..., 1, D) -- HF's rotate-half convention
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin
-
-
-@dataclass
-class AttnMeta:
-    """Per-step inputs of the paged attention, shared by every layer.
-
-    slots:   (N,) flat slot (block * block_size + offset) where each real new token's K/V goes
-    rows:    (N,) which of the B*T fed positions those are (None: all of them, no padding)
-    gather:  (B, L) flat slots of every context token of each sequence (its block table, expanded)
-    mask:    (B, 1, T, L) bool, True where query t may attend to context position l
-    kv:      per layer, (k_pool, v_pool) each (num_slots, n_kv_heads, head_dim)
-    """
-    slots: torch.Tensor
-    rows: torch.Tensor | None
-    gather: torch.Tensor
-    mask: torch.Tensor
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Attention(nn.Module):
@@ -128,46 +126,45 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.qkv: PackedLinear | None = None
 
-    def pack(self) -> None:
+    def pack(self, one_row_copy: bool) -> None:
         first = self.q_a_proj if self.mfa else self.q_proj
-        self.qkv = PackedLinear(first, self.k_proj, self.v_proj)
-        self.o_proj = PackedLinear(self.o_proj)
+        self.qkv = PackedLinear(first, self.k_proj, self.v_proj, one_row_copy=one_row_copy)
+        self.o_proj = PackedLinear(self.o_proj, one_row_copy=one_row_copy)
         if self.mfa:
-            self.q_b_proj = PackedLinear(self.q_b_proj)
+            self.q_b_proj = PackedLinear(self.q_b_proj, one_row_copy=one_row_copy)
             del self.q_a_proj
         else:
             del self.q_proj
         del self.k_proj, self.v_proj
 
-    def forward(self, x, cos, sin, meta: AttnMeta | None, layer: int):
-        B, T, _ = x.shape
+    def qkv_rope(self, x, cos, sin):
+        """x: (..., hidden) -> q (..., H, D), k and v (..., KV, D), RoPE applied to q and k."""
+        lead, H, KV, D = x.shape[:-1], self.h, self.kvh, self.d
+        if self.qkv is not None and not self.mfa:          # fused: one matmul, one RoPE over q|k
+            qkv = self.qkv(x).view(*lead, H + 2 * KV, D)                         # (..., H + 2KV, D)
+            qk = apply_rope(qkv[..., :H + KV, :], cos, sin)                      # (..., H + KV, D)
+            return qk[..., :H, :], qk[..., H:, :], qkv[..., H + KV:, :]
         if self.qkv is not None:
             q, k, v = self.qkv(x).split(self.qkv.sizes, dim=-1)
         else:
             q = self.q_a_proj(x) if self.mfa else self.q_proj(x)
             k, v = self.k_proj(x), self.v_proj(x)
         if self.mfa:
-            q = self.q_b_proj(self.q_norm(q))                                    # (B, T, H * D)
-        q = apply_rope(q.view(B, T, self.h, self.d), cos, sin)                   # (B, T, H, D)
-        k = apply_rope(k.view(B, T, self.kvh, self.d), cos, sin)                 # (B, T, KV, D)
-        v = v.view(B, T, self.kvh, self.d)                                       # (B, T, KV, D)
+            q = self.q_b_proj(self.q_norm(q))                                    # (..., H * D)
+        q = apply_rope(q.view(*lead, H, D), cos, sin)                            # (..., H, D)
+        k = apply_rope(k.view(*lead, KV, D), cos, sin)                           # (..., KV, D)
+        return q, k, v.view(*lead, KV, D)
+
+    def forward(self, x, cos, sin, meta: AttnMetadata | None, layer: int):
+        """Dense: x (B, T, hidden), causal over T. Paged: x (N, hidden), N tokens of a ForwardBatch."""
+        q, k, v = self.qkv_rope(x, cos, sin)
         if meta is None:
+            B, T = x.shape[:2]
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=self.kvh != self.h)
-        else:
-            k_pool, v_pool = meta.kv[layer]
-            k_new, v_new = k.reshape(-1, self.kvh, self.d), v.reshape(-1, self.kvh, self.d)   # (B*T, KV, D)
-            if meta.rows is not None:
-                k_new, v_new = k_new.index_select(0, meta.rows), v_new.index_select(0, meta.rows)
-            k_pool.index_copy_(0, meta.slots, k_new.to(k_pool.dtype))
-            v_pool.index_copy_(0, meta.slots, v_new.to(v_pool.dtype))
-            L = meta.gather.shape[1]
-            idx = meta.gather.reshape(-1)
-            kc = k_pool.index_select(0, idx).view(B, L, self.kvh, self.d).transpose(1, 2)   # (B, KV, L, D)
-            vc = v_pool.index_select(0, idx).view(B, L, self.kvh, self.d).transpose(1, 2)   # (B, KV, L, D)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=meta.mask,
-                                               enable_gqa=self.kvh != self.h)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))    # (B, T, hidden)
+                                               is_causal=True, enable_gqa=self.kvh != self.h)   # (B, H, T, D)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))          # (B, T, hidden)
+        o = meta.backend.forward(q, k, v, layer, meta)                                    # (N, H, D)
+        return self.o_proj(o.reshape(-1, self.h * self.d))                                 # (N, hidden)
 
 
 class MLP(nn.Module):
@@ -178,9 +175,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up: PackedLinear | None = None
 
-    def pack(self) -> None:
-        self.gate_up = PackedLinear(self.gate_proj, self.up_proj)
-        self.down_proj = PackedLinear(self.down_proj)
+    def pack(self, one_row_copy: bool) -> None:
+        self.gate_up = PackedLinear(self.gate_proj, self.up_proj, one_row_copy=one_row_copy)
+        self.down_proj = PackedLinear(self.down_proj, one_row_copy=one_row_copy)
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
@@ -236,26 +233,29 @@ class Transformer(nn.Module):
             return (emb.cos() * scale).float(), (emb.sin() * scale).float()
 
     def pack_for_inference(self) -> "Transformer":
-        """Fuse q|k|v and gate|up and pre-transpose every matrix (inference only; training and saving
-        use the HF-named layout)."""
+        """Fuse q|k|v and gate|up (inference only; training and saving use the HF-named layout). On the
+        CPU, models up to DUAL_LAYOUT_MAX_BYTES also keep each matrix transposed for one-row decoding."""
+        p = next(self.parameters())
+        dual = p.device.type == "cpu" and sum(q.numel() for q in self.parameters()) * p.element_size() \
+            <= DUAL_LAYOUT_MAX_BYTES
         for layer in self.model.layers:
-            layer.self_attn.pack()
-            layer.mlp.pack()
-        self.lm_head = PackedLinear(self.lm_head)
+            layer.self_attn.pack(dual)
+            layer.mlp.pack(dual)
+        self.lm_head = PackedLinear(self.lm_head, one_row_copy=dual)
         return self
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-               meta: AttnMeta | None = None) -> torch.Tensor:
-        """ids, positions: (B, T) -> final-normed hidden states (B, T, hidden)."""
+               meta: AttnMetadata | None = None) -> torch.Tensor:
+        """Dense: ids (B, T) -> (B, T, hidden). Paged: ids, positions (N,) -> (N, hidden). Final-normed."""
         if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        x = self.model.embed_tokens(ids)                                   # (B, T, hidden)
-        cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)            # (B, T, 1, D)
-        sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
+            positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        x = self.model.embed_tokens(ids)                                   # (..., hidden)
+        cos = self.rope_cos[positions].unsqueeze(-2).to(x.dtype)           # (..., 1, D)
+        sin = self.rope_sin[positions].unsqueeze(-2).to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, i)
         return self.model.norm(x)
 
     def forward(self, ids, positions=None, meta=None):
-        """Logits (B, T, V) for every position."""
+        """Logits (..., V) for every position."""
         return self.lm_head(self.hidden(ids, positions, meta))

@@ -277,6 +277,8 @@ class Goodput(SpecController):
             ids = [-(i + 1) for i in range(batch)]
             if pool.num_free < batch * (-(-(ctx + per) // pool.block_size)) or batch > engine.cfg.max_num_seqs:
                 continue
+            for i in ids:                      # the profile schedules its own fake sequences' blocks
+                pool.prepare_write(i, ctx + per)
             runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
             t = time.perf_counter()
             runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
@@ -288,6 +290,8 @@ class Goodput(SpecController):
             if not has_model:
                 continue
             for catchup in (False, True):
+                for i in ids:
+                    prop.pool.prepare_write(i, ctx + per)
                 if not catchup:
                     prop.runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
                 t = time.perf_counter()

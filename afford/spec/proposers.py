@@ -108,28 +108,42 @@ class DraftModelProposer(Proposer):
         drafts = [Draft([], None) for _ in seqs]
         if not active:
             return drafts
-        rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
-        feed = {i: seqs[i].token_ids[self.computed.get(seqs[i].seq_id, 0):] for i in active}
-        for j in range(max(ks[i] for i in active)):
-            cur = [i for i in active if ks[i] > j]
-            starts = [self.computed.get(seqs[i].seq_id, 0) for i in cur]
-            logits = self.runner.forward([seqs[i].seq_id for i in cur], starts, [feed[i] for i in cur])  # (b, V)
-            top = logits.argmax(-1).tolist()                                             # one op for all rows
-            for row, best, i, st in zip(logits, top, cur, starts):
-                s = seqs[i]
-                self.computed[s.seq_id] = st + len(feed[i])
-                if s.params.greedy:
-                    tok = best
-                else:
-                    q = sampling_probs(row.cpu(), s.params)
-                    tok = int(torch.multinomial(q, 1, generator=s.generator))
-                    rows[i].append(q)
-                drafts[i].tokens.append(tok)
-                feed[i] = [tok]
+        # this proposer schedules its own pool: every block the k forwards write, allocated once up front.
+        # Forward 0 feeds what the draft has not seen (usually the last token) and drafts token 0; forward j
+        # feeds draft token j - 1 at position len - 1 + j (the last drafted token is never fed).
         for i in active:
+            s = seqs[i]
+            self.runner.copy_blocks(self.pool.prepare_write(s.seq_id, len(s.token_ids) + ks[i] - 1))
+        cur = active
+        starts = [self.computed.get(seqs[i].seq_id, 0) for i in cur]
+        logits = self.runner.forward([seqs[i].seq_id for i in cur], starts,
+                                     [seqs[i].token_ids[st:] for i, st in zip(cur, starts)])    # (b, V)
+        rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+        for j in range(max(ks[i] for i in active)):
+            if j:
+                keep = [n for n, i in enumerate(cur) if ks[i] > j]
+                cur = [cur[n] for n in keep]
+                batch, ids = self.runner.prepare_decode([seqs[i].seq_id for i in cur],
+                                                        [len(seqs[i].token_ids) - 1 + j for i in cur],
+                                                        [drafts[i].tokens[-1] for i in cur])
+                logits = self.runner.run(batch, ids)                                         # (b, V)
+            self._sample(logits, [seqs[i] for i in cur], [drafts[i] for i in cur], [rows[i] for i in cur])
+        for i in active:
+            self.computed[seqs[i].seq_id] = len(seqs[i].token_ids) + ks[i] - 1
             if rows[i]:
                 drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
         return drafts
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft], rows: list[list]) -> None:
+        top = logits.argmax(-1).tolist()                                                 # one op for all rows
+        for row, best, s, d, r in zip(logits, top, seqs, drafts, rows):
+            if s.params.greedy:
+                d.tokens.append(best)
+            else:
+                q = sampling_probs(row.cpu(), s.params)
+                d.tokens.append(int(torch.multinomial(q, 1, generator=s.generator)))
+                r.append(q)
 
     def catchup(self, seq):
         return max(0, len(seq.token_ids) - self.computed.get(seq.seq_id, 0) - 1)

@@ -1,0 +1,14 @@
+"""Attention backends behind one interface (backend.py); `get_backend(name)` builds one by name."""
+from afford.attention.backend import BACKENDS, AttentionBackend, AttnMetadata, ForwardBatch
+from afford.attention.paged_cpu import PagedCPUBackend
+from afford.attention.sdpa import GatherSDPABackend
+from afford.config import ConfigError
+
+__all__ = ["AttentionBackend", "AttnMetadata", "ForwardBatch", "GatherSDPABackend", "PagedCPUBackend",
+           "get_backend"]
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]()
