@@ -179,12 +179,12 @@ def cmd_serve(a) -> int:
     import uvicorn
 
     from afford.async_engine import AsyncLLM
-    from afford.config import EngineConfig, SpecConfig
+    from afford.config import EngineConfig, SpeculativeConfig
     from afford.serve.app import create_app
     cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len,
                        max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks)
-    spec = SpecConfig(draft=a.draft, num_speculative_tokens=a.k, controller=a.speculation) if a.draft else None
-    llm = AsyncLLM.from_config(cfg, spec, max_queue=a.max_queue)
+    speculative = SpeculativeConfig(draft=a.draft, num_speculative_tokens=a.k, controller=a.speculation) if a.draft else None
+    llm = AsyncLLM.from_config(cfg, speculative, max_queue=a.max_queue)
     app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
     uvicorn.run(app, host=a.host, port=a.port, timeout_graceful_shutdown=int(a.shutdown_timeout), log_level="info")
     return 0

@@ -159,7 +159,7 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class SpecConfig:
+class SpeculativeConfig:
     """Speculative decoding: who drafts, how many tokens, how the target accepts them."""
     draft: str                          # a model folder, "default" (the bundled draft), or "ngram"
     num_speculative_tokens: int = 4     # k (the upper bound when the controller adapts it)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from afford.config import ConfigError, EngineConfig, ModelConfig, SpecConfig
+from afford.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.core.runner import ModelRunner
@@ -20,7 +20,7 @@ from afford.core.sequence import Sequence
 from afford.core.stats import EngineStats, StepStats, add_counts
 from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference, resolve_model_path
-from afford.spec.speculator import Speculator
+from afford.speculative.speculator import Speculator
 
 KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
 
@@ -35,7 +35,7 @@ def load_tokenizer(path: Path):
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, spec: SpecConfig | None = None):
+    def __init__(self, cfg: EngineConfig, speculative: SpeculativeConfig | None = None):
         self.cfg = cfg
         path = resolve_model_path(cfg.model)
         self.model_path = path
@@ -68,9 +68,9 @@ class Engine:
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.spec = Speculator.build(spec, self) if spec is not None else None
-        if self.spec:
-            self.spec.controller.profile(self)
+        self.speculator = Speculator.build(speculative, self) if speculative is not None else None
+        if self.speculator:
+            self.speculator.controller.profile(self)
         self.cost_hw = self.cost_spec = None
         if cfg.cost_hardware:
             from afford.cost.hardware import get_hardware
@@ -130,8 +130,8 @@ class Engine:
             if not s.finished:
                 s._finish("abort")
                 self.scheduler.finish(s)
-                if self.spec:
-                    self.spec.proposer.free(s)
+                if self.speculator:
+                    self.speculator.proposer.free(s)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -139,29 +139,29 @@ class Engine:
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
         """One batched target forward for every scheduled sequence; returns an output for each that advanced."""
-        sched = self.scheduler.schedule(lookahead=self.spec.k if self.spec else 0)
+        sched = self.scheduler.schedule(lookahead=self.speculator.k if self.speculator else 0)
         seqs, kind = sched.seqs, sched.kind
         for s in sched.preempted:
-            if self.spec:
-                self.spec.proposer.free(s)
+            if self.speculator:
+                self.speculator.proposer.free(s)
         if not seqs:
             return []
         self.runner.copy_blocks(sched.copies)
         t0 = time.perf_counter()
-        ks, catchup = self.spec.ks(seqs, self.max_model_len) if self.spec and kind == "decode" else ([0] * len(seqs), [])
+        ks, catchup = self.speculator.ks(seqs, self.max_model_len) if self.speculator and kind == "decode" else ([0] * len(seqs), [])
         if any(ks):
             outs, st = self._spec_decode(seqs, ks, catchup)
         else:
             outs, st = self._plain(seqs, kind)
         st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(sched.preempted)
-        if self.spec and kind == "decode":
-            st.predicted_seconds = self.spec.controller.last_prediction
+        if self.speculator and kind == "decode":
+            st.predicted_seconds = self.speculator.controller.last_prediction
         st.weight_bytes = self.runner.weight_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
         self.stats.add(st)
-        if self.spec:
-            self.spec.controller.observe(st)
+        if self.speculator:
+            self.speculator.controller.observe(st)
         if self.cost_spec is not None and kind == "decode":
             self.stats.modeled_usd_per_1m = self.modeled_usd_per_1m(st.context_tokens // st.num_seqs)
             self.stats.cost_hardware = self.cost_hw.key
@@ -179,7 +179,7 @@ class Engine:
             logits = logits[last]                                                       # (B, V)
         next_tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outs = []
-        lookahead = self.spec is not None and kind == "decode"
+        lookahead = self.speculator is not None and kind == "decode"
         for s, st, toks, tok, row in zip(seqs, starts, tokens, next_tokens, logits):
             s.num_computed = st + len(toks)
             if lookahead:                      # the scheduler reserved speculative slots this step did not use
@@ -203,9 +203,9 @@ class Engine:
                      catchup: list[int]) -> tuple[list[RequestOutput], StepStats]:
         """Draft k_i tokens per sequence, verify all of them in ONE target forward, keep the accepted
         prefix plus one token, roll both KV caches back past it."""
-        spec = self.spec
+        sp = self.speculator
         t0 = time.perf_counter()
-        drafts = spec.proposer.propose(seqs, ks)
+        drafts = sp.proposer.propose(seqs, ks)
         draft_s = time.perf_counter() - t0
         starts = [len(s.token_ids) - 1 for s in seqs]
         tokens = [[s.token_ids[-1]] + d.tokens for s, d in zip(seqs, drafts)]
@@ -220,11 +220,11 @@ class Engine:
         for s, start, d in zip(seqs, starts, drafts):
             rows_s = logits[at:at + len(d.tokens) + 1]                                  # (k_i + 1, V)
             at += len(d.tokens) + 1
-            policy = spec.greedy if s.params.greedy else spec.policy
+            policy = sp.greedy if s.params.greedy else sp.policy
             n, nxt = policy.accept(rows_s, d, s.params, s.generator)
             valid = start + 1 + n                  # K/V positions that hold kept tokens
             self.pool.truncate(s.seq_id, valid)
-            spec.proposer.rollback(s, valid)
+            sp.proposer.rollback(s, valid)
             s.num_computed = valid
             before = s.num_output
             outs.append(self._emit(s, d.tokens[:n] + [nxt], rows_s[:n + 1]))
@@ -252,9 +252,9 @@ class Engine:
         if s.finished:
             s.metrics.usd_per_1m_tokens = self.modeled_usd_per_1m(len(s.token_ids))
             self.scheduler.finish(s)
-            if self.spec:
-                self.spec.proposer.free(s)
-                self.spec.controller.forget(s.seq_id)
+            if self.speculator:
+                self.speculator.proposer.free(s)
+                self.speculator.controller.forget(s.seq_id)
             self.seqs.pop(s.request_id, None)
         return RequestOutput.from_seq(s, delta)
 

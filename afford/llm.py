@@ -2,7 +2,7 @@
 one continuous batch and returns one RequestOutput per prompt, in order."""
 from __future__ import annotations
 
-from afford.config import ConfigError, EngineConfig, SpecConfig
+from afford.config import ConfigError, EngineConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.engine import Engine
@@ -19,12 +19,12 @@ class LLM:
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`)."""
-        spec = (SpecConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens, controller=speculation,
+        speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens, controller=speculation,
                            acceptance=acceptance, draft_quantization=draft_quantization) if draft is not None else None)
         self.engine = Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
                                           kv_blocks=kv_blocks, seed=seed, block_size=block_size,
                                           max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
-                                          quantization=quantization, quant_group=quant_group), spec)
+                                          quantization=quantization, quant_group=quant_group), speculative)
         self.tokenizer = self.engine.tokenizer
 
     @property

@@ -1,4 +1,4 @@
-"""Registries by name for the swappable parts (Proposer, AcceptancePolicy, SpecController)."""
+"""Registries by name for the swappable parts (Proposer, AcceptancePolicy, SpeculativeController)."""
 from __future__ import annotations
 
 

@@ -41,12 +41,12 @@ def main():
     ppl_gsm = perplexity(target, gsm_texts)
     ppl_shk = perplexity(target, shk_texts)
     print(f"target perplexity: GSM8K test answers {ppl_gsm:.2f} | held-out Shakespeare {ppl_shk:.2f}")
-    spec = LLM("default", dtype="float32", draft="default", num_speculative_tokens=4)
+    drafted = LLM("default", dtype="float32", draft="default", num_speculative_tokens=4)
     t = time.perf_counter()
-    outs = spec.generate([r["question"] + "\n" for r in gsm], SamplingParams(max_tokens=a.new_tokens, temperature=0))
+    outs = drafted.generate([r["question"] + "\n" for r in gsm], SamplingParams(max_tokens=a.new_tokens, temperature=0))
     spec_s = time.perf_counter() - t
     per_forward = sum(o.metrics["generated_tokens"] for o in outs) / sum(o.metrics["forward_passes"] for o in outs)
-    st = spec.stats
+    st = drafted.stats
     rate = st.accepted / st.drafted
     per_pos = [acc / dr for acc, dr in zip(st.accepted_per_position, st.drafted_per_position)]
     print(f"draft acceptance at k=4 on {len(gsm)} GSM8K test questions: {rate:.3f} "

@@ -7,7 +7,7 @@ from afford import LLM, SamplingParams
 from afford.core.params import SamplingParams as SP
 from afford.core.sequence import Sequence
 from afford.core.stats import StepStats
-from afford.spec.control import Goodput, StepTimeModel, expected_tokens
+from afford.speculative.control import Goodput, StepTimeModel, expected_tokens
 
 
 def seqs(n, ctx=100):
@@ -129,5 +129,5 @@ def test_greedy_output_identical_under_goodput(tmp_path, tokenizer_dir):
     llm = LLM(str(target), dtype="float32", draft="ngram", num_speculative_tokens=6, speculation="goodput")
     outs = llm.generate(prompts, sp)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
-    assert sum(llm.stats.k_histogram) > 0 and llm.engine.spec.controller.target.coef.sum() > 0
+    assert sum(llm.stats.k_histogram) > 0 and llm.engine.speculator.controller.target.coef.sum() > 0
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks

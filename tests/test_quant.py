@@ -78,7 +78,7 @@ def test_greedy_end_to_end_and_with_speculation(llama_dir, q):
     sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     ref = plain.generate([[5, 6, 7, 8, 5, 6, 7, 8]], sp)[0]
     assert len(ref.token_ids) == 32
-    spec = LLM(str(llama_dir), dtype="float32", quantization=q, draft=str(llama_dir), draft_quantization=q,
+    drafted = LLM(str(llama_dir), dtype="float32", quantization=q, draft=str(llama_dir), draft_quantization=q,
                num_speculative_tokens=3)
-    assert spec.generate([[5, 6, 7, 8, 5, 6, 7, 8]], sp)[0].token_ids == ref.token_ids
-    assert spec.stats.accepted > 0
+    assert drafted.generate([[5, 6, 7, 8, 5, 6, 7, 8]], sp)[0].token_ids == ref.token_ids
+    assert drafted.stats.accepted > 0

@@ -101,11 +101,11 @@ def test_bad_input(tmp_path, corpus, tokenizer_dir):
 def test_bundled_pair_loads_shares_vocabulary_and_generates():
     target = LLM("default")
     draft_llm = LLM("default", draft="default", num_speculative_tokens=4)
-    assert draft_llm.engine.spec.proposer.cfg.vocab_size == target.engine.model_config.vocab_size
+    assert draft_llm.engine.speculator.proposer.cfg.vocab_size == target.engine.model_config.vocab_size
     sp = SamplingParams(max_tokens=24, temperature=0)
     plain = target.generate("Natalia sold clips to 48 of her friends in April", sp)[0]
-    spec = draft_llm.generate("Natalia sold clips to 48 of her friends in April", sp)[0]
-    assert plain.text.strip() and spec.token_ids == plain.token_ids
+    drafted = draft_llm.generate("Natalia sold clips to 48 of her friends in April", sp)[0]
+    assert plain.text.strip() and drafted.token_ids == plain.token_ids
     assert draft_llm.stats.accepted > 0
 
 

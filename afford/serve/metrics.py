@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class _SpecCollector:
+class _SpeculativeCollector:
     """Speculation counters straight from the engine's EngineStats (one source of truth)."""
 
     def __init__(self, engine):
@@ -22,14 +22,14 @@ class _SpecCollector:
 
     def collect(self):
         st = self.engine.stats
-        yield CounterMetricFamily("afford_spec_drafted_tokens", "draft tokens proposed", value=st.drafted)
-        yield CounterMetricFamily("afford_spec_accepted_tokens", "draft tokens accepted", value=st.accepted)
-        pos = CounterMetricFamily("afford_spec_accepted_by_position", "accepted draft tokens by position",
+        yield CounterMetricFamily("afford_speculative_drafted_tokens", "draft tokens proposed", value=st.drafted)
+        yield CounterMetricFamily("afford_speculative_accepted_tokens", "draft tokens accepted", value=st.accepted)
+        pos = CounterMetricFamily("afford_speculative_accepted_by_position", "accepted draft tokens by position",
                                   labels=["position"])
         for i, n in enumerate(st.accepted_per_position):
             pos.add_metric([str(i + 1)], n)
         yield pos
-        ks = CounterMetricFamily("afford_spec_k_chosen", "speculation length chosen per sequence and step",
+        ks = CounterMetricFamily("afford_speculative_k_chosen", "speculation length chosen per sequence and step",
                                  labels=["k"])
         for k, n in enumerate(st.k_histogram):
             ks.add_metric([str(k)], n)
@@ -60,7 +60,7 @@ class ServerMetrics:
         Gauge("afford_kv_blocks_free", "KV blocks free", registry=r).set_function(lambda: eng.pool.num_free)
         Gauge("afford_requests_in_flight", "requests admitted and not finished", registry=r).set_function(
             lambda: llm.in_flight)
-        r.register(_SpecCollector(eng))
+        r.register(_SpeculativeCollector(eng))
 
     def observe_finished(self, metrics: dict) -> None:
         self.prompt_tokens.inc(metrics["prompt_tokens"])

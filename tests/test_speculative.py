@@ -6,7 +6,7 @@ import torch
 from conftest import make_hf_model
 
 from afford import LLM, ConfigError, SamplingParams
-from afford.spec.acceptance import POLICIES, AcceptancePolicy, register
+from afford.speculative.acceptance import POLICIES, AcceptancePolicy, register
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
@@ -52,8 +52,8 @@ def test_greedy_speculation_equals_plain(pair, proposer, k):
     eng.pool.check()
     assert eng.pool.num_free == eng.pool.num_blocks
     if proposer == "draft":
-        eng.spec.proposer.pool.check()
-        assert eng.spec.proposer.pool.num_free == eng.spec.proposer.pool.num_blocks
+        eng.speculator.proposer.pool.check()
+        assert eng.speculator.proposer.pool.num_free == eng.speculator.proposer.pool.num_blocks
 
 
 def test_speculation_under_preemption(pair):
@@ -66,7 +66,7 @@ def test_speculation_under_preemption(pair):
     assert llm.stats.preemptions > 0
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
-    assert llm.engine.spec.proposer.pool.num_free == llm.engine.spec.proposer.pool.num_blocks
+    assert llm.engine.speculator.proposer.pool.num_free == llm.engine.speculator.proposer.pool.num_blocks
 
 
 def test_metrics_report_acceptance(pair):

@@ -12,7 +12,7 @@ import torch
 from afford.core.params import SamplingParams
 from afford.core.sampler import probs as sampling_probs
 from afford.registry import registry
-from afford.spec.proposers import Draft
+from afford.speculative.proposers import Draft
 
 POLICIES, register = registry()
 

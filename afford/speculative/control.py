@@ -1,4 +1,4 @@
-"""SpecController: how many tokens to draft for each running sequence this step.
+"""SpeculativeController: how many tokens to draft for each running sequence this step.
 
 Contract: `choose(seqs, k_max, catchup) -> list[int]`, each in 0..k_max. The Speculator then clips each k so a
 sequence never drafts past its max_tokens or the context.
@@ -16,7 +16,7 @@ from afford.registry import registry
 CONTROLLERS, register = registry()
 
 
-class SpecController(ABC):
+class SpeculativeController(ABC):
     name = "abstract"
     last_prediction: float | None = None     # forecast seconds of the step just chosen (adaptive controllers)
 
@@ -35,13 +35,13 @@ class SpecController(ABC):
 
 
 @register("fixed")
-class FixedK(SpecController):
+class FixedK(SpeculativeController):
     def choose(self, seqs, k_max, catchup=None):
         return [k_max] * len(seqs)
 
 
 @register("off")
-class Off(SpecController):
+class Off(SpeculativeController):
     def choose(self, seqs, k_max, catchup=None):
         return [0] * len(seqs)
 
@@ -104,7 +104,7 @@ def expected_tokens(alpha: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 @register("goodput")
-class Goodput(SpecController):
+class Goodput(SpeculativeController):
     """SmartSpec (../shared/reference/decoding-methods.md §1): every step, choose each request's k in
     0..k_max to maximize the batch's goodput = expected generated tokens / predicted step time.
 
@@ -269,7 +269,7 @@ class Goodput(SpecController):
         sizes, drafts per sequence and contexts, the draft both caught up and catching up."""
         import time
         runner, pool = engine.runner, engine.pool
-        prop = engine.spec.proposer if engine.spec else None
+        prop = engine.speculator.proposer if engine.speculator else None
         has_model = prop is not None and getattr(prop, "runner", None) is not None
         shapes = ((1, 1, 32), (1, 2, 96), (1, 4, 64), (1, 6, 32), (2, 1, 64), (2, 3, 32), (4, 1, 96),
                   (4, 5, 32), (8, 2, 64), (16, 1, 32), (16, 3, 64), (32, 1, 32))

@@ -1,15 +1,15 @@
-"""Speculator: the proposer, the acceptance policies and the controller, built from one SpecConfig."""
+"""Speculator: the proposer, the acceptance policies and the controller, built from one SpeculativeConfig."""
 from __future__ import annotations
 
-from afford.config import ConfigError, SpecConfig
+from afford.config import ConfigError, SpeculativeConfig
 from afford.core.sequence import Sequence
-from afford.spec.acceptance import POLICIES, GreedyAcceptance
-from afford.spec.control import CONTROLLERS
-from afford.spec.proposers import DraftModelProposer, NgramProposer, Proposer
+from afford.speculative.acceptance import POLICIES, GreedyAcceptance
+from afford.speculative.control import CONTROLLERS
+from afford.speculative.proposers import DraftModelProposer, NgramProposer, Proposer
 
 
 class Speculator:
-    def __init__(self, cfg: SpecConfig, proposer: Proposer):
+    def __init__(self, cfg: SpeculativeConfig, proposer: Proposer):
         if cfg.acceptance not in POLICIES:
             raise ConfigError(f"unknown acceptance policy {cfg.acceptance!r}; known: {', '.join(POLICIES)}")
         if cfg.controller not in CONTROLLERS:
@@ -22,7 +22,7 @@ class Speculator:
         self.controller = CONTROLLERS[cfg.controller]()
 
     @staticmethod
-    def build(cfg: SpecConfig, engine) -> "Speculator":
+    def build(cfg: SpeculativeConfig, engine) -> "Speculator":
         if cfg.draft == "ngram":
             proposer = NgramProposer(cfg.ngram_max, cfg.ngram_min)
         else:
