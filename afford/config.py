@@ -124,6 +124,25 @@ class ModelConfig:
             attention=cfg.get("attention", "gqa"), q_rank=cfg.get("q_rank", 0),
         )
 
+    def to_hf(self, dtype: str = "float32") -> dict:
+        """The Hugging Face config.json this config reads back from (and transformers loads)."""
+        rope = {"rope_theta": self.rope.theta, "rope_type": self.rope.type}
+        return {
+            "architectures": [self.architecture],
+            "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+                           "AffordMFAForCausalLM": "afford_mfa"}[self.architecture],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope.theta, "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "hidden_act": "silu", "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
+            "dtype": dtype,
+            **({"attention": "mfa", "q_rank": self.q_rank} if self.attention == "mfa" else {}),
+        }
+
     @staticmethod
     def from_dir(path: str | Path) -> "ModelConfig":
         p = Path(path) / "config.json"

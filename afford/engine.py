@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 
 import torch
 
@@ -19,19 +18,10 @@ from afford.core.scheduler import Scheduler
 from afford.core.sequence import Sequence
 from afford.core.stats import EngineStats, StepStats, add_counts
 from afford.kv.paged import BlockPool
-from afford.models.loader import load_for_inference, resolve_model_path
+from afford.models.loader import load_for_inference, load_tokenizer, resolve_model_path
 from afford.speculative.speculator import Speculator
 
 KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise ConfigError(f"cannot load a tokenizer from {path} ({e}); the folder needs tokenizer.json "
-                          f"or the tokenizer files of its model") from e
 
 
 class Engine:

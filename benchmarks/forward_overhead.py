@@ -67,7 +67,7 @@ class BareLoop:
 
     @torch.inference_mode()
     def step(self, tok: int, pos: int) -> int:
-        c, H, KV, D = self.c, self.c.num_heads, self.c.num_kv_heads, self.c.head_dim
+        H, KV, D = self.c.num_heads, self.c.num_kv_heads, self.c.head_dim
         x = self.emb[tok].view(1, -1)                                                     # (1, hidden)
         cos, sin = self.cos[pos].view(1, 1, D), self.sin[pos].view(1, 1, D)
         for i, (n1, qkv_t, o_t, n2, gu_t, d_t) in enumerate(self.layers):
@@ -160,7 +160,7 @@ def main():
         r["engine_over_bare"] = round(r["engine_wall_us"] / r["bare_us"], 2)
         rows.append(r)
         print(r, flush=True)
-        del llm, hf, bare
+
     d, t = rows[1], rows[2]
     summary = {"draft_over_target_time": round(d["engine_wall_us"] / t["engine_wall_us"], 3),
                "draft_over_target_params": round(d["params"] / t["params"], 3)}

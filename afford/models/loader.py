@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from afford.config import ConfigError, ModelConfig
+from afford.models.quant import QuantLinear, load_quantized, quant_settings, quantize_model
 from afford.models.transformer import Transformer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -31,6 +32,10 @@ def resolve_model_path(name: str | Path, role: str = "target") -> Path:
     if not path.is_dir():
         raise ConfigError(f"{str(path)!r} is a file, not a model folder")
     return path
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype or torch.float32).replace("torch.", "")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,9 +90,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     model = model.to_empty(device="cpu")
     model.rope_cos, model.rope_sin = Transformer.rope_tables(cfg, model.max_len)  # buffers were on meta
     if (path / "quantization.json").is_file():
-        from afford.models.quant import load_quantized
         load_quantized(path, model, state)
-    qmods = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    qmods = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     expected = {k for k in model.state_dict() if k.rsplit(".", 1)[0] not in qmods}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -104,7 +108,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=dev, dtype=resolve_dtype(dtype, cfg, dev)).eval()
     for m in model.modules():
-        if type(m).__name__ == "QuantLinear":
+        if isinstance(m, QuantLinear):
             m.refresh()                          # pick the kernel for the device the model now lives on
     return model
 
@@ -116,12 +120,12 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
     or fuse and pre-transpose its matrices for fast full-precision decoding."""
     with torch.no_grad():
         model = load_model(path, device, dtype, max_len)
-        if getattr(model, "quant", None):                       # a quantized checkpoint
+        done = quant_settings(model)
+        if done:                                                # a quantized checkpoint
             if quantization:
-                raise ConfigError(f"{path} is already quantized ({model.quant['bits']}-bit); drop quantization=")
+                raise ConfigError(f"{path} is already quantized ({done['bits']}-bit); drop quantization=")
             return model
         if quantization:
-            from afford.models.quant import quantize_model
             if quantization not in ("int8", "int4"):
                 raise ConfigError(f"quantization must be int8 or int4, got {quantization!r}")
             quantize_model(model, 8 if quantization == "int8" else 4, quant_group)
@@ -138,23 +142,13 @@ def save_model(model: Transformer, out: str | Path, dtype: torch.dtype | None = 
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(dtype_name(dtype)), indent=2) + "\n")
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
-    rope = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.type}
-    return {
-        "architectures": [cfg.architecture],
-        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
-                       "AffordMFAForCausalLM": "afford_mfa"}[cfg.architecture],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope.theta, "rope_parameters": rope,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
-        "hidden_act": "silu", "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids),
-        "dtype": str(dtype or torch.float32).replace("torch.", ""),
-        **({"attention": "mfa", "q_rank": cfg.q_rank} if cfg.attention == "mfa" else {}),
-    }
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ConfigError(f"cannot load a tokenizer from {path} ({e}); the folder needs tokenizer.json "
+                          f"or the tokenizer files of its model") from e

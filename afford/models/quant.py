@@ -197,8 +197,15 @@ def quantize_model(model, bits: int, group: int | str = "auto", tau: float = 0.1
         ql = QuantLinear.from_linear(lin, bits, group, tau)
         setattr(model.get_submodule(parent), leaf, ql)
         chosen[name] = ql.group
-    model.quant = {"bits": bits, "groups": chosen}
     return chosen
+
+
+def quant_settings(model) -> dict | None:
+    """{"bits", "groups": {matrix name: group}} read off the model's QuantLinear layers; None if it has none."""
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not qmods:
+        return None
+    return {"bits": next(iter(qmods.values())).bits, "groups": {n: m.group for n, m in qmods.items()}}
 
 
 def quant_bytes(model) -> int:
@@ -227,7 +234,6 @@ def save_quantized(model, out, extra_files=()) -> None:
 
     from safetensors.torch import save_file
 
-    from afford.models.loader import hf_config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors, groups = {}, {}
@@ -253,7 +259,7 @@ def save_quantized(model, out, extra_files=()) -> None:
     bits = next(iter(qmods.values())).bits
     (out / "quantization.json").write_text(json.dumps({"format": "afford-quant", "version": FORMAT_VERSION,
                                                        "bits": bits, "groups": groups}, indent=1) + "\n")
-    cfg = hf_config(model.cfg, next(model.parameters()).dtype)
+    cfg = model.cfg.to_hf(str(next(model.parameters()).dtype).replace("torch.", ""))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for f in extra_files:
         shutil.copy(f, out / Path(f).name)
@@ -280,8 +286,7 @@ def load_quantized(path, model, state: dict) -> None:
             raise ConfigError(f"{path}: {name} has scales for group {ql.group}, metadata says {group}")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, ql)
-    model.quant = {"bits": bits, "groups": meta["groups"]}
 
 
-__all__ = ["QuantLinear", "quantize", "dequantize", "choose_group", "quantize_model", "save_quantized", "load_quantized",
-           "FORMAT_VERSION"]
+__all__ = ["QuantLinear", "quantize", "dequantize", "choose_group", "quantize_model", "quant_settings", "save_quantized",
+           "load_quantized", "FORMAT_VERSION"]

@@ -11,6 +11,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

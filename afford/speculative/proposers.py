@@ -19,7 +19,7 @@ from afford.core.runner import ModelRunner
 from afford.core.sampler import probs as sampling_probs
 from afford.core.sequence import Sequence
 from afford.kv.paged import BlockPool
-from afford.models.loader import load_for_inference, resolve_model_path
+from afford.models.loader import load_for_inference, load_tokenizer, resolve_model_path
 from afford.registry import registry
 
 PROPOSERS, register = registry()
@@ -84,7 +84,6 @@ class DraftModelProposer(Proposer):
                  device: str = "auto", dtype: str = "auto", vocab_size: int | None = None,
                  quantization: str | None = None):
         from afford.config import ModelConfig
-        from afford.engine import load_tokenizer
         path = resolve_model_path(path, role="draft")
         cfg = ModelConfig.from_dir(path)
         if vocab_size is not None and cfg.vocab_size != vocab_size:
