@@ -1,11 +1,17 @@
-"""The `afford` command: generate, zoo (tokenizer, train, distill)."""
+"""The `afford` command: generate, serve, zoo (tokenizer, train, distill), quantize, cost.
+
+Every command that builds an engine (generate, serve) takes the same engine flags, made by
+`add_engine_args` from the fields of EngineConfig and SpeculativeConfig, and turns them into those two
+configs with `engine_configs`: one block of flags, one route to the engine."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import typing
+from dataclasses import MISSING, Field, fields
 
-from afford.config import ConfigError
+from afford.config import ConfigError, EngineConfig, SpeculativeConfig
 
 
 def _zoo(sub):
@@ -95,36 +101,99 @@ def cmd_zoo(a) -> int:
     return 0
 
 
+# ---- the engine flags: one block for every command that builds an engine ----
+
+ENGINE_HELP = {                      # config field -> help text (the default is appended from the field)
+    "model": "a Hugging Face model folder, or 'default' (the bundled target)",
+    "device": "auto (CUDA where present, else the CPU), cpu, cuda or cuda:N",
+    "dtype": "auto (float32 on the CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16",
+    "max_model_len": "the context, prompt plus generated tokens (default: the model's positions)",
+    "block_size": "tokens per KV-cache block",
+    "kv_blocks": "KV-cache blocks (default: enough for --max-num-seqs full-length sequences)",
+    "max_num_seqs": "sequences batched per step",
+    "max_num_batched_tokens": "tokens scheduled per step",
+    "seed": "seeds the engine's generator for requests that bring no seed; generate's requests take it as theirs",
+    "cost_hardware": "show the modeled USD per 1M tokens on this hardware (see afford cost)",
+    "quantization": "weight-only quantization on load (lossy)",
+    "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",
+    "draft": "speculative decoding: a draft model folder, 'default' (the bundled draft) or 'ngram' (prompt "
+             "lookup); lossless",
+    "num_speculative_tokens": "tokens drafted per step (with --draft; the bound with --speculation goodput)",
+    "acceptance": "how sampled requests accept drafts (greedy requests always check the target's argmax)",
+    "controller": "how k is chosen each step: fixed, off, or goodput (SmartSpec; --k is then the bound)",
+    "ngram_max": "longest n-gram matched in the prompt (--draft ngram)",
+    "ngram_min": "shortest n-gram matched in the prompt (--draft ngram)",
+    "draft_dtype": "the draft model's dtype: auto (chosen as --dtype auto chooses), float32, bfloat16 or float16",
+    "draft_quantization": "weight-only quantization of the draft on load (the output stays lossless)",
+}
+ENGINE_FLAGS = {"num_speculative_tokens": ("--k", "--num-speculative-tokens"),   # names other than --field-name
+                "controller": ("--speculation",)}
+ENGINE_CHOICES = {"quantization": ("int8", "int4"), "draft_quantization": ("int8", "int4"),
+                  "controller": ("fixed", "off", "goodput")}
+REQUIRED_DEFAULTS = {"model": "default", "draft": None}   # fields without a default: --draft absent = no speculation
+# The one place a command departs from a field's default: the server adapts k by goodput (SmartSpec), as
+# README.md documents ("the server's default with a draft"); generate keeps SpeculativeConfig's "fixed".
+COMMAND_DEFAULTS = {"serve": {"controller": "goodput"}}
+
+
+def _flag_type(cls: type, f: Field) -> type:
+    """The field's type without its `| None`: int for `int | None`."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [t for t in typing.get_args(hint) if t is not type(None)]
+    return args[0] if args else hint
+
+
+def add_engine_args(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per field of EngineConfig and SpeculativeConfig, dest = the field name. A flag left out
+    stays None and `engine_configs` gives the field its own default (shown in --help), except where
+    COMMAND_DEFAULTS names one for this command."""
+    overrides = COMMAND_DEFAULTS.get(command, {})
+    for cls, title in ((EngineConfig, "engine"), (SpeculativeConfig, "speculative decoding (with --draft)")):
+        group = parser.add_argument_group(title)
+        for f in fields(cls):
+            shown = overrides.get(f.name, f.default if f.default is not MISSING else REQUIRED_DEFAULTS.get(f.name))
+            text = ENGINE_HELP.get(f.name, f.name.replace("_", " "))
+            if shown is not None and "(default" not in text:
+                text += f" (default: {shown})"
+            names = ENGINE_FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
+            kw = dict(dest=f.name, help=text, choices=ENGINE_CHOICES.get(f.name),
+                      default=overrides.get(f.name, REQUIRED_DEFAULTS.get(f.name)))
+            if f.name in ENGINE_FLAGS and f.name not in ENGINE_CHOICES:
+                kw["metavar"] = names[0].lstrip("-").upper()           # --k K, not --k NUM_SPECULATIVE_TOKENS
+            kind = _flag_type(cls, f)
+            if kind is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = kind
+            group.add_argument(*names, **kw)
+
+
+def engine_configs(a: argparse.Namespace) -> tuple[EngineConfig, SpeculativeConfig | None]:
+    """The engine flags as the engine's two frozen configs, for every command that builds an engine: a flag
+    left out (None) takes its field's default; speculative decoding is on when --draft is given."""
+    def given(cls) -> dict:
+        return {f.name: getattr(a, f.name) for f in fields(cls) if getattr(a, f.name, None) is not None}
+    speculative = SpeculativeConfig(**given(SpeculativeConfig)) if a.draft is not None else None
+    return EngineConfig(**given(EngineConfig)), speculative
+
+
 def _generate(sub):
     g = sub.add_parser("generate", help="generate text from a prompt and print the stats line")
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
-    g.add_argument("--model", default="default", help="HF folder, or 'default' (the bundled target)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--max-model-len", type=int)
-    g.add_argument("--draft", help="speculative decoding: a draft model folder, 'default' (the bundled draft) "
-                                   "or 'ngram' (prompt lookup); lossless")
-    g.add_argument("--k", type=int, default=4, help="tokens drafted per step (with --draft)")
-    g.add_argument("--speculation", default="fixed", choices=["fixed", "off", "goodput"],
-                   help="how k is chosen each step: fixed, off, or goodput (SmartSpec; --k is then the bound)")
-    g.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (lossy)")
-    g.add_argument("--cost-hardware", help="show the modeled USD per 1M tokens on this hardware (see afford cost)")
+    add_engine_args(g, "generate")
 
 
 def cmd_generate(a) -> int:
     from afford import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            seed=a.seed, stop=a.stop)
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len, draft=a.draft,
-              num_speculative_tokens=a.k, cost_hardware=a.cost_hardware, speculation=a.speculation,
-              quantization=a.quantization)
+                            seed=a.seed, stop=a.stop)          # a.seed is None unless --seed was given
+    llm = LLM.from_config(*engine_configs(a))
     eng = llm.engine
     if a.stream:
         if len(a.prompt) > 1:
@@ -156,35 +225,22 @@ def acceptance_histogram(stats) -> str:
 
 def _serve(sub):
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    s.add_argument("--model", default="default")
-    s.add_argument("--draft", help="a draft folder, 'default' or 'ngram': lossless speculative decoding")
-    s.add_argument("--k", type=int, default=4, help="tokens drafted per step (the bound with goodput)")
-    s.add_argument("--speculation", default="goodput", choices=["fixed", "off", "goodput"],
-                   help="how k is chosen: goodput (SmartSpec, default), fixed, off")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
-    s.add_argument("--max-model-len", type=int)
-    s.add_argument("--max-num-seqs", type=int, default=64)
-    s.add_argument("--kv-blocks", type=int)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--served-model-name")
+    s.add_argument("--served-model-name", help="the model id clients see (default: --model)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests may finish")
+    add_engine_args(s, "serve")
 
 
 def cmd_serve(a) -> int:
     import uvicorn
 
     from afford.async_engine import AsyncLLM
-    from afford.config import EngineConfig, SpeculativeConfig
     from afford.serve.app import create_app
-    cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len,
-                       max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks)
-    speculative = SpeculativeConfig(draft=a.draft, num_speculative_tokens=a.k, controller=a.speculation) if a.draft else None
-    llm = AsyncLLM.from_config(cfg, speculative, max_queue=a.max_queue)
+    llm = AsyncLLM.from_config(*engine_configs(a), max_queue=a.max_queue)
     app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
     uvicorn.run(app, host=a.host, port=a.port, timeout_graceful_shutdown=int(a.shutdown_timeout), log_level="info")
     return 0

@@ -75,6 +75,10 @@ class ModelConfig:
         """K and V values stored per token per layer."""
         return 2 * self.num_kv_heads * self.head_dim
 
+    def kv_bytes_per_token(self, bytes_per_value: int) -> int:
+        """Bytes of K/V one token holds in the cache, all layers."""
+        return self.num_layers * self.kv_values_per_token * bytes_per_value
+
     @property
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim

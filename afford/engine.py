@@ -38,7 +38,7 @@ class Engine:
         self.model = load_for_inference(path, cfg.device, cfg.dtype, max_len=self.max_model_len,
                                         quantization=cfg.quantization, quant_group=cfg.quant_group)
         self.model_config = mcfg
-        per_token = mcfg.num_layers * mcfg.kv_values_per_token * next(self.model.parameters()).element_size()
+        per_token = mcfg.kv_bytes_per_token(next(self.model.parameters()).element_size())
         bs = cfg.block_size
         min_blocks = -(-(self.max_model_len + 1) // bs)
         blocks = cfg.kv_blocks or max(min_blocks, min(cfg.max_num_seqs * -(-min(self.max_model_len, 2048) // bs),
@@ -59,14 +59,55 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.speculator = Speculator.build(speculative, self) if speculative is not None else None
-        if self.speculator:
-            self.speculator.controller.profile(self)
+        if self.speculator and self.speculator.controller.wants_profile:
+            self._profile_step_times()
         self.cost_hw = self.cost_spec = None
         if cfg.cost_hardware:
             from afford.cost.hardware import get_hardware
             from afford.cost.hf import spec_from_model_config
             self.cost_hw = get_hardware(cfg.cost_hardware)[0]
             self.cost_spec = spec_from_model_config(mcfg, self.runner.kv[0][0].element_size())
+
+    PROFILE_SHAPES = ((1, 1, 32), (1, 2, 96), (1, 4, 64), (1, 6, 32), (2, 1, 64), (2, 3, 32), (4, 1, 96),
+                      (4, 5, 32), (8, 2, 64), (16, 1, 32), (16, 3, 64), (32, 1, 32))   # (batch, 1 + k, context)
+
+    def _profile_step_times(self) -> None:
+        """Time synthetic target verifies and draft steps (batch sizes, drafts per sequence, contexts; the
+        draft caught up and catching up) on fake sequences, and hand them to the speculation controller as
+        anchors of its step-time model."""
+        ctl, pool, runner = self.speculator.controller, self.pool, self.runner
+        prop = self.speculator.proposer
+        drafter = getattr(prop, "runner", None)
+        for batch, per, ctx in self.PROFILE_SHAPES:
+            ids = [-(i + 1) for i in range(batch)]
+            if pool.num_free < batch * pool.blocks_for(ctx + per) or batch > self.cfg.max_num_seqs:
+                continue
+            for i in ids:
+                pool.prepare_write(i, ctx + per)
+            runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
+            t = time.perf_counter()
+            runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
+            ctl.observe_timing(batch * per, batch, batch * (ctx + per), time.perf_counter() - t, 0, 0, 0.0,
+                               anchor=True, drafting=batch if per > 1 else 0)
+            for i in ids:
+                pool.free(i)
+            if drafter is None:
+                continue
+            for catchup in (False, True):
+                for i in ids:
+                    prop.pool.prepare_write(i, ctx + per)
+                if not catchup:
+                    drafter.forward(ids, [0] * batch, [[1] * ctx] * batch)
+                t = time.perf_counter()
+                for j in range(per):
+                    if catchup and j == 0:
+                        drafter.forward(ids, [0] * batch, [[1] * ctx] * batch)
+                    else:
+                        drafter.forward(ids, [ctx + j] * batch, [[1]] * batch)
+                ctl.observe_timing(0, batch, 0, None, per, batch * per, time.perf_counter() - t,
+                                   batch * (ctx - 1) if catchup else 0, anchor=True)
+                for i in ids:
+                    prop.pool.free(i)
 
     def modeled_usd_per_1m(self, context: int) -> float | None:
         """The Step-3 cost model's USD per 1M decoded tokens of this model at `context` on cost_hardware."""
@@ -118,10 +159,8 @@ class Engine:
         for s in [seq] + seq.children:
             self.seqs.pop(s.request_id, None)
             if not s.finished:
-                s._finish("abort")
-                self.scheduler.finish(s)
-                if self.speculator:
-                    self.speculator.proposer.free(s)
+                s.finish("abort")
+                self._release(s)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -160,12 +199,12 @@ class Engine:
     def _plain(self, seqs: list[Sequence], kind: str) -> tuple[list[RequestOutput], StepStats]:
         starts = [s.num_computed for s in seqs]
         tokens = [s.token_ids[s.num_computed:] for s in seqs]
-        rows = [list(range(len(t))) if kind == "prefill" and s.params.prompt_logprobs and s.prompt_logprobs is None
-                else [len(t) - 1] for s, t in zip(seqs, tokens)]
-        logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, rows)   # (R, V)
-        if any(len(r) > 1 for r in rows):
-            self._prompt_logprobs(seqs, rows, logits)
-            last = torch.tensor([sum(len(r) for r in rows[:i + 1]) - 1 for i in range(len(seqs))])
+        logits_rows = [list(range(len(t))) if kind == "prefill" and s.params.prompt_logprobs
+                       and s.prompt_logprobs is None else [len(t) - 1] for s, t in zip(seqs, tokens)]
+        logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, logits_rows)   # (R, V)
+        if any(len(r) > 1 for r in logits_rows):
+            self._prompt_logprobs(seqs, logits_rows, logits)
+            last = torch.tensor([sum(len(r) for r in logits_rows[:i + 1]) - 1 for i in range(len(seqs))])
             logits = logits[last]                                                       # (B, V)
         next_tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outs = []
@@ -183,11 +222,9 @@ class Engine:
             for c in children:
                 c_tok = self.sampler(row.unsqueeze(0), [c.params], [c.generator])[0]
                 outs.append(self._emit(c, [c_tok], row.unsqueeze(0)))
-        n_in = sum(len(t) for t in tokens)
-        return outs, StepStats(kind=kind, num_seqs=len(seqs), tokens_in=n_in, tokens_out=len(seqs),
-                               context_tokens=sum(st + len(t) for st, t in zip(starts, tokens)),
-                               seconds=0.0, weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[0] * len(seqs),
-                               seq_ids=[s.seq_id for s in seqs], accepted_per_seq=[0] * len(seqs))
+        st = StepStats.of_forward(kind, [s.seq_id for s in seqs], starts, [len(t) for t in tokens])
+        st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(seqs), [0] * len(seqs), [0] * len(seqs)
+        return outs, st
 
     def _spec_decode(self, seqs: list[Sequence], ks: list[int],
                      catchup: list[int]) -> tuple[list[RequestOutput], StepStats]:
@@ -199,25 +236,23 @@ class Engine:
         draft_s = time.perf_counter() - t0
         starts = [len(s.token_ids) - 1 for s in seqs]
         tokens = [[s.token_ids[-1]] + d.tokens for s, d in zip(seqs, drafts)]
-        rows = [list(range(len(t))) for t in tokens]
-        logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, rows)   # (sum(k_i + 1), V)
-        st = StepStats(kind="decode", num_seqs=len(seqs), tokens_in=sum(len(t) for t in tokens), tokens_out=0,
-                       context_tokens=sum(a + len(t) for a, t in zip(starts, tokens)), seconds=0.0,
-                       weight_bytes=0, kv_bytes=0, flops=0.0, k_per_seq=[len(d.tokens) for d in drafts],
-                       seq_ids=[s.seq_id for s in seqs], draft_seconds=draft_s,
-                       draft_catchup=sum(c for c, k in zip(catchup, ks) if k))
+        logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens,
+                                     [list(range(len(t))) for t in tokens])        # (sum(k_i + 1), V)
+        st = StepStats.of_forward("decode", [s.seq_id for s in seqs], starts, [len(t) for t in tokens])
+        st.k_per_seq, st.draft_seconds = [len(d.tokens) for d in drafts], draft_s
+        st.draft_catchup = sum(c for c, k in zip(catchup, ks) if k)
         outs, at = [], 0
         for s, start, d in zip(seqs, starts, drafts):
-            rows_s = logits[at:at + len(d.tokens) + 1]                                  # (k_i + 1, V)
+            own = logits[at:at + len(d.tokens) + 1]                                     # (k_i + 1, V)
             at += len(d.tokens) + 1
             policy = sp.greedy if s.params.greedy else sp.policy
-            n, nxt = policy.accept(rows_s, d, s.params, s.generator)
+            n, nxt = policy.accept(own, d, s.params, s.generator)
             valid = start + 1 + n                  # K/V positions that hold kept tokens
             self.pool.truncate(s.seq_id, valid)
             sp.proposer.rollback(s, valid)
             s.num_computed = valid
             before = s.num_output
-            outs.append(self._emit(s, d.tokens[:n] + [nxt], rows_s[:n + 1]))
+            outs.append(self._emit(s, d.tokens[:n] + [nxt], own[:n + 1]))
             st.tokens_out += s.num_output - before
             st.drafted += len(d.tokens)
             st.accepted += n
@@ -229,11 +264,11 @@ class Engine:
                 add_counts(holder.drafted_per_position, [1] * len(d.tokens))
         return outs, st
 
-    def _emit(self, s: Sequence, new_tokens: list[int], rows: torch.Tensor) -> RequestOutput:
-        """Append tokens to s until it stops; free it when finished."""
+    def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
+        """Append tokens to s until it stops (logits: (len(new_tokens), V), the rows they came from)."""
         s.metrics.forward_passes += 1
         delta = ""
-        for tok, row in zip(new_tokens, rows):
+        for tok, row in zip(new_tokens, logits):
             if s.params.logprobs is not None:
                 s.logprobs.append(top_logprobs(torch.log_softmax(row.float(), -1), tok, s.params.logprobs))
             delta += s.append(tok, self.eos_ids, self.max_model_len)
@@ -241,16 +276,21 @@ class Engine:
                 break
         if s.finished:
             s.metrics.usd_per_1m_tokens = self.modeled_usd_per_1m(len(s.token_ids))
-            self.scheduler.finish(s)
-            if self.speculator:
-                self.speculator.proposer.free(s)
-                self.speculator.controller.forget(s.seq_id)
+            self._release(s)
             self.seqs.pop(s.request_id, None)
         return RequestOutput.from_seq(s, delta)
 
-    def _prompt_logprobs(self, seqs, rows, logits) -> None:
+    def _release(self, s: Sequence) -> None:
+        """The one place a finished or aborted sequence gives back what it holds: its KV blocks, the
+        proposer's state and the controller's estimates."""
+        self.scheduler.finish(s)
+        if self.speculator:
+            self.speculator.proposer.free(s)
+            self.speculator.controller.forget(s.seq_id)
+
+    def _prompt_logprobs(self, seqs, logits_rows, logits) -> None:
         at = 0
-        for s, r in zip(seqs, rows):
+        for s, r in zip(seqs, logits_rows):
             if len(r) > 1:
                 lp = torch.log_softmax(logits[at:at + len(r) - 1].float(), -1)       # (n-1, V)
                 nxt = torch.tensor(s.token_ids[1:len(r)], device=lp.device)

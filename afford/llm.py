@@ -9,6 +9,9 @@ from afford.engine import Engine
 
 
 class LLM:
+    """The offline engine. engine: the Engine built from the configs (the keyword arguments below, or
+    `LLM.from_config`); tokenizer: that engine's tokenizer."""
+
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
                  max_model_len: int | None = None, kv_blocks: int | None = None, seed: int = 0,
                  block_size: int = 16, max_num_seqs: int = 64, draft: str | None = None,
@@ -21,11 +24,21 @@ class LLM:
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`)."""
         speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens, controller=speculation,
                            acceptance=acceptance, draft_quantization=draft_quantization) if draft is not None else None)
-        self.engine = Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
-                                          kv_blocks=kv_blocks, seed=seed, block_size=block_size,
-                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
-                                          quantization=quantization, quant_group=quant_group), speculative)
-        self.tokenizer = self.engine.tokenizer
+        self._attach(Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
+                                         kv_blocks=kv_blocks, seed=seed, block_size=block_size,
+                                         max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
+                                         quantization=quantization, quant_group=quant_group), speculative))
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, speculative: SpeculativeConfig | None = None) -> "LLM":
+        """An LLM on configs already built (what `afford generate` does), as AsyncLLM.from_config."""
+        llm = cls.__new__(cls)
+        llm._attach(Engine(cfg, speculative))
+        return llm
+
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
 
     @property
     def stats(self):

@@ -7,7 +7,8 @@ from afford import LLM, SamplingParams
 from afford.core.params import SamplingParams as SP
 from afford.core.sequence import Sequence
 from afford.core.stats import StepStats
-from afford.speculative.control import Goodput, StepTimeModel, expected_tokens
+from afford.speculative.goodput import Goodput
+from afford.speculative.timing import StepTimeModel
 
 
 def seqs(n, ctx=100):

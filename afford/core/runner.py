@@ -68,7 +68,7 @@ class ModelRunner:
         self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention)
         self.buffers = StepBuffers(self.device)
         self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
-        self.kv_bytes_per_token = cfg.num_layers * cfg.kv_values_per_token * self.kv[0][0].element_size()
+        self.kv_bytes_per_token = cfg.kv_bytes_per_token(self.kv[0][0].element_size())
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply the scheduler's copy-on-write (src, dst) block copies before the forward that writes."""

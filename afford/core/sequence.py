@@ -100,17 +100,18 @@ class Sequence:
             hits = [at for at in (self.text.find(s, start) for s in p.stop) if at >= 0]
             if hits:
                 self.text = self.text[:min(hits)]
-                self._finish("stop")
+                self.finish("stop")
         if not self.finished:
             if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
-                self._finish("stop")
+                self.finish("stop")
             elif self.num_output >= p.max_tokens or len(self.token_ids) >= max_len:
-                self._finish("length")
+                self.finish("length")
         upto = len(self.text) if self.finished else max(self.streamed, len(self.text) - max(self._stop_tail - 1, 0))
         delta, self.streamed = self.text[self.streamed:upto], upto
         return delta
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
+        """Mark finished ("stop" | "length" | "abort"); the engine frees what it holds (Engine._release)."""
         self.finish_reason = reason
         self.status = Status.FINISHED
         self.metrics.finished = time.perf_counter()

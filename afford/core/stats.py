@@ -19,10 +19,10 @@ class StepStats:
     tokens_in: int                 # tokens fed through the target this step
     tokens_out: int                # tokens appended to sequences this step
     context_tokens: int            # K/V positions attended (sum over sequences)
-    seconds: float
-    weight_bytes: int              # bytes of target weights read by this step's forward
-    kv_bytes: int                  # bytes of K/V read by attention
-    flops: float                   # ~2 * params * tokens_in + attention
+    seconds: float = 0.0           # the engine fills this and the three below after the step
+    weight_bytes: int = 0          # bytes of target weights read by this step's forward
+    kv_bytes: int = 0              # bytes of K/V read by attention
+    flops: float = 0.0             # ~2 * params * tokens_in + attention
     drafted: int = 0
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
@@ -34,6 +34,12 @@ class StepStats:
     draft_catchup: int = 0         # tokens the proposer fed to catch up (beyond one per drafting sequence)
     predicted_seconds: float | None = None                     # the goodput controller's step-time forecast
     preempted: int = 0
+
+    @staticmethod
+    def of_forward(kind: str, seq_ids: list[int], starts: list[int], fed: list[int]) -> "StepStats":
+        """What a step's target forward knows: sequence i fed fed[i] tokens after starts[i] cached ones."""
+        return StepStats(kind=kind, num_seqs=len(seq_ids), tokens_in=sum(fed), tokens_out=0,
+                         context_tokens=sum(starts) + sum(fed), seq_ids=list(seq_ids))
 
 
 @dataclass

@@ -6,9 +6,6 @@ sequence never drafts past its max_tokens or the context.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import deque
-
-import numpy as np
 
 from afford.core.sequence import Sequence
 from afford.registry import registry
@@ -19,6 +16,8 @@ CONTROLLERS, register = registry()
 class SpeculativeController(ABC):
     name = "abstract"
     last_prediction: float | None = None     # forecast seconds of the step just chosen (adaptive controllers)
+    wants_profile = False                    # True: at start-up the engine times synthetic steps and hands
+                                             # them to observe_timing(..., anchor=True)
 
     @abstractmethod
     def choose(self, seqs: list[Sequence], k_max: int, catchup: list[int] | None = None) -> list[int]:
@@ -30,8 +29,11 @@ class SpeculativeController(ABC):
     def forget(self, seq_id: int) -> None:
         """A sequence finished or was preempted."""
 
-    def profile(self, engine) -> None:
-        """A short warm-up measurement at start-up (adaptive controllers)."""
+    def observe_timing(self, rows: int, seqs: int, context_tokens: int, verify_s: float, max_k: int,
+                       sum_k: int, draft_s: float, catchup: int = 0, anchor: bool = False,
+                       drafting: int | None = None) -> None:
+        """A measured target verify time (None: not measured) and draft time (when max_k > 0);
+        adaptive controllers fit their step-time model to it."""
 
 
 @register("fixed")
@@ -44,263 +46,3 @@ class FixedK(SpeculativeController):
 class Off(SpeculativeController):
     def choose(self, seqs, k_max, catchup=None):
         return [0] * len(seqs)
-
-
-class StepTimeModel:
-    """Non-negative least-squares fit of step seconds against features. The observations are kept in
-    rings per regime (the caller's `bucket`, e.g. the batch size's power of two), the last `per_bucket`
-    of each, so an hour at light load does not push out what batches of 16 cost; the profiling pass's
-    observations stay as low-weight anchors for regimes never seen. predict(x) = coef . x."""
-
-    def __init__(self, n_features: int, per_bucket: int = 64, anchor_weight: float = 0.1, refit_every: int = 8):
-        self.n, self.per_bucket, self.anchor_weight, self.refit_every = n_features, per_bucket, anchor_weight, refit_every
-        self.rings: dict = {}
-        self.anchor_X: list[list[float]] = []
-        self.anchor_y: list[float] = []
-        self.count = 0
-        self.coef = np.zeros(n_features)
-
-    def add(self, x: list[float], seconds: float, anchor: bool = False, bucket=0) -> None:
-        if anchor:
-            self.anchor_X.append(list(x))
-            self.anchor_y.append(seconds)
-        else:
-            self.rings.setdefault(bucket, deque(maxlen=self.per_bucket)).append((list(x), seconds))
-            self.count += 1
-            if self.count > 32 and self.count % self.refit_every:
-                return                     # a refit costs ~60 us; the coefficients move slowly
-        self._fit()
-
-    def _fit(self) -> None:
-        seen = [obs for ring in self.rings.values() for obs in ring]
-        w = np.sqrt(self.anchor_weight) if seen else 1.0
-        X = np.concatenate([np.asarray([o[0] for o in seen]).reshape(-1, self.n),
-                            w * np.asarray(self.anchor_X).reshape(-1, self.n)])
-        y = np.concatenate([np.asarray([o[1] for o in seen]), w * np.asarray(self.anchor_y)])
-        if not len(y):
-            return
-        scale = np.maximum(np.abs(X).max(axis=0), 1e-12)          # columns of rows, tokens, seconds...
-        active = np.ones(self.n, dtype=bool)
-        coef = np.zeros(self.n)
-        for _ in range(self.n):            # active set: a negative coefficient is dropped, the rest refitted
-            coef[:] = 0.0
-            if not active.any():
-                break
-            sol = np.linalg.lstsq(X[:, active] / scale[active], y, rcond=None)[0] / scale[active]
-            coef[active] = sol
-            if (sol >= 0).all():
-                break
-            active[np.flatnonzero(active)[sol < 0]] = False
-        self.coef = coef
-
-    def predict(self, x) -> float:
-        return float(np.asarray(x) @ self.coef)
-
-
-def expected_tokens(alpha: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Tokens a step yields with k drafts at i.i.d. acceptance alpha: (1 - a^(k+1)) / (1 - a)."""
-    a = np.clip(alpha, 0.0, 0.999)
-    return (1.0 - a ** (k + 1)) / (1.0 - a)
-
-
-@register("goodput")
-class Goodput(SpeculativeController):
-    """SmartSpec (../shared/reference/decoding-methods.md §1): every step, choose each request's k in
-    0..k_max to maximize the batch's goodput = expected generated tokens / predicted step time.
-
-    - acceptance: per request, the per-token acceptance rate of a truncated geometric process (drafted
-      token j is accepted with probability alpha while all before it were): successes / trials, where a
-      step that accepted n of k drafts had n successes in n + [n < k] trials. Plain accepted/drafted would
-      be biased low for k > 1 and push k down. Both counts decay by `decay` per trial (a window of about
-      1 / (1 - decay) trials, the same for every k) on top of `prior_weight` pseudo-trials at the global
-      rate; a request that drafts nothing ages by one trial per step, back toward the global rate;
-    - step time = target verify + draft, two non-negative least-squares fits over recent steps,
-      anchored by `profile()`. Verify: c0 + c1 * rows + c2 * sequences + c3 * [rows > 1] + c4 *
-      context tokens + c5 * sequences that drafted (their acceptance, rollback and multi-token
-      bookkeeping: a fixed price per speculating request, whatever its k). The [rows > 1] term is the
-      step from a matrix-vector to a matrix-matrix kernel when a lone sequence verifies drafts (on the
-      2-core CPU here a second row costs ~30 % of a one-row forward).
-      Draft: d1 * draft forwards (max k) + d2 * draft rows (sum k) + d3 * catch-up tokens (what a draft
-      that skipped steps must feed before it proposes; in the choice it is spread over the request's
-      remaining tokens, since it is paid once);
-    - search: for each bound K = max k, Dinkelbach iterations pick every request's k independently
-      given the shared cost of K, then the best K wins; k = 0 everywhere when speculation does not pay;
-    - margin: speculation must beat k = 0 by more than the time model's recent underestimate of
-      speculative steps (the moving mean of measured / forecast - 1 over them, within [2 %, 25 %]):
-      a step the model thinks cheaper than it is inflates the predicted gain by as much;
-    - exploration: after `explore_every` steps with k = 0 everywhere, the request with the oldest
-      acceptance information drafts one token, so a workload whose acceptance rises is noticed.
-    """
-
-    def __init__(self, prior: float = 0.6, decay: float = 0.9, prior_weight: float = 1.0,
-                 explore_every: int = 64):
-        self.prior, self.decay, self.prior_weight, self.explore_every = prior, decay, prior_weight, explore_every
-        self.g_succ, self.g_trials = prior * 20.0, 20.0         # global counts (slower decay)
-        self.succ: dict[int, float] = {}
-        self.trials: dict[int, float] = {}
-        self.last_drafted: dict[int, int] = {}                  # seq_id -> step it last drafted
-        self.steps, self.idle_steps = 0, 0
-        self.forecast_bias = 0.05                  # moving mean of measured / forecast - 1, speculative steps
-        self.target = StepTimeModel(6)
-        self.draft = StepTimeModel(3)
-        self.last_prediction: float | None = None
-
-    @property
-    def global_alpha(self) -> float:
-        return self.g_succ / self.g_trials
-
-    @property
-    def alpha(self) -> dict[int, float]:
-        return {sid: self.alpha_of(sid) for sid in self.succ}
-
-    def alpha_of(self, seq_id: int) -> float:
-        w, ga = self.prior_weight, self.global_alpha
-        return (self.succ.get(seq_id, 0.0) + w * ga) / (self.trials.get(seq_id, 0.0) + w)
-
-    # -- estimators --
-    def observe_acceptance(self, seq_id: int, drafted: int, accepted: int) -> None:
-        if drafted <= 0:
-            return
-        trials = accepted + (1 if accepted < drafted else 0)
-        lam = self.decay ** trials
-        self.succ[seq_id] = lam * self.succ.get(seq_id, 0.0) + accepted
-        self.trials[seq_id] = lam * self.trials.get(seq_id, 0.0) + trials
-        self.g_succ = 0.99 ** trials * self.g_succ + accepted
-        self.g_trials = 0.99 ** trials * self.g_trials + trials
-        self.last_drafted[seq_id] = self.steps
-
-    @staticmethod
-    def verify_features(rows: int, seqs: int, context_tokens: int, drafting: int) -> list[float]:
-        return [1.0, rows, seqs, float(rows > 1), context_tokens, drafting]
-
-    def observe_timing(self, rows: int, seqs: int, context_tokens: int, verify_s: float,
-                       max_k: int, sum_k: int, draft_s: float, catchup: int = 0, anchor: bool = False,
-                       drafting: int | None = None) -> None:
-        if drafting is None:
-            drafting = seqs if max_k > 0 else 0
-        self.target.add(self.verify_features(rows, seqs, context_tokens, drafting), verify_s, anchor,
-                        bucket=(seqs.bit_length(), drafting > 0))
-        if max_k > 0:
-            self.draft.add([max_k, sum_k, catchup], draft_s, anchor, bucket=(sum_k.bit_length(), catchup > 0))
-
-    def observe(self, st) -> None:
-        if st.kind != "decode":
-            return
-        self.steps += 1
-        if st.predicted_seconds and max(st.k_per_seq, default=0) > 0 and st.seconds > 0:
-            err = st.seconds / st.predicted_seconds - 1.0
-            self.forecast_bias = 0.95 * self.forecast_bias + 0.05 * min(max(err, -1.0), 1.0)
-        for sid, d, a in zip(st.seq_ids, st.k_per_seq, st.accepted_per_seq):
-            if d > 0:
-                self.observe_acceptance(sid, d, a)
-            elif sid in self.succ:                   # information ages while a request does not draft
-                self.succ[sid] *= self.decay
-                self.trials[sid] *= self.decay
-        self.observe_timing(st.tokens_in, st.num_seqs, st.context_tokens, st.seconds - st.draft_seconds,
-                            max(st.k_per_seq, default=0), sum(st.k_per_seq), st.draft_seconds, st.draft_catchup,
-                            drafting=sum(1 for k in st.k_per_seq if k > 0))
-
-    def forget(self, seq_id: int) -> None:
-        for d in (self.succ, self.trials, self.last_drafted):
-            d.pop(seq_id, None)
-
-    # -- the choice --
-    def choose(self, seqs, k_max, catchup=None):
-        B = len(seqs)
-        if B == 0:
-            return []
-        alphas = [min(self.alpha_of(s.seq_id), 0.999) for s in seqs]
-        c0, c1, c2, c3, c4, c5 = self.target.coef.tolist()
-        d1, d2, d3 = self.draft.coef.tolist()
-        ctx = float(sum(len(s.token_ids) for s in seqs))
-        # T(ks) = base + shared(K) + sum_i cost[i, k_i], shared and cost only when K = max k > 0
-        base = max(c0 + (c1 + c2) * B + c3 * (B > 1) + c4 * ctx, 1e-9)
-        # quick exit (most steps of a low-acceptance or heavy load): even every draft accepted at the
-        # least extra time would not beat k = 0
-        best_case = sum((1.0 - a ** (k_max + 1)) / (1.0 - a) for a in alphas) / (base + d1 + c3 * (B == 1))
-        margin = 1.0 + min(max(self.forecast_bias, 0.02), 0.25)
-        probe_cost = d1 + c3 * (B == 1) + c1 + c4 + d2 + c5                    # one token drafted, plus catch-up
-        if best_case <= margin * B / base:
-            return self._no_speculation(seqs, base, probe_cost, d3, catchup)
-        alpha = np.array(alphas)
-        cu = np.zeros(B) if catchup is None else np.asarray(catchup, dtype=float)
-        left = np.array([max(1, s.params.max_tokens - s.num_output) for s in seqs], dtype=float)
-        grid = np.arange(k_max + 1)
-        gain = expected_tokens(alpha[:, None], grid[None, :])                     # (B, k_max + 1)
-        on = grid[None, :] > 0
-        cost = (c1 + c4 + d2) * grid[None, :] + (c5 + d3 * cu[:, None]) * on      # real seconds
-        charge = cost - d3 * cu[:, None] * on * (1.0 - gain / left[:, None])      # catch-up spread out
-        g0 = B / base
-        bounds = grid[1:]                                                         # K = 1..k_max
-        shared = base + d1 * bounds + c3 * (B == 1)                               # (K,)
-        allowed = ((grid[None, None, :] <= bounds[:, None, None])                # (K, B, k_max + 1): the bound,
-                   & (grid[None, None, :] < left[None, :, None]))                 # and never past max_tokens
-        rows = np.arange(B)[None, :]
-        g = np.full(k_max, g0)
-        for _ in range(4):              # Dinkelbach, for every bound K at once: argmax sum(E) - g * T
-            score = np.where(allowed, gain[None] - g[:, None, None] * charge[None], -np.inf)
-            ks = score.argmax(axis=2)                                             # (K, B)
-            g = gain[rows, ks].sum(axis=1) / (shared + charge[rows, ks].sum(axis=1))
-        g = np.where(ks.max(axis=1) > 0, g, -np.inf)
-        best = int(g.argmax())
-        if g[best] <= margin * g0:
-            return self._no_speculation(seqs, base, probe_cost, d3, catchup)
-        self.idle_steps = 0
-        best_k = ks[best]
-        self.last_prediction = base + d1 * int(best_k.max()) + c3 * (B == 1) + float(cost[np.arange(B), best_k].sum())
-        return best_k.tolist()
-
-    def _no_speculation(self, seqs, base: float, probe_cost: float, d3: float, catchup) -> list[int]:
-        """k = 0 for all, except that after `explore_every` such steps the request with the oldest
-        acceptance information drafts one token (its forecast feeds the margin too, so a margin that
-        grew while speculating can shrink again)."""
-        ks = [0] * len(seqs)
-        self.idle_steps += 1
-        self.last_prediction = base
-        if self.idle_steps >= self.explore_every:
-            self.idle_steps = 0
-            i = min(range(len(seqs)), key=lambda j: self.last_drafted.get(seqs[j].seq_id, -1))
-            ks[i] = 1
-            self.last_prediction = base + probe_cost + d3 * (catchup[i] if catchup is not None else 0)
-        return ks
-
-    def profile(self, engine) -> None:
-        """Anchor the time models: time synthetic target verifies and draft steps of several batch
-        sizes, drafts per sequence and contexts, the draft both caught up and catching up."""
-        import time
-        runner, pool = engine.runner, engine.pool
-        prop = engine.speculator.proposer if engine.speculator else None
-        has_model = prop is not None and getattr(prop, "runner", None) is not None
-        shapes = ((1, 1, 32), (1, 2, 96), (1, 4, 64), (1, 6, 32), (2, 1, 64), (2, 3, 32), (4, 1, 96),
-                  (4, 5, 32), (8, 2, 64), (16, 1, 32), (16, 3, 64), (32, 1, 32))
-        for batch, per, ctx in shapes:
-            ids = [-(i + 1) for i in range(batch)]
-            if pool.num_free < batch * (-(-(ctx + per) // pool.block_size)) or batch > engine.cfg.max_num_seqs:
-                continue
-            for i in ids:                      # the profile schedules its own fake sequences' blocks
-                pool.prepare_write(i, ctx + per)
-            runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
-            t = time.perf_counter()
-            runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
-            verify_s = time.perf_counter() - t
-            for i in ids:
-                pool.free(i)
-            self.target.add(self.verify_features(batch * per, batch, batch * (ctx + per), batch if per > 1 else 0),
-                            verify_s, anchor=True)
-            if not has_model:
-                continue
-            for catchup in (False, True):
-                for i in ids:
-                    prop.pool.prepare_write(i, ctx + per)
-                if not catchup:
-                    prop.runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
-                t = time.perf_counter()
-                for j in range(per):
-                    if catchup and j == 0:
-                        prop.runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
-                    else:
-                        prop.runner.forward(ids, [ctx + j] * batch, [[1]] * batch)
-                self.draft.add([per, batch * per, batch * (ctx - 1) if catchup else 0], time.perf_counter() - t,
-                               anchor=True)
-                for i in ids:
-                    prop.pool.free(i)

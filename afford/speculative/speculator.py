@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from afford.config import ConfigError, SpeculativeConfig
 from afford.core.sequence import Sequence
+from afford.speculative import goodput  # noqa: F401  (registers the goodput controller)
 from afford.speculative.acceptance import POLICIES, GreedyAcceptance
 from afford.speculative.control import CONTROLLERS
 from afford.speculative.proposers import DraftModelProposer, NgramProposer, Proposer
