@@ -115,6 +115,7 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "seed": "seeds the engine's generator for requests that bring no seed; generate's requests take it as theirs",
     "cost_hardware": "show the modeled USD per 1M tokens on this hardware (see afford cost)",
     "quantization": "weight-only quantization on load (lossy)",
+    "attention": "attention backend: auto (cpu_paged on the CPU, sdpa elsewhere), cpu_paged or sdpa",
     "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",
     "draft": "speculative decoding: a draft model folder, 'default' (the bundled draft) or 'ngram' (prompt "
              "lookup); lossless",

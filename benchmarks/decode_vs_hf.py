@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", nargs="+", default=["cpu_paged", "sdpa"],
+                    help="afford attention backends to run (fp32; bf16 runs the first)")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -71,26 +73,30 @@ def main():
         vocab = SIZES[size][-1]
         prompt = torch.randint(2, vocab, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
         for dtype in a.dtypes:
-            llm = LLM(str(path), dtype=dtype, max_model_len=a.prompt_tokens + a.new_tokens + 16)
+            backends = a.attention if dtype == "float32" else a.attention[:1]
+            llms = {b: LLM(str(path), dtype=dtype, max_model_len=a.prompt_tokens + a.new_tokens + 16, attention=b)
+                    for b in backends}
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-            params = llm.engine.model_config.num_parameters
+            params = llms[backends[0]].engine.model_config.num_parameters
             for batch in a.batches:
-                tps, gbs = time_afford(llm, prompt, batch, a.new_tokens, a.reps)
                 hf_tps = time_hf(hf, prompt, batch, a.new_tokens, a.reps)
-                row = {"model": size, "params": params, "dtype": dtype, "batch": batch,
-                       "afford_tok_s": round(tps, 1), "hf_tok_s": round(hf_tps, 1),
-                       "ratio_vs_hf": round(tps / hf_tps, 2), "afford_GB_s": round(gbs, 2),
-                       "afford_GFLOP_s": round(2 * params * tps / 1e9, 2)}
-                rows.append(row)
-                print(f"{size:11s} {dtype:9s} B={batch}: afford {tps:7.1f} tok/s | transformers {hf_tps:7.1f} | "
-                      f"x{tps / hf_tps:.2f} | {gbs:.1f} GB/s | {row['afford_GFLOP_s']:.1f} GFLOP/s", flush=True)
-            del llm, hf
+                for b, llm in llms.items():
+                    tps, gbs = time_afford(llm, prompt, batch, a.new_tokens, a.reps)
+                    row = {"model": size, "params": params, "dtype": dtype, "batch": batch, "attention": b,
+                           "afford_tok_s": round(tps, 1), "hf_tok_s": round(hf_tps, 1),
+                           "ratio_vs_hf": round(tps / hf_tps, 2), "afford_GB_s": round(gbs, 2),
+                           "afford_GFLOP_s": round(2 * params * tps / 1e9, 2)}
+                    rows.append(row)
+                    print(f"{size:11s} {dtype:9s} B={batch} {b:9s}: afford {tps:7.1f} tok/s | transformers "
+                          f"{hf_tps:7.1f} | x{tps / hf_tps:.2f} | {gbs:.1f} GB/s | {row['afford_GFLOP_s']:.1f} GFLOP/s",
+                          flush=True)
         if llamacpp.available() and not a.no_llamacpp:
             for outtype in ("f32", "q8_0"):
                 gguf = llamacpp.to_gguf(path, tmp / f"{size}-{outtype}.gguf", outtype)
                 tps = llamacpp.decode_tok_s(gguf, prompt, a.new_tokens, a.threads, a.reps)
-                ref = next(r for r in rows if r["model"] == size and r["dtype"] == "float32" and r["batch"] == 1)
-                bf = next((r for r in rows if r["model"] == size and r["dtype"] == "bfloat16" and r["batch"] == 1), None)
+                ref = next(r for r in rows if r["model"] == size and r.get("dtype") == "float32" and r["batch"] == 1)
+                bf = next((r for r in rows if r["model"] == size and r.get("dtype") == "bfloat16" and r["batch"] == 1),
+                          None)
                 row = {"model": size, "engine": f"llama.cpp {outtype}", "batch": 1, "tok_s": round(tps, 1),
                        "afford_fp32_over_it": round(ref["afford_tok_s"] / tps, 2),
                        "afford_bf16_over_it": round(bf["afford_tok_s"] / tps, 2) if bf else None}

@@ -1,6 +1,12 @@
-"""What one decode matmul costs here: bytes-per-second of weight reading for F.linear on an (out, in)
-weight vs x @ W^T on a pre-transposed one, fp32 and bf16, 1 and 8 rows, at the 34 M Llama's shapes.
-This is the ceiling the decode benchmarks run into.
+"""What the decode matmuls cost here: one pass over every weight matrix of the 34 M Llama (8 layers of
+q|k|v, o, gate|up, down, plus the LM head: 118 MB in fp32, so it streams from memory as decoding does),
+for 1-16 rows, three ways of multiplying:
+
+- F.linear(x, W) on W (out, in)             -- what transformers does
+- x @ W^T on a pre-transposed (in, out) copy -- afford's one-row fp32 path
+- (W @ x^T)^T on W (out, in), made contiguous -- afford's multi-row fp32 path
+
+This is the ceiling the decode benchmarks run into and the measurement behind PackedLinear's choice.
 
     python benchmarks/matmul_micro.py
 """
@@ -10,14 +16,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import save
 
-SHAPES = [(1536, 512), (2752, 512), (512, 1376), (8192, 512)]     # qkv, gate|up, down, lm_head of llama-34m
+LAYERS, HIDDEN = 8, 512
+SHAPES = [(1536, 512), (512, 512), (2752, 512), (512, 1376)]     # q|k|v, o, gate|up, down (out, in)
+HEAD = (8192, 512)
 
 
-def bench(f, n=200):
-    for _ in range(20):
+def bench(f, n=10):
+    for _ in range(3):
         f()
     t = time.perf_counter()
     for _ in range(n):
@@ -29,17 +36,19 @@ def main():
     torch.set_num_threads(2)
     rows = []
     for dt in (torch.float32, torch.bfloat16):
-        for o, i in SHAPES:
-            W = torch.randn(o, i, dtype=dt)
-            Wt = W.t().contiguous()
-            for m in (1, 8):
-                x = torch.randn(m, i, dtype=dt)
-                gb = W.numel() * W.element_size() / 1e9
-                row = {"dtype": str(dt).replace("torch.", ""), "out": o, "in": i, "rows": m,
-                       "F_linear_GB_s": round(gb / bench(lambda: F.linear(x, W)), 1),
-                       "x_at_Wt_GB_s": round(gb / bench(lambda: x @ Wt), 1)}
-                rows.append(row)
-                print(row, flush=True)
+        Ws = [torch.randn(o, i, dtype=dt) for _ in range(LAYERS) for o, i in SHAPES] + [torch.randn(*HEAD, dtype=dt)]
+        Wts = [w.t().contiguous() for w in Ws]
+        gb = sum(w.numel() * w.element_size() for w in Ws) / 1e9
+        for m in (1, 2, 4, 8, 16):
+            xs = {i: torch.randn(m, i, dtype=dt) for i in (512, 1376)}
+            ways = {"F_linear": lambda: [F.linear(xs[w.shape[1]], w) for w in Ws],
+                    "x_at_Wt": lambda: [xs[w.shape[0]] @ w for w in Wts],
+                    "W_at_xT": lambda: [torch.mm(w, xs[w.shape[1]].t()).t().contiguous() for w in Ws]}
+            row = {"dtype": str(dt).replace("torch.", ""), "rows": m, "MB": round(gb * 1e3)}
+            for name, f in ways.items():
+                row[f"{name}_GB_s"] = round(gb / bench(f, 10 if dt == torch.float32 else 3), 1)
+            rows.append(row)
+            print(row, flush=True)
     print(f"wrote {save('matmul_micro', {'rows': rows})}")
 
 

@@ -1,4 +1,4 @@
-"""Speculative decoding, side by side in one run: afford plain / draft (k = 2, 4, 6) / ngram against
+"""Speculative decoding, side by side in one run: afford plain / draft (k = 2, 4, 6) / ngram / goodput against
 transformers plain / assisted generation (same draft) / prompt lookup, on Spec-Bench first turns (per
 category) and GSM8K test questions; greedy, batch 1, the bundled default pair. Then batch 8 with and
 without speculation on GSM8K.
@@ -79,6 +79,8 @@ def main():
     for k in (2, 4, 6):
         llms[f"afford draft k={k}"] = LLM("default", dtype="float32", draft="default", num_speculative_tokens=k)
     llms["afford ngram k=4"] = LLM("default", dtype="float32", draft="ngram", num_speculative_tokens=4)
+    llms["afford goodput k<=4"] = LLM("default", dtype="float32", draft="default", num_speculative_tokens=4,
+                                      speculation="goodput")
     hf_arms = {"hf plain": {}, "hf assisted": {"assistant_model": hf_d}, "hf prompt lookup": {"prompt_lookup_num_tokens": 4}}
     limit = llms["afford plain"].engine.max_model_len - a.new_tokens - 1
 
@@ -106,7 +108,7 @@ def main():
                                          for n, r in res.items()), flush=True)
     batch_rows = []
     gsm = workloads(max(a.per_category, 8), fits)["gsm8k"][:8]
-    for name in ("afford plain", "afford draft k=4"):
+    for name in ("afford plain", "afford draft k=2", "afford draft k=4", "afford goodput k<=4"):
         r = afford_arm(llms[name], gsm, a.new_tokens, batch=8)
         batch_rows.append({"arm": name, "batch": 8, **{k: round(v, 3) for k, v in r.items()}})
         print(f"batch 8 GSM8K {name}: {r['tok_s']:.1f} tok/s", flush=True)

@@ -50,9 +50,10 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tenso
     return (inv / rope.factor) * (1 - extrap) + inv * extrap, attn_factor
 
 
-# A CPU one-row GEMV reads a (in, out) weight 1.4-1.9x faster than a (out, in) one, and 2-8 rows run
-# 2.2-2.4x faster as W @ x^T on the (out, in) weight than as F.linear (benchmarks/matmul_micro.py, MKL,
-# AVX2 EPYC). Below this many bytes of weights the CPU keeps both layouts (2x the weight memory).
+# fp32 on the CPU (MKL, AVX2 EPYC; benchmarks/matmul_micro.py): a one-row GEMV reads an (in, out) weight
+# 1.4-1.9x faster than an (out, in) one, and 2-16 rows run 1.2-2.4x faster as W @ x^T on the (out, in)
+# weight than as F.linear. Below this many bytes of weights the CPU keeps both layouts (2x the weight
+# memory). bf16 keeps F.linear, its fastest path here.
 DUAL_LAYOUT_MAX_BYTES = 4 << 30
 
 
@@ -72,12 +73,12 @@ class PackedLinear(nn.Module):
         has_bias = any(lin.bias is not None for lin in linears)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.sizes = [lin.out_features for lin in linears]
-        self.cpu = w.device.type == "cpu"
+        self.cpu_fp32 = w.device.type == "cpu" and w.dtype == torch.float32
 
     def forward(self, x):
         if self.weight_t is not None and x.numel() == x.shape[-1]:
             y = x @ self.weight_t                                                # one row: (1, out)
-        elif self.cpu and x.dim() == 2:
+        elif self.cpu_fp32 and x.dim() == 2:
             y = torch.mm(self.weight, x.t()).t().contiguous()                    # (N, out)
         else:
             y = F.linear(x, self.weight)
@@ -237,8 +238,8 @@ class Transformer(nn.Module):
         """Fuse q|k|v and gate|up (inference only; training and saving use the HF-named layout). On the
         CPU, models up to DUAL_LAYOUT_MAX_BYTES also keep each matrix transposed for one-row decoding."""
         p = next(self.parameters())
-        dual = p.device.type == "cpu" and sum(q.numel() for q in self.parameters()) * p.element_size() \
-            <= DUAL_LAYOUT_MAX_BYTES
+        dual = p.device.type == "cpu" and p.dtype == torch.float32 and \
+            sum(q.numel() for q in self.parameters()) * p.element_size() <= DUAL_LAYOUT_MAX_BYTES
         for layer in self.model.layers:
             layer.self_attn.pack(dual)
             layer.mlp.pack(dual)

@@ -82,7 +82,7 @@ class DraftModelProposer(Proposer):
 
     def __init__(self, path: str, target_tokenizer, target_max_len: int, num_blocks: int, block_size: int,
                  device: str = "auto", dtype: str = "auto", vocab_size: int | None = None,
-                 quantization: str | None = None):
+                 quantization: str | None = None, attention: str = "auto"):
         from afford.config import ModelConfig
         path = resolve_model_path(path, role="draft")
         cfg = ModelConfig.from_dir(path)
@@ -99,7 +99,7 @@ class DraftModelProposer(Proposer):
         self.model = load_for_inference(path, device, dtype, max_len=target_max_len, quantization=quantization)
         self.cfg = cfg
         self.pool = BlockPool(num_blocks, block_size)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, attention)
         self.computed: dict[int, int] = {}
 
     def propose(self, seqs, ks):
