@@ -88,6 +88,8 @@ def test_backend_equals_dense_attention(name):
     t.fork(1, 3)                                           # n > 1: shares blocks, copy-on-write
     check([1, 3], [len(t.k[1]), len(t.k[3])], [1, 2])
     check([3, 1, 0], [len(t.k[s]) for s in (3, 1, 0)], [1, 1, 1])
+    for _ in range(3):                                     # a larger decode batch (cpu_paged batches it)
+        check([0, 1, 2, 3], [len(t.k[s]) for s in (0, 1, 2, 3)], [1, 1, 1, 1])
     t.pool.check()
 
 
