@@ -179,7 +179,7 @@ class Engine:
         t0 = time.perf_counter()
         ks, catchup = self.speculator.ks(seqs, self.max_model_len) if self.speculator and kind == "decode" else ([0] * len(seqs), [])
         if any(ks):
-            outs, st = self._spec_decode(seqs, ks, catchup)
+            outs, st = self._speculative_step(seqs, ks, catchup)
         else:
             outs, st = self._plain(seqs, kind)
         st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(sched.preempted)
@@ -226,7 +226,7 @@ class Engine:
         st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(seqs), [0] * len(seqs), [0] * len(seqs)
         return outs, st
 
-    def _spec_decode(self, seqs: list[Sequence], ks: list[int],
+    def _speculative_step(self, seqs: list[Sequence], ks: list[int],
                      catchup: list[int]) -> tuple[list[RequestOutput], StepStats]:
         """Draft k_i tokens per sequence, verify all of them in ONE target forward, keep the accepted
         prefix plus one token, roll both KV caches back past it."""

@@ -5,6 +5,10 @@ for 1-16 rows, three ways of multiplying:
 - F.linear(x, W) on W (out, in)             -- what transformers does
 - x @ W^T on a pre-transposed (in, out) copy -- afford's one-row fp32 path
 - (W @ x^T)^T on W (out, in), made contiguous -- afford's multi-row fp32 path
+- numpy's x @ W^T (its own BLAS, OpenBLAS in the numpy wheel) on the same (in, out) copy -- another
+  library's GEMV, streamed alone (in the model, its thread pool and torch's compete for the 2 cores)
+
+`sum_read_GB_s` is torch.sum over the same weights: how fast this machine streams them at all.
 
 This is the ceiling the decode benchmarks run into and the measurement behind PackedLinear's choice.
 
@@ -38,13 +42,19 @@ def main():
     for dt in (torch.float32, torch.bfloat16):
         Ws = [torch.randn(o, i, dtype=dt) for _ in range(LAYERS) for o, i in SHAPES] + [torch.randn(*HEAD, dtype=dt)]
         Wts = [w.t().contiguous() for w in Ws]
+        Wns = [w.float().numpy() for w in Wts] if dt == torch.float32 else None
         gb = sum(w.numel() * w.element_size() for w in Ws) / 1e9
+        read = gb / bench(lambda: [w.sum() for w in Ws], 10 if dt == torch.float32 else 3)   # plain streaming read
         for m in (1, 2, 4, 8, 16):
             xs = {i: torch.randn(m, i, dtype=dt) for i in (512, 1376)}
+            xn = {i: x.float().numpy() for i, x in xs.items()}
             ways = {"F_linear": lambda: [F.linear(xs[w.shape[1]], w) for w in Ws],
                     "x_at_Wt": lambda: [xs[w.shape[0]] @ w for w in Wts],
                     "W_at_xT": lambda: [torch.mm(w, xs[w.shape[1]].t()).t().contiguous() for w in Ws]}
-            row = {"dtype": str(dt).replace("torch.", ""), "rows": m, "MB": round(gb * 1e3)}
+            if Wns is not None:
+                ways["numpy_x_at_Wt"] = lambda: [xn[w.shape[0]] @ w for w in Wns]
+            row = {"dtype": str(dt).replace("torch.", ""), "rows": m, "MB": round(gb * 1e3),
+                   "sum_read_GB_s": round(read, 1)}
             for name, f in ways.items():
                 row[f"{name}_GB_s"] = round(gb / bench(f, 10 if dt == torch.float32 else 3), 1)
             rows.append(row)

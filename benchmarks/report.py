@@ -22,16 +22,47 @@ def table(head: list[str], rows: list[list]) -> str:
 
 def machine(r) -> str:
     m = r["machine"]
-    return f"_{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, {m['date']}, commit {r['commit']}_"
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    return f"_{m['cpu']}{isa}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, {m['date']}, commit {r['commit']}_"
 
 
 def main():
     r = load("matmul_micro")
     if r:
         print("## matmul_micro\n" + machine(r) + "\n")
-        print(table(["dtype", "out x in", "rows", "F.linear GB/s", "x @ W^T GB/s"],
-                    [[x["dtype"], f"{x['out']} x {x['in']}", x["rows"], x["F_linear_GB_s"], x["x_at_Wt_GB_s"]]
-                     for x in r["rows"]]))
+        print(table(["dtype", "rows", "MB streamed", "F.linear(x, W) GB/s", "x @ W^T (in, out) GB/s",
+                     "(W @ x^T)^T GB/s", "numpy x @ W^T GB/s", "torch.sum read GB/s"],
+                    [[x["dtype"], x["rows"], x["MB"], x["F_linear_GB_s"], x["x_at_Wt_GB_s"], x["W_at_xT_GB_s"],
+                      x.get("numpy_x_at_Wt_GB_s", "—"), x.get("sum_read_GB_s", "—")] for x in r["rows"]]))
+    r = load("forward_overhead")
+    if r:
+        print("\n## forward_overhead\n" + machine(r) + "\n")
+        print(table(["model", "params", "bare loop µs", "afford runner µs", "afford engine step µs",
+                     "afford engine wall µs", "transformers µs", "engine wall / bare"],
+                    [[x["model"], x["params"], x["bare_us"], x["runner_us"], x["engine_step_us"], x["engine_wall_us"],
+                      x["transformers_us"], x["engine_over_bare"]] for x in r["rows"]]))
+        print(f"\ndraft / target time per token {r['draft_over_target_time']} (parameters "
+              f"{r['draft_over_target_params']})")
+    for name in ("decode_profile_before", "decode_profile"):
+        r = load(name)
+        if r:
+            print(f"\n## {name}\n" + machine(r) + "\n")
+            for b in ("batch1", "batch8"):
+                x = r[b]
+                ops = ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in list(x["top_ops_ms_per_step"].items())[:8])
+                print(f"- {b}: {x['wall_ms_per_step']} ms/step wall, {x['profiled_ms_per_step']} ms profiled, "
+                      f"matmul {x['mm_ms_per_step']} ms; top ops (ms/step): {ops}")
+    r = load("batch_invariance")
+    if r:
+        print("\n## batch_invariance\n" + machine(r) + "\n")
+        print(table(["dtype", "arm", "prompts", "differ from alone"],
+                    [[x["dtype"], x["arm"], x["prompts"], x["differ_from_alone"]] for x in r["rows"]]))
+    r = load("compile_probe")
+    if r:
+        print("\n## compile_probe\n" + machine(r) + "\n")
+        print(table(["hidden", "rows", "eager µs", "compiled µs", "compiled / eager", "compile s", "max abs diff"],
+                    [[x["hidden"], x["rows"], x["eager_us"], x["compiled_us"], x["compiled_over_eager"], x["compile_s"],
+                      f"{x['max_abs_diff']:.1e}"] for x in r["rows"]]))
     r = load("default_pair")
     if r:
         print("## default_pair\n" + machine(r) + "\n")
@@ -45,9 +76,10 @@ def main():
     r = load("decode_vs_hf")
     if r:
         print("\n## decode_vs_hf\n" + machine(r) + "\n")
-        rows = [[x["model"], x["dtype"], x["batch"], x["afford_tok_s"], x["hf_tok_s"], f"**{x['ratio_vs_hf']:.2f}x**",
-                 x["afford_GB_s"], x["afford_GFLOP_s"]] for x in r["rows"] if "dtype" in x]
-        print(table(["model", "dtype", "batch", "afford tok/s", "transformers tok/s", "afford / HF", "GB/s", "GFLOP/s"], rows))
+        rows = [[x["model"], x["dtype"], x["batch"], x.get("attention", ""), x["afford_tok_s"], x["hf_tok_s"],
+                 f"**{x['ratio_vs_hf']:.2f}x**", x["afford_GB_s"], x["afford_GFLOP_s"]] for x in r["rows"] if "dtype" in x]
+        print(table(["model", "dtype", "batch", "attention", "afford tok/s", "transformers tok/s", "afford / HF", "GB/s",
+                     "GFLOP/s"], rows))
         lc = [x for x in r["rows"] if "engine" in x]
         if lc:
             print()

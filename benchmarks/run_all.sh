@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-../.venv/bin/python}
 mkdir -p results/logs
-for cmd in "default_pair.py" "matmul_micro.py" "decode_vs_hf.py" "spec_vs_hf.py --per-category 4" "quant.py" \
+for cmd in "default_pair.py" "matmul_micro.py" "forward_overhead.py" "decode_profile.py" "decode_vs_hf.py" \
+           "spec_vs_hf.py --per-category 4" "batch_invariance.py" "compile_probe.py" "quant.py" \
            "mfa_vs_gqa.py --steps 300" "serve_load.py" "smartspec_load.py"; do
   name=${cmd%%.py*}
   echo "== $cmd ($(date +%H:%M:%S))"
