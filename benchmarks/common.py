@@ -34,6 +34,16 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def per_call(f, n: int = 10, warm: int = 3) -> float:
+    """Seconds per call of f(), after `warm` untimed calls."""
+    for _ in range(warm):
+        f()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - t) / n
+
+
 def git_rev() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()

@@ -13,16 +13,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import save
+from common import per_call, save
 
 
 def bench(f, n=500):
-    for _ in range(20):
-        f()
-    t = time.perf_counter()
-    for _ in range(n):
-        f()
-    return (time.perf_counter() - t) / n * 1e6
+    return per_call(f, n, warm=20) * 1e6
 
 
 def pre(x, ln_w, wqkv_t, cos, sin, H: int, KV: int, D: int):

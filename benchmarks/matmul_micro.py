@@ -16,24 +16,14 @@ This is the ceiling the decode benchmarks run into and the measurement behind Pa
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+from common import per_call as bench
 from common import save
 
 LAYERS, HIDDEN = 8, 512
 SHAPES = [(1536, 512), (512, 512), (2752, 512), (512, 1376)]     # q|k|v, o, gate|up, down (out, in)
 HEAD = (8192, 512)
-
-
-def bench(f, n=10):
-    for _ in range(3):
-        f()
-    t = time.perf_counter()
-    for _ in range(n):
-        f()
-    return (time.perf_counter() - t) / n
 
 
 def main():

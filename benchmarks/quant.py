@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import llamacpp
+import torch
 from common import SIZES, heldout_texts, perplexity, random_llama, save
 
 ARMS = [("fp32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),

@@ -50,10 +50,10 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tenso
     return (inv / rope.factor) * (1 - extrap) + inv * extrap, attn_factor
 
 
-# fp32 on the CPU (MKL, AVX2 EPYC; benchmarks/matmul_micro.py): a one-row GEMV reads an (in, out) weight
-# 1.4-1.9x faster than an (out, in) one, and 2-16 rows run 1.2-2.4x faster as W @ x^T on the (out, in)
-# weight than as F.linear. Below this many bytes of weights the CPU keeps both layouts (2x the weight
-# memory). bf16 keeps F.linear, its fastest path here.
+# fp32 on the CPU (MKL; benchmarks/matmul_micro.py, BENCHMARKS.md): a one-row GEMV streams an (in, out)
+# weight ~1.5x faster than F.linear on (out, in), and 2-16 rows run 1.4-2.7x faster as W @ x^T on the
+# (out, in) weight than as F.linear. Below this many bytes of weights the CPU keeps both layouts (2x the
+# weight memory). bf16 keeps F.linear, its fastest path here.
 DUAL_LAYOUT_MAX_BYTES = 4 << 30
 
 
