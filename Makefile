@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/afford generate "Natalia sold clips to 48 of her friends in April" --max-tokens 64 --draft default
 
 test: venv
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest -x
 
 bench: venv
 	$(BIN)/python benchmarks/decode_vs_hf.py
