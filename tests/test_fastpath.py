@@ -145,3 +145,22 @@ def test_default_configuration_is_batch_and_speculation_invariant(which, random_
         llm = LLM(target, num_speculative_tokens=4, **kw)
         assert [o.token_ids for o in llm.generate(ps, GREEDY)] == alone, kw
         assert [llm.generate([p], GREEDY)[0].token_ids for p in ps[:2]] == alone[:2], kw
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_padding_slots_are_not_written(name):
+    """A token whose slot is -1 (a graph bucket's padding row) attends like any other but its K/V is
+    never stored; the real tokens' K/V land at their slots."""
+    backend, pool = get_backend(name), BlockPool(8, BS)
+    kv = [(torch.zeros(8 * BS, KV, D), torch.zeros(8 * BS, KV, D))]
+    for s in (0, 1):
+        pool.prepare_write(s, 1)
+    slots = torch.tensor([pool.slots(0, 0, 1)[0], -1])                 # sequence 1's token is padding
+    batch = ForwardBatch("decode", [0, 1], [0, 0], [1, 1], [pool.tables[0], pool.tables[1]], BS, slots,
+                         torch.tensor([0, 0]))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, H, D, generator=g), torch.randn(2, KV, D, generator=g), torch.randn(2, KV, D, generator=g)
+    out = backend.forward(q, k, v, 0, backend.prepare_metadata(batch, kv))
+    assert out.shape == (2, H, D)
+    assert torch.equal(kv[0][0][slots[0]], k[0]) and torch.equal(kv[0][1][slots[0]], v[0])
+    assert int((kv[0][0].abs().sum((1, 2)) > 0).sum()) == 1                # nothing else was written
