@@ -48,7 +48,7 @@ class Engine:
                               f"tokens; give at least {min_blocks} blocks or lower max_model_len")
         self.pool = BlockPool(blocks, bs)
         self.runner = ModelRunner(self.model, self.pool, cfg.attention)
-        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.sampler = Sampler()
         eos = set(mcfg.eos_token_ids)
@@ -80,7 +80,8 @@ class Engine:
         drafter = getattr(prop, "runner", None)
         for batch, per, ctx in self.PROFILE_SHAPES:
             ids = [-(i + 1) for i in range(batch)]
-            if pool.num_free < batch * pool.blocks_for(ctx + per) or batch > self.cfg.max_num_seqs:
+            if pool.num_free < batch * pool.blocks_for(ctx + per) or batch > self.cfg.max_num_seqs \
+                    or ctx + per > self.max_model_len:
                 continue
             for i in ids:
                 pool.prepare_write(i, ctx + per)

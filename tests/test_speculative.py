@@ -167,3 +167,26 @@ def test_bad_speculation_input(pair, tmp_path, tokenizer_dir):
         LLM(str(target), draft=str(short))
     with pytest.raises(ConfigError, match="acceptance"):
         LLM(str(target), draft="ngram", acceptance="yes")
+
+
+def test_draft_pool_never_overflows_with_forked_choices(pair):
+    """n > 1 shares the prompt's blocks in the target's pool but not in the draft's: the draft shortens
+    its drafts to what its pool holds instead of raising."""
+    target, draft = pair
+    llm = LLM(str(target), draft=str(draft), num_speculative_tokens=4, kv_blocks=10, block_size=4, max_model_len=32)
+    out = llm.generate([[5, 6, 7, 8, 5, 6, 7]], SamplingParams(max_tokens=12, temperature=0.8, seed=1, n=4))[0]
+    assert len(out.outputs) == 4 and all(len(o.token_ids) == 12 for o in out.outputs)
+    llm.engine.pool.check()
+
+
+def test_lookahead_near_the_context_end_does_not_preempt(pair):
+    """Close to max_model_len the scheduler reserves only the slots a sequence may still draft, so a
+    lone sequence is never preempted (and re-prefilled) for want of speculative room; goodput's start-up
+    profile fits a short context too."""
+    target, draft = pair
+    for speculation in ("fixed", "goodput"):
+        llm = LLM(str(target), draft=str(draft), num_speculative_tokens=4, max_model_len=63, block_size=16,
+                  kv_blocks=4, speculation=speculation)
+        out = llm.generate([list(range(2, 40))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 63
+        assert out.metrics["preemptions"] == 0, speculation

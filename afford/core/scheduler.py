@@ -26,8 +26,9 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
         self.pool = pool
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -59,17 +60,22 @@ class Scheduler:
             self.running.extend(admitted)
             return ScheduledStep(admitted, "prefill", [], self._allocate(admitted, 0))
         preempted = []
-        # decode: every running sequence needs room for its next 1 + lookahead tokens
+        # decode: every running sequence needs room for its next 1 + lookahead tokens (no more than it
+        # may draft: near the end of its context or max_tokens that is fewer)
         while self.running:
-            need = sum(self.pool.extra_blocks(s.seq_id, len(s.token_ids) + lookahead) for s in self.running)
+            need = sum(self.pool.extra_blocks(s.seq_id, len(s.token_ids) + self._room(s, lookahead))
+                       for s in self.running)
             if need <= self.pool.num_free:
                 break
             preempted.append(self.running[-1])
             self.preempt(self.running[-1])
         return ScheduledStep(list(self.running), "decode", preempted, self._allocate(self.running, lookahead))
 
+    def _room(self, s: Sequence, lookahead: int) -> int:
+        return min(lookahead, s.draft_room(self.max_model_len)) if lookahead else 0
+
     def _allocate(self, seqs: list[Sequence], lookahead: int) -> list[tuple[int, int]]:
-        return [c for s in seqs for c in self.pool.prepare_write(s.seq_id, len(s.token_ids) + lookahead)]
+        return [c for s in seqs for c in self.pool.prepare_write(s.seq_id, len(s.token_ids) + self._room(s, lookahead))]
 
     def admit_forked(self, seq: Sequence) -> None:
         """A fork of a running sequence (n > 1) joins the running batch directly."""

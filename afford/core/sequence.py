@@ -81,6 +81,11 @@ class Sequence:
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt
 
+    def draft_room(self, max_model_len: int) -> int:
+        """Tokens it may draft this step: never past max_tokens (the last token comes from the target)
+        nor past the context."""
+        return max(0, min(self.params.max_tokens - self.num_output - 1, max_model_len - len(self.token_ids) - 1))
+
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED

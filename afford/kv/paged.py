@@ -62,7 +62,8 @@ class BlockPool:
     def _release(self, b: int) -> None:
         self.ref[b] -= 1
         if self.ref[b] == 0:
-            self.free_blocks.append(b)
+            self.free_blocks.appendleft(b)     # reused first: a sequence that gave back rejected
+                                               # speculative blocks gets the same ones again (stays consecutive)
 
     def prepare_write(self, seq_id: int, new_len: int) -> list[tuple[int, int]]:
         """Make room to write tokens [lens[seq], new_len); returns (src, dst) block copies to apply first."""

@@ -103,6 +103,7 @@ class DraftModelProposer(Proposer):
         self.computed: dict[int, int] = {}
 
     def propose(self, seqs, ks):
+        ks = self._fit_pool(seqs, ks)
         active = [i for i, k in enumerate(ks) if k > 0]
         drafts = [Draft([], None) for _ in seqs]
         if not active:
@@ -132,6 +133,17 @@ class DraftModelProposer(Proposer):
             if rows[i]:
                 drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
         return drafts
+
+    def _fit_pool(self, seqs: list[Sequence], ks: list[int]) -> list[int]:
+        """Shorten drafts to what this proposer's own pool holds (it does not share forked prompts as the
+        target's does, so n > 1 can need more blocks here): k falls until it fits, 0 drafts nothing."""
+        free, out = self.pool.num_free, []
+        for s, k in zip(seqs, ks):
+            while k > 0 and self.pool.extra_blocks(s.seq_id, len(s.token_ids) + k - 1) > free:
+                k -= 1
+            free -= self.pool.extra_blocks(s.seq_id, len(s.token_ids) + k - 1) if k else 0
+            out.append(k)
+        return out
 
     @staticmethod
     def _sample(logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft], rows: list[list]) -> None:

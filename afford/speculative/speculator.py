@@ -38,6 +38,4 @@ class Speculator:
         """Each sequence's k this step, and the catch-up tokens its proposer must feed first."""
         catchup = [self.proposer.catchup(s) for s in seqs]
         chosen = self.controller.choose(seqs, self.k, catchup)
-        # never draft past max_tokens (the last token comes from the target) or the context
-        return [max(0, min(k, s.params.max_tokens - s.num_output - 1, max_model_len - len(s.token_ids) - 1))
-                for k, s in zip(chosen, seqs)], catchup
+        return [min(k, s.draft_room(max_model_len)) for k, s in zip(chosen, seqs)], catchup
