@@ -98,9 +98,3 @@ class AttentionBackend(ABC):
 
     def prepare_for_replay(self, meta: AttnMetadata) -> None:
         raise NotImplementedError(f"the {self.name} backend runs eagerly (no graph capture)")
-
-
-def context_slots(table: list[int], block_size: int, length: int) -> torch.Tensor:
-    """(length,) flat slots of a sequence's first `length` tokens."""
-    t = torch.tensor(table, dtype=torch.long)
-    return (t.unsqueeze(1) * block_size + torch.arange(block_size)).view(-1)[:length]

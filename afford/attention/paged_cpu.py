@@ -1,7 +1,8 @@
 """A CPU backend that reads the paged cache in place where it can.
 
-Per sequence: when its blocks are consecutive in the pool (the usual case: the pool hands out blocks
-in order, see BlockPool), its context K/V is a zero-copy view `pool[first_slot : first_slot + n]`;
+Per sequence: when its blocks are consecutive in the pool (the pool hands out blocks in order and
+reuses freed ones first, so a lone sequence keeps them consecutive; sequences that grow side by side
+interleave theirs), its context K/V is a zero-copy view `pool[first_slot : first_slot + n]`;
 otherwise only its own blocks are gathered (block-sized copies, not one index per token). A prefill
 that starts at position 0 attends to the K/V it just computed and reads nothing from the pool.
 One SDPA per sequence: no padding, no dense (B, T, L) mask; a verify row of T > 1 queries gets a
@@ -18,7 +19,7 @@ from afford.attention.backend import AttentionBackend, AttnMetadata, register
 
 
 def consecutive(blocks: list[int]) -> bool:
-    return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b == blocks[0] + i for i, b in enumerate(blocks))
+    return blocks == list(range(blocks[0], blocks[0] + len(blocks)))
 
 
 @register("cpu_paged")

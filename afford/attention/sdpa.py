@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from afford.attention.backend import AttentionBackend, AttnMetadata, context_slots, register
+from afford.attention.backend import AttentionBackend, AttnMetadata, register
+from afford.kv.paged import table_slots
 
 
 @register("sdpa")
@@ -16,7 +17,7 @@ class GatherSDPABackend(AttentionBackend):
         B, T, L = len(b.seq_ids), max(b.query_lens), max(b.context_lens)
         gather = torch.zeros(B, L, dtype=torch.long)                                    # (B, L)
         for i, (tbl, n) in enumerate(zip(b.tables, b.context_lens)):
-            gather[i, :n] = context_slots(tbl, b.block_size, n)
+            gather[i, :n] = torch.tensor(table_slots(tbl, b.block_size, 0, n))
         # query t of sequence i sits at position starts[i] + t and sees context positions <= it
         qpos = torch.tensor(b.starts).view(B, 1) + torch.arange(T).view(1, T)          # (B, T)
         mask = torch.arange(L).view(1, 1, L) <= qpos.unsqueeze(-1)                      # (B, T, L)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from afford.attention import ForwardBatch, get_backend
-from afford.kv.paged import BlockPool
+from afford.kv.paged import BlockPool, table_slots
 from afford.models.quant import quant_bytes
 from afford.models.transformer import Transformer
 
@@ -90,7 +90,7 @@ class ModelRunner:
         """One token per sequence at `positions` (ids: list or (B,) tensor)."""
         bs = self.pool.block_size
         tbls = self._tables(seq_ids)
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tbls, positions)]
+        slots = [table_slots(t, bs, p, p + 1)[0] for t, p in zip(tbls, positions)]
         n = len(seq_ids)
         from_tensor = isinstance(ids, torch.Tensor)
         ids_t, pos_t, slot_t = self.buffers.fill(n, 0 if from_tensor else ids, positions, slots)
@@ -104,10 +104,8 @@ class ModelRunner:
         bs = self.pool.block_size
         tbls = self._tables(seq_ids)
         lens = [len(t) for t in tokens]
-        pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])   # (N,)
-        blocks = np.concatenate([np.asarray(t, dtype=np.int64)[np.arange(s, s + n) // bs]
-                                 for t, s, n in zip(tbls, starts, lens)])
-        slots = blocks * bs + pos % bs
+        pos = [p for s, n in zip(starts, lens) for p in range(s, s + n)]                # (N,)
+        slots = [x for t, s, n in zip(tbls, starts, lens) for x in table_slots(t, bs, s, s + n)]
         flat = [t for toks in tokens for t in toks]
         ids_t, pos_t, slot_t = self.buffers.fill(len(flat), flat, pos, slots)
         phase = "prefill" if not any(starts) else "verify"

@@ -10,6 +10,11 @@ from __future__ import annotations
 from collections import deque
 
 
+def table_slots(table: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Flat slots of positions start..end-1 of the sequence whose block table this is."""
+    return [table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+
+
 class OutOfBlocks(RuntimeError):
     """The pool has too few free blocks; the scheduler preempts before this can happen."""
 
@@ -48,8 +53,7 @@ class BlockPool:
         return self.extra_blocks(seq_id, new_len) <= self.num_free
 
     def slots(self, seq_id: int, start: int, end: int) -> list[int]:
-        table, bs = self.tables[seq_id], self.block_size
-        return [table[i // bs] * bs + i % bs for i in range(start, end)]
+        return table_slots(self.tables[seq_id], self.block_size, start, end)
 
     # ---- changes ----
     def _take(self) -> int:
