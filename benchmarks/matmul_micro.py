@@ -4,7 +4,11 @@ for 1-16 rows, three ways of multiplying:
 
 - F.linear(x, W) on W (out, in)             -- what transformers does
 - x @ W^T on a pre-transposed (in, out) copy -- afford's one-row fp32 path
-- (W @ x^T)^T on W (out, in), made contiguous -- afford's multi-row fp32 path
+- (W @ x^T)^T on W (out, in), made contiguous -- MKL's sgemm the faster way round (afford's 2+ row path
+  until oneDNN's packed weight replaced it)
+- x @ W^T on (in, out) split in two halves of `out`, (2, in, out/2), as one batched matmul -- afford's
+  one-row fp32 path (two GEMVs, one per core)
+- oneDNN's linear on its pre-packed weight (torch.ops.mkldnn._linear_pointwise) -- afford's 2+ row path
 - numpy's x @ W^T (its own BLAS, OpenBLAS in the numpy wheel) on the same (in, out) copy -- another
   library's GEMV, streamed alone (in the model, its thread pool and torch's compete for the 2 cores)
 
@@ -33,6 +37,8 @@ def main():
         Ws = [torch.randn(o, i, dtype=dt) for _ in range(LAYERS) for o, i in SHAPES] + [torch.randn(*HEAD, dtype=dt)]
         Wts = [w.t().contiguous() for w in Ws]
         Wns = [w.float().numpy() for w in Wts] if dt == torch.float32 else None
+        Whalf = [w.t().reshape(w.shape[1], 2, w.shape[0] // 2).permute(1, 0, 2).contiguous() for w in Ws]
+        Wpk = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in Ws] if dt == torch.float32 else None
         gb = sum(w.numel() * w.element_size() for w in Ws) / 1e9
         read = gb / bench(lambda: [w.sum() for w in Ws], 10 if dt == torch.float32 else 3)   # plain streaming read
         for m in (1, 2, 4, 8, 16):
@@ -40,7 +46,12 @@ def main():
             xn = {i: x.float().numpy() for i, x in xs.items()}
             ways = {"F_linear": lambda: [F.linear(xs[w.shape[1]], w) for w in Ws],
                     "x_at_Wt": lambda: [xs[w.shape[0]] @ w for w in Wts],
-                    "W_at_xT": lambda: [torch.mm(w, xs[w.shape[1]].t()).t().contiguous() for w in Ws]}
+                    "W_at_xT": lambda: [torch.mm(w, xs[w.shape[1]].t()).t().contiguous() for w in Ws],
+                    "x_at_Wt_halves": lambda: [torch.matmul(xs[w.shape[1]].unsqueeze(0), w).transpose(0, 1)
+                                               .reshape(m, -1) for w in Whalf]}
+            if Wpk is not None:
+                ways["onednn_packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(
+                    xs[w.shape[1]], p, None, "none", [], "") for w, p in zip(Ws, Wpk)]
             if Wns is not None:
                 ways["numpy_x_at_Wt"] = lambda: [xn[w.shape[0]] @ w for w in Wns]
             row = {"dtype": str(dt).replace("torch.", ""), "rows": m, "MB": round(gb * 1e3),

@@ -50,34 +50,44 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tenso
     return (inv / rope.factor) * (1 - extrap) + inv * extrap, attn_factor
 
 
-# fp32 on the CPU (MKL; benchmarks/matmul_micro.py, BENCHMARKS.md): a one-row GEMV streams an (in, out)
-# weight ~1.5x faster than F.linear on (out, in), and 2-16 rows run 1.4-2.7x faster as W @ x^T on the
-# (out, in) weight than as F.linear. Below this many bytes of weights the CPU keeps both layouts (2x the
-# weight memory). bf16 keeps F.linear, its fastest path here.
-DUAL_LAYOUT_MAX_BYTES = 4 << 30
+# fp32 on the CPU (benchmarks/matmul_micro.py, BENCHMARKS.md): a one-row product streams an (in, out)
+# weight faster than F.linear on (out, in), and faster still split in two halves (one GEMV per core);
+# 2+ rows run faster through oneDNN's pre-packed weight than through MKL's sgemm or F.linear. Below this
+# many bytes of weights the CPU keeps those layouts beside the (out, in) one; bf16 keeps F.linear.
+DUAL_LAYOUT_MAX_BYTES = 2 << 30       # the CPU fp32 layouts hold each matrix three times
 
 
 class PackedLinear(nn.Module):
     """Inference-only linear layer, optionally several HF matrices concatenated along `out` (q|k|v,
-    gate|up: one matmul instead of three). Holds W (out, in); on the CPU also W^T (in, out) contiguous
-    for the one-row decode GEMV. Rows > 1 run as (W @ x^T)^T, the faster MKL path on the CPU."""
+    gate|up: one matmul instead of three). Holds W (out, in); on the CPU in fp32 also W^T in two halves
+    (2, in, out/2) for the one-row decode product and oneDNN's packed W for 2+ rows."""
 
     def __init__(self, *linears: nn.Linear, one_row_copy: bool = False):
         super().__init__()
         w = torch.cat([lin.weight for lin in linears], dim=0)                    # (out, in)
         self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
-        # the same matrix in the other layout: a buffer, so weight-byte counts see one copy
-        self.register_buffer("weight_t", w.t().contiguous() if one_row_copy else None, persistent=False)  # (in, out)
+        # the same matrix in the other layout, split in two halves of `out` -- (2, in, out/2) -- so that the
+        # one-row product is a batch of two GEMVs, one per core (MKL runs a lone GEMV at about one core's
+        # read rate: benchmarks/matmul_micro.py). A buffer, so weight-byte counts see one copy.
+        parts = 2 if w.shape[0] % 2 == 0 else 1
+        wt = w.t().reshape(w.shape[1], parts, w.shape[0] // parts).permute(1, 0, 2).contiguous()
+        self.register_buffer("weight_t", wt if one_row_copy else None, persistent=False)
         biases = [lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=w.dtype,
                                                                     device=w.device) for lin in linears]
         has_bias = any(lin.bias is not None for lin in linears)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.sizes = [lin.out_features for lin in linears]
         self.cpu_fp32 = w.device.type == "cpu" and w.dtype == torch.float32
+        # and for 2+ rows oneDNN's pre-packed (blocked) layout (an opaque tensor, not a buffer)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None) \
+            if one_row_copy and torch.backends.mkldnn.is_available() else None
 
     def forward(self, x):
         if self.weight_t is not None and x.numel() == x.shape[-1]:
-            y = x @ self.weight_t                                                # one row: (1, out)
+            y = torch.matmul(x.reshape(1, 1, -1), self.weight_t)                 # one row: (parts, 1, out/parts)
+            y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+        elif self.packed is not None and x.dim() == 2:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")   # (N, out)
         elif self.cpu_fp32 and x.dim() == 2:
             y = torch.mm(self.weight, x.t()).t().contiguous()                    # (N, out)
         else:
