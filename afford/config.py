@@ -166,7 +166,9 @@ class EngineConfig:
     block_size: int = 16
     kv_blocks: int | None = None        # None: enough for max_num_seqs full-length sequences
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 2048   # tokens fed per step: decodes first, then prompt chunks
+    enable_chunked_prefill: bool = True  # split long prompts over steps so running decodes never wait
+    enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt's cached leading tokens
     seed: int = 0
     cost_hardware: str | None = None     # report modeled USD per 1M tokens on this hardware (afford cost keys)
     quantization: str | None = None      # "int8" | "int4": weight-only, quantized on load (FineQuant)
@@ -180,6 +182,8 @@ class EngineConfig:
             raise ConfigError("kv_blocks must be >= 1")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,10 @@ class Engine:
         if blocks < min_blocks:
             raise ConfigError(f"kv_blocks={blocks} cannot hold one sequence of max_model_len={self.max_model_len} "
                               f"tokens; give at least {min_blocks} blocks or lower max_model_len")
-        self.pool = BlockPool(blocks, bs)
+        self.pool = BlockPool(blocks, bs, prefix_caching=cfg.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.pool, cfg.attention)
-        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+                                   chunked_prefill=cfg.enable_chunked_prefill)
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.sampler = Sampler()
         eos = set(mcfg.eos_token_ids)
@@ -168,24 +169,39 @@ class Engine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
-        """One batched target forward for every scheduled sequence; returns an output for each that advanced."""
-        sched = self.scheduler.schedule(lookahead=self.speculator.k if self.speculator else 0)
-        seqs, kind = sched.seqs, sched.kind
+        """One engine step: every scheduled sequence advances through ONE batched target forward (prompt
+        chunks and decodes together) -- or two when speculation drafts for the decodes: the prompt chunks'
+        forward, then the verification of the drafts. Returns an output for each sequence that advanced."""
+        spec = self.speculator
+        sched = self.scheduler.schedule(lookahead=spec.k if spec else 0)
         for s in sched.preempted:
-            if self.speculator:
-                self.speculator.proposer.free(s)
-        if not seqs:
+            if spec:
+                spec.proposer.free(s)
+        if not sched.seqs:
             return []
         self.runner.copy_blocks(sched.copies)
+        parts = [(sched.kind, sched.seqs, sched.chunks)]
+        if spec and sched.kind == "mixed":
+            pre = [(s, n) for s, n in zip(sched.seqs, sched.chunks) if s.in_prefill]
+            dec = [s for s in sched.seqs if not s.in_prefill]
+            parts = [("prefill", [s for s, _ in pre], [n for _, n in pre]), ("decode", dec, [1] * len(dec))]
+        outs = []
+        for i, (kind, seqs, chunks) in enumerate(parts):
+            outs += self._run(kind, seqs, chunks, len(sched.preempted) if i == 0 else 0)
+        self.stats.prefix_hit_tokens = self.pool.hit_tokens
+        return outs
+
+    def _run(self, kind: str, seqs: list[Sequence], chunks: list[int], preempted: int) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        ks, catchup = self.speculator.ks(seqs, self.max_model_len) if self.speculator and kind == "decode" else ([0] * len(seqs), [])
+        spec = self.speculator if kind == "decode" else None
+        ks, catchup = spec.ks(seqs, self.max_model_len) if spec else ([0] * len(seqs), [])
         if any(ks):
             outs, st = self._speculative_step(seqs, ks, catchup)
         else:
-            outs, st = self._plain(seqs, kind)
-        st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, len(sched.preempted)
-        if self.speculator and kind == "decode":
-            st.predicted_seconds = self.speculator.controller.last_prediction
+            outs, st = self._plain(seqs, chunks)
+        st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, preempted
+        if spec:
+            st.predicted_seconds = spec.controller.last_prediction
         st.weight_bytes = self.runner.weight_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
@@ -197,23 +213,38 @@ class Engine:
             self.stats.cost_hardware = self.cost_hw.key
         return outs
 
-    def _plain(self, seqs: list[Sequence], kind: str) -> tuple[list[RequestOutput], StepStats]:
+    def _computed(self, s: Sequence, n: int) -> None:
+        """s's first n tokens are in the cache and final: full blocks among them join the prefix cache."""
+        s.num_computed = n
+        self.pool.register(s.seq_id, s.token_ids, n)
+
+    def _plain(self, seqs: list[Sequence], chunks: list[int]) -> tuple[list[RequestOutput], StepStats]:
+        """Feed each sequence its next chunks[i] tokens; those whose chunk reaches their last token sample."""
         starts = [s.num_computed for s in seqs]
-        tokens = [s.token_ids[s.num_computed:] for s in seqs]
-        logits_rows = [list(range(len(t))) if kind == "prefill" and s.params.prompt_logprobs
-                       and s.prompt_logprobs is None else [len(t) - 1] for s, t in zip(seqs, tokens)]
+        prefill = [s.in_prefill for s in seqs]
+        tokens = [s.token_ids[st:st + n] for s, st, n in zip(seqs, starts, chunks)]
+        done = [st + n == len(s.token_ids) for s, st, n in zip(seqs, starts, chunks)]
+        logits_rows = [[] if not d else list(range(len(t))) if p and st == 0 and s.params.prompt_logprobs
+                       and s.prompt_logprobs is None else [len(t) - 1]
+                       for s, p, st, t, d in zip(seqs, prefill, starts, tokens, done)]
         logits = self.runner.forward([s.seq_id for s in seqs], starts, tokens, logits_rows)   # (R, V)
         if any(len(r) > 1 for r in logits_rows):
             self._prompt_logprobs(seqs, logits_rows, logits)
-            last = torch.tensor([sum(len(r) for r in logits_rows[:i + 1]) - 1 for i in range(len(seqs))])
-            logits = logits[last]                                                       # (B, V)
-        next_tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            ends = list(itertools.accumulate(len(r) for r in logits_rows))
+            logits = logits[torch.tensor([e - 1 for e, r in zip(ends, logits_rows) if r])]      # (done, V)
+        sampling = [s for s, d in zip(seqs, done) if d]
+        next_tokens = iter(self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])) \
+            if sampling else iter(())
+        rows = iter(logits)
         outs = []
-        lookahead = self.speculator is not None and kind == "decode"
-        for s, st, toks, tok, row in zip(seqs, starts, tokens, next_tokens, logits):
-            s.num_computed = st + len(toks)
-            if lookahead:                      # the scheduler reserved speculative slots this step did not use
+        for s, p, st, toks, d in zip(seqs, prefill, starts, tokens, done):
+            self._computed(s, st + len(toks))
+            if not d:                          # a prompt chunk short of the end: nothing to sample yet
+                continue
+            tok, row = next(next_tokens), next(rows)
+            if self.speculator and not p:      # the scheduler reserved speculative slots left unused
                 self.pool.truncate(s.seq_id, s.num_computed)
+            s.in_prefill = False
             children, s.children = s.children, []
             for c in children:                 # n > 1: share the prompt's blocks, sample independently
                 self.pool.fork(s.seq_id, c.seq_id)
@@ -223,8 +254,9 @@ class Engine:
             for c in children:
                 c_tok = self.sampler(row.unsqueeze(0), [c.params], [c.generator])[0]
                 outs.append(self._emit(c, [c_tok], row.unsqueeze(0)))
-        st = StepStats.of_forward(kind, [s.seq_id for s in seqs], starts, [len(t) for t in tokens])
-        st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(seqs), [0] * len(seqs), [0] * len(seqs)
+        st = StepStats.of_forward("", [s.seq_id for s in seqs], starts, [len(t) for t in tokens])
+        st.prefill_tokens = sum(len(t) for p, t in zip(prefill, tokens) if p)
+        st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * len(seqs), [0] * len(seqs)
         return outs, st
 
     def _speculative_step(self, seqs: list[Sequence], ks: list[int],
@@ -251,7 +283,7 @@ class Engine:
             valid = start + 1 + n                  # K/V positions that hold kept tokens
             self.pool.truncate(s.seq_id, valid)
             sp.proposer.rollback(s, valid)
-            s.num_computed = valid
+            self._computed(s, valid)
             before = s.num_output
             outs.append(self._emit(s, d.tokens[:n] + [nxt], own[:n + 1]))
             st.tokens_out += s.num_output - before

@@ -17,12 +17,17 @@ class LLM:
                  block_size: int = 16, max_num_seqs: int = 64, draft: str | None = None,
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
-                 draft_quantization: str | None = None, attention: str = "auto"):
+                 draft_quantization: str | None = None, attention: str = "auto",
+                 max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
+                 enable_prefix_caching: bool = True):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
-        attention: the attention backend (afford/attention/): "auto", "cpu_paged" or "sdpa"."""
+        attention: the attention backend (afford/attention/): "auto", "cpu_paged" or "sdpa".
+        max_num_batched_tokens: tokens fed per step; with enable_chunked_prefill running decodes take theirs
+        first and long prompts are split over steps. enable_prefix_caching reuses the KV of cached leading
+        prompt blocks (exact: the same tokens, the same positions)."""
         speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens,
                                          controller=speculation, acceptance=acceptance,
                                          draft_quantization=draft_quantization) if draft is not None else None)
@@ -30,7 +35,9 @@ class LLM:
                                          kv_blocks=kv_blocks, seed=seed, block_size=block_size,
                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
                                          quantization=quantization, quant_group=quant_group,
-                                         attention=attention), speculative))
+                                         attention=attention, max_num_batched_tokens=max_num_batched_tokens,
+                                         enable_chunked_prefill=enable_chunked_prefill,
+                                         enable_prefix_caching=enable_prefix_caching), speculative))
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, speculative: SpeculativeConfig | None = None) -> "LLM":

@@ -56,3 +56,12 @@ def make_hf_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_hf_model(tmp_path_factory.mktemp("llama"), tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def random_pair(tmp_path_factory, tokenizer_dir):
+    """A random 2-layer Llama target and a 1-layer draft with its tokenizer."""
+    root = tmp_path_factory.mktemp("pair")
+    target = make_hf_model(root / "t", tokenizer_dir, seed=3)
+    draft = make_hf_model(root / "d", tokenizer_dir, seed=3, num_hidden_layers=1)
+    return target, draft

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, make_hf_model
+from conftest import ROOT
 
 from afford import LLM, SamplingParams
 from afford.attention import BACKENDS, ForwardBatch, get_backend
@@ -91,14 +91,6 @@ def test_backend_equals_dense_attention(name):
     for _ in range(3):                                     # a larger decode batch (cpu_paged batches it)
         check([0, 1, 2, 3], [len(t.k[s]) for s in (0, 1, 2, 3)], [1, 1, 1, 1])
     t.pool.check()
-
-
-@pytest.fixture(scope="module")
-def random_pair(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("fp")
-    target = make_hf_model(root / "t", tokenizer_dir, seed=3)
-    draft = make_hf_model(root / "d", tokenizer_dir, seed=3, num_hidden_layers=1)
-    return target, draft
 
 
 def snapshot(pool):

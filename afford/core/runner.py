@@ -116,6 +116,8 @@ class ModelRunner:
         """Logits (R, V) float32 of the fed tokens at flat indices `logits_rows` (None: every fed token)."""
         meta = self.backend.prepare_metadata(batch, self.kv)
         h = self.model.hidden(ids, batch.positions, meta)                          # (N, hidden)
+        if logits_rows == []:                                                      # prompt chunks only
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
         if logits_rows is not None:
             h = h.index_select(0, torch.tensor(logits_rows, device=self.device))   # (R, hidden)
         return self.model.lm_head(h).float()                                      # (R, V)

@@ -57,6 +57,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.num_computed = 0                  # tokens whose K/V is in the cache
+        self.in_prefill = False                # admitted and computing its tokens, none sampled since
         self.text = ""
         self.streamed = 0                      # characters of text already handed out as deltas
         self.finish_reason: str | None = None

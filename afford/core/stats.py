@@ -14,7 +14,7 @@ def add_counts(total: list[int], more: list[int]) -> None:
 
 @dataclass
 class StepStats:
-    kind: str                      # "prefill" | "decode"
+    kind: str                      # "prefill" | "decode" | "mixed" (prompt chunks and decodes in one forward)
     num_seqs: int
     tokens_in: int                 # tokens fed through the target this step
     tokens_out: int                # tokens appended to sequences this step
@@ -34,6 +34,7 @@ class StepStats:
     draft_catchup: int = 0         # tokens the proposer fed to catch up (beyond one per drafting sequence)
     predicted_seconds: float | None = None                     # the goodput controller's step-time forecast
     preempted: int = 0
+    prefill_tokens: int = 0        # of tokens_in, those of prompts being prefilled
 
     @staticmethod
     def of_forward(kind: str, seq_ids: list[int], starts: list[int], fed: list[int]) -> "StepStats":
@@ -46,6 +47,7 @@ class StepStats:
 class EngineStats:
     steps: int = 0
     prefill_steps: int = 0
+    max_step_tokens: int = 0       # the most tokens one forward fed (<= max_num_batched_tokens when chunking)
     decode_steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -62,7 +64,8 @@ class EngineStats:
     k_histogram: list[int] = field(default_factory=list)       # how often each k was chosen (decode steps)
     modeled_usd_per_1m: float | None = None     # Step-3 cost model at the last decode step's mean context
     cost_hardware: str | None = None
-    last: StepStats | None = None
+    prefix_hit_tokens: int = 0      # prompt tokens whose KV came from the prefix cache (the engine copies
+    last: StepStats | None = None   # the pool's count here after each step)
 
     def add(self, s: StepStats) -> None:
         self.steps += 1
@@ -70,11 +73,12 @@ class EngineStats:
         self.bytes_read += s.weight_bytes + s.kv_bytes
         self.flops += s.flops
         self.preemptions += s.preempted
+        self.prompt_tokens += s.prefill_tokens
+        self.max_step_tokens = max(self.max_step_tokens, s.tokens_in)
         if s.kind == "prefill":
             self.prefill_steps += 1
-            self.prompt_tokens += s.tokens_in
             self.prefill_seconds += s.seconds
-        else:
+        else:                          # a mixed step counts as decoding: its decodes waited for nothing else
             self.decode_steps += 1
             self.decode_seconds += s.seconds
             self.decode_tokens += s.tokens_out
@@ -115,6 +119,8 @@ class EngineStats:
             s += f" | accepted {self.accepted}/{self.drafted} ({self.acceptance_rate:.0%})"
         if self.preemptions:
             s += f" | {self.preemptions} preemptions"
+        if self.prefix_hit_tokens:
+            s += f" | prefix cache {self.prefix_hit_tokens} tok reused"
         if self.modeled_usd_per_1m is not None:
             s += f" | modeled ${self.modeled_usd_per_1m:.4g}/1M tok on {self.cost_hardware}"
         return s

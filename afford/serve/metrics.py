@@ -15,7 +15,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class _SpeculativeCollector:
-    """Speculation counters straight from the engine's EngineStats (one source of truth)."""
+    """Speculation and prefix-cache counters straight from the engine's EngineStats and block pool (one
+    source of truth)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -36,6 +37,11 @@ class _SpeculativeCollector:
         yield ks
         yield CounterMetricFamily("afford_engine_steps", "engine steps", value=st.steps)
         yield CounterMetricFamily("afford_preemptions", "sequences preempted by recompute", value=st.preemptions)
+        pool = self.engine.pool
+        yield CounterMetricFamily("afford_prefix_cache_queries", "tokens of admitted prompts looked up in the "
+                                  "prefix cache", value=pool.queried_tokens)
+        yield CounterMetricFamily("afford_prefix_cache_hits", "prompt tokens whose KV came from the prefix cache",
+                                  value=pool.hit_tokens)
 
 
 class ServerMetrics:
@@ -57,7 +63,10 @@ class ServerMetrics:
         Gauge("afford_waiting_sequences", "sequences waiting", registry=r).set_function(
             lambda: len(eng.scheduler.waiting))
         Gauge("afford_kv_blocks_used", "KV blocks in use", registry=r).set_function(lambda: eng.pool.num_used)
-        Gauge("afford_kv_blocks_free", "KV blocks free", registry=r).set_function(lambda: eng.pool.num_free)
+        Gauge("afford_kv_blocks_free", "KV blocks free (empty or cached and unused)", registry=r).set_function(
+            lambda: eng.pool.num_free)
+        Gauge("afford_kv_blocks_cached", "KV blocks in the prefix cache", registry=r).set_function(
+            lambda: eng.pool.num_cached)
         Gauge("afford_requests_in_flight", "requests admitted and not finished", registry=r).set_function(
             lambda: llm.in_flight)
         r.register(_SpeculativeCollector(eng))

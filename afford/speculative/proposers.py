@@ -82,7 +82,7 @@ class DraftModelProposer(Proposer):
 
     def __init__(self, path: str, target_tokenizer, target_max_len: int, num_blocks: int, block_size: int,
                  device: str = "auto", dtype: str = "auto", vocab_size: int | None = None,
-                 quantization: str | None = None, attention: str = "auto"):
+                 quantization: str | None = None, attention: str = "auto", prefix_caching: bool = False):
         from afford.config import ModelConfig
         path = resolve_model_path(path, role="draft")
         cfg = ModelConfig.from_dir(path)
@@ -98,11 +98,18 @@ class DraftModelProposer(Proposer):
                               f"with max_model_len={target_max_len}; lower max_model_len or use a longer draft")
         self.model = load_for_inference(path, device, dtype, max_len=target_max_len, quantization=quantization)
         self.cfg = cfg
-        self.pool = BlockPool(num_blocks, block_size)
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
         self.runner = ModelRunner(self.model, self.pool, attention)
         self.computed: dict[int, int] = {}
 
     def propose(self, seqs, ks):
+        for s, k in zip(seqs, ks):
+            sid = s.seq_id
+            if k and sid not in self.computed:            # new here: start from the cached prefix, if any
+                self.computed[sid] = self.pool.match_prefix(sid, s.token_ids)
+                self.pool.count_admitted(len(s.token_ids), self.computed[sid])
+            elif sid in self.computed:                    # what it computed is verified (rolled back past drafts)
+                self.pool.register(sid, s.token_ids, min(self.computed[sid], len(s.token_ids)))
         ks = self._fit_pool(seqs, ks)
         active = [i for i, k in enumerate(ks) if k > 0]
         drafts = [Draft([], None) for _ in seqs]

@@ -31,7 +31,8 @@ class Speculator:
             proposer = DraftModelProposer(cfg.draft, engine.tokenizer, engine.max_model_len, engine.pool.num_blocks,
                                           engine.pool.block_size, e.device, cfg.draft_dtype,
                                           vocab_size=engine.model_config.vocab_size,
-                                          quantization=cfg.draft_quantization, attention=e.attention)
+                                          quantization=cfg.draft_quantization, attention=e.attention,
+                                          prefix_caching=e.enable_prefix_caching)
         return Speculator(cfg, proposer)
 
     def ks(self, seqs: list[Sequence], max_model_len: int) -> tuple[list[int], list[int]]:

@@ -1,0 +1,188 @@
+"""Automatic prefix caching and chunked prefill: exact (the same greedy tokens as without them, fp32), the
+pool's bookkeeping (reference counts, LRU eviction, copy-on-write of cached blocks, all free after a
+reset), and decodes that keep advancing while a long prompt is prefilled."""
+import pytest
+import torch
+
+from afford import LLM, SamplingParams
+from afford.kv.paged import BlockPool
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def token_prompts(n, lo, hi, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(2, 512, (int(k),), generator=g).tolist()
+            for k in torch.randint(lo, hi, (n,), generator=g)]
+
+
+# ---- the pool ----
+
+def test_match_takes_the_longest_cached_chain_and_only_exact_tokens():
+    pool = BlockPool(16, 4, prefix_caching=True)
+    toks = list(range(10, 24))                     # 14 tokens: 3 full blocks + 2
+    assert pool.match_prefix(1, toks) == 0
+    pool.prepare_write(1, 14)
+    pool.register(1, toks, 14)
+    assert pool.num_cached == 3
+    # same first 2 blocks, different third: 8 tokens reused
+    other = toks[:8] + [99] * 6
+    assert pool.match_prefix(2, other) == 8
+    assert pool.tables[2] == pool.tables[1][:2]
+    # the same tokens of block 2 after a different block 1 do not match (the key includes the parent)
+    assert pool.match_prefix(3, [5, 5, 5, 5] + toks[4:]) == 0
+    # at most all but the last token: a 12-token prompt (3 full blocks) reuses 2, its last block is computed
+    assert pool.match_prefix(4, toks[:12]) == 8
+    pool.check()
+    for s in (1, 2, 3, 4):
+        pool.free(s)
+    pool.check()
+    assert pool.num_used == 0 and pool.num_cached == 3     # freed but still cached (evictable)
+    pool.reset_prefix_cache()
+    pool.check()
+    assert len(pool.free_blocks) == 16 and pool.num_cached == 0
+
+
+def test_eviction_is_least_recently_freed_and_only_when_no_empty_block_is_left():
+    pool = BlockPool(4, 2, prefix_caching=True)
+    for sid, base in ((1, 10), (2, 20)):
+        toks = [base, base + 1, base + 2]
+        pool.prepare_write(sid, 3)
+        pool.register(sid, toks, 3)                # one full block each
+        pool.free(sid)                             # 1's block freed first
+    assert pool.num_cached == 2 and pool.num_free == 4
+    pool.prepare_write(3, 4)                       # takes the 2 empty blocks: nothing evicted
+    assert pool.num_cached == 2
+    pool.prepare_write(4, 2)                       # needs one more: evicts 1's block (freed first)
+    assert pool.match_prefix(5, [10, 11, 12]) == 0
+    assert pool.match_prefix(6, [20, 21, 22]) == 2
+    pool.check()
+
+
+def test_a_cached_block_is_copied_before_it_is_written():
+    pool = BlockPool(8, 4, prefix_caching=True)
+    toks = list(range(8))
+    pool.prepare_write(1, 8)
+    pool.register(1, toks, 8)
+    cached = pool.tables[1][1]
+    pool.truncate(1, 6)                            # roll back into a registered block (not done by the engine)
+    copies = pool.prepare_write(1, 8)              # rewriting it must not change what the cache serves
+    assert copies == [(cached, pool.tables[1][1])] and pool.tables[1][1] != cached
+    assert pool.match_prefix(2, toks + [9]) == 8 and pool.tables[2][1] == cached
+    pool.check()
+
+
+def test_fork_shares_registered_blocks():
+    pool = BlockPool(8, 4, prefix_caching=True)
+    toks = list(range(6))
+    pool.prepare_write(1, 6)
+    pool.register(1, toks, 6)
+    pool.fork(1, 2)
+    pool.register(2, toks, 6)                      # nothing new: the full block is already registered
+    assert pool.num_cached == 1 and pool.ref[pool.tables[1][0]] == 2
+    pool.prepare_write(2, 7)                       # the shared partial block is copied, as before
+    pool.check()
+
+
+# ---- the engine: exact, counted, all free ----
+
+def greedy(llm, prompts):
+    return [o.token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+def test_prefix_caching_is_exact_and_reuses_shared_prompts(random_pair):
+    shared = token_prompts(4, 20, 60, seed=1, prefix=token_prompts(1, 48, 49, seed=9)[0])   # 48-token prefix
+    unshared = token_prompts(4, 10, 70, seed=2)
+    off = LLM(str(random_pair[0]), enable_prefix_caching=False)
+    on = LLM(str(random_pair[0]))
+    ref = greedy(off, shared + unshared)
+    assert [greedy(on, [p])[0] for p in shared + unshared] == ref       # one at a time: later ones hit
+    assert greedy(on, shared + unshared) == ref                         # again, batched: all hit
+    pool = on.engine.pool
+    assert pool.hit_tokens >= 3 * 48 and off.engine.pool.hit_tokens == 0
+    assert "prefix cache" in on.engine.stats.line()
+    assert pool.num_used == 0
+    pool.check()
+    pool.reset_prefix_cache()
+    assert len(pool.free_blocks) == pool.num_blocks
+
+
+def test_prefix_caching_exact_under_preemption_and_eviction(random_pair):
+    ps = token_prompts(6, 30, 60, seed=3, prefix=list(range(100, 132)))
+    ref = greedy(LLM(str(random_pair[0]), enable_prefix_caching=False), ps)
+    small = LLM(str(random_pair[0]), kv_blocks=24, block_size=8, max_model_len=128)   # too few for 6 at once
+    assert greedy(small, ps) == ref
+    assert greedy(small, list(reversed(ps))) == list(reversed(ref))
+    eng = small.engine
+    assert eng.stats.preemptions > 0 and eng.pool.hit_tokens > 0
+    assert eng.pool.num_used == 0
+    eng.pool.check()
+
+
+@pytest.mark.parametrize("spec", [dict(draft="d"), dict(draft="ngram")])
+def test_prefix_caching_with_speculation_and_n(random_pair, spec):
+    target, draft = map(str, random_pair)
+    if spec["draft"] == "d":
+        spec = dict(draft=draft)
+    ps = token_prompts(4, 20, 40, seed=4, prefix=list(range(200, 240)))
+    ref = greedy(LLM(target, enable_prefix_caching=False), ps)
+    llm = LLM(target, num_speculative_tokens=3, **spec)
+    assert [greedy(llm, [p])[0] for p in ps] == ref
+    eng = llm.engine
+    assert eng.stats.drafted > 0 and eng.pool.hit_tokens >= 3 * 32
+    if spec["draft"] != "ngram":
+        assert eng.speculator.proposer.pool.hit_tokens >= 3 * 32        # the draft's cache too
+        eng.speculator.proposer.pool.check()
+    # n > 1 shares the prompt: every choice equals the greedy reference
+    outs = llm.generate([ps[0]], SamplingParams(max_tokens=24, temperature=0, n=3))[0]
+    assert [c.token_ids for c in outs.outputs] == [ref[0]] * 3
+    assert eng.pool.num_used == 0
+    eng.pool.check()
+
+
+# ---- chunked prefill ----
+
+def test_chunked_prefill_equals_one_shot(random_pair):
+    target, draft = map(str, random_pair)
+    ps = token_prompts(5, 60, 200, seed=6)                             # longer than the 32-token budget
+    ref = greedy(LLM(target, enable_chunked_prefill=False, enable_prefix_caching=False), ps)
+    for kw in (dict(), dict(draft=draft), dict(draft="ngram")):
+        llm = LLM(target, max_num_batched_tokens=32, enable_prefix_caching=False, **kw)
+        assert greedy(llm, ps) == ref, kw
+        assert llm.engine.stats.max_step_tokens <= 32                  # prompts took several steps each
+        assert llm.engine.stats.prompt_tokens == sum(map(len, ps))
+        assert llm.engine.pool.num_used == 0
+
+
+def test_decodes_advance_while_a_long_prompt_is_prefilled(random_pair):
+    llm = LLM(str(random_pair[0]), max_num_batched_tokens=16, enable_prefix_caching=False)
+    eng = llm.engine
+    short = eng.add_request(token_prompts(1, 5, 6, seed=7)[0], SamplingParams(max_tokens=64, temperature=0,
+                                                                             ignore_eos=True))
+    eng.step()                                                           # its prefill
+    assert short.num_output == 1
+    long = eng.add_request(token_prompts(1, 120, 121, seed=8)[0], SamplingParams(max_tokens=4, temperature=0))
+    kinds = []
+    while long.num_output == 0:
+        before = short.num_output
+        eng.step()
+        kinds.append(eng.stats.last.kind)
+        assert short.num_output == before + 1                           # one token every step
+    assert len(kinds) >= 120 // 15 and set(kinds) == {"mixed"}
+    # the same long prompt alone, without chunking, gives the same tokens
+    while eng.has_unfinished():
+        eng.step()
+    alone = LLM(str(random_pair[0]), enable_chunked_prefill=False, enable_prefix_caching=False)
+    assert long.output_ids == greedy(alone, [long.prompt_ids])[0][:len(long.output_ids)]
+
+
+def test_prompt_logprobs_with_chunking_and_caching(random_pair):
+    p = token_prompts(1, 70, 71, seed=10)[0]
+    sp = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=1)
+    ref = LLM(str(random_pair[0]), enable_chunked_prefill=False, enable_prefix_caching=False).generate([p], sp)[0]
+    llm = LLM(str(random_pair[0]), max_num_batched_tokens=16)
+    for _ in range(2):                                                  # the second time its blocks are cached
+        out = llm.generate([p], sp)[0]
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.prompt_logprobs == pytest.approx(ref.prompt_logprobs, abs=1e-4)
+        assert len(out.prompt_logprobs) == len(p) - 1
