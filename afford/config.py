@@ -166,7 +166,7 @@ class EngineConfig:
     block_size: int = 16
     kv_blocks: int | None = None        # None: enough for max_num_seqs full-length sequences
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048   # tokens fed per step: decodes first, then prompt chunks
+    max_num_batched_tokens: int = 512    # tokens fed per step: decodes first, then prompt chunks
     enable_chunked_prefill: bool = True  # split long prompts over steps so running decodes never wait
     enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt's cached leading tokens
     seed: int = 0

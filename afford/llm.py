@@ -18,7 +18,7 @@ class LLM:
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
-                 max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
+                 max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")

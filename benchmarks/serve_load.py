@@ -1,7 +1,11 @@
 """Load on the OpenAI-compatible server over loopback: Poisson arrivals of Spec-Bench prompts at
-several rates, streaming completions; throughput, TTFT and TPOT p50/p99, without and with
-speculation (goodput controller, bundled draft); and the same model at batch 1 (one request at a
-time) through the same server. Bounded in requests and time.
+several rates, streaming completions; throughput, TTFT and TPOT p50/p99 for plain decoding with
+chunked prefill (the default), plain decoding without it (a step prefills whole prompts while the
+decodes wait) and speculation (goodput controller, bundled draft); and the same model at batch 1 (one
+request at a time) through the same server. `tpot_p99_over_light` is each row's TPOT p99 over the
+arm's at rate 1 (light load). Prefix caching is off in every arm: each rate replays the same prompts,
+which a cache would serve from the second rate on (benchmarks/prefix.py measures the cache). Bounded
+in requests and time.
 
     python benchmarks/serve_load.py [--requests 48] [--max-tokens 64]
 """
@@ -92,8 +96,11 @@ def main():
     a = ap.parse_args()
     ps = prompts(a.requests)
     rows = []
-    for arm, extra in (("plain", []), ("spec goodput", ["--draft", "default", "--k", "4"])):
-        proc, url = serve(extra)
+    arms = (("plain", []), ("plain, no chunked prefill", ["--no-enable-chunked-prefill"]),
+            ("spec goodput", ["--draft", "default", "--k", "4"]))
+    for arm, extra in arms:
+        proc, url = serve(extra + ["--no-enable-prefix-caching"])
+        light = None
         try:
             asyncio.run(load(url, ps[:2], 0, 8))                           # warm-up
             r = asyncio.run(load(url, ps[:12], 0, a.max_tokens))
@@ -101,7 +108,8 @@ def main():
             print(rows[-1], flush=True)
             for rate in a.rates:
                 r = asyncio.run(load(url, ps, rate, a.max_tokens))
-                rows.append({"arm": arm, "rate": rate, **r})
+                light = r["tpot_p99_s"] if light is None else light
+                rows.append({"arm": arm, "rate": rate, **r, "tpot_p99_over_light": round(r["tpot_p99_s"] / light, 2)})
                 print(rows[-1], flush=True)
         finally:
             proc.terminate()
