@@ -11,7 +11,7 @@ import sys
 import typing
 from dataclasses import MISSING, Field, fields
 
-from afford.config import ConfigError, EngineConfig, SpeculativeConfig
+from afford.config import ConfigError, EngineConfig, SpeculativeConfig, number_arg
 
 
 def _zoo(sub):
@@ -229,12 +229,13 @@ def acceptance_histogram(stats) -> str:
 def _serve(sub):
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=number_arg(int, 1, 65535), default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.add_argument("--max-queue", type=number_arg(int, 1), default=256, help="requests in flight before 429")
     s.add_argument("--served-model-name", help="the model id clients see (default: --model)")
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    s.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests may finish")
+    s.add_argument("--max-body-bytes", type=number_arg(int, 1), default=1 << 20)
+    s.add_argument("--shutdown-timeout", type=number_arg(float, 0), default=10.0,
+                   help="seconds in-flight requests may finish")
     add_engine_args(s, "serve")
 
 
@@ -242,20 +243,33 @@ def cmd_serve(a) -> int:
     import uvicorn
 
     from afford.async_engine import AsyncLLM
-    from afford.serve.app import create_app
+    from afford.serve.app import DrainingServer, create_app
     llm = AsyncLLM.from_config(*engine_configs(a), max_queue=a.max_queue)
     app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
-    uvicorn.run(app, host=a.host, port=a.port, timeout_graceful_shutdown=int(a.shutdown_timeout), log_level="info")
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="info",
+                            timeout_graceful_shutdown=int(a.shutdown_timeout) + 1)   # a backstop only
+    try:
+        DrainingServer(config, llm, a.shutdown_timeout).run()
+    except OSError as e:                          # e.g. the port is taken or the host cannot be bound
+        raise ConfigError(f"cannot serve on {a.host}:{a.port}: {e.strerror or e}") from None
     return 0
 
 
 def _quantize(sub):
     q = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (FineQuant-style, lossy)")
     q.add_argument("--model", required=True)
-    q.add_argument("--bits", type=int, required=True, help="8 or 4")
-    q.add_argument("--group", default="auto", help="auto (adaptive per matrix) | per-channel | 32 | 64 | 128 ...")
-    q.add_argument("--tau", type=float, default=0.15, help="auto: halve the group while that cuts the error by > tau")
-    q.add_argument("--out", required=True)
+    q.add_argument("--bits", type=int, required=True, choices=[4, 8], help="8 or 4")
+    q.add_argument("--group", default="auto", type=_group,
+                   help="auto (adaptive per matrix) | per-channel | 32 | 64 | 128 ...")
+    q.add_argument("--tau", type=number_arg(float, 0), default=0.15,
+                   help="auto: halve the group while that cuts the error by > tau")
+    q.add_argument("--out", required=True, help="a new folder (an existing one is refused, not overwritten)")
+
+
+def _group(text: str) -> str:
+    if text in ("auto", "per-channel") or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, per-channel or a positive group size, got {text!r}")
 
 
 def cmd_quantize(a) -> int:
@@ -266,8 +280,9 @@ def cmd_quantize(a) -> int:
 
     from afford.models.loader import load_model, resolve_model_path
     from afford.models.quant import quantize_model, save_quantized
-    if a.bits not in (4, 8):
-        raise ConfigError(f"--bits must be 4 or 8, got {a.bits}")
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {a.out} already exists; give a new folder (nothing is overwritten)")
     path = resolve_model_path(a.model)
     with torch.no_grad():
         model = load_model(path, device="cpu", dtype="float32")

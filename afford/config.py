@@ -17,6 +17,27 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message says what to do."""
 
 
+def number_arg(kind: type = int, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """An argparse `type=` for a finite number in [lo, hi] ((lo, hi] with lo_open): a bad value is
+    argparse's one-line usage error naming the flag, never a silent default or a traceback."""
+    import argparse
+    import math
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+                (hi is not None and v > hi):
+            side = f"> {lo}" if lo_open else f">= {lo}"
+            rng = f"{side} and <= {hi}" if lo is not None and hi is not None else side if lo is not None else f"<= {hi}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text}")
+        return v
+    parse.__name__ = kind.__name__          # argparse names the type in its messages
+    return parse
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
@@ -182,6 +203,8 @@ class EngineConfig:
             raise ConfigError("kv_blocks must be >= 1")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be >= 1 (leave it out for the model's own length)")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be >= 1")
 

@@ -29,8 +29,8 @@ class Engine:
         self.cfg = cfg
         path = resolve_model_path(cfg.model)
         self.model_path = path
+        mcfg = ModelConfig.from_dir(path)              # first: an empty folder is "no config.json"
         self.tokenizer = load_tokenizer(path)
-        mcfg = ModelConfig.from_dir(path)
         model_max = mcfg.max_position_embeddings
         if cfg.max_model_len is not None and cfg.max_model_len > model_max:
             raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's {model_max} positions")
@@ -142,6 +142,7 @@ class Engine:
         seqs = [self._new_seq(rid if i == 0 else f"{rid}/{i}", text, ids, params, i) for i in range(params.n)]
         parent = seqs[0]
         parent.children = seqs[1:]       # forked from the parent's prompt blocks right after its prefill
+        parent.siblings = seqs[1:]       # kept: an abort stops all n choices, forked or not
         self.scheduler.add(parent)
         return parent
 
@@ -158,11 +159,12 @@ class Engine:
         seq = self.seqs.get(request_id)
         if seq is None:
             return
-        for s in [seq] + seq.children:
+        for s in [seq] + seq.siblings:
             self.seqs.pop(s.request_id, None)
             if not s.finished:
                 s.finish("abort")
                 self._release(s)
+                self.stats.aborted += 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

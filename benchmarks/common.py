@@ -51,6 +51,17 @@ def git_rev() -> str:
         return "unknown"
 
 
+def git_dirty() -> bool | None:
+    """Whether the code a result came from differs from its commit: uncommitted changes to tracked files
+    under afford/ or benchmarks/ (results excluded). None when git cannot tell."""
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", "afford",
+                                       "benchmarks", ":!benchmarks/results"], cwd=ROOT, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
+
+
 def random_llama(out: Path, size: str, tokenizer_dir: Path | None = None) -> Path:
     """A random-init Llama checkpoint of a given size, written with transformers' save_pretrained
     (speed does not depend on the weights' values)."""
@@ -73,7 +84,7 @@ def random_llama(out: Path, size: str, tokenizer_dir: Path | None = None) -> Pat
 
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), "commit": git_rev(), **payload}
+    payload = {"benchmark": name, "machine": machine(), "commit": git_rev(), "dirty": git_dirty(), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -23,7 +23,9 @@ def table(head: list[str], rows: list[list]) -> str:
 def machine(r) -> str:
     m = r["machine"]
     isa = f" ({m['isa']})" if m.get("isa") else ""
-    return f"_{m['cpu']}{isa}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, {m['date']}, commit {r['commit']}_"
+    dirty = " + uncommitted changes" if r.get("dirty") else ""
+    return (f"_{m['cpu']}{isa}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, {m['date']}, "
+            f"commit {r['commit']}{dirty}_")
 
 
 def main():
@@ -31,8 +33,10 @@ def main():
     if r:
         print("## matmul_micro\n" + machine(r) + "\n")
         print(table(["dtype", "rows", "MB streamed", "F.linear(x, W) GB/s", "x @ W^T (in, out) GB/s",
-                     "(W @ x^T)^T GB/s", "numpy x @ W^T GB/s", "torch.sum read GB/s"],
+                     "(W @ x^T)^T GB/s", "x @ W^T in two halves GB/s", "oneDNN packed GB/s", "numpy x @ W^T GB/s",
+                     "torch.sum read GB/s"],
                     [[x["dtype"], x["rows"], x["MB"], x["F_linear_GB_s"], x["x_at_Wt_GB_s"], x["W_at_xT_GB_s"],
+                      x.get("x_at_Wt_halves_GB_s", "—"), x.get("onednn_packed_GB_s", "—"),
                       x.get("numpy_x_at_Wt_GB_s", "—"), x.get("sum_read_GB_s", "—")] for x in r["rows"]]))
     r = load("forward_overhead")
     if r:
@@ -130,9 +134,28 @@ def main():
     r = load("serve_load")
     if r:
         print("\n## serve_load\n" + machine(r) + "\n")
-        print(table(["arm", "rate (req/s)", "tok/s", "TTFT p50 / p99 (s)", "TPOT p50 / p99 (ms)"],
+        print(table(["arm", "rate (req/s)", "tok/s", "TTFT p50 / p99 (s)", "TPOT p50 / p99 (ms)",
+                     "TPOT p99 / rate 1"],
                     [[x["arm"], x["rate"], f"{x['tok_s']:.1f}", f"{x['ttft_p50_s']:.3f} / {x['ttft_p99_s']:.3f}",
-                      f"{1e3 * x['tpot_p50_s']:.1f} / {1e3 * x['tpot_p99_s']:.1f}"] for x in r["rows"]]))
+                      f"{1e3 * x['tpot_p50_s']:.1f} / {1e3 * x['tpot_p99_s']:.1f}", x.get("tpot_p99_over_light", "")]
+                     for x in r["rows"]]))
+    r = load("chunked")
+    if r:
+        print("\n## chunked\n" + machine(r) + "\n")
+        print(table(["arm", "TPOT p50 / p99 / max (ms)", "TPOT p99 / light", "long prompts' TTFT (ms)",
+                     "most tokens in a step"],
+                    [[x["arm"], f"{x['tpot_p50_ms']} / {x['tpot_p99_ms']} / {x['tpot_max_ms']}",
+                      x["tpot_p99_over_light"], x["long_ttft_mean_ms"] or "—", x["max_step_tokens"]]
+                     for x in r["rows"]]))
+    r = load("prefix")
+    if r:
+        print("\n## prefix\n" + machine(r) + "\n")
+        print(table(["scenario", "prefix caching", "TTFT mean / p50 / p99 (s)", "wall (s)", "tok/s",
+                     "prompt tokens reused", "TTFT off / on", "tok/s on / off", "outputs identical"],
+                    [[x["scenario"], "on" if x["prefix_caching"] else "off",
+                      f"{x['ttft_mean_s']} / {x['ttft_p50_s']} / {x['ttft_p99_s']}", x["wall_s"], x["tok_s"],
+                      f"{x['reused_tokens']} of {x['prompt_tokens']}", x.get("ttft_mean_off_over_on", ""),
+                      x.get("throughput_on_over_off", ""), x.get("outputs_identical", "")] for x in r["rows"]]))
     r = load("smartspec_load")
     if r:
         print("\n## smartspec_load\n" + machine(r) + "\n")

@@ -48,7 +48,9 @@ def test_bad_quantization_input(tmp_path, llama_dir):
         quantize(torch.randn(4, 64), 3, 64)
     with pytest.raises(ConfigError, match="does not divide"):
         quantize(torch.randn(4, 64), 8, 48)
-    assert cli(["quantize", "--model", str(llama_dir), "--bits", "3", "--out", str(tmp_path / "q")]) == 2
+    with pytest.raises(SystemExit) as e:                   # argparse: --bits takes 4 or 8
+        cli(["quantize", "--model", str(llama_dir), "--bits", "3", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2
     assert cli(["quantize", "--model", str(llama_dir), "--bits", "8", "--group", "48", "--out", str(tmp_path / "q")]) == 2
     assert cli(["quantize", "--model", str(llama_dir), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
     meta = json.loads((tmp_path / "q" / "quantization.json").read_text())

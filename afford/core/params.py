@@ -33,6 +33,10 @@ class SamplingParams:
             raise ConfigError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not
+                                      -(1 << 63) <= self.seed <= (1 << 64) - self.n):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - n] (choice i uses seed + i), "
+                              f"got {self.seed!r}")
         stop = self.stop
         stop = () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
         if any(not isinstance(s, str) or not s for s in stop):

@@ -66,6 +66,7 @@ class Sequence:
         self.generator = generator
         self.index = 0                         # which of the request's n choices
         self.children: list[Sequence] = []     # n > 1: choices still to fork from this one after prefill
+        self.siblings: list[Sequence] = []     # n > 1: the request's other choices (on its first sequence)
         self.metrics = SeqMetrics()
         self.detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stop_tail = max((len(s) for s in params.stop), default=0)

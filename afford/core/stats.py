@@ -48,6 +48,8 @@ class EngineStats:
     steps: int = 0
     prefill_steps: int = 0
     max_step_tokens: int = 0       # the most tokens one forward fed (<= max_num_batched_tokens when chunking)
+    max_batch: int = 0             # the most sequences one forward fed
+    aborted: int = 0               # sequences stopped by an abort (client gone, shutdown), not by finishing
     decode_steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -75,6 +77,7 @@ class EngineStats:
         self.preemptions += s.preempted
         self.prompt_tokens += s.prefill_tokens
         self.max_step_tokens = max(self.max_step_tokens, s.tokens_in)
+        self.max_batch = max(self.max_batch, s.num_seqs)
         if s.kind == "prefill":
             self.prefill_steps += 1
             self.prefill_seconds += s.seconds

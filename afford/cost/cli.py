@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
-from afford.config import ConfigError
+from afford.config import ConfigError, number_arg
 from afford.cost.afd import sizing
 from afford.cost.hardware import get_hardware
 from afford.cost.hf import load_spec
@@ -11,21 +13,24 @@ from afford.cost.model import costs
 from afford.cost.specs import PRESETS
 
 PAPER_HW = "h800,h20,a800,910b"
+MAX_CONTEXT = 1 << 24          # 16 M tokens: beyond any model here, and the table's columns stay aligned
 
 
 def add_parser(sub) -> None:
     c = sub.add_parser("cost", help="what one decoded token costs (the Step-3 cost model), and AFD sizing")
     c.add_argument("action", nargs="?", choices=["afd"], help="'afd': size an attention-FFN disaggregated deployment")
     c.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a config.json / model folder")
-    c.add_argument("--context", type=int, help="context length in tokens (default 8192; afd: 4096)")
+    c.add_argument("--context", type=number_arg(int, 1, MAX_CONTEXT),
+                   help="context length in tokens (default 8192; afd: 4096)")
     c.add_argument("--hardware", help="comma-separated keys (default: all; afd: h800)")
     c.add_argument("--price", action="append", default=[], help="override a price: KEY=USD_PER_CARD_HOUR")
     c.add_argument("--kv-dtype", choices=["fp8", "bf16"], help="cost every KV cache in this dtype")
     c.add_argument("--json", action="store_true", help="print exactly one JSON object")
     c.add_argument("--table", action="store_true", help="the paper's Table 6 layout for all presets")
     c.add_argument("--plot", help="PNG: cost against context (1K-128K) for --model(s) and --hardware")
-    c.add_argument("--tpot-ms", type=float, default=50.0)
-    c.add_argument("--network-gbps", type=float, help="per 8-card server (default: the hardware's)")
+    c.add_argument("--tpot-ms", type=number_arg(float, 0, lo_open=True), default=50.0)
+    c.add_argument("--network-gbps", type=number_arg(float, 0, lo_open=True),
+                   help="per 8-card server (default: the hardware's)")
 
 
 def _prices(items: list[str]) -> dict[str, float]:
@@ -33,9 +38,12 @@ def _prices(items: list[str]) -> dict[str, float]:
     for it in items:
         key, _, val = it.partition("=")
         try:
-            out[key.strip().lower()] = float(val)
+            price = float(val)
         except ValueError:
             raise ConfigError(f"--price takes KEY=USD, got {it!r}") from None
+        if not math.isfinite(price) or price < 0:
+            raise ConfigError(f"--price {it}: a price is a finite number >= 0 USD per card-hour")
+        out[key.strip().lower()] = price
     return out
 
 
@@ -69,6 +77,8 @@ def run(a) -> int:
     models = [m.strip() for m in a.model.split(",")]
     hw = get_hardware(a.hardware, prices)
     if a.plot:
+        if not Path(a.plot).resolve().parent.is_dir():
+            raise ConfigError(f"--plot {a.plot}: the folder {Path(a.plot).parent} does not exist; create it first")
         return _plot(models, hw, a.plot, a.kv_dtype)
     res = costs(load_spec(models[0]).with_kv_dtype(a.kv_dtype), a.context or 8192, hw)
     if a.json:

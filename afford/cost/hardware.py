@@ -67,6 +67,8 @@ def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] |
         names = list(HARDWARE)
     else:
         names = [k.strip().lower() for k in (keys.split(",") if isinstance(keys, str) else keys) if k.strip()]
+        if not names:
+            raise ConfigError(f"no hardware named; give keys such as h100,h800 (known: {', '.join(HARDWARE)})")
     unknown = [k for k in names if k not in HARDWARE]
     if unknown:
         raise ConfigError(f"unknown hardware {', '.join(unknown)}; known: {', '.join(HARDWARE)}")

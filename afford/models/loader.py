@@ -41,7 +41,14 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r}: {e}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch has no usable CUDA (torch.cuda.is_available() is "
+                          f"False); use --device cpu, or install a CUDA build of torch on a GPU machine")
+    return dev
 
 
 def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -7,6 +7,7 @@ submit (queue checks) -> a whole JSON response (collect) or a stream of server-s
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -57,6 +58,27 @@ def error_response(e: HTTPError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+def lone_surrogate(data) -> str | None:
+    """The dotted path of the first string in a parsed JSON body (keys included) that holds a lone
+    surrogate -- JSON allows the escape, UTF-8 cannot encode it -- or None. Iterative: deep nesting is fine."""
+    todo = [(data, "")]
+    while todo:
+        x, path = todo.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(x, dict):
+            todo += [(k, path) for k in x] + [(v, f"{path}.{k}".lstrip(".")) for k, v in x.items()]
+        elif isinstance(x, list):
+            todo += [(v, f"{path}.{i}".lstrip(".")) for i, v in enumerate(x)]
+    return None
+
+
 def single_prompt(prompt):
     """A completion request's prompt as one string or one list of ids: a batch of one is unwrapped,
     a batch of several refused."""
@@ -105,22 +127,24 @@ class Frontend:
             raise HTTPError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
 
     def count(self, path: str, status: int) -> None:
-        """afford_requests_total by endpoint and status, for /v1/* except /v1/models."""
+        """afford_requests_total by endpoint and status, for /v1/* except /v1/models; any path that is not
+        an endpoint counts as "other" (a label per junk path would grow /metrics without bound)."""
         if path.startswith("/v1/") and path != "/v1/models":
-            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
 
     # ---- the endpoints ----
     async def completions(self, request: Request) -> Response:
         req = await self.parse(request, CompletionRequest)
         ids = self.encode_prompt(single_prompt(req.prompt))
-        return await self.respond(ids, self.sampling(req, len(ids), req.max_tokens, req.logprobs), False, req)
+        return await self.respond(ids, self.sampling(req, len(ids), req.max_tokens, req.logprobs), False, req,
+                                  request)
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
         ids = self.encode_prompt(self.chat_text(req))
         lp = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, lp)
-        return await self.respond(ids, params, True, req)
+        return await self.respond(ids, params, True, req, request)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
@@ -142,17 +166,27 @@ class Frontend:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not valid JSON: {e}", code="invalid_json")
+        except RecursionError:
+            raise HTTPError(400, "the body nests too deeply to be a request", code="invalid_json")
+        bad = lone_surrogate(data)
+        if bad is not None:
+            raise HTTPError(400, f"{bad or 'the body'}: a lone UTF-16 surrogate (e.g. \\ud800) is not text; send "
+                            f"valid Unicode", param=bad or None, code="invalid_value")
         try:
-            return schema.model_validate(data)
+            req = schema.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(x) for x in err["loc"]) or None
             raise HTTPError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
                             code="invalid_value")
+        if req.model is not None and req.model != self.model_name:
+            raise HTTPError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                            param="model", code="model_not_found")
+        return req
 
     def chat_text(self, req: ChatCompletionRequest) -> str:
         """The messages through the tokenizer's chat template, or DEFAULT_CHAT_TEMPLATE where it has none."""
-        msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+        msgs = [{"role": m.role, "content": m.text} for m in req.messages]
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return "".join(DEFAULT_CHAT_TEMPLATE.format(**m) for m in msgs) + "assistant:"
@@ -194,7 +228,7 @@ class Frontend:
         except EngineDead as e:
             raise HTTPError(503, str(e), code="unavailable", kind="server_error")
 
-    async def respond(self, ids: list[int], params: SamplingParams, chat: bool, req) -> Response:
+    async def respond(self, ids: list[int], params: SamplingParams, chat: bool, req, request: Request) -> Response:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         stream = self.submit(ids, params, rid)
         created = int(time.time())
@@ -202,13 +236,15 @@ class Frontend:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self.events(stream, rid, created, params.n, chat, include_usage),
                                      media_type="text/event-stream")
-        outs = await self.collect(stream, params.n, rid)
+        outs = await self.collect(stream, params.n, rid, request)
         return JSONResponse(envelope(rid, object_name(chat, stream=False), created, self.model_name,
                                      final_choices(outs, chat, self.decode), usage=usage(outs)))
 
-    async def collect(self, stream, n: int, rid: str) -> list[RequestOutput]:
-        """Wait for all n choices to finish; their final outputs in index order."""
+    async def collect(self, stream, n: int, rid: str, request: Request) -> list[RequestOutput]:
+        """Wait for all n choices to finish; their final outputs in index order. A client that goes away
+        meanwhile has its request aborted (its blocks and queue slot are free by the next step)."""
         finals: dict[int, RequestOutput] = {}
+        watch = asyncio.create_task(self.abort_when_gone(request, rid))
         try:
             async for out in self.llm.outputs(stream, n, rid):
                 if out.finished:
@@ -217,10 +253,20 @@ class Frontend:
         except ConfigError as e:
             raise HTTPError(400, str(e))
         except EngineDead as e:
+            if watch.done():               # we aborted it: the client left (nginx's 499, for the metrics)
+                raise HTTPError(499, "the client closed the connection; the request was aborted",
+                                code="client_closed_request")
             raise HTTPError(503, str(e), kind="server_error")
         except Exception as e:             # this request failed; the engine goes on
             raise HTTPError(500, f"generation failed: {e}", kind="server_error")
+        finally:
+            watch.cancel()
         return [finals[i] for i in sorted(finals)]
+
+    async def abort_when_gone(self, request: Request, rid: str, every: float = 0.2) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(every)
+        self.llm.abort(rid)
 
     async def events(self, stream, rid: str, created: int, n: int, chat: bool, include_usage: bool):
         """The server-sent events of a streamed response: (chat) the role chunk, one chunk per output

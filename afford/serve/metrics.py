@@ -37,6 +37,8 @@ class _SpeculativeCollector:
         yield ks
         yield CounterMetricFamily("afford_engine_steps", "engine steps", value=st.steps)
         yield CounterMetricFamily("afford_preemptions", "sequences preempted by recompute", value=st.preemptions)
+        yield CounterMetricFamily("afford_aborted_sequences", "sequences stopped by an abort (client gone, "
+                                  "shutdown)", value=st.aborted)
         pool = self.engine.pool
         yield CounterMetricFamily("afford_prefix_cache_queries", "tokens of admitted prompts looked up in the "
                                   "prefix cache", value=pool.queried_tokens)

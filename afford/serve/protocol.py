@@ -1,4 +1,5 @@
-"""OpenAI request schemas (pydantic). Unknown fields are rejected, as OpenAI does."""
+"""OpenAI request schemas (pydantic). Unknown fields are rejected, as OpenAI does, and types are strict:
+"8" for max_tokens, "0.5" for temperature or "yes" for stream is a 400, not coerced."""
 from __future__ import annotations
 
 from typing import Literal, Union
@@ -6,15 +7,17 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
+SEED_MAX = (1 << 63) - 1        # a signed 64-bit seed, as OpenAI's; seed + index (n > 1) must fit too
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -23,7 +26,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-SEED_MAX - 1, le=SEED_MAX - MAX_N)
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -57,11 +60,23 @@ class CompletionRequest(_Common):
         return v
 
 
+class TextPart(BaseModel):
+    """One part of a message's content in the list form ({"type": "text", "text": ...}); text only."""
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: Union[str, list[TextPart]]
     name: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string: the list form's text parts joined by newlines."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Common):
