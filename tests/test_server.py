@@ -252,22 +252,28 @@ def test_metrics_parse_and_move(server, client):
     assert any(k.startswith("afford_requests_total") and '"200"' in k for k in after)
 
 
-def test_sigterm_shuts_down_gracefully_within_the_bound(llama_dir):
-    import signal
+def serve_subprocess(model_dir, shutdown_timeout: str):
+    """`afford serve` in a child process on a free port, once /health answers: (process, url)."""
     import subprocess
     import sys
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "afford", "serve", "--model", str(llama_dir), "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "256", "--shutdown-timeout", "3"],
+    proc = subprocess.Popen([sys.executable, "-m", "afford", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "256", "--shutdown-timeout", shutdown_timeout],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def test_sigterm_shuts_down_gracefully_within_the_bound(llama_dir):
+    import signal
+    proc, url = serve_subprocess(llama_dir, "3")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         got = []
 
         def client():
@@ -298,20 +304,8 @@ def test_sigterm_aborts_what_cannot_finish_and_ends_every_stream(llama_dir):
     """32 streams of 250 sampled tokens cannot finish in the 0.5 s allowed: each must still end with an
     error chunk and [DONE] (not a cut connection), and the process exit within the timeout + 2 s."""
     import signal
-    import subprocess
-    import sys
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "afford", "serve", "--model", str(llama_dir), "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "256", "--shutdown-timeout", "0.5"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_subprocess(llama_dir, "0.5")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         streams = [[] for _ in range(32)]
 
         def client(got):
