@@ -99,6 +99,9 @@ class AsyncLLM:
         return request_id.split("/", 1)[0]
 
     def _deliver(self, out: RequestOutput) -> None:
+        if out.error is not None:                # this request failed alone: its choices end, the rest go on
+            self._fail(out.request_id, out.error)
+            return
         stream = self.streams.get(self._group(out.request_id))
         if stream is None:
             return

@@ -59,6 +59,7 @@ class Engine:
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.fault_hook = None           # tests only: called with each sequence as it takes its new tokens
         self.speculator = Speculator.build(speculative, self) if speculative is not None else None
         if self.speculator and self.speculator.controller.wants_profile:
             self._profile_step_times()
@@ -300,7 +301,24 @@ class Engine:
         return outs, st
 
     def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
-        """Append tokens to s until it stops (logits: (len(new_tokens), V), the rows they came from)."""
+        """Append tokens to s until it stops (logits: (len(new_tokens), V), the rows they came from). What
+        fails here is this sequence's own work (its logprobs, detokenization, stop strings): it fails
+        this sequence alone -- finished with reason "error" and the exception in its output -- and the
+        batch goes on."""
+        try:
+            return self._append(s, new_tokens, logits)
+        except Exception as e:
+            if not s.finished:
+                s.finish("error")
+            self._release(s)
+            self.seqs.pop(s.request_id, None)
+            out = RequestOutput.from_seq(s)
+            out.error = e
+            return out
+
+    def _append(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
+        if self.fault_hook is not None:
+            self.fault_hook(s)
         s.metrics.forward_passes += 1
         delta = ""
         for tok, row in zip(new_tokens, logits):

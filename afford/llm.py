@@ -79,6 +79,10 @@ class LLM:
             bar = tqdm(total=len(rids), unit="req")
         while eng.has_unfinished():
             for out in eng.step():
+                if out.error is not None:          # one request failed: stop the others, raise its error
+                    for r in rids:
+                        eng.abort(r)
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}") from out.error
                 if out.finished:
                     done[out.request_id] = out
                     if bar:

@@ -26,7 +26,7 @@ class Server:
 
         from afford.serve.app import create_app
         self.llm = AsyncLLM.from_config(EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256),
-                                        max_queue=kw.pop("max_queue", 256))
+                                        kw.pop("speculative", None), max_queue=kw.pop("max_queue", 256))
         self.app = create_app(self.llm, "tiny", **kw)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -300,7 +300,8 @@ def test_sigterm_shuts_down_gracefully_within_the_bound(llama_dir):
             proc.kill()
 
 
-def test_sigterm_aborts_what_cannot_finish_and_ends_every_stream(llama_dir):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_aborts_what_cannot_finish_and_ends_every_stream(llama_dir, signame):
     """32 streams of 250 sampled tokens cannot finish in the 0.5 s allowed: each must still end with an
     error chunk and [DONE] (not a cut connection), and the process exit within the timeout + 2 s."""
     import signal
@@ -323,7 +324,7 @@ def test_sigterm_aborts_what_cannot_finish_and_ends_every_stream(llama_dir):
         while not all(len(g) >= 2 for g in streams) and time.time() < deadline:
             time.sleep(0.01)
         t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signame))
         proc.wait(timeout=20)
         exited = time.time() - t0
         for t in threads:
@@ -334,4 +335,74 @@ def test_sigterm_aborts_what_cannot_finish_and_ends_every_stream(llama_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+
+def test_a_request_that_fails_in_a_step_fails_alone(server, offline):
+    """A fault injected into one request's own work mid-generation (Engine.fault_hook, tests only): that
+    request gets a 500 error body (or an error chunk and [DONE] when streaming); every other request
+    in the same batches completes with the tokens it gets alone; nothing leaks."""
+    eng = server.llm.engine
+    bad = eng.tokenizer("boom boom boom", add_special_tokens=False)["input_ids"]
+
+    def hook(s):
+        if s.prompt_ids == bad and s.num_output >= 3:
+            raise RuntimeError("injected fault")
+    prompts = [f"Line {i}: the king" for i in range(8)]
+    refs = [r.text for r in offline.generate(prompts, SamplingParams(max_tokens=24, temperature=0))]
+
+    async def good(c, p):
+        r = await c.post("/v1/completions", json={"prompt": p, "max_tokens": 24, "temperature": 0})
+        return r.status_code, r.json()
+
+    async def bad_plain(c):
+        r = await c.post("/v1/completions", json={"prompt": "boom boom boom", "max_tokens": 24, "temperature": 0})
+        return r.status_code, r.json()
+
+    async def bad_stream(c):
+        lines = []
+        async with c.stream("POST", "/v1/completions", json={"prompt": "boom boom boom", "max_tokens": 24,
+                                                               "temperature": 0, "stream": True}) as r:
+            lines += [x async for x in r.aiter_lines() if x]
+        return lines
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return await asyncio.gather(bad_plain(c), bad_stream(c), *(good(c, p) for p in prompts))
+    eng.fault_hook = hook
+    try:
+        (code, body), lines, *goods = asyncio.run(main())
+    finally:
+        eng.fault_hook = None
+    assert code == 500 and "injected fault" in body["error"]["message"] and body["error"]["type"] == "server_error"
+    assert lines[-1] == "data: [DONE]" and any("injected fault" in x for x in lines)
+    assert all(c == 200 for c, _ in goods)
+    assert [b["choices"][0]["text"] for _, b in goods] == refs
+    assert wait_idle(server) and not eng.scheduler.running and server.llm.in_flight == 0
+    eng.pool.check()
+
+
+def test_server_with_a_draft_in_its_default_goodput_mode(llama_dir, offline):
+    """What `afford serve --draft ...` runs (goodput controller): greedy answers equal offline plain
+    decoding, and /metrics carries the speculation counters."""
+    from afford.config import SpeculativeConfig
+    s = Server(llama_dir, speculative=SpeculativeConfig(draft=str(llama_dir), num_speculative_tokens=4,
+                                                         controller="goodput"))
+    try:
+        prompts = [f"Line {i}: the king" for i in range(6)]
+        refs = [r.text for r in offline.generate(prompts, SamplingParams(max_tokens=24, temperature=0))]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": p, "max_tokens": 24,
+                                                                            "temperature": 0}) for p in prompts))
+                return [r.json()["choices"][0]["text"] for r in rs]
+        assert asyncio.run(main()) == refs
+        text = httpx.get(s.url + "/metrics").text
+        assert any(x.startswith("afford_speculative_drafted_tokens_total") for x in text.splitlines())
+        chosen = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("afford_speculative_k_chosen_total")]
+        assert sum(chosen) >= 6 * 23          # the controller chose a k for every sequence in every decode step
+        assert wait_idle(s)
+    finally:
+        s.stop()
 

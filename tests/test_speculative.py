@@ -112,11 +112,11 @@ def exact_first_two(target, prompt) -> torch.Tensor:
     return (p1.unsqueeze(1) * p2).double()
 
 
-def sample_first_two(target, draft, prompt, n, policy="rejection"):
-    llm = LLM(str(target), dtype="float32", draft=str(draft), num_speculative_tokens=2, max_num_seqs=256,
-              acceptance=policy, seed=7)
-    outs = llm.generate([prompt] * n, SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True))
-    assert llm.stats.drafted > 0
+def sample_first_two(target, draft, prompt, n, policy="rejection", params=None):
+    spec = dict(draft=str(draft), num_speculative_tokens=2, acceptance=policy) if draft is not None else {}
+    llm = LLM(str(target), dtype="float32", max_num_seqs=256, seed=7, **spec)
+    outs = llm.generate([prompt] * n, params or SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True))
+    assert draft is None or llm.stats.drafted > 0
     counts = torch.zeros(16, 16, dtype=torch.float64)
     for o in outs:
         counts[o.token_ids[0], o.token_ids[1]] += 1
@@ -190,3 +190,96 @@ def test_lookahead_near_the_context_end_does_not_preempt(pair):
         out = llm.generate([list(range(2, 40))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
         assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 63
         assert out.metrics["preemptions"] == 0, speculation
+
+
+def truncated(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The sampling distribution written out from its definition: softmax(logits / temperature), keep the
+    top_k most likely, then the smallest most-likely set whose renormalised mass reaches top_p."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = sorted(range(len(p)), key=lambda i: -float(p[i]))[:top_k]
+    total = sum(float(p[i]) for i in order)
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += float(p[i]) / total
+        if mass >= top_p:
+            break
+    q = torch.zeros_like(p)
+    q[kept] = p[kept]
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("draft_kind", ["plain sampler", "draft"])
+def test_temperature_top_k_top_p_give_the_specified_distribution(tiny_vocab, draft_kind):
+    """The sampler's meaning, alone and under speculative rejection sampling (whose acceptance must use the
+    same truncated distribution): the first two tokens' joint counts against the written-out p."""
+    from afford.models.loader import load_model
+    target, draft = tiny_vocab
+    prompt, n, (T, k, top_p) = [3, 7, 3, 7, 3, 7, 3], 8000, (0.8, 6, 0.9)
+    m = load_model(target, "cpu", "float32")
+    with torch.no_grad():
+        p1 = truncated(m(torch.tensor([prompt]))[0, -1], T, k, top_p)
+        l2 = m(torch.tensor([prompt + [t] for t in range(16)]))[:, -1]
+    expected = p1.unsqueeze(1) * torch.stack([truncated(row, T, k, top_p) for row in l2]) * n
+    sp = SamplingParams(max_tokens=4, temperature=T, top_k=k, top_p=top_p, ignore_eos=True)
+    counts = sample_first_two(target, draft if draft_kind == "draft" else None, prompt, n, params=sp)
+    assert (counts[expected == 0] == 0).all()                 # nothing outside top-k / top-p, ever
+    assert chi2_pvalue(counts.flatten(), expected.flatten()) > 0.001
+
+
+@pytest.mark.parametrize("proposer", ["draft", "ngram"])
+def test_stops_inside_one_speculative_step_equal_plain(pair, proposer):
+    """EOS / stop_token_ids / stop strings / max_tokens landing in the middle of accepted drafts: the output
+    is exactly plain decoding's with the same parameters (greedy, n = 2 included)."""
+    target, draft = pair
+    ps = prompts(4, seed=31)
+    plain = LLM(str(target), dtype="float32")
+    spec = LLM(str(target), dtype="float32", draft=str(draft) if proposer == "draft" else "ngram",
+               num_speculative_tokens=8)
+    ref = plain.generate(ps, GREEDY)
+    for p, r in zip(ps, ref):
+        cases = [SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[r.token_ids[9]]),
+                 SamplingParams(max_tokens=13, temperature=0, ignore_eos=True, n=2)]
+        if len(r.text) > 12:
+            cases.append(SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[r.text[8:11]]))
+        for sp in cases:
+            want = plain.generate([p], sp)[0]
+            got = spec.generate([p], sp)[0]
+            assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs], sp
+            assert got.text == want.text and got.finish_reason == want.finish_reason, sp
+    assert spec.stats.drafted > 0
+    assert spec.engine.pool.num_used == 0
+
+
+def test_preemption_with_ngram_and_with_sampled_speculation(pair):
+    target, draft = pair
+    ps = prompts(8, seed=41)
+    ref = LLM(str(target), dtype="float32").generate(ps, GREEDY)
+    small = dict(max_model_len=96, kv_blocks=10, block_size=16)
+    ngram = LLM(str(target), dtype="float32", draft="ngram", num_speculative_tokens=4, **small)
+    assert [o.token_ids for o in ngram.generate(ps, GREEDY)] == [r.token_ids for r in ref]
+    assert ngram.stats.preemptions > 0 and ngram.stats.drafted > 0
+    sampled = LLM(str(target), dtype="float32", draft=str(draft), num_speculative_tokens=4, **small)
+    outs = sampled.generate(ps, SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True))
+    assert all(len(o.token_ids) == 40 for o in outs)
+    assert sampled.stats.preemptions > 0 and sampled.stats.drafted > 0
+    for llm in (ngram, sampled):
+        llm.engine.pool.check()
+        assert llm.engine.pool.num_used == 0
+
+
+def test_prompt_logprobs_in_a_mixed_batch_and_under_preemption(pair):
+    target, _ = pair
+    ps = prompts(8, seed=51)
+    with_lp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=True)
+    without = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    alone = LLM(str(target), dtype="float32")
+    ref = [alone.generate([p], with_lp)[0] for p in ps[::2]]
+    llm = LLM(str(target), dtype="float32", max_model_len=96, kv_blocks=10, block_size=16)
+    outs = llm.generate(ps, [with_lp if i % 2 == 0 else without for i in range(len(ps))])
+    assert llm.stats.preemptions > 0
+    for o, r in zip(outs[::2], ref):
+        assert o.token_ids == r.token_ids
+        assert o.prompt_logprobs == pytest.approx(r.prompt_logprobs, abs=1e-4)
+    assert all(o.prompt_logprobs is None for o in outs[1::2])
+

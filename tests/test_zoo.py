@@ -43,10 +43,19 @@ def test_train_lowers_loss_and_loads_in_transformers_and_afford(tmp_path, corpus
 
 def test_resume_continues_from_saved_step(tmp_path, corpus, tokenizer_dir):
     train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=5), log=lambda *_: None)
+    at5 = torch.load(tmp_path / "m" / "ckpt.pt", weights_only=False)
+    name = next(k for k in at5["model"] if ".layers.0." in k)   # not a tied embedding
+    at5["model"][name] = at5["model"][name] + 10.0     # a mark that only a real resume carries forward
+    torch.save(at5, tmp_path / "m" / "ckpt.pt")
     res = train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=9), resume=True, log=lambda *_: None)
     assert res["steps"] == 9
     ck = torch.load(tmp_path / "m" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 9
+    # it went on from step 5's weights and optimizer, not from scratch: the mark is still there (4 small
+    # steps later), and Adam counted 9 updates
+    assert (ck["model"][name] - at5["model"][name]).abs().max() < 1.0
+    assert not torch.equal(ck["model"][name], at5["model"][name])
+    assert all(float(st["step"]) == 9 for st in ck["optim"]["state"].values())
     with pytest.raises(ConfigError, match="another model shape"):
         bigger = TrainConfig(out=str(tmp_path / "m"), data=tuple(corpus), tokenizer=str(tokenizer_dir), steps=12,
                              layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128, seq_len=64)

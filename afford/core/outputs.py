@@ -21,6 +21,7 @@ class RequestOutput:
     delta: str = ""                             # text added by the step that produced this output
     index: int = 0                              # which of the request's n choices
     outputs: list["RequestOutput"] = field(default_factory=list)   # LLM.generate: all n choices (this one first)
+    error: Exception | None = None              # set when this request failed alone (finish_reason "error")
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":

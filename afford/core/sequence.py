@@ -118,7 +118,7 @@ class Sequence:
         return delta
 
     def finish(self, reason: str) -> None:
-        """Mark finished ("stop" | "length" | "abort"); the engine frees what it holds (Engine._release)."""
+        """Mark finished ("stop" | "length" | "abort" | "error"); the engine frees what it holds (Engine._release)."""
         self.finish_reason = reason
         self.status = Status.FINISHED
         self.metrics.finished = time.perf_counter()

@@ -55,7 +55,10 @@ class HTTPError(Exception):
 
 
 def error_response(e: HTTPError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status, headers=e.headers)
+    def text(x):                       # a message may quote the client's input, lone surrogates included
+        return x.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(x, str) else x
+    return JSONResponse(error_body(text(e.message), e.kind, text(e.param), e.code), status_code=e.status,
+                        headers=e.headers)
 
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
