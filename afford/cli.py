@@ -293,8 +293,16 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are ONE line (what is wrong, where to look), exit status 2 -- not the
+    whole usage block; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="afford", description="cheaper LLM decoding, with the cost in view")
+    parser = OneLineParser(prog="afford", description="cheaper LLM decoding, with the cost in view")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _generate(sub)
     _serve(sub)

@@ -249,11 +249,14 @@ class Engine:
                 self.pool.truncate(s.seq_id, s.num_computed)
             s.in_prefill = False
             children, s.children = s.children, []
+            if s.params.shared_prefix and children:
+                s.children, children = children, []     # they fork after the shared tokens (_fork_shared)
             for c in children:                 # n > 1: share the prompt's blocks, sample independently
                 self.pool.fork(s.seq_id, c.seq_id)
                 c.num_computed = s.num_computed
                 self.scheduler.admit_forked(c)
             outs.append(self._emit(s, [tok], row.unsqueeze(0)))
+            outs += self._fork_shared(s)
             for c in children:
                 c_tok = self.sampler(row.unsqueeze(0), [c.params], [c.generator])[0]
                 outs.append(self._emit(c, [c_tok], row.unsqueeze(0)))
@@ -289,6 +292,7 @@ class Engine:
             self._computed(s, valid)
             before = s.num_output
             outs.append(self._emit(s, d.tokens[:n] + [nxt], own[:n + 1]))
+            outs += self._fork_shared(s)
             st.tokens_out += s.num_output - before
             st.drafted += len(d.tokens)
             st.accepted += n
@@ -299,6 +303,32 @@ class Engine:
                 add_counts(holder.accepted_per_position, [1] * n + [0] * (len(d.tokens) - n))
                 add_counts(holder.drafted_per_position, [1] * len(d.tokens))
         return outs, st
+
+    def _fork_shared(self, s: Sequence) -> list[RequestOutput]:
+        """n > 1 with shared_prefix=m (HoneyBee-style test-time scaling): once s has sampled its first m
+        tokens, the request's other choices fork from it -- its KV blocks and its m tokens -- and sample on
+        their own from there; the m tokens were decoded once, not n times. Each choice is still an exact
+        sample of the model; the n are no longer independent (they share the prefix). If s finished
+        within the prefix, every choice ends the same way."""
+        if not s.children or (s.num_output < s.params.shared_prefix and not s.finished):
+            return []
+        children, s.children = s.children, []
+        outs = []
+        for c in children:
+            if not s.finished:
+                self.pool.fork(s.seq_id, c.seq_id)
+                c.num_computed = s.num_computed
+            delta = "".join(c.append(t, self.eos_ids, self.max_model_len) for t in s.output_ids)
+            c.logprobs = list(s.logprobs)
+            if s.finished and not c.finished:          # aborted or failed inside the prefix: so do they
+                c.finish(s.finish_reason or "abort")
+            if c.finished:
+                self._release(c)
+                self.seqs.pop(c.request_id, None)
+            else:
+                self.scheduler.admit_forked(c)
+            outs.append(RequestOutput.from_seq(c, delta))
+        return outs
 
     def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
         """Append tokens to s until it stops (logits: (len(new_tokens), V), the rows they came from). What

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from common import random_llama, save
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")   # the last: oneDNN packed
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -41,7 +43,7 @@ def main():
             llm.generate([prompt] * batch, sp)
         ka = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in ka) / 1e3 / a.new_tokens
-        mm = sum(e.self_cpu_time_total for e in ka if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e3
+        mm = sum(e.self_cpu_time_total for e in ka if e.key in MATMUL_OPS) / 1e3
         result[f"batch{batch}"] = {
             "wall_ms_per_step": round(1e3 * wall, 2), "profiled_ms_per_step": round(total, 2),
             "mm_ms_per_step": round(mm / a.new_tokens, 2),

@@ -156,6 +156,23 @@ def main():
                       f"{x['ttft_mean_s']} / {x['ttft_p50_s']} / {x['ttft_p99_s']}", x["wall_s"], x["tok_s"],
                       f"{x['reused_tokens']} of {x['prompt_tokens']}", x.get("ttft_mean_off_over_on", ""),
                       x.get("throughput_on_over_off", ""), x.get("outputs_identical", "")] for x in r["rows"]]))
+    r = load("selfconsistency")
+    if r:
+        print("\n## selfconsistency\n" + machine(r) + "\n")
+        print(table(["arm", "accuracy (majority)", "decoded (sequence-steps)", "naive / this", "mean chain tokens",
+                     "wall (s)"],
+                    [[x["arm"], f"{x['accuracy']} ({x['correct']}/{x['questions']})", x["decoded"],
+                      x.get("decoded_naive_over_this", ""), x["mean_chain_tokens"], x["wall_s"]] for x in r["rows"]]))
+    r = load("soak")
+    if r:
+        print("\n## soak\n" + machine(r) + "\n")
+        print(table(["t (s)", "requests", "answers by class", "valid p50 / p99 (s)", "server RSS (MB)",
+                     "KV blocks used / cached", "/metrics bytes"],
+                    [[w["t_s"], w["requests"], ", ".join(f"{k} {v}" for k, v in sorted(w["by_class"].items())),
+                      f"{w['valid_p50_s']} / {w['valid_p99_s']}", w["rss_mb"],
+                      f"{w['kv_blocks_used']:.0f} / {w['kv_blocks_cached']:.0f}", w["metrics_bytes"]]
+                     for w in r["windows"]]))
+        print(f"\nsummary: {r['summary']}")
     r = load("smartspec_load")
     if r:
         print("\n## smartspec_load\n" + machine(r) + "\n")

@@ -186,3 +186,42 @@ def test_prompt_logprobs_with_chunking_and_caching(random_pair):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         assert out.prompt_logprobs == pytest.approx(ref.prompt_logprobs, abs=1e-4)
         assert len(out.prompt_logprobs) == len(p) - 1
+
+
+# ---- shared-prefix sampling (HoneyBee-style) and self-consistency ----
+
+def test_shared_prefix_sampling_decodes_the_prefix_once(random_pair):
+    target, draft = map(str, random_pair)
+    p = token_prompts(1, 10, 11, seed=12)[0]
+    naive = SamplingParams(max_tokens=30, temperature=1.0, seed=5, n=4, ignore_eos=True)
+    shared = SamplingParams(max_tokens=30, temperature=1.0, seed=5, n=4, ignore_eos=True, shared_prefix=10)
+    for kw in (dict(), dict(draft=draft, num_speculative_tokens=3)):
+        a, b = LLM(target, **kw), LLM(target, **kw)
+        outs_a = a.generate([p], naive)[0].outputs
+        outs_b = b.generate([p], shared)[0].outputs
+        assert all(len(o.token_ids) == 30 for o in outs_a + outs_b)
+        assert len({tuple(o.token_ids[:10]) for o in outs_b}) == 1            # one shared prefix
+        assert len({tuple(o.token_ids[10:]) for o in outs_b}) > 1             # then they part
+        assert len({tuple(o.token_ids[:10]) for o in outs_a}) > 1             # naive: independent from token 1
+        # the prefix was decoded once: ~10 + 4 x 20 sequence-steps of decoding instead of 4 x 30
+        assert b.stats.decode_rows < a.stats.decode_rows - 20
+        for llm in (a, b):
+            assert llm.engine.pool.num_used == 0
+            llm.engine.pool.check()
+
+
+def test_shared_prefix_that_ends_early_ends_every_choice_the_same(random_pair):
+    llm = LLM(str(random_pair[0]))
+    p = token_prompts(1, 10, 11, seed=13)[0]
+    outs = llm.generate([p], SamplingParams(max_tokens=5, temperature=1.0, seed=1, n=3, shared_prefix=8))[0].outputs
+    assert len({tuple(o.token_ids) for o in outs}) == 1 and all(o.finish_reason for o in outs)
+    assert llm.engine.pool.num_used == 0
+
+
+def test_vote_helpers():
+    from afford import vote
+    assert vote.numeric_answer("so 3 + 4 = 7\n#### 1,234") == "1234"
+    assert vote.numeric_answer("she has 12 apples, then 15.0") == "15"
+    assert vote.numeric_answer("no number") is None
+    assert vote.majority(["3", None, "4", "4", "3"]) == ("3", 2)
+    assert vote.majority([None, None]) == (None, 0)

@@ -19,6 +19,7 @@ class SamplingParams:
     prompt_logprobs: bool = False
     ignore_eos: bool = False
     n: int = 1
+    shared_prefix: int = 0             # n > 1: the choices share their first m sampled tokens (decoded once)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -33,6 +34,9 @@ class SamplingParams:
             raise ConfigError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
+        if not isinstance(self.shared_prefix, int) or self.shared_prefix < 0:
+            raise ConfigError(f"shared_prefix must be an integer >= 0 (tokens the n choices share), "
+                              f"got {self.shared_prefix!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not
                                       -(1 << 63) <= self.seed <= (1 << 64) - self.n):
             raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - n] (choice i uses seed + i), "

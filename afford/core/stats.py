@@ -49,6 +49,7 @@ class EngineStats:
     prefill_steps: int = 0
     max_step_tokens: int = 0       # the most tokens one forward fed (<= max_num_batched_tokens when chunking)
     max_batch: int = 0             # the most sequences one forward fed
+    decode_rows: int = 0           # sequence-steps of decoding: tokens fed for sequences past their prefill
     aborted: int = 0               # sequences stopped by an abort (client gone, shutdown), not by finishing
     decode_steps: int = 0
     prompt_tokens: int = 0
@@ -78,6 +79,7 @@ class EngineStats:
         self.prompt_tokens += s.prefill_tokens
         self.max_step_tokens = max(self.max_step_tokens, s.tokens_in)
         self.max_batch = max(self.max_batch, s.num_seqs)
+        self.decode_rows += s.tokens_in - s.prefill_tokens
         if s.kind == "prefill":
             self.prefill_steps += 1
             self.prefill_seconds += s.seconds

@@ -214,7 +214,8 @@ class Frontend:
                             code="context_length_exceeded")
         try:
             return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
-                                  n=req.n, stop=req.stop, seed=req.seed, logprobs=logprobs)
+                                  n=req.n, stop=req.stop, seed=req.seed, logprobs=logprobs,
+                                  shared_prefix=req.shared_prefix)
         except ConfigError as e:
             raise HTTPError(400, str(e))
 

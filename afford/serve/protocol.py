@@ -30,6 +30,7 @@ class _Common(BaseModel):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    shared_prefix: int = Field(default=0, ge=0)     # afford extension: the n choices share their first m tokens
 
     @field_validator("stop")
     @classmethod
