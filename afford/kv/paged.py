@@ -191,7 +191,7 @@ class BlockPool:
         """Forget tokens from new_len on (rejected speculation); frees blocks past the new end."""
         table = self.tables[seq_id]
         keep = self.blocks_for(new_len)
-        for b in table[keep:]:
+        for b in reversed(table[keep:]):     # last first: the free list's head is then the lowest block
             self._release(b)
         del table[keep:]
         self.lens[seq_id] = min(self.lens[seq_id], new_len)
@@ -208,7 +208,7 @@ class BlockPool:
             self.ref[b] += 1
 
     def free(self, seq_id: int) -> None:
-        for b in self.tables.pop(seq_id, []):
+        for b in reversed(self.tables.pop(seq_id, [])):   # last first: they come back in table order
             self._release(b)
         self.lens.pop(seq_id, None)
         self.chain.pop(seq_id, None)
