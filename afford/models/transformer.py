@@ -246,7 +246,8 @@ class Transformer(nn.Module):
 
     def pack_for_inference(self) -> "Transformer":
         """Fuse q|k|v and gate|up (inference only; training and saving use the HF-named layout). On the
-        CPU, models up to DUAL_LAYOUT_MAX_BYTES also keep each matrix transposed for one-row decoding."""
+        CPU, fp32 models up to DUAL_LAYOUT_MAX_BYTES also keep each matrix in the one-row (two halves) and the
+        oneDNN-packed layouts (PackedLinear)."""
         p = next(self.parameters())
         dual = p.device.type == "cpu" and p.dtype == torch.float32 and \
             sum(q.numel() for q in self.parameters()) * p.element_size() <= DUAL_LAYOUT_MAX_BYTES
