@@ -115,8 +115,10 @@ def main():
     ap.add_argument("--rate", type=float, default=8, help="requests per second (Poisson)")
     ap.add_argument("--window", type=float, default=30, help="seconds per reported window")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-blocks", type=int, help="the server's KV pool (default: its own); a small pool is "
+                    "touched whole during warm-up, so RSS after it shows leaks, not first-touched pages")
     a = ap.parse_args()
-    proc, url = serve(["--max-queue", "128"])
+    proc, url = serve(["--max-queue", "128"] + (["--kv-blocks", str(a.kv_blocks)] if a.kv_blocks else []))
     try:
         windows = asyncio.run(soak(url, proc.pid, a.minutes, a.rate, a.window, a.seed))
         time.sleep(2)

@@ -308,6 +308,7 @@ def test_a_signal_aborts_what_cannot_finish_and_ends_every_stream(llama_dir, sig
     proc, url = serve_subprocess(llama_dir, "0.5")
     try:
         streams = [[] for _ in range(32)]
+        ended = []
 
         def client(got):
             try:
@@ -317,6 +318,7 @@ def test_a_signal_aborts_what_cannot_finish_and_ends_every_stream(llama_dir, sig
                         got.extend(line for line in r.iter_lines() if line)
             except httpx.HTTPError as e:         # a cut connection: recorded, and the test fails on it
                 got.append(f"cut: {e!r}")
+            ended.append(time.time())
         threads = [threading.Thread(target=client, args=(g,)) for g in streams]
         for t in threads:
             t.start()
@@ -330,6 +332,7 @@ def test_a_signal_aborts_what_cannot_finish_and_ends_every_stream(llama_dir, sig
         for t in threads:
             t.join(timeout=20)
         assert exited < 0.5 + 2, exited
+        assert len(ended) == 32 and max(ended) - t0 < 0.5 + 1, max(ended) - t0   # every stream ended in time
         assert all(g and g[-1] == "data: [DONE]" for g in streams), [g[-2:] for g in streams]
         assert any('"error"' in line for g in streams for line in g)      # the abort branch ran
     finally:
