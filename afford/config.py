@@ -28,7 +28,7 @@ def number_arg(kind: type = int, lo: float | None = None, hi: float | None = Non
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+        if (kind is float and not math.isfinite(v)) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
                 (hi is not None and v > hi):
             side = f"> {lo}" if lo_open else f">= {lo}"
             rng = f"{side} and <= {hi}" if lo is not None and hi is not None else side if lo is not None else f"<= {hi}"

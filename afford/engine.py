@@ -158,9 +158,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Stop a request (and its n > 1 siblings) and free its blocks now."""
         seq = self.seqs.get(request_id)
-        if seq is None:
-            return
-        for s in [seq] + seq.siblings:
+        # its first choice may have finished (and left self.seqs) while the others run
+        group = [seq] + seq.siblings if seq is not None else \
+            [s for s in self.seqs.values() if s.index > 0 and s.request_id.rsplit("/", 1)[0] == request_id]
+        for s in group:
             self.seqs.pop(s.request_id, None)
             if not s.finished:
                 s.finish("abort")
@@ -289,7 +290,8 @@ class Engine:
             valid = start + 1 + n                  # K/V positions that hold kept tokens
             self.pool.truncate(s.seq_id, valid)
             sp.proposer.rollback(s, valid)
-            self._computed(s, valid)
+            s.num_computed = valid                 # the accepted drafts join token_ids in _emit: register them now
+            self.pool.register(s.seq_id, s.token_ids, valid, pending=d.tokens[:n])
             before = s.num_output
             outs.append(self._emit(s, d.tokens[:n] + [nxt], own[:n + 1]))
             outs += self._fork_shared(s)

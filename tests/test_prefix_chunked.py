@@ -225,3 +225,32 @@ def test_vote_helpers():
     assert vote.numeric_answer("no number") is None
     assert vote.majority(["3", None, "4", "4", "3"]) == ("3", 2)
     assert vote.majority([None, None]) == (None, 0)
+
+
+def test_speculation_registers_accepted_drafts_under_their_own_tokens(random_pair):
+    """Blocks filled by accepted drafts are cached under the tokens they hold: a later prompt made of a
+    speculated output reuses them."""
+    target = str(random_pair[0])
+    llm = LLM(target, draft=target, num_speculative_tokens=4, block_size=8)   # its own draft: all accepted
+    p = token_prompts(1, 6, 7, seed=14)[0]
+    out = llm.generate([p], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    assert llm.stats.accepted > 0
+    again = p + out.token_ids                                           # 46 tokens: 5 full blocks
+    hit = llm.engine.pool.hit_tokens
+    assert greedy(llm, [again])[0] == greedy(LLM(target, enable_prefix_caching=False), [again])[0]
+    assert llm.engine.pool.hit_tokens - hit >= 32                      # the speculated blocks were reused
+    llm.engine.pool.check()
+
+
+def test_abort_after_the_first_choice_finished_stops_the_others(random_pair):
+    llm = LLM(str(random_pair[0]))
+    eng = llm.engine
+    first = eng.add_request([5, 6, 7], SamplingParams(max_tokens=100, temperature=1.0, n=3, ignore_eos=True),
+                            request_id="g")
+    eng.step()
+    first.finish("stop")                    # as if choice 0 hit a stop string: it leaves, the others run on
+    eng._release(first)
+    eng.seqs.pop("g")
+    assert len(eng.scheduler.running) == 2
+    eng.abort("g")
+    assert not eng.has_unfinished() and eng.pool.num_used == 0

@@ -135,13 +135,17 @@ class BlockPool:
         self.queried_tokens += tokens
         self.hit_tokens += hit
 
-    def register(self, seq_id: int, tokens: list[int], computed: int) -> None:
-        """The first `computed` tokens of the sequence are final (their K/V is written and they will not be
-        rolled back): register every full block among them that is not registered yet."""
+    def register(self, seq_id: int, tokens: list[int], computed: int, pending: list[int] = ()) -> None:
+        """The first `computed` tokens of the sequence (`tokens`, then `pending` ones not appended yet) are
+        final (their K/V is written and they will not be rolled back): register every full block among them
+        that is not registered yet."""
         if not self.prefix_caching:
             return
         bs = self.block_size
         nodes = self.chain.setdefault(seq_id, [])
+        if (len(nodes) + 1) * bs > computed:        # no new full block: the usual case, nothing to build
+            return
+        tokens = tokens + list(pending) if pending else tokens
         table = self.tables[seq_id]
         while (len(nodes) + 1) * bs <= computed:
             n = len(nodes)

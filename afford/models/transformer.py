@@ -70,8 +70,8 @@ class PackedLinear(nn.Module):
         # one-row product is a batch of two GEMVs, one per core (MKL runs a lone GEMV at about one core's
         # read rate: benchmarks/matmul_micro.py). A buffer, so weight-byte counts see one copy.
         parts = 2 if w.shape[0] % 2 == 0 else 1
-        wt = w.t().reshape(w.shape[1], parts, w.shape[0] // parts).permute(1, 0, 2).contiguous()
-        self.register_buffer("weight_t", wt if one_row_copy else None, persistent=False)
+        wt = w.t().reshape(w.shape[1], parts, w.shape[0] // parts).permute(1, 0, 2).contiguous() if one_row_copy else None
+        self.register_buffer("weight_t", wt, persistent=False)
         biases = [lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=w.dtype,
                                                                     device=w.device) for lin in linears]
         has_bias = any(lin.bias is not None for lin in linears)

@@ -293,6 +293,6 @@ class Frontend:
                 yield sse(head([c]))
             if include_usage:
                 yield sse(head([], usage=usage(finals)))
-        except (ConfigError, EngineDead, RuntimeError) as e:
+        except Exception as e:             # whatever failed this request: the stream still ends properly
             yield sse(error_body(str(e), "server_error"))
         yield SSE_DONE
