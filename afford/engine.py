@@ -162,7 +162,6 @@ class Engine:
         group = [seq] + seq.siblings if seq is not None else \
             [s for s in self.seqs.values() if s.index > 0 and s.request_id.rsplit("/", 1)[0] == request_id]
         for s in group:
-            self.seqs.pop(s.request_id, None)
             if not s.finished:
                 s.finish("abort")
                 self._release(s)
@@ -326,7 +325,6 @@ class Engine:
                 c.finish(s.finish_reason or "abort")
             if c.finished:
                 self._release(c)
-                self.seqs.pop(c.request_id, None)
             else:
                 self.scheduler.admit_forked(c)
             outs.append(RequestOutput.from_seq(c, delta))
@@ -343,7 +341,6 @@ class Engine:
             if not s.finished:
                 s.finish("error")
             self._release(s)
-            self.seqs.pop(s.request_id, None)
             out = RequestOutput.from_seq(s)
             out.error = e
             return out
@@ -362,12 +359,12 @@ class Engine:
         if s.finished:
             s.metrics.usd_per_1m_tokens = self.modeled_usd_per_1m(len(s.token_ids))
             self._release(s)
-            self.seqs.pop(s.request_id, None)
         return RequestOutput.from_seq(s, delta)
 
     def _release(self, s: Sequence) -> None:
-        """The one place a finished or aborted sequence gives back what it holds: its KV blocks, the
-        proposer's state and the controller's estimates."""
+        """The one place a finished or aborted sequence gives back what it holds: its entry among the
+        engine's requests, its KV blocks, the proposer's state and the controller's estimates."""
+        self.seqs.pop(s.request_id, None)
         self.scheduler.finish(s)
         if self.speculator:
             self.speculator.proposer.free(s)

@@ -249,8 +249,8 @@ def test_abort_after_the_first_choice_finished_stops_the_others(random_pair):
                             request_id="g")
     eng.step()
     first.finish("stop")                    # as if choice 0 hit a stop string: it leaves, the others run on
-    eng._release(first)
-    eng.seqs.pop("g")
+    eng._release(first)                     # gives back its blocks and leaves eng.seqs
+    assert "g" not in eng.seqs
     assert len(eng.scheduler.running) == 2
     eng.abort("g")
     assert not eng.has_unfinished() and eng.pool.num_used == 0

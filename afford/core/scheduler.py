@@ -59,8 +59,7 @@ class Scheduler:
         copies, preempted = [], []
         decodes = self._fit_decodes(lookahead, preempted)
         seqs, chunks = list(decodes), [1] * len(decodes)
-        for s in decodes:
-            copies += self.pool.prepare_write(s.seq_id, len(s.token_ids) + self._room(s, lookahead))
+        copies += self._allocate_decodes(decodes, lookahead)
         budget = self.max_num_batched_tokens - sum(1 + self._room(s, lookahead) for s in decodes)
         for s in [s for s in self.running if s.in_prefill]:         # prompts already part-way through
             n = min(len(s.token_ids) - s.num_computed, budget)
@@ -105,8 +104,7 @@ class Scheduler:
             return ScheduledStep(admitted, chunks, "prefill", [], copies)
         preempted = []
         decodes = self._fit_decodes(lookahead, preempted)
-        for s in decodes:
-            copies += self.pool.prepare_write(s.seq_id, len(s.token_ids) + self._room(s, lookahead))
+        copies += self._allocate_decodes(decodes, lookahead)
         return ScheduledStep(decodes, [1] * len(decodes), "decode", preempted, copies)
 
     def _fit_decodes(self, lookahead: int, preempted: list[Sequence]) -> list[Sequence]:
@@ -121,6 +119,10 @@ class Scheduler:
                 return decodes
             preempted.append(self.running[-1])
             self.preempt(self.running[-1])
+
+    def _allocate_decodes(self, decodes: list[Sequence], lookahead: int) -> list[tuple[int, int]]:
+        """Blocks for each decode's next token and the speculative slots it may use; the COW copies."""
+        return [c for s in decodes for c in self.pool.prepare_write(s.seq_id, len(s.token_ids) + self._room(s, lookahead))]
 
     def _match(self, s: Sequence) -> int:
         """Take the cached prefix blocks of a sequence about to be admitted; its tokens already computed."""
