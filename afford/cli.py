@@ -118,6 +118,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "cost_hardware": "show the modeled USD per 1M tokens on this hardware (see afford cost)",
     "quantization": "weight-only quantization on load (lossy)",
     "attention": "attention backend: auto (cpu_paged on the CPU, sdpa elsewhere), cpu_paged or sdpa",
+    "native": "run CPU fp32 forwards as one C++ call (the same operators and results as the Python path; "
+              "built once per machine, ~1 minute)",
     "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",
     "draft": "speculative decoding: a draft model folder, 'default' (the bundled draft) or 'ngram' (prompt "
              "lookup); lossless",

@@ -195,6 +195,7 @@ class EngineConfig:
     quantization: str | None = None      # "int8" | "int4": weight-only, quantized on load (FineQuant)
     quant_group: str = "auto"            # auto | per-channel | 32 | 64 | 128 ...
     attention: str = "auto"              # attention backend: auto | cpu_paged | sdpa (afford/attention/)
+    native: bool = True                  # CPU fp32 forwards as one C++ call, same results (afford/models/native.py)
 
     def __post_init__(self):
         if self.block_size < 1:

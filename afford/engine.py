@@ -47,7 +47,7 @@ class Engine:
             raise ConfigError(f"kv_blocks={blocks} cannot hold one sequence of max_model_len={self.max_model_len} "
                               f"tokens; give at least {min_blocks} blocks or lower max_model_len")
         self.pool = BlockPool(blocks, bs, prefix_caching=cfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.pool, cfg.attention)
+        self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
                                    chunked_prefill=cfg.enable_chunked_prefill)
         self.rng = torch.Generator().manual_seed(cfg.seed)

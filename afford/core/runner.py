@@ -12,6 +12,7 @@ import torch
 
 from afford.attention import ForwardBatch, get_backend
 from afford.kv.paged import BlockPool, table_slots
+from afford.models.native import NativeDecoder
 from afford.models.quant import quant_bytes
 from afford.models.transformer import Transformer
 
@@ -54,7 +55,7 @@ class StepBuffers:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto"):
+    def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto", native: bool = True):
         self.model = model
         self.pool = pool
         cfg = model.cfg
@@ -67,6 +68,8 @@ class ModelRunner:
                    for _ in range(cfg.num_layers)]
         self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention)
         self.buffers = StepBuffers(self.device)
+        # decode forwards as one C++ call, bitwise equal to the Python path (afford/models/native.py)
+        self.native = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) if native else None
         self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
         self.kv_bytes_per_token = cfg.kv_bytes_per_token(self.kv[0][0].element_size())
 
@@ -115,11 +118,16 @@ class ModelRunner:
     def run(self, batch: ForwardBatch, ids: torch.Tensor, logits_rows: list[int] | None = None) -> torch.Tensor:
         """Logits (R, V) float32 of the fed tokens at flat indices `logits_rows` (None: every fed token)."""
         meta = self.backend.prepare_metadata(batch, self.kv)
+        rows = None if logits_rows is None else torch.tensor(logits_rows or [0], device=self.device)
+        if self.native is not None:                                                # one C++ call, same ops
+            logits = self.native.step(ids, meta, rows)                            # (R, V); [] -> one row
+            if logits is not None:
+                return logits if logits_rows != [] else logits[:0]
         h = self.model.hidden(ids, batch.positions, meta)                          # (N, hidden)
         if logits_rows == []:                                                      # prompt chunks only
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        if logits_rows is not None:
-            h = h.index_select(0, torch.tensor(logits_rows, device=self.device))   # (R, hidden)
+        if rows is not None:
+            h = h.index_select(0, rows)                                            # (R, hidden)
         return self.model.lm_head(h).float()                                      # (R, V)
 
     def forward(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],

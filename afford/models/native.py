@@ -1,0 +1,119 @@
+"""The native forward (native_decode.cpp): a forward of a packed CPU fp32 model -- prefill, decode or
+verify, over the cpu_paged backend's metadata -- as one C++ call that runs the same ATen operators as the
+Python path, in the same order, so the logits are bitwise equal (tests/test_native.py) and only Python's
+per-operator cost goes away.
+
+It is built once per machine by torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~1
+minute, cached under ~/.cache/torch_extensions). AFFORD_NATIVE=0 or `native=False` turns it off. Where it
+cannot be built or does not apply (a GPU, bf16, int8/int4 weights, MFA, another attention backend) the
+Python path runs, which is the reference.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("afford")
+
+_SOURCE = Path(__file__).with_name("native_decode.cpp")
+_lock = threading.Lock()
+_module: object | None = None
+_error: str | None = None
+
+
+def native_module():
+    """The compiled extension, built on first call; None when AFFORD_NATIVE=0 or when it cannot be built
+    (the reason: `native_error()`)."""
+    global _module, _error
+    if os.environ.get("AFFORD_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                from torch.utils.cpp_extension import load
+                log.info("building afford's native decode step (once per machine, about a minute)")
+                _module = load(name="afford_native_decode", sources=[str(_SOURCE)], extra_cflags=["-O3"],
+                               verbose=False)
+            except Exception as e:                    # no compiler, no headers: the Python path runs
+                _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                log.warning("afford's native decode step could not be built (%s); decoding runs the Python "
+                            "path (same results, more time per step)", _error)
+        return _module
+
+
+def native_error() -> str | None:
+    return _error
+
+
+def _linear_tensors(lin) -> list[torch.Tensor]:
+    bias = lin.bias if lin.bias is not None else torch.empty(0)
+    return [lin.weight_t, lin.packed, bias]
+
+
+def unsupported(model, backend_name: str) -> str | None:
+    """Why the native step does not apply to this model / backend (None: it does)."""
+    from afford.models.transformer import PackedLinear
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return f"runs on CPU fp32 models only (this one: {p.device.type} {p.dtype})"
+    if backend_name != "cpu_paged":
+        return f"implements the cpu_paged attention backend, not {backend_name}"
+    if model.cfg.attention == "mfa":
+        return "does not implement MFA attention"
+    lins = [model.lm_head] + [m for layer in model.model.layers
+                              for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+    if not all(isinstance(m, PackedLinear) and m.weight_t is not None and m.packed is not None for m in lins):
+        return "needs the packed fp32 layouts (quantized or too large for the dual layout)"
+    if any(m.weight_t.shape[0] != 2 for m in lins):
+        return "needs even output widths (two halves)"
+    return None
+
+
+class NativeDecoder:
+    """Holds the C++ decoder over the model's weights and the runner's K/V pool tensors (no copies)."""
+
+    def __init__(self, module, model, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
+        cfg = model.cfg
+        layers = []
+        for layer, (k_pool, v_pool) in zip(model.model.layers, kv):
+            a, m = layer.self_attn, layer.mlp
+            layers.append([layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                           *_linear_tensors(a.qkv), *_linear_tensors(a.o_proj), *_linear_tensors(m.gate_up),
+                           *_linear_tensors(m.down_proj), k_pool, v_pool])
+        self.impl = module.NativeDecoder(model.model.embed_tokens.weight.detach(), model.rope_cos, model.rope_sin,
+                                         model.model.norm.weight.detach(), _linear_tensors(model.lm_head), layers,
+                                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
+        self._empty = torch.empty(0)
+
+    @classmethod
+    def build(cls, model, kv, block_size: int, backend_name: str) -> "NativeDecoder | None":
+        why = unsupported(model, backend_name)
+        if why is not None:
+            log.debug("native decode step off: it %s", why)
+            return None
+        module = native_module()
+        return None if module is None else cls(module, model, kv, block_size)
+
+    def step(self, ids: torch.Tensor, meta, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits (R, V) of the forward described by cpu_paged metadata, for the flat token indices `rows`
+        (None: all); None when the metadata has a case the native step does not take (padding rows), so the
+        caller runs the Python path."""
+        if meta.write_rows is not None:
+            return None
+        b, e = meta.batch, self._empty
+        rows = e if rows is None else rows
+        if "batched" in meta.extra:
+            blocks, keep = meta.extra["batched"]
+            return self.impl.step(ids, b.positions, meta.slots, True, [], [], [], [blocks], [], keep, rows)
+        q_lens, ctx_lens, starts, blocks, masks = [], [], [], [], []
+        for _off, t, n, (kind, where), mask in meta.extra["plan"]:
+            q_lens.append(t)
+            ctx_lens.append(n)
+            starts.append(where if kind == "view" else -1 if kind == "blocks" else -2)
+            blocks.append(where if kind == "blocks" else e)
+            masks.append(e if mask is None else mask)
+        return self.impl.step(ids, b.positions, meta.slots, False, q_lens, ctx_lens, starts, blocks, masks, e, rows)
