@@ -133,3 +133,21 @@ def test_greedy_output_identical_under_goodput(tmp_path, tokenizer_dir):
     assert sum(llm.stats.k_histogram) > 0 and llm.engine.speculator.controller.target.coef.sum() > 0
     assert llm.stats.drafted > 0                            # it did speculate (k = 0 throughout would pass above)
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.55, 0.8, 0.95])
+@pytest.mark.parametrize("jump", [0.0, 0.004])
+def test_a_lone_request_gets_the_best_k_of_the_array_search(alpha, jump):
+    """choose() for one request takes a loop instead of the batch's array search: it must land on the k
+    with the best expected goodput, or on k = 0 when that k does not beat it by the margin."""
+    g = controller(alpha=alpha, jump=jump)
+    (k,) = g.choose(seqs(1), 8)
+    c0, c1, c2, c3, c4, c5 = g.target.coef
+    d1, d2, _ = g.draft.coef
+    a = g.alpha_of(0)
+    base = c0 + c1 + c2 + c4 * 100
+
+    def goodput(k):
+        return 1 / base if k == 0 else (1 - a ** (k + 1)) / (1 - a) / (base + (d1 + c1 + c4 + d2) * k + c3 + c5)
+    best = max(range(9), key=goodput)
+    assert k == best or (k == 0 and goodput(best) <= (1 + max(g.forecast_bias, 0.02)) * goodput(0))
