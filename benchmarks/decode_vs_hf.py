@@ -58,8 +58,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--attention", nargs="+", default=["cpu_paged", "sdpa"],
-                    help="afford attention backends to run (fp32; bf16 runs the first)")
+    ap.add_argument("--attention", nargs="+", default=["cpu_paged", "cpu_paged/python", "sdpa"],
+                    help="afford arms to run (fp32; bf16 runs the first): an attention backend; /python: with "
+                         "native=False (the Python path of the same backend; cpu_paged alone runs native)")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -74,7 +75,8 @@ def main():
         prompt = torch.randint(2, vocab, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
         for dtype in a.dtypes:
             backends = a.attention if dtype == "float32" else a.attention[:1]
-            llms = {b: LLM(str(path), dtype=dtype, max_model_len=a.prompt_tokens + a.new_tokens + 16, attention=b)
+            llms = {b: LLM(str(path), dtype=dtype, max_model_len=a.prompt_tokens + a.new_tokens + 16,
+                           attention=b.split("/")[0], native=not b.endswith("/python"))
                     for b in backends}
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
             params = llms[backends[0]].engine.model_config.num_parameters
@@ -87,7 +89,7 @@ def main():
                            "ratio_vs_hf": round(tps / hf_tps, 2), "afford_GB_s": round(gbs, 2),
                            "afford_GFLOP_s": round(2 * params * tps / 1e9, 2)}
                     rows.append(row)
-                    print(f"{size:11s} {dtype:9s} B={batch} {b:9s}: afford {tps:7.1f} tok/s | transformers "
+                    print(f"{size:11s} {dtype:9s} B={batch} {b:16s}: afford {tps:7.1f} tok/s | transformers "
                           f"{hf_tps:7.1f} | x{tps / hf_tps:.2f} | {gbs:.1f} GB/s | {row['afford_GFLOP_s']:.1f} GFLOP/s",
                           flush=True)
         if llamacpp.available() and not a.no_llamacpp:

@@ -4,7 +4,8 @@ greedy, side by side in one run:
 
 - bare: a ~40-line gpt-fast-style PyTorch loop over the same weights (fused q|k|v and gate|up, static
   contiguous KV cache, SDPA) -- what eager PyTorch costs with nothing else around it;
-- runner: afford's ModelRunner.prepare_decode + run (inputs, attention metadata, model, LM head);
+- runner: afford's ModelRunner.prepare_decode + run (inputs, attention metadata, model, LM head), with the
+  native forward (one C++ call, the default on CPU fp32) and with the Python path (native=False);
 - engine: afford's whole step (scheduling, forward, sampling, detokenizing, stats), from LLM.generate;
 - transformers: `generate` on the same checkpoint.
 
@@ -118,8 +119,10 @@ def main():
             wall = time.perf_counter() - t
             return wall / n, (eng.stats.decode_seconds - before_s) / (eng.stats.decode_tokens - before_n)
 
-        def runner_run():
+        def runner_run(native=True):
             runner, pool = eng.runner, eng.pool
+            kept = runner.native
+            runner.native = kept if native else None
             pool.prepare_write(-1, len(prompt) + n)
             runner.forward([-1], [0], [prompt])
             tok = 7
@@ -129,6 +132,7 @@ def main():
                 tok = int(runner.run(batch, ids).argmax())
             dt = (time.perf_counter() - t) / n
             pool.free(-1)
+            runner.native = kept
             return dt
 
         bare = BareLoop(path, len(prompt) + n + 8)
@@ -155,6 +159,7 @@ def main():
         r = {"model": name, "params": eng.model_config.num_parameters,
              "bare_us": round(1e6 * per_token(bare_run, a.reps), 1),
              "runner_us": round(1e6 * per_token(runner_run, a.reps), 1),
+             "runner_python_us": round(1e6 * per_token(lambda: runner_run(native=False), a.reps), 1),
              "engine_step_us": round(1e6 * eng_step, 1), "engine_wall_us": round(1e6 * eng_wall, 1),
              "transformers_us": round(1e6 * per_token(hf_run, a.reps), 1)}
         r["engine_over_bare"] = round(r["engine_wall_us"] / r["bare_us"], 2)

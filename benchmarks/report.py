@@ -41,10 +41,11 @@ def main():
     r = load("forward_overhead")
     if r:
         print("\n## forward_overhead\n" + machine(r) + "\n")
-        print(table(["model", "params", "bare loop µs", "afford runner µs", "afford engine step µs",
-                     "afford engine wall µs", "transformers µs", "engine wall / bare"],
-                    [[x["model"], x["params"], x["bare_us"], x["runner_us"], x["engine_step_us"], x["engine_wall_us"],
-                      x["transformers_us"], x["engine_over_bare"]] for x in r["rows"]]))
+        print(table(["model", "params", "bare loop µs", "afford runner µs (native)", "afford runner µs (Python path)",
+                     "afford engine step µs", "afford engine wall µs", "transformers µs", "engine wall / bare"],
+                    [[x["model"], x["params"], x["bare_us"], x["runner_us"], x.get("runner_python_us", "—"),
+                      x["engine_step_us"], x["engine_wall_us"], x["transformers_us"], x["engine_over_bare"]]
+                     for x in r["rows"]]))
         print(f"\ndraft / target time per token {r['draft_over_target_time']} (parameters "
               f"{r['draft_over_target_params']})")
     for name in ("decode_profile_before", "decode_profile"):
