@@ -31,6 +31,10 @@ def _zoo(sub):
     t.add_argument("--limit", type=int, help="first N records")
     t.add_argument("--max-tokens", type=int, default=160)
     t.add_argument("--out", required=True)
+    c = zsub.add_parser("cot-compress", help="shorten GSM8K solutions' chains of thought (C3oT's compressor, "
+                                             "rule-based) and report the compression rate")
+    c.add_argument("--data", required=True, help="GSM8K-style .jsonl (question, answer)")
+    c.add_argument("--out", required=True, help=".jsonl with question, answer and short_answer")
     e = zsub.add_parser("export", help="copy a trained folder without its checkpoint, weights in 16-bit")
     e.add_argument("src")
     e.add_argument("dst")
@@ -44,6 +48,9 @@ def _zoo(sub):
         if name == "train":
             p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
             p.add_argument("--preset", help="target | draft | tiny (overrides the shape flags)")
+            p.add_argument("--conditioned", action="store_true",
+                           help="C3oT: each .jsonl record (question, answer[, short_answer]) twice, under the long "
+                                "and the short condition prefix; decode with afford.zoo.cot.prompt(question)")
         else:
             p.add_argument("--teacher", required=True, help="HF folder of the teacher (its tokenizer is used)")
             p.add_argument("--student-preset", default="draft")
@@ -80,6 +87,10 @@ def cmd_zoo(a) -> int:
         n = teacher_text(a.teacher, a.prompts, a.field, a.out, a.limit, a.max_tokens)
         print(f"wrote {n} teacher continuations to {a.out}")
         return 0
+    if a.zoo_cmd == "cot-compress":
+        from afford.zoo.cot import compress_file
+        print(json.dumps(compress_file(a.data, a.out)))
+        return 0
     if a.zoo_cmd == "export":
         from afford.zoo.train import export
         export(a.src, a.dst, a.dtype, a.overwrite)
@@ -95,7 +106,8 @@ def cmd_zoo(a) -> int:
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
                      lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
-                     threads=a.threads, bf16=not a.fp32, init=a.init, **shape)
+                     threads=a.threads, bf16=not a.fp32, init=a.init,
+                     conditioned=getattr(a, "conditioned", False), **shape)
     res = train(tc, resume=a.resume, overwrite=a.overwrite)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0

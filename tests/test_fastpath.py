@@ -149,7 +149,7 @@ def test_padding_slots_are_not_written(name):
         pool.prepare_write(s, 1)
     slots = torch.tensor([pool.slots(0, 0, 1)[0], -1])                 # sequence 1's token is padding
     batch = ForwardBatch("decode", [0, 1], [0, 0], [1, 1], [pool.tables[0], pool.tables[1]], BS, slots,
-                         torch.tensor([0, 0]))
+                         torch.tensor([0, 0]), padded=True)
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(2, H, D, generator=g), torch.randn(2, KV, D, generator=g), torch.randn(2, KV, D, generator=g)
     out = backend.forward(q, k, v, 0, backend.prepare_metadata(batch, kv))

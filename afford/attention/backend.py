@@ -10,7 +10,7 @@ Contract (after mini-sglang's `BaseAttnBackend`):
   allocates blocks or changes the pool (the scheduler owns it; the runner only reads tables).
 - `forward(q (N, H, D), k (N, KV, D), v (N, KV, D), layer, meta) -> (N, H, D)`: query i of a sequence
   at position p attends to that sequence's positions 0..p (its cache, including the tokens written now).
-  A slot of -1 marks a padding token (graph buckets): its K/V is not written.
+  A slot of -1 marks a padding token (graph buckets; the batch then says `padded`): its K/V is not written.
 - `prepare_for_capture(max_batch)` / `prepare_for_replay(meta)`: the hooks a graph-capturing backend
   needs to keep its metadata in static buffers; the CPU backends run eagerly and need neither.
 """
@@ -34,6 +34,7 @@ class ForwardBatch:
     tables: per sequence, its block table (the scheduler allocated every block the forward writes)
     slot_mapping: (N,) long, flat slot (block * block_size + offset) of each fed token, -1 = padding
     positions:    (N,) long, position of each fed token
+    padded:       whether any slot is -1 (a graph bucket's padding rows); the runner's batches are not
     """
     phase: str                          # "prefill" | "decode" (one token each) | "verify" (1 + k each)
     seq_ids: list[int]
@@ -43,6 +44,7 @@ class ForwardBatch:
     block_size: int
     slot_mapping: torch.Tensor
     positions: torch.Tensor
+    padded: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +73,7 @@ class AttentionBackend(ABC):
 
     def prepare_metadata(self, batch: ForwardBatch, kv) -> AttnMetadata:
         slots = batch.slot_mapping
-        real = slots >= 0
-        rows = None if bool(real.all()) else real.nonzero().view(-1)
+        rows = (slots >= 0).nonzero().view(-1) if batch.padded else None
         meta = AttnMetadata(self, batch, kv, slots if rows is None else slots[rows], rows)
         self.prepare(meta)
         return meta

@@ -49,13 +49,23 @@ class Split:
     val: list[str]
 
 
-def split_documents(paths: list[str | Path], val_fraction: float = 0.05) -> Split:
+def split_documents(paths: list[str | Path], val_fraction: float = 0.05, conditioned: bool = False,
+                    seed: int = 0) -> Split:
     """Hold out the tail of every file: the last documents of a .jsonl, the last characters of a text
-    (cut at a line break), so validation text is never trained on."""
+    (cut at a line break), so validation text is never trained on. conditioned (C3oT, afford/zoo/cot.py):
+    each record of a GSM8K-style .jsonl becomes two documents, its long and its short chain under their
+    condition prefixes, held out together; the training documents are shuffled."""
     if not 0 <= val_fraction < 1:
         raise ConfigError("val_fraction must be in [0, 1)")
     train, val = [], []
     for path in paths:
+        if conditioned and Path(path).suffix == ".jsonl":
+            from afford.zoo.cot import conditioned_pairs
+            pairs = conditioned_pairs(path)
+            n_val = int(round(len(pairs) * val_fraction))
+            train.extend(d for pair in pairs[:len(pairs) - n_val] for d in pair)
+            val.extend(d for pair in pairs[len(pairs) - n_val:] for d in pair)
+            continue
         docs = read_documents(path)
         if not docs:
             raise ConfigError(f"data file {path} is empty: the zoo needs text to train on")
@@ -70,6 +80,9 @@ def split_documents(paths: list[str | Path], val_fraction: float = 0.05) -> Spli
             n_val = int(round(len(docs) * val_fraction))
             train.extend(docs[: len(docs) - n_val])
             val.extend(docs[len(docs) - n_val:])
+    if conditioned:
+        from afford.zoo.cot import shuffled
+        train = shuffled(train, seed)
     return Split(train, val)
 
 

@@ -62,6 +62,7 @@ class TrainConfig:
     q_rank: int = 0                 # > 0: MFA attention (low-rank query, one shared K/V head)
     init: str | None = None         # start from these weights (an HF folder of the same shape)
     bf16: bool = True               # bf16 autocast (about 2x faster on this CPU); weights stay fp32
+    conditioned: bool = False       # C3oT: .jsonl records twice, long and short chain under condition prefixes
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -160,7 +161,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
         tok = AutoTokenizer.from_pretrained(tc.tokenizer)
     except Exception as e:
         raise ConfigError(f"cannot load a tokenizer from {tc.tokenizer!r} ({e}); make one with `afford zoo tokenizer`") from e
-    split = split_documents(list(tc.data), tc.val_fraction)
+    split = split_documents(list(tc.data), tc.val_fraction, tc.conditioned, tc.seed)
     train_ids, val_ids = encode_corpus(tok, split.train), encode_corpus(tok, split.val)
     teacher = load_model(tc.teacher, device=str(device), dtype="float32") if tc.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != len(tok):
