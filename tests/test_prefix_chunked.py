@@ -254,3 +254,18 @@ def test_abort_after_the_first_choice_finished_stops_the_others(random_pair):
     assert len(eng.scheduler.running) == 2
     eng.abort("g")
     assert not eng.has_unfinished() and eng.pool.num_used == 0
+
+
+def test_a_prompt_sent_again_keeps_its_blocks_consecutive():
+    """It matches its cached blocks but recomputes the last one: the blocks it grows into are the cached
+    ones right behind (evicted for it), not the free list's head, so attention reads the context in place."""
+    pool = BlockPool(32, 4, prefix_caching=True)
+    toks = list(range(100, 112))                   # 3 full blocks
+    pool.prepare_write(1, 14)
+    pool.register(1, toks + [7, 8], 14)
+    pool.free(1)                                   # blocks 0-2 cached, 3 (partial) back to the free list
+    pool.prepare_write(9, 3)                       # someone else takes block 3
+    assert pool.match_prefix(2, toks) == 8         # all but the last block: its last token is computed
+    pool.prepare_write(2, 16)
+    assert pool.tables[2] == [0, 1, 2, 4]
+    pool.check()

@@ -43,6 +43,7 @@ class StepBuffers:
         else:
             self.dev = host_t
         self.host_t = host_t
+        self.views: dict[int, tuple[torch.Tensor, ...]] = {}   # n -> the first n of each row (slicing costs ~9 us)
 
     def fill(self, n: int, ids, positions, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if n > self.capacity:
@@ -51,7 +52,10 @@ class StepBuffers:
         h[0, :n], h[1, :n], h[2, :n] = ids, positions, slots
         if self.dev is not self.host_t:
             self.dev[:, :n].copy_(self.host_t[:, :n], non_blocking=True)
-        return self.dev[0, :n], self.dev[1, :n], self.dev[2, :n]
+        views = self.views.get(n)
+        if views is None:
+            views = self.views[n] = (self.dev[0, :n], self.dev[1, :n], self.dev[2, :n])
+        return views
 
 
 class ModelRunner:

@@ -5,7 +5,8 @@ final is registered under (the cache node of the block before it, its tokens), s
 the same leading tokens takes the same blocks instead of recomputing them. Keys compare the tokens
 themselves and a parent node id that is never reused, so a match is exact (no hash collisions). A
 registered block whose last user leaves stays cached (reference count 0, "evictable") and is reused in
-least-recently-freed order only when no empty block is left.
+least-recently-freed order only when no empty block is left -- or when it is the block right behind the
+last one of a table that grows, which keeps that sequence's blocks consecutive (read in place).
 
 This file only does integer bookkeeping; the K/V tensors live in the ModelRunner, which applies the
 (src, dst) copies `prepare_write` returns before the forward that writes the tokens.
@@ -78,7 +79,18 @@ class BlockPool:
         return table_slots(self.tables[seq_id], self.block_size, start, end)
 
     # ---- changes ----
-    def _take(self) -> int:
+    def _take(self, after: int | None = None) -> int:
+        """An empty block, else the least recently freed cached one. `after`: the last block of the table
+        being grown -- the block right behind it is taken when it is cached and unused, so that the
+        sequence's blocks stay consecutive and attention reads them in place (afford/attention/paged_cpu.py):
+        a prompt sent again matches its cached blocks but recomputes its last one, and without this its
+        next blocks would come from wherever the free list points."""
+        nxt = after + 1 if after is not None else -1
+        if 0 < nxt < self.num_blocks and nxt in self.evictable:
+            del self.evictable[nxt]
+            self._unregister(nxt)
+            self.ref[nxt] = 1
+            return nxt
         if self.free_blocks:
             b = self.free_blocks.popleft()
         elif self.evictable:
@@ -187,7 +199,7 @@ class BlockPool:
                 self._release(table[i])
                 table[i] = new
         while len(table) < self.blocks_for(new_len):
-            table.append(self._take())
+            table.append(self._take(table[-1] if table else None))
         self.lens[seq_id] = max(old, new_len)
         return copies
 
