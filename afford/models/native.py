@@ -51,7 +51,7 @@ def native_error() -> str | None:
 
 def _linear_tensors(lin) -> list[torch.Tensor]:
     bias = lin.bias if lin.bias is not None else torch.empty(0)
-    return [lin.weight_t, lin.packed, bias]
+    return [lin.weight_t, lin.packed, bias, lin.weight.detach()]
 
 
 def unsupported(model, backend_name: str) -> str | None:
@@ -86,7 +86,8 @@ class NativeDecoder:
                            *_linear_tensors(m.down_proj), k_pool, v_pool])
         self.impl = module.NativeDecoder(model.model.embed_tokens.weight.detach(), model.rope_cos, model.rope_sin,
                                          model.model.norm.weight.detach(), _linear_tensors(model.lm_head), layers,
-                                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
+                                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size,
+                                         model.lm_head.mm_rows)
         self._empty = torch.empty(0)
 
     @classmethod

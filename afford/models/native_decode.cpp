@@ -20,17 +20,21 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
   return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
 }
 
-// One PackedLinear: W^T in two halves (parts, in, out/parts) for one row, oneDNN's packed W for 2+ rows.
+// One PackedLinear: W^T in two halves (parts, in, out/parts) for one row; up to mm_rows rows MKL's
+// (W @ x^T)^T on W (out, in); more rows oneDNN's packed W.
 struct Linear {
-  at::Tensor weight_t, packed, bias;        // bias: undefined when the layer has none
+  at::Tensor weight_t, packed, bias, weight;  // bias: undefined when the layer has none
+  int64_t mm_rows;
 
   at::Tensor operator()(const at::Tensor& x) const {      // x (N, in) -> (N, out)
     at::Tensor y;
     if (x.numel() == x.size(-1)) {
       y = at::matmul(x.reshape({1, 1, -1}), weight_t);    // (parts, 1, out/parts)
       y = y.transpose(0, 1).reshape({x.size(0), -1});     // (1, out)
-    } else {
+    } else if (x.size(0) > mm_rows) {
       y = onednn_linear(x, packed);                       // (N, out)
+    } else {
+      y = at::mm(weight, x.t()).t().contiguous();         // (N, out)
     }
     return bias.defined() ? y + bias : y;
   }
@@ -46,14 +50,16 @@ class NativeDecoder {
  public:
   NativeDecoder(at::Tensor embed, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor final_norm,
                 std::vector<at::Tensor> head, std::vector<std::vector<at::Tensor>> layers,
-                int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, int64_t block_size)
+                int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, int64_t block_size, int64_t mm_rows)
       : embed_(std::move(embed)), cos_(std::move(rope_cos)), sin_(std::move(rope_sin)),
-        final_norm_(std::move(final_norm)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(eps), bs_(block_size) {
+        final_norm_(std::move(final_norm)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(eps), bs_(block_size),
+        mm_rows_(mm_rows) {
     head_ = linear(head, 0);
     for (auto& t : layers) {
-      // norm1, norm2, then 3 tensors (weight_t, packed, bias) for each of qkv, o, gate_up, down, then k_pool, v_pool
-      TORCH_CHECK(t.size() == 16, "a layer is 16 tensors, got ", t.size());
-      layers_.push_back(Layer{t[0], t[1], linear(t, 2), linear(t, 5), linear(t, 8), linear(t, 11), t[14], t[15]});
+      // norm1, norm2, then 4 tensors (weight_t, packed, bias, weight) for each of qkv, o, gate_up, down,
+      // then k_pool, v_pool
+      TORCH_CHECK(t.size() == 20, "a layer is 20 tensors, got ", t.size());
+      layers_.push_back(Layer{t[0], t[1], linear(t, 2), linear(t, 6), linear(t, 10), linear(t, 14), t[18], t[19]});
     }
   }
 
@@ -126,9 +132,9 @@ class NativeDecoder {
   }
 
  private:
-  // (weight_t, packed, bias) at t[at..at+3); an empty bias tensor means none
-  static Linear linear(const std::vector<at::Tensor>& t, size_t at) {
-    return Linear{t[at], t[at + 1], t[at + 2].numel() ? t[at + 2] : at::Tensor()};
+  // (weight_t, packed, bias, weight) at t[at..at+4); an empty bias tensor means none
+  Linear linear(const std::vector<at::Tensor>& t, size_t at) const {
+    return Linear{t[at], t[at + 1], t[at + 2].numel() ? t[at + 2] : at::Tensor(), t[at + 3], mm_rows_};
   }
 
   at::Tensor embed_, cos_, sin_, final_norm_;
@@ -136,7 +142,7 @@ class NativeDecoder {
   std::vector<Layer> layers_;
   int64_t H_, KV_, D_;
   double eps_;
-  int64_t bs_;
+  int64_t bs_, mm_rows_;
 };
 
 }  // namespace
@@ -144,6 +150,7 @@ class NativeDecoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<NativeDecoder>(m, "NativeDecoder")
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                          std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t>())
+                          std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t,
+                          int64_t>())
       .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -55,6 +55,25 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tenso
 # 2+ rows run faster through oneDNN's pre-packed weight than through MKL's sgemm or F.linear. Below this
 # many bytes of weights the CPU keeps those layouts beside the (out, in) one; bf16 keeps F.linear.
 DUAL_LAYOUT_MAX_BYTES = 2 << 30       # the CPU fp32 layouts hold each matrix three times
+# ...except that a model whose weights fit in the last-level cache is latency-bound, not bandwidth-bound:
+# oneDNN's packed product has a floor of ~40 us a call, and for up to this many rows MKL's (W @ x^T)^T
+# makes a verify forward of the bundled target 0.82x / 0.90x as long (2 / 3 rows; about even at 5 and 8;
+# benchmarks/verify_rows.py), while on a 34 M model (118 MB, streamed) it is 1.13-1.27x slower at 3-8 rows
+CACHE_RESIDENT_MM_ROWS = 3
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache size (Linux sysfs; 0 when unknown)."""
+    from pathlib import Path
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            pass
+    return max(sizes, default=0)
 
 
 class PackedLinear(nn.Module):
@@ -81,12 +100,13 @@ class PackedLinear(nn.Module):
         # and for 2+ rows oneDNN's pre-packed (blocked) layout (an opaque tensor, not a buffer)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None) \
             if one_row_copy and torch.backends.mkldnn.is_available() else None
+        self.mm_rows = 0          # up to this many rows MKL's (W @ x^T)^T instead (a cache-resident model)
 
     def forward(self, x):
         if self.weight_t is not None and x.numel() == x.shape[-1]:
             y = torch.matmul(x.reshape(1, 1, -1), self.weight_t)                 # one row: (parts, 1, out/parts)
             y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)
-        elif self.packed is not None and x.dim() == 2:
+        elif self.packed is not None and x.dim() == 2 and x.shape[0] > self.mm_rows:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")   # (N, out)
         elif self.cpu_fp32 and x.dim() == 2:
             y = torch.mm(self.weight, x.t()).t().contiguous()                    # (N, out)
@@ -255,7 +275,14 @@ class Transformer(nn.Module):
             layer.self_attn.pack(dual)
             layer.mlp.pack(dual)
         self.lm_head = PackedLinear(self.lm_head, one_row_copy=dual)
+        if dual and self.weight_bytes() <= last_level_cache_bytes():
+            for m in self.modules():
+                if isinstance(m, PackedLinear):
+                    m.mm_rows = CACHE_RESIDENT_MM_ROWS
         return self
+
+    def weight_bytes(self) -> int:
+        return sum(m.weight.numel() * m.weight.element_size() for m in self.modules() if isinstance(m, PackedLinear))
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
                meta: AttnMetadata | None = None) -> torch.Tensor:
