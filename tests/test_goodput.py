@@ -151,3 +151,17 @@ def test_a_lone_request_gets_the_best_k_of_the_array_search(alpha, jump):
         return 1 / base if k == 0 else (1 - a ** (k + 1)) / (1 - a) / (base + (d1 + c1 + c4 + d2) * k + c3 + c5)
     best = max(range(9), key=goodput)
     assert k == best or (k == 0 and goodput(best) <= (1 + max(g.forecast_bias, 0.02)) * goodput(0))
+
+
+def test_an_idle_batch_is_searched_again_only_every_few_steps(monkeypatch):
+    """k = 0 for an unchanged batch: the search runs every `recheck_every` steps, not every step; a new
+    batch is searched at once."""
+    g = controller(alpha=0.02)
+    calls = []
+    search = g._choose
+    monkeypatch.setattr(g, "_choose", lambda *a: calls.append(1) or search(*a))
+    ss = seqs(3)
+    assert all(g.choose(ss, 4) == [0, 0, 0] for _ in range(16))
+    assert len(calls) == 16 // g.recheck_every
+    g.choose(ss[:2], 4)                         # one request left: searched now
+    assert len(calls) == 16 // g.recheck_every + 1

@@ -40,12 +40,24 @@ class Goodput(SpeculativeController):
       speculative steps (the moving mean of measured / forecast - 1 over them, within [2 %, 25 %]):
       a step the model thinks cheaper than it is inflates the predicted gain by as much;
     - exploration: after `explore_every` steps with k = 0 everywhere, the request with the oldest
-      acceptance information drafts one token, so a workload whose acceptance rises is noticed.
+      acceptance information drafts one token, so a workload whose acceptance rises is noticed -- but
+      only once the idle steps' predicted time times `explore_budget` covers the probe's predicted cost,
+      catch-up included (a draft that skipped 500 tokens first feeds them all: with a cheap target step
+      that is many steps' worth) and scaled by what past probes cost over their forecast, so probing
+      costs about that share of decoding time;
+    - an unchanged batch that chose k = 0 is searched again every `recheck_every` steps, and a quarter
+      of the k = 0 steps feed the step-time fit: a controller that decided not to speculate costs
+      little more than not having one.
     """
 
     def __init__(self, prior: float = 0.6, decay: float = 0.9, prior_weight: float = 1.0,
-                 explore_every: int = 64):
+                 explore_every: int = 64, explore_budget: float = 0.01, recheck_every: int = 8):
         self.prior, self.decay, self.prior_weight, self.explore_every = prior, decay, prior_weight, explore_every
+        self.explore_budget, self.idle_seconds = explore_budget, 0.0
+        self.recheck_every = recheck_every
+        self._idle: tuple | None = None            # (sequence ids, k_max, base) of the last all-k = 0 choice
+        self._probe: tuple[float, float] | None = None      # (base, predicted extra seconds) of a probe step
+        self.probe_scale = 1.0                     # measured / predicted extra seconds of past probes
         self.g_succ, self.g_trials = prior * 20.0, 20.0         # global counts (slower decay)
         self.succ: dict[int, float] = {}
         self.trials: dict[int, float] = {}
@@ -100,6 +112,11 @@ class Goodput(SpeculativeController):
         if st.kind != "decode":
             return
         self.steps += 1
+        if self._probe is not None:                  # what the last probe really cost, catch-up and all
+            base, cost = self._probe
+            self._probe = None
+            ratio = max(st.seconds - base, 0.0) / max(cost, 1e-6)
+            self.probe_scale = min(max(0.5 * self.probe_scale + 0.5 * ratio, 1.0), 20.0)
         if st.predicted_seconds and max(st.k_per_seq, default=0) > 0 and st.seconds > 0:
             err = st.seconds / st.predicted_seconds - 1.0
             self.forecast_bias = 0.95 * self.forecast_bias + 0.05 * min(max(err, -1.0), 1.0)
@@ -109,8 +126,11 @@ class Goodput(SpeculativeController):
             elif sid in self.succ:                   # information ages while a request does not draft
                 self.succ[sid] *= self.decay
                 self.trials[sid] *= self.decay
+        max_k = max(st.k_per_seq, default=0)
+        if max_k == 0 and self.steps % 4:            # a quarter of the plain steps is enough to fit their cost
+            return
         self.observe_timing(st.tokens_in, st.num_seqs, st.context_tokens, st.seconds - st.draft_seconds,
-                            max(st.k_per_seq, default=0), sum(st.k_per_seq), st.draft_seconds, st.draft_catchup,
+                            max_k, sum(st.k_per_seq), st.draft_seconds, st.draft_catchup,
                             drafting=sum(1 for k in st.k_per_seq if k > 0))
 
     def forget(self, seq_id: int) -> None:
@@ -122,6 +142,21 @@ class Goodput(SpeculativeController):
         B = len(seqs)
         if B == 0:
             return []
+        # a batch that chose k = 0 last step, unchanged: decide again only every `recheck_every` steps (a
+        # search costs ~50-300 us, ~2-10 % of a small model's step; acceptance does not move while nobody
+        # drafts, and the step-time fit moves slowly)
+        if self._idle is not None and self._idle[:2] == (tuple(s.seq_id for s in seqs), k_max) \
+                and self.idle_steps % self.recheck_every:
+            self.idle_steps += 1
+            self.idle_seconds += self._idle[2]
+            self.last_prediction = self._idle[2]
+            return [0] * B
+        ks = self._choose(seqs, k_max, catchup)
+        self._idle = (tuple(s.seq_id for s in seqs), k_max, self.last_prediction) if not any(ks) else None
+        return ks
+
+    def _choose(self, seqs, k_max, catchup):
+        B = len(seqs)
         alphas = [min(self.alpha_of(s.seq_id), 0.999) for s in seqs]
         c0, c1, c2, c3, c4, c5 = self.target.coef.tolist()
         d1, d2, d3 = self.draft.coef.tolist()
@@ -160,7 +195,7 @@ class Goodput(SpeculativeController):
         best = int(g.argmax())
         if g[best] <= margin * g0:
             return self._no_speculation(seqs, base, probe_cost, d3, catchup)
-        self.idle_steps = 0
+        self.idle_steps, self.idle_seconds = 0, 0.0
         best_k = ks[best]
         self.last_prediction = base + d1 * int(best_k.max()) + c3 * (B == 1) + float(cost[np.arange(B), best_k].sum())
         return best_k.tolist()
@@ -180,7 +215,7 @@ class Goodput(SpeculativeController):
                 best_k, best_g = k, g
         if best_k == 0:
             return self._no_speculation([seq], base, d1 + c3 + c1 + c4 + d2 + c5, d3, [catchup])
-        self.idle_steps = 0
+        self.idle_steps, self.idle_seconds = 0, 0.0
         self.last_prediction = base + d1 * best_k + c3 + (c1 + c4 + d2) * best_k + c5 + d3 * catchup
         return [best_k]
 
@@ -190,10 +225,14 @@ class Goodput(SpeculativeController):
         grew while speculating can shrink again)."""
         ks = [0] * len(seqs)
         self.idle_steps += 1
+        self.idle_seconds += base
         self.last_prediction = base
         if self.idle_steps >= self.explore_every:
-            self.idle_steps = 0
             i = min(range(len(seqs)), key=lambda j: self.last_drafted.get(seqs[j].seq_id, -1))
-            ks[i] = 1
-            self.last_prediction = base + probe_cost + d3 * (catchup[i] if catchup is not None else 0)
+            cost = probe_cost + d3 * (catchup[i] if catchup is not None else 0)
+            if self.idle_seconds * self.explore_budget >= cost * self.probe_scale:
+                self.idle_steps, self.idle_seconds = 0, 0.0
+                ks[i] = 1
+                self.last_prediction = base + cost
+                self._probe = (base, cost)
         return ks

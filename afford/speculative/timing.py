@@ -27,8 +27,9 @@ class StepTimeModel:
         else:
             self.rings.setdefault(bucket, deque(maxlen=self.per_bucket)).append((list(x), seconds))
             self.count += 1
-            if self.count > 32 and self.count % self.refit_every:
-                return                     # a refit costs ~60 us; the coefficients move slowly
+            every = self.refit_every if self.count <= 256 else 8 * self.refit_every
+            if self.count > 32 and self.count % every:
+                return                     # a refit costs ~0.1-1 ms; the coefficients move slowly
         self._fit()
 
     def _fit(self) -> None:
