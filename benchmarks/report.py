@@ -46,7 +46,7 @@ def main():
                     [[x["model"], x["params"], x["bare_us"], x["runner_us"], x.get("runner_python_us", "—"),
                       x["engine_step_us"], x["engine_wall_us"], x["transformers_us"], x["engine_over_bare"]]
                      for x in r["rows"]]))
-        print(f"\ndraft / target time per token {r['draft_over_target_time']} (parameters "
+        print(f"\ndraft / target time per token {r['draft_over_target_time']} (median of interleaved rounds; parameters "
               f"{r['draft_over_target_params']})")
     for name in ("decode_profile_before", "decode_profile"):
         r = load(name)
@@ -57,6 +57,12 @@ def main():
                 ops = ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in list(x["top_ops_ms_per_step"].items())[:8])
                 print(f"- {b}: {x['wall_ms_per_step']} ms/step wall, {x['profiled_ms_per_step']} ms profiled, "
                       f"matmul {x['mm_ms_per_step']} ms; top ops (ms/step): {ops}")
+    r = load("verify_rows")
+    if r:
+        print("\n## verify_rows\n" + machine(r) + "\n")
+        print(table(["model", "weights MB", "rows", "oneDNN packed ms", "MKL (W @ x^T)^T ms", "MKL / oneDNN"],
+                    [[x["model"], x["weight_MB"], x["rows"], x["onednn_ms"], x["mkl_ms"], x["mkl_over_onednn"]]
+                     for x in r["rows"]]))
     r = load("batch_invariance")
     if r:
         print("\n## batch_invariance\n" + machine(r) + "\n")

@@ -72,7 +72,7 @@ class ModelRunner:
                    for _ in range(cfg.num_layers)]
         self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention)
         self.buffers = StepBuffers(self.device)
-        # decode forwards as one C++ call, bitwise equal to the Python path (afford/models/native.py)
+        # every forward as one C++ call, bitwise equal to the Python path (afford/models/native.py)
         self.native = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) if native else None
         self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
         self.kv_bytes_per_token = cfg.kv_bytes_per_token(self.kv[0][0].element_size())

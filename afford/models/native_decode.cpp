@@ -1,7 +1,7 @@
-// afford's native decode step: the decode forward of a packed CPU fp32 Llama-family model (one new token
-// per sequence) as ONE call from Python. It calls exactly the ATen operators the Python path calls
-// (afford/models/transformer.py, afford/attention/paged_cpu.py), in the same order on the same layouts,
-// so its logits are bitwise those of the Python path; what it removes is the per-operator cost of
+// afford's native forward: a forward of a packed CPU fp32 Llama-family model (prefill, decode or verify,
+// over the cpu_paged backend's plan) as ONE call from Python. It calls exactly the ATen operators the
+// Python path calls (afford/models/transformer.py, afford/attention/paged_cpu.py), in the same order on
+// the same layouts, so its logits are bitwise those of the Python path; what it removes is the per-operator cost of
 // Python (argument parsing, nn.Module dispatch, attribute lookups): ~30 operators per layer, each a few
 // microseconds, which is most of a small model's decode step (benchmarks/forward_overhead.py).
 // Built on first use by torch.utils.cpp_extension (afford/models/native.py); the Python path stays the
