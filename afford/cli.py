@@ -69,7 +69,8 @@ def _zoo(sub):
         p.add_argument("--eval-every", type=int, default=200)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int)
-        p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+        p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast where bf16 "
+                                                             "matmuls are fast: CUDA or an AVX-512 CPU)")
         p.add_argument("--resume", action="store_true")
         p.add_argument("--init", help="start from this HF folder's weights (same shape)")
         p.add_argument("--overwrite", action="store_true")
@@ -106,7 +107,7 @@ def cmd_zoo(a) -> int:
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
                      lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
-                     threads=a.threads, bf16=not a.fp32, init=a.init,
+                     threads=a.threads, bf16=False if a.fp32 else None, init=a.init,
                      conditioned=getattr(a, "conditioned", False), **shape)
     res = train(tc, resume=a.resume, overwrite=a.overwrite)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))

@@ -61,7 +61,8 @@ class TrainConfig:
     threads: int | None = None
     q_rank: int = 0                 # > 0: MFA attention (low-rank query, one shared K/V head)
     init: str | None = None         # start from these weights (an HF folder of the same shape)
-    bf16: bool = True               # bf16 autocast (about 2x faster on this CPU); weights stay fp32
+    bf16: bool | None = None        # bf16 autocast (weights stay fp32); None: where bf16 matmuls are fast
+                                    # (CUDA, AVX-512 CPUs: ~2x); on an AVX2-only CPU they are >10x slower
     conditioned: bool = False       # C3oT: .jsonl records twice, long and short chain under condition prefixes
 
     def __post_init__(self):
@@ -103,8 +104,14 @@ def batches(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator
         yield win[:, :-1], win[:, 1:]
 
 
+def use_bf16(tc: TrainConfig, device: torch.device) -> bool:
+    if tc.bf16 is not None:
+        return tc.bf16
+    return device.type == "cuda" or "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 def loss_fn(model: Transformer, x, y, teacher: Transformer | None, tc: TrainConfig) -> torch.Tensor:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16(tc, x.device)):
         logits = model(x).float()                                                 # (B, T, V)
         if teacher is None:
             return F.cross_entropy(logits.flatten(0, 1), y.flatten())
