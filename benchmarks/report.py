@@ -63,6 +63,16 @@ def main():
         print(table(["model", "weights MB", "rows", "oneDNN packed ms", "MKL (W @ x^T)^T ms", "MKL / oneDNN"],
                     [[x["model"], x["weight_MB"], x["rows"], x["onednn_ms"], x["mkl_ms"], x["mkl_over_onednn"]]
                      for x in r["rows"]]))
+    r = load("cot")
+    if r:
+        print("\n## cot\n" + machine(r) + "\n")
+        c = r["compression"]
+        print(f"compressor on GSM8K train: {c['records']} solutions, {c['words_long']} -> {c['words_short']} words, "
+              f"compression rate {c['compression_rate']}; training per arm: "
+              + "; ".join(f"{t['arm']} {t['steps']} steps, val loss {t['val_loss']:.3f}" for t in r["training"]) + "\n")
+        print(table(["arm", "accuracy", "mean chain tokens", "chain / long CoT", "hit max tokens"],
+                    [[x["arm"], f"{x['accuracy']} ({x['correct']}/{x['questions']})", x["mean_chain_tokens"],
+                      x["chain_vs_long"], x["finished_by_length"]] for x in r["rows"]]))
     r = load("batch_invariance")
     if r:
         print("\n## batch_invariance\n" + machine(r) + "\n")
