@@ -35,13 +35,13 @@ def native_module():
         if _module is None and _error is None:
             try:
                 from torch.utils.cpp_extension import load
-                log.info("building afford's native decode step (once per machine, about a minute)")
+                log.info("building afford's native forward (once per machine, about a minute)")
                 _module = load(name="afford_native_decode", sources=[str(_SOURCE)], extra_cflags=["-O3"],
                                verbose=False)
             except Exception as e:                    # no compiler, no headers: the Python path runs
                 _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                log.warning("afford's native decode step could not be built (%s); decoding runs the Python "
-                            "path (same results, more time per step)", _error)
+                log.warning("afford's native forward could not be built (%s); forwards run the Python path "
+                            "(same results, more time per step)", _error)
         return _module
 
 
@@ -55,7 +55,7 @@ def _linear_tensors(lin) -> list[torch.Tensor]:
 
 
 def unsupported(model, backend_name: str) -> str | None:
-    """Why the native step does not apply to this model / backend (None: it does)."""
+    """Why the native forward does not apply to this model / backend (None: it does)."""
     from afford.models.transformer import PackedLinear
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:
@@ -94,7 +94,7 @@ class NativeDecoder:
     def build(cls, model, kv, block_size: int, backend_name: str) -> "NativeDecoder | None":
         why = unsupported(model, backend_name)
         if why is not None:
-            log.debug("native decode step off: it %s", why)
+            log.debug("native forward off: it %s", why)
             return None
         module = native_module()
         return None if module is None else cls(module, model, kv, block_size)

@@ -57,8 +57,9 @@ def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tenso
 DUAL_LAYOUT_MAX_BYTES = 2 << 30       # the CPU fp32 layouts hold each matrix three times
 # ...except that a model whose weights fit in the last-level cache is latency-bound, not bandwidth-bound:
 # oneDNN's packed product has a floor of ~40 us a call, and for up to this many rows MKL's (W @ x^T)^T
-# makes a verify forward of the bundled target 0.82x / 0.90x as long (2 / 3 rows; about even at 5 and 8;
-# benchmarks/verify_rows.py), while on a 34 M model (118 MB, streamed) it is 1.13-1.27x slower at 3-8 rows
+# makes a verify forward of the bundled target 0.82-0.85x / 0.90-0.93x as long (2 / 3 rows, two runs of
+# benchmarks/verify_rows.py), while on a 34 M model (118 MB, streamed) it is 0.95-1.19x at 2-3 rows and
+# up to 1.27x slower at 5-8
 CACHE_RESIDENT_MM_ROWS = 3
 
 
