@@ -130,7 +130,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "seed": "seeds the engine's generator for requests that bring no seed; generate's requests take it as theirs",
     "cost_hardware": "show the modeled USD per 1M tokens on this hardware (see afford cost)",
     "quantization": "weight-only quantization on load (lossy)",
-    "attention": "attention backend: auto (cpu_paged on the CPU, sdpa elsewhere), cpu_paged or sdpa",
+    "attention": "attention backend: auto (cpu_paged on the CPU, paged on CUDA), paged, cpu_paged or sdpa",
+    "enforce_eager": "on CUDA, run every forward eagerly: no CUDA graphs for decode, verify and draft steps",
     "native": "run CPU fp32 forwards as one C++ call (the same operators and results as the Python path; "
               "built once per machine, ~1 minute)",
     "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",

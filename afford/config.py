@@ -194,8 +194,9 @@ class EngineConfig:
     cost_hardware: str | None = None     # report modeled USD per 1M tokens on this hardware (afford cost keys)
     quantization: str | None = None      # "int8" | "int4": weight-only, quantized on load (FineQuant)
     quant_group: str = "auto"            # auto | per-channel | 32 | 64 | 128 ...
-    attention: str = "auto"              # attention backend: auto | cpu_paged | sdpa (afford/attention/)
+    attention: str = "auto"              # attention backend: auto | paged | cpu_paged | sdpa (afford/attention/)
     native: bool = True                  # CPU fp32 forwards as one C++ call, same results (afford/models/native.py)
+    enforce_eager: bool = False          # CUDA: no CUDA graphs (afford/core/graphs.py); the CPU never captures
 
     def __post_init__(self):
         if self.block_size < 1:

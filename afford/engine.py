@@ -47,7 +47,9 @@ class Engine:
             raise ConfigError(f"kv_blocks={blocks} cannot hold one sequence of max_model_len={self.max_model_len} "
                               f"tokens; give at least {min_blocks} blocks or lower max_model_len")
         self.pool = BlockPool(blocks, bs, prefix_caching=cfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native)
+        self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
+                                  max_batch=cfg.max_num_seqs,
+                                  max_q=1 + speculative.num_speculative_tokens if speculative else 1)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
                                    chunked_prefill=cfg.enable_chunked_prefill)
         self.rng = torch.Generator().manual_seed(cfg.seed)
@@ -238,13 +240,14 @@ class Engine:
         sampling = [s for s, d in zip(seqs, done) if d]
         next_tokens = iter(self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])) \
             if sampling else iter(())
-        rows = iter(logits)
+        row = -1                               # the sampled sequence's logits row (sliced only where logprobs need it)
         outs = []
         for s, p, st, toks, d in zip(seqs, prefill, starts, tokens, done):
             self._computed(s, st + len(toks))
             if not d:                          # a prompt chunk short of the end: nothing to sample yet
                 continue
-            tok, row = next(next_tokens), next(rows)
+            tok = next(next_tokens)
+            row += 1
             if self.speculator and not p:      # the scheduler reserved speculative slots left unused
                 self.pool.truncate(s.seq_id, s.num_computed)
             s.in_prefill = False
@@ -255,11 +258,11 @@ class Engine:
                 self.pool.fork(s.seq_id, c.seq_id)
                 c.num_computed = s.num_computed
                 self.scheduler.admit_forked(c)
-            outs.append(self._emit(s, [tok], row.unsqueeze(0)))
+            outs.append(self._emit(s, [tok], logits, row))
             outs += self._fork_shared(s)
             for c in children:
-                c_tok = self.sampler(row.unsqueeze(0), [c.params], [c.generator])[0]
-                outs.append(self._emit(c, [c_tok], row.unsqueeze(0)))
+                c_tok = self.sampler(logits[row:row + 1], [c.params], [c.generator])[0]
+                outs.append(self._emit(c, [c_tok], logits, row))
         st = StepStats.of_forward("", [s.seq_id for s in seqs], starts, [len(t) for t in tokens])
         st.prefill_tokens = sum(len(t) for p, t in zip(prefill, tokens) if p)
         st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * len(seqs), [0] * len(seqs)
@@ -292,7 +295,7 @@ class Engine:
             s.num_computed = valid                 # the accepted drafts join token_ids in _emit: register them now
             self.pool.register(s.seq_id, s.token_ids, valid, pending=d.tokens[:n])
             before = s.num_output
-            outs.append(self._emit(s, d.tokens[:n] + [nxt], own[:n + 1]))
+            outs.append(self._emit(s, d.tokens[:n] + [nxt], own))
             outs += self._fork_shared(s)
             st.tokens_out += s.num_output - before
             st.drafted += len(d.tokens)
@@ -330,13 +333,13 @@ class Engine:
             outs.append(RequestOutput.from_seq(c, delta))
         return outs
 
-    def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
-        """Append tokens to s until it stops (logits: (len(new_tokens), V), the rows they came from). What
+    def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor, at: int = 0) -> RequestOutput:
+        """Append tokens to s until it stops (logits[at + i]: the row new_tokens[i] came from). What
         fails here is this sequence's own work (its logprobs, detokenization, stop strings): it fails
         this sequence alone -- finished with reason "error" and the exception in its output -- and the
         batch goes on."""
         try:
-            return self._append(s, new_tokens, logits)
+            return self._append(s, new_tokens, logits, at)
         except Exception as e:
             if not s.finished:
                 s.finish("error")
@@ -345,14 +348,14 @@ class Engine:
             out.error = e
             return out
 
-    def _append(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor) -> RequestOutput:
+    def _append(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor, at: int) -> RequestOutput:
         if self.fault_hook is not None:
             self.fault_hook(s)
         s.metrics.forward_passes += 1
         delta = ""
-        for tok, row in zip(new_tokens, logits):
+        for i, tok in enumerate(new_tokens):
             if s.params.logprobs is not None:
-                s.logprobs.append(top_logprobs(torch.log_softmax(row.float(), -1), tok, s.params.logprobs))
+                s.logprobs.append(top_logprobs(torch.log_softmax(logits[at + i].float(), -1), tok, s.params.logprobs))
             delta += s.append(tok, self.eos_ids, self.max_model_len)
             if s.finished:
                 break

@@ -19,12 +19,13 @@ class LLM:
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True, native: bool = True):
+                 enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
-        attention: the attention backend (afford/attention/): "auto", "cpu_paged" or "sdpa".
+        attention: the attention backend (afford/attention/): "auto", "paged", "cpu_paged" or "sdpa".
+        enforce_eager: on CUDA, no CUDA graphs (decode, verify and draft steps are captured by default).
         max_num_batched_tokens: tokens fed per step; with enable_chunked_prefill running decodes take theirs
         first and long prompts are split over steps. enable_prefix_caching reuses the KV of cached leading
         prompt blocks (exact: the same tokens, the same positions). native: on the CPU in fp32, each forward is
@@ -38,7 +39,8 @@ class LLM:
                                          quantization=quantization, quant_group=quant_group,
                                          attention=attention, max_num_batched_tokens=max_num_batched_tokens,
                                          enable_chunked_prefill=enable_chunked_prefill,
-                                         enable_prefix_caching=enable_prefix_caching, native=native), speculative))
+                                         enable_prefix_caching=enable_prefix_caching, native=native,
+                                         enforce_eager=enforce_eager), speculative))
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, speculative: SpeculativeConfig | None = None) -> "LLM":

@@ -1,10 +1,11 @@
 """Attention backends behind one interface (backend.py); `get_backend(name)` builds one by name."""
 from afford.attention.backend import BACKENDS, AttentionBackend, AttnMetadata, ForwardBatch
+from afford.attention.paged import PagedBackend
 from afford.attention.paged_cpu import PagedCPUBackend
 from afford.attention.sdpa import GatherSDPABackend
 from afford.config import ConfigError
 
-__all__ = ["AttentionBackend", "AttnMetadata", "ForwardBatch", "GatherSDPABackend", "PagedCPUBackend",
+__all__ = ["AttentionBackend", "AttnMetadata", "ForwardBatch", "GatherSDPABackend", "PagedBackend", "PagedCPUBackend",
            "get_backend"]
 
 

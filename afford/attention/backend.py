@@ -11,8 +11,9 @@ Contract (after mini-sglang's `BaseAttnBackend`):
 - `forward(q (N, H, D), k (N, KV, D), v (N, KV, D), layer, meta) -> (N, H, D)`: query i of a sequence
   at position p attends to that sequence's positions 0..p (its cache, including the tokens written now).
   A slot of -1 marks a padding token (graph buckets; the batch then says `padded`): its K/V is not written.
-- `prepare_for_capture(max_batch)` / `prepare_for_replay(meta)`: the hooks a graph-capturing backend
-  needs to keep its metadata in static buffers; the CPU backends run eagerly and need neither.
+- `prepare_for_capture(kv, slots, positions, tables, row_seq, limits, block_size, scratch)` /
+  `prepare_for_replay(meta)`: the hooks a graph-capturing backend needs to keep its metadata in static
+  buffers (the paged backend, paged.py); the CPU backends run eagerly and need neither.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                 meta: AttnMetadata) -> torch.Tensor: ...
 
-    def prepare_for_capture(self, max_batch: int) -> None:
+    def prepare_for_capture(self, kv, slots, positions, tables, row_seq, limits, block_size: int,
+                            scratch: int) -> AttnMetadata:
         raise NotImplementedError(f"the {self.name} backend runs eagerly (no graph capture)")
 
     def prepare_for_replay(self, meta: AttnMetadata) -> None:

@@ -25,9 +25,16 @@ class RequestOutput:
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
+        """The output of a step: while the request runs, metrics holds its token counts; once it has
+        finished, every metric (timings, speculation, modeled cost)."""
         m = seq.metrics
-        decode_s = (m.finished or m.first_token or 0) - (m.first_token or 0)
         n_out = seq.num_output
+        if not seq.finished:                    # every running sequence gets one per step: keep it cheap
+            return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, seq.output_ids, None, False,
+                                 list(seq.logprobs) if seq.params.logprobs is not None else None,
+                                 seq.prompt_logprobs, {"prompt_tokens": seq.num_prompt, "generated_tokens": n_out,
+                                                       "forward_passes": m.forward_passes}, delta, seq.index)
+        decode_s = (m.finished or m.first_token or 0) - (m.first_token or 0)
         metrics = {
             "prompt_tokens": seq.num_prompt, "generated_tokens": n_out, "forward_passes": m.forward_passes,
             "ttft_s": (m.first_token - m.arrival) if m.first_token else None,

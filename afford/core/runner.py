@@ -19,14 +19,16 @@ from afford.models.transformer import Transformer
 
 def default_attention(device: torch.device) -> str:
     """The backend `attention="auto"` picks: in-place paged reads on the CPU (benchmarks/decode_vs_hf.py
-    measures both), the gather + SDPA reference elsewhere until a CUDA paged backend lands."""
-    return "cpu_paged" if device.type == "cpu" else "sdpa"
+    measures it against the gather + SDPA reference), the block-table kernel (Triton) that CUDA graphs
+    capture elsewhere."""
+    return "cpu_paged" if device.type == "cpu" else "paged"
 
 
 class StepBuffers:
     """Persistent 1-D input buffers (token ids, positions, slot mapping), grown on demand and reused every
     forward. On the CPU they are numpy-backed (filled from Python lists without a tensor per list); on a
-    GPU the host side is pinned and copied with non_blocking=True into device buffers."""
+    GPU the host side is pinned and copied whole (one contiguous copy) with non_blocking=True into device
+    buffers; the next fill waits for that copy's event before it writes the host side again."""
 
     def __init__(self, device: torch.device, capacity: int = 256):
         self.device = device
@@ -44,14 +46,18 @@ class StepBuffers:
             self.dev = host_t
         self.host_t = host_t
         self.views: dict[int, tuple[torch.Tensor, ...]] = {}   # n -> the first n of each row (slicing costs ~9 us)
+        self.copied = torch.cuda.Event() if self.device.type == "cuda" else None
 
     def fill(self, n: int, ids, positions, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if n > self.capacity:
             self._alloc(max(n, 2 * self.capacity))
         h = self.host
+        if self.copied is not None:
+            self.copied.synchronize()            # the last forward's copy has left the host buffer
         h[0, :n], h[1, :n], h[2, :n] = ids, positions, slots
-        if self.dev is not self.host_t:
-            self.dev[:, :n].copy_(self.host_t[:, :n], non_blocking=True)
+        if self.copied is not None:
+            self.dev.copy_(self.host_t, non_blocking=True)
+            self.copied.record()
         views = self.views.get(n)
         if views is None:
             views = self.views[n] = (self.dev[0, :n], self.dev[1, :n], self.dev[2, :n])
@@ -59,13 +65,16 @@ class StepBuffers:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto", native: bool = True):
+    def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto", native: bool = True,
+                 graphs: bool = True, max_batch: int = 64, max_q: int = 1):
+        """graphs: on CUDA with the paged backend, forwards of up to max_batch sequences feeding up to max_q
+        tokens each replay CUDA graphs (afford/core/graphs.py); elsewhere they run eagerly."""
         self.model = model
         self.pool = pool
         cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        n_slots = pool.num_blocks * pool.block_size
+        n_slots = (pool.num_blocks + 1) * pool.block_size        # + one scratch block: graph padding writes there
         # per layer: (num_slots, KV, D) for K and for V
         self.kv = [(torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype),
                     torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype))
@@ -74,6 +83,10 @@ class ModelRunner:
         self.buffers = StepBuffers(self.device)
         # every forward as one C++ call, bitwise equal to the Python path (afford/models/native.py)
         self.native = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) if native else None
+        self.graphs = None
+        if graphs and self.device.type == "cuda" and self.backend.name == "paged":
+            from afford.core.graphs import GraphRunner
+            self.graphs = GraphRunner(self, max_batch, max_q)
         self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
         self.kv_bytes_per_token = cfg.kv_bytes_per_token(self.kv[0][0].element_size())
 
@@ -93,16 +106,13 @@ class ModelRunner:
                                f"allocates them before a forward; the runner only reads tables") from None
 
     # ---- per-phase input preparation ----
-    def prepare_decode(self, seq_ids: list[int], positions: list[int], ids) -> tuple[ForwardBatch, torch.Tensor]:
-        """One token per sequence at `positions` (ids: list or (B,) tensor)."""
+    def prepare_decode(self, seq_ids: list[int], positions: list[int], ids: list[int]) -> tuple[ForwardBatch, torch.Tensor]:
+        """One token per sequence at `positions`."""
         bs = self.pool.block_size
         tbls = self._tables(seq_ids)
-        slots = [table_slots(t, bs, p, p + 1)[0] for t, p in zip(tbls, positions)]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tbls, positions)]
         n = len(seq_ids)
-        from_tensor = isinstance(ids, torch.Tensor)
-        ids_t, pos_t, slot_t = self.buffers.fill(n, 0 if from_tensor else ids, positions, slots)
-        if from_tensor:
-            ids_t.copy_(ids)
+        ids_t, pos_t, slot_t = self.buffers.fill(n, ids, positions, slots)
         return ForwardBatch("decode", list(seq_ids), list(positions), [1] * n, tbls, bs, slot_t, pos_t), ids_t
 
     def prepare_ragged(self, seq_ids: list[int], starts: list[int],
@@ -121,6 +131,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ForwardBatch, ids: torch.Tensor, logits_rows: list[int] | None = None) -> torch.Tensor:
         """Logits (R, V) float32 of the fed tokens at flat indices `logits_rows` (None: every fed token)."""
+        if self.graphs is not None:                                                # a CUDA graph's replay
+            logits = self.graphs.run(batch, self.buffers.host[:, :batch.num_tokens], logits_rows)
+            if logits is not None:
+                return logits
         meta = self.backend.prepare_metadata(batch, self.kv)
         rows = None if logits_rows is None else torch.tensor(logits_rows or [0], device=self.device)
         if self.native is not None:                                                # one C++ call, same ops

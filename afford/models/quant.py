@@ -6,12 +6,13 @@ along K cuts the matrix's relative reconstruction error ||W - Q(W)|| / ||W|| by 
 (default 15 %), the group is halved, down to a floor of 32. Outlier columns make halving pay; a
 well-behaved matrix stays per channel.
 
-Formats: int8 symmetric (w = q * s, q in [-127, 127]); int4 asymmetric as torch's CPU kernel wants it
-(w = (q - 8) * s + z, q in [0, 15]). Kernels, chosen at load time by device: torch's packed CPU kernels
-`_weight_int8pack_mm` (per channel; a group-wise int8 matrix is a sum over its K-chunks) and
-`_weight_int4pack_mm_for_cpu` (groups 32-256; a per-channel scale is repeated over kernel groups),
-both with bf16 activations; elsewhere (CUDA, odd shapes) a dequantize-then-matmul fallback that gives
-the same numbers up to bf16 rounding.
+Formats: int8 symmetric (w = q * s, q in [-127, 127]); int4 asymmetric as torch's int4 kernels want it
+(w = (q - 8) * s + z, q in [0, 15]). Kernels, chosen at load time by device, all with bf16 activations:
+torch's `_weight_int8pack_mm` (CPU and CUDA; per channel, so a group-wise int8 matrix is a sum over its
+K-chunks), `_weight_int4pack_mm_for_cpu` on the CPU and the tinygemm `_weight_int4pack_mm` on CUDA
+(groups 32-256; a per-channel scale is repeated over kernel groups). A CUDA kernel is checked against the
+dequantized product on a random input when it is set up, and not used if it disagrees. Elsewhere (odd
+shapes, no kernel) a dequantize-then-matmul fallback that gives the same numbers up to bf16 rounding.
 """
 from __future__ import annotations
 
@@ -88,8 +89,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales.float())      # bf16-representable values (see quantize)
         self.register_buffer("zeros", zeros.float() if zeros is not None else None)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.kernel = self._pick_kernel(kernel)
-        self._prepare()
+        self._setup(kernel)
 
     @staticmethod
     def from_linear(lin: nn.Linear, bits: int, group: int | str = "auto", tau: float = 0.15) -> "QuantLinear":
@@ -107,6 +107,13 @@ class QuantLinear(nn.Module):
     def _pick_kernel(self, want: str) -> str:
         if want != "auto":
             return want
+        if self.codes.device.type == "cuda":
+            if self.bits == 8 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+                return "int8pack"
+            if self.bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm") and self.out_features % 8 == 0 \
+                    and self._int4_kernel_group() is not None and self.in_features % 32 == 0:
+                return "int4cuda"
+            return "dequant"
         if self.codes.device.type != "cpu":
             return "dequant"
         if self.bits == 8 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
@@ -118,8 +125,34 @@ class QuantLinear(nn.Module):
 
     def refresh(self) -> None:
         """Re-pick the kernel and rebuild its packed form after a move to another device."""
-        self.kernel = self._pick_kernel("auto")
-        self._prepare()
+        self._setup("auto")
+
+    def _setup(self, want: str) -> None:
+        self.kernel = self._pick_kernel(want)
+        try:
+            self._prepare()
+        except RuntimeError:                  # a kernel this build or this card lacks
+            self.kernel = "dequant"
+        if want == "auto" and self.codes.device.type == "cuda" and self.kernel != "dequant" \
+                and not self._kernel_agrees():
+            import logging
+            logging.getLogger("afford").warning("the %s kernel disagrees with the dequantized product on %s; "
+                                                "this layer uses the dequantize fallback", self.kernel,
+                                                tuple(self.codes.shape))
+            self.kernel = "dequant"
+
+    def _kernel_agrees(self) -> bool:
+        """The kernel's product of a random input equals the dequantized product up to bf16 rounding."""
+        g = torch.Generator(device=self.codes.device).manual_seed(0)
+        x = torch.randn(3, self.in_features, generator=g, device=self.codes.device)
+        try:
+            y = self.forward(x).float()
+        except RuntimeError:
+            return False
+        kernel, self.kernel = self.kernel, "dequant"
+        ref = self.forward(x).float()
+        self.kernel = kernel
+        return bool((y - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-3)
 
     def _int4_kernel_group(self) -> int | None:
         for kg in INT4_KERNEL_GROUPS:             # largest kernel group that tiles ours
@@ -141,6 +174,16 @@ class QuantLinear(nn.Module):
             self._kg = kg
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
             self._sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()   # (K/kg, N, 2)
+        elif self.kernel == "int4cuda":        # tinygemm: uint8 (N, K/2), even k in the high nibble
+            kg = self._int4_kernel_group()
+            rep = self.group // kg
+            s = self.scales.float().repeat_interleave(rep, dim=1)                   # (N, K / kg)
+            z = self.zeros.float().repeat_interleave(rep, dim=1)
+            self._kg = kg
+            u = self.codes.to(torch.uint8)
+            inner = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
+            self._packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), inner)
+            self._sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()   # (K/kg, N, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -156,6 +199,8 @@ class QuantLinear(nn.Module):
         elif self.kernel == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self._packed,
                                                           self._kg, self._sz)
+        elif self.kernel == "int4cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self._packed, self._kg, self._sz)
         else:   # same numbers as the kernels: bf16 activations, exact dequantized weights, fp32 accumulate
             y = x2.to(torch.bfloat16).float() @ dequantize(self.codes, self.scales.float(),
                                                           None if self.zeros is None else self.zeros.float()).t()

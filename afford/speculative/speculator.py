@@ -32,7 +32,9 @@ class Speculator:
                                           engine.pool.block_size, e.device, cfg.draft_dtype,
                                           vocab_size=engine.model_config.vocab_size,
                                           quantization=cfg.draft_quantization, attention=e.attention,
-                                          prefix_caching=e.enable_prefix_caching, native=e.native)
+                                          prefix_caching=e.enable_prefix_caching, native=e.native,
+                                          graphs=not e.enforce_eager, max_batch=e.max_num_seqs,
+                                          max_q=1 + cfg.num_speculative_tokens)
         return Speculator(cfg, proposer)
 
     def ks(self, seqs: list[Sequence], max_model_len: int) -> tuple[list[int], list[int]]:

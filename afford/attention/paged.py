@@ -1,0 +1,125 @@
+"""The paged backend: every query row reads its sequence's K/V in place through the block table.
+
+A row r (one fed token) belongs to sequence `row_seq[r]` and attends to that sequence's first
+`limits[r]` = position + 1 tokens, looked up block by block in `tables` (B, M) -- decode, speculative
+verify and prefill chunks after a cached prefix alike, with no gather into a padded (B, L) copy.
+On CUDA the Triton kernel (triton_paged.py) does it; elsewhere a torch reference with the same contract
+(it gathers each row's table into a (R, M * block_size) view and masks: for the CPU tests, and the
+fallback where Triton is missing). A batch whose every sequence starts at position 0 (a fresh prefill)
+attends to the K/V it just computed with one padded causal SDPA and reads nothing from the pool.
+
+It is the backend CUDA graphs capture (afford/core/graphs.py): `prepare_for_capture` builds the
+metadata on static buffers; a slot of -1 (a padding row of a batch-size bucket) is written to the
+scratch block past the pool's last one, so it never touches a real block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from afford.attention.backend import AttentionBackend, AttnMetadata, ForwardBatch, register
+from afford.attention.triton_paged import attend_rows, available
+
+
+def attend_rows_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                          row_seq: torch.Tensor, limits: torch.Tensor, block_size: int,
+                          scale: float) -> torch.Tensor:
+    """The rows contract in plain torch: q (R, H, D) -> (R, H, D)."""
+    R, H, D = q.shape
+    KV = k_pool.shape[1]
+    L = tables.shape[1] * block_size
+    n = torch.arange(L, device=q.device)
+    slots = tables.long()[row_seq.long()][:, n // block_size] * block_size + n % block_size       # (R, L)
+    kc = k_pool[slots].transpose(1, 2).to(q.dtype)                                              # (R, KV, L, D)
+    vc = v_pool[slots].transpose(1, 2).to(q.dtype)
+    keep = (n.view(1, L) < limits.view(R, 1)).view(R, 1, 1, L)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=keep, scale=scale,
+                                       enable_gqa=KV != H)                                      # (R, H, 1, D)
+    return o.squeeze(2)
+
+
+@register("paged")
+class PagedBackend(AttentionBackend):
+    name = "paged"
+
+    def __init__(self, use_triton: bool | None = None):
+        # None: Triton where it can run (a CUDA tensor and an installed triton); tests force either way
+        self.use_triton = use_triton
+
+    def _triton(self, q: torch.Tensor) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        return q.is_cuda and available()
+
+    def prepare(self, meta: AttnMetadata) -> None:
+        b = meta.batch
+        dev = meta.slots.device
+        if not any(b.starts):                               # fresh prefill: attend to what is fed now
+            B, T = len(b.query_lens), max(b.query_lens)
+            pad = None
+            if B * T != b.num_tokens:
+                pad = torch.cat([i * T + torch.arange(n) for i, n in enumerate(b.query_lens)]).to(dev)   # (N,)
+            mask = None
+            if pad is not None:                             # causal and no padded keys: (B, 1, T, T)
+                lens = torch.tensor(b.query_lens).view(B, 1, 1)
+                t = torch.arange(T)
+                mask = ((t.view(1, 1, T) <= t.view(1, T, 1)) & (t.view(1, 1, T) < lens)).unsqueeze(1).to(dev)
+            meta.extra["fresh"] = (B, T, pad, mask)
+            return
+        M = max(len(t) for t in b.tables)
+        tables = torch.zeros(len(b.tables), M, dtype=torch.int32)
+        for i, t in enumerate(b.tables):
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        row_seq = torch.repeat_interleave(torch.arange(len(b.query_lens)), torch.tensor(b.query_lens))
+        meta.extra["rows"] = (tables.to(dev), row_seq.to(dev), (b.positions + 1).to(dev))
+        meta.extra["scratch"] = None
+
+    def prepare_for_capture(self, kv, slots: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+                            row_seq: torch.Tensor, limits: torch.Tensor, block_size: int,
+                            scratch: int) -> AttnMetadata:
+        """Metadata over static buffers (a graph bucket): slots -1 go to the `scratch` slot."""
+        batch = ForwardBatch("graph", [], [], [], [], block_size, slots, positions, padded=True)
+        meta = AttnMetadata(self, batch, kv, slots, None)
+        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch)
+        return meta
+
+    def prepare_for_replay(self, meta: AttnMetadata) -> None:
+        """Nothing: the graph runner refills the static buffers the captured metadata points at."""
+
+    def forward(self, q, k, v, layer, meta):
+        scratch = meta.extra.get("scratch")
+        if scratch is not None:                              # a graph bucket: padding rows write the scratch slot
+            k_pool, v_pool = meta.kv[layer]
+            slots = torch.where(meta.slots >= 0, meta.slots, scratch)
+            k_pool.index_copy_(0, slots, k.to(k_pool.dtype))
+            v_pool.index_copy_(0, slots, v.to(v_pool.dtype))
+        else:
+            self.write_kv(k, v, layer, meta)
+        H, D = q.shape[1], q.shape[2]
+        KV = k.shape[1]
+        fresh = meta.extra.get("fresh")
+        if fresh is not None:
+            B, T, pad, mask = fresh
+            if pad is not None:
+                q = q.new_zeros(B * T, H, D).index_copy_(0, pad, q)
+                k = k.new_zeros(B * T, KV, D).index_copy_(0, pad, k)
+                v = v.new_zeros(B * T, KV, D).index_copy_(0, pad, v)
+            o = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2),
+                                               v.view(B, T, KV, D).transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=KV != H)   # (B, H, T, D)
+            o = o.transpose(1, 2).reshape(B * T, H, D)
+            return o if pad is None else o.index_select(0, pad)
+        tables, row_seq, limits = meta.extra["rows"]
+        k_pool, v_pool = meta.kv[layer]
+        bs = meta.batch.block_size
+        if self._triton(q):
+            try:
+                return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, bs, D ** -0.5)
+            except Exception as e:           # a Triton that cannot build for this card: the reference, said once
+                if self.use_triton:
+                    raise
+                import logging
+                logging.getLogger("afford").warning("the Triton paged-attention kernel failed (%s: %s); the torch "
+                                                    "reference runs instead (slower)", type(e).__name__, e)
+                self.use_triton = False
+        return attend_rows_reference(q, k_pool, v_pool, tables, row_seq, limits, bs, D ** -0.5)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU check, as ONE command on a GPU machine (no network needed): the GPU tests, then
+# benchmarks/gpu_decode.py. Everything it writes lands in $OUT (default benchmarks/results/gpu_run):
+# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json. About 5 minutes on an H100/H200.
+#   bash benchmarks/gpu_check.sh            # from the repository root
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu_run}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} > "$OUT/gpu_info.txt" 2>&1
+cat "$OUT/gpu_info.txt"
+timeout ${TEST_TIMEOUT:-170} $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_graphs.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} 2>&1 | tee "$OUT/gpu_decode.log"

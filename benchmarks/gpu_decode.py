@@ -1,0 +1,345 @@
+"""GPU decode against the bandwidth roofline (issue: GPU decode fast path).
+
+The model: a 1.1 B Llama of TinyLlama's shape (22 layers, hidden 2048, 32 heads, 4 KV heads, FFN 5632,
+vocabulary 32,000) with random bf16 weights (std 0.02) built on the GPU and saved once to a temporary
+folder with a synthetic word-level tokenizer -- nothing is downloaded. Prompts: random token ids, 64
+each; 128 new tokens, greedy, ignore_eos. In one run, same card:
+- `bare`: a gpt-fast-style static-cache loop (fused q|k|v and gate|up, SDPA over the whole static cache,
+  ~50 lines below) on the same weights, eager and with one CUDA graph per decode step -- the anchor;
+- afford with CUDA graphs (the default) and with enforce_eager, at batch 1, 16, 64;
+- transformers' eager `generate` on the same weights;
+- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16;
+- afford draft speculation (k = 4) with a 2-layer draft cut from the target (its first 2 layers, the same
+  embeddings and head: the same vocabulary) at batch 1;
+- the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
+  reads, and from them the roofline share of afford's batch-1 decode step (`roofline_share`);
+- `gpu_busy_share`: the GPU time of one captured batch-1 decode step (its graph replayed back to back,
+  timed with CUDA events) over the wall time of a decode step inside afford's engine loop.
+
+tok/s counts generated tokens over the whole generate call (prefill included, the same for every arm);
+`decode_ms` is the time of one decode step: (wall of 128 new tokens - wall of 8) / 120.
+Usage: python benchmarks/gpu_decode.py [--out DIR] [--budget SECONDS] [--tiny (a CPU smoke test)]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from afford import LLM, SamplingParams  # noqa: E402
+
+TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, tie_word_embeddings=False)
+TINY = dict(TINYLLAMA, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=256, vocab_size=512)
+PROMPT, NEW, SHORT = 64, 128, 8
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(root: Path, shape: dict, device: str):
+    """HF Llama with random bf16 weights on the device, saved with a word-level tokenizer; plus a 2-layer
+    draft cut from it. Returns (hf model, target dir, draft dir)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    V = shape["vocab_size"]
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
+    cfg = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    target, draft = root / "target", root / "draft"
+    hf.save_pretrained(target)
+    fast.save_pretrained(target)
+    dcfg = LlamaConfig(**dict(shape, num_hidden_layers=min(2, shape["num_hidden_layers"])), bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
+    with torch.device("meta"):
+        dm = LlamaForCausalLM(dcfg)
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("model.layers.")
+             or int(k.split(".")[2]) < 2}
+    dm.load_state_dict(state, assign=True)
+    dm.save_pretrained(draft)
+    fast.save_pretrained(draft)
+    del dm, state
+    return hf, target, draft
+
+
+class Bare:
+    """gpt-fast's decode loop in miniature: a static (L, B, KV, T_max, D) cache, fused q|k|v and gate|up,
+    SDPA over the whole cache with a position mask, greedy; the step can be captured in one CUDA graph."""
+
+    def __init__(self, model, B: int, max_len: int):
+        self.m, self.B, self.T = model, B, max_len
+        c = model.cfg
+        self.H, self.KV, self.D = c.num_heads, c.num_kv_heads, c.head_dim
+        dev, dt = model.rope_cos.device, next(model.parameters()).dtype
+        self.k = torch.zeros(c.num_layers, B, self.KV, max_len, self.D, device=dev, dtype=dt)
+        self.v = torch.zeros_like(self.k)
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = None
+
+    def forward(self, ids, pos):
+        """ids (B, T), pos (T,) -> next token (B,) from the last position."""
+        m, H, KV, D = self.m, self.H, self.KV, self.D
+        B, T = ids.shape
+        x = m.model.embed_tokens(ids)
+        cos = m.rope_cos[pos].view(1, T, 1, D).to(x.dtype)
+        sin = m.rope_sin[pos].view(1, T, 1, D).to(x.dtype)
+        mask = (torch.arange(self.T, device=ids.device).view(1, -1) <= pos.view(-1, 1)).view(1, 1, T, self.T)
+        for i, layer in enumerate(m.model.layers):
+            a = layer.self_attn
+            h = F.rms_norm(x, (x.shape[-1],), layer.input_layernorm.weight, layer.input_layernorm.eps)
+            qkv = F.linear(h, a.qkv.weight).view(B, T, H + 2 * KV, D)
+            qk = qkv[..., :H + KV, :]
+            half = D // 2
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            q, k, v = qk[..., :H, :], qk[..., H:, :], qkv[..., H + KV:, :]
+            self.k[i].index_copy_(2, pos, k.transpose(1, 2))
+            self.v[i].index_copy_(2, pos, v.transpose(1, 2))
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i], self.v[i], attn_mask=mask,
+                                               enable_gqa=True)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), a.o_proj.weight)
+            n2 = layer.post_attention_layernorm
+            h = F.rms_norm(x, (x.shape[-1],), n2.weight, n2.eps)
+            g, u = F.linear(h, layer.mlp.gate_up.weight).chunk(2, -1)
+            x = x + F.linear(F.silu(g) * u, layer.mlp.down_proj.weight)
+        x = F.rms_norm(x[:, -1], (x.shape[-1],), m.model.norm.weight, m.model.norm.eps)
+        return F.linear(x, m.lm_head.weight).argmax(-1)
+
+    def capture(self):
+        self.out = self.forward(self.ids, self.pos)                  # warm up
+        sync()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.forward(self.ids, self.pos)
+        sync()
+
+    @torch.inference_mode()
+    def generate(self, prompts: torch.Tensor, n: int) -> torch.Tensor:
+        P = prompts.shape[1]
+        tok = self.forward(prompts, torch.arange(P, device=prompts.device))
+        out = [tok]
+        for i in range(n - 1):
+            if self.graph is not None:
+                self.ids.copy_(tok.view(-1, 1))
+                self.pos.fill_(P + i)
+                self.graph.replay()
+                tok = self.out.clone()
+            else:
+                tok = self.forward(tok.view(-1, 1), torch.tensor([P + i], device=prompts.device))
+            out.append(tok)
+        return torch.stack(out, 1)
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    r = fn()
+    sync()
+    return time.perf_counter() - t, r
+
+
+def arm(fn_for_n, B: int) -> dict:
+    """Warm up, then time 8 and 128 new tokens: tok/s over the whole call, decode_ms per step."""
+    fn_for_n(SHORT)
+    short, _ = timed(lambda: fn_for_n(SHORT))
+    wall, out = timed(lambda: fn_for_n(NEW))
+    return {"batch": B, "tok_s": B * NEW / wall, "wall_s": wall,
+            "decode_ms": 1e3 * (wall - short) / (NEW - SHORT)}, out
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy rate, bytes read + written per second."""
+    n = 1 << 30
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    t, _ = timed(lambda: [y.copy_(x) for _ in range(10)])
+    return 2 * n * 10 / t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds; arms past it are skipped")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: a smoke test of this script")
+    ap.add_argument("--batches", default="1,16,64")
+    a = ap.parse_args()
+    t_start = time.perf_counter()
+    device = "cpu" if a.tiny else "cuda"
+    shape = TINY if a.tiny else TINYLLAMA
+    batches = [int(b) for b in a.batches.split(",")]
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "model": "TinyLlama-1.1B shape, random bf16 weights" if not a.tiny else "tiny smoke test",
+           "prompt_tokens": PROMPT, "new_tokens": NEW, "arms": {}, "errors": {}, "skipped": []}
+
+    def save():
+        res["elapsed_s"] = time.perf_counter() - t_start
+        (out_dir / ("gpu_decode.json" if not a.tiny else "gpu_decode_tiny.json")).write_text(json.dumps(res, indent=1))
+
+    def run_arm(name, fn):
+        if time.perf_counter() - t_start > a.budget:
+            res["skipped"].append(name)
+            return None
+        try:
+            r = fn()
+            if r is not None:
+                res["arms"][name] = r
+            print(name, json.dumps(r), flush=True)
+            return r
+        except Exception as e:
+            res["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            return None
+        finally:
+            save()
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    tmp = Path(tempfile.mkdtemp(prefix="afford_gpu_"))
+    hf, target, draft = build(tmp, shape, device)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, shape["vocab_size"], (max(batches), PROMPT), generator=g)
+    if device == "cuda":
+        res["copy_bandwidth_gbs"] = copy_bandwidth(device) / 1e9
+    greedy = {}
+
+    def afford_fn(llm, B):
+        ps = [p.tolist() for p in prompts[:B]]
+        return lambda n: llm.generate(ps, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+    common = dict(device=device, max_model_len=PROMPT + NEW + 16, max_num_seqs=max(batches))
+    llm = LLM(str(target), **common)
+    res["weight_bytes"] = llm.engine.runner.weight_bytes
+    runner = llm.engine.runner
+    bare_model = llm.engine.model
+
+    for B in batches:                                      # the anchor: a bare static-cache loop
+        for graphs in (False, True):
+            def bare_arm(B=B, graphs=graphs):
+                bare = Bare(bare_model, B, PROMPT + NEW + 16)
+                if graphs:
+                    bare.capture()
+                p = prompts[:B].to(device)
+                r, out = arm(lambda n: bare.generate(p, n), B)
+                greedy[f"bare_b{B}"] = out.cpu()
+                return r
+            run_arm(f"bare_{'graph' if graphs else 'eager'}_b{B}", bare_arm)
+
+    graph_runner = runner.graphs
+    for B in batches:
+        for graphs in (True, False):
+            def afford_arm(B=B, graphs=graphs):
+                runner.graphs = graph_runner if graphs else None
+                r, outs = arm(afford_fn(llm, B), B)
+                toks = torch.tensor([o.token_ids for o in outs])
+                if f"bare_b{B}" in greedy:                 # bf16: batch-shape rounding may flip near-ties
+                    r["same_tokens_as_bare"] = float((toks == greedy[f"bare_b{B}"]).float().mean())
+                r["graphs"] = graphs and graph_runner is not None
+                r["triton_attention"] = runner.backend.use_triton is not False
+                return r
+            run_arm(f"afford_{'graphs' if graphs else 'eager'}_b{B}", afford_arm)
+    runner.graphs = graph_runner
+
+    def busy():
+        """GPU time of each captured decode bucket (replayed back to back) against the engine's decode step."""
+        if graph_runner is None or device != "cuda":
+            return None
+        out = {}
+        for B in batches:
+            shape = graph_runner.shapes.get((B, 1))
+            arm_b = res["arms"].get(f"afford_graphs_b{B}")
+            if shape is None or shape.graph is None or arm_b is None:
+                continue
+            for _ in range(5):
+                shape.graph.replay()
+            t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
+            out[f"graph_replay_ms_b{B}"] = gpu_ms = 1e3 * t / 50
+            out[f"engine_decode_ms_b{B}"] = arm_b["decode_ms"]
+            out[f"gpu_busy_share_b{B}"] = gpu_ms / arm_b["decode_ms"]
+        if "gpu_busy_share_b1" in out:
+            res["gpu_busy_share"] = out["gpu_busy_share_b1"]
+            res["roofline_tok_s_b1"] = res["copy_bandwidth_gbs"] * 1e9 / res["weight_bytes"]
+            res["roofline_share"] = (1e3 / out["engine_decode_ms_b1"]) / res["roofline_tok_s_b1"]
+            res["graph_roofline_share"] = (1e3 / out["graph_replay_ms_b1"]) / res["roofline_tok_s_b1"]
+        return out
+    run_arm("busy", busy)
+
+    def host_profile():
+        """Where the engine's host time goes at the largest batch (cProfile of 32 new tokens, graphs on)."""
+        import cProfile
+        import io
+        import pstats
+        B = batches[-1]
+        ps = [p.tolist() for p in prompts[:B]]
+        prof = cProfile.Profile()
+        prof.enable()
+        llm.generate(ps, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        return {"batch": B, "top_tottime": text.getvalue().splitlines()[:45]}
+    run_arm("host_profile", host_profile)
+    llm = runner = graph_runner = bare_model = None                  # free the GPU for the arms below
+    gc.collect()
+
+    for B in batches:                                      # transformers' eager generate
+        def hf_arm(B=B):
+            p = prompts[:B].to(device)
+            mask = torch.ones_like(p)
+
+            def gen(n):
+                with torch.inference_mode():
+                    return hf.generate(input_ids=p, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=0)
+            r, _ = arm(gen, B)
+            return r
+        run_arm(f"hf_b{B}", hf_arm)
+    hf = None
+    gc.collect()
+
+    for q in ("int4", "int8"):
+        def quant_arms(q=q):
+            qllm = LLM(str(target), quantization=q, **common)
+            kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
+            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
+            for B in batches[:2]:
+                out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
+            return out
+        run_arm(f"afford_{q}", quant_arms)
+
+    def spec_arm():
+        sllm = LLM(str(target), draft=str(draft), num_speculative_tokens=4, **common)
+        r, _ = arm(afford_fn(sllm, 1), 1)
+        r["acceptance_rate"] = sllm.stats.acceptance_rate
+        return r
+    run_arm("afford_spec_k4_b1", spec_arm)
+    save()
+    print(json.dumps({k: v for k, v in res.items() if k != "arms"}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

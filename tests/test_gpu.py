@@ -1,0 +1,97 @@
+"""GPU tests (skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU machine): CUDA graphs on
+vs off give identical greedy tokens in fp32 for batch 1..64 and under speculation; the Triton paged
+kernel equals the torch reference and the whole model with the paged backend equals the gather + SDPA
+backend on ragged batches; the int4 / int8 CUDA kernels equal the dequantize fallback within the bound
+that bf16 rounding of the products allows."""
+import pytest
+import torch
+
+from afford import LLM, SamplingParams
+from afford.attention import triton_paged
+from afford.attention.paged import attend_rows_reference
+from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+from afford.models.loader import load_for_inference
+from afford.models.quant import QuantLinear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 500, (int(k),), generator=g).tolist() for k in torch.randint(3, 40, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17, 64])
+def test_graphs_on_and_off_give_the_same_greedy_tokens(random_pair, batch):
+    ps, params = _prompts(batch, batch), SamplingParams(max_tokens=24, temperature=0)
+    eager = LLM(random_pair[0], device="cuda", dtype="float32", enforce_eager=True, max_num_seqs=64)
+    graphs = LLM(random_pair[0], device="cuda", dtype="float32", max_num_seqs=64)
+    assert eager.engine.runner.graphs is None and graphs.engine.runner.graphs is not None
+    ref = [o.token_ids for o in eager.generate(ps, params)]
+    assert [o.token_ids for o in graphs.generate(ps, params)] == ref
+    assert graphs.engine.runner.graphs.replays > 0
+
+
+@pytest.mark.parametrize("speculation", ["fixed", "goodput"])
+def test_graphs_under_speculation(random_pair, speculation):
+    ps, params = _prompts(6, 7), SamplingParams(max_tokens=24, temperature=0)
+    ref = [o.token_ids for o in LLM(random_pair[0], device="cuda", dtype="float32", enforce_eager=True)
+           .generate(ps, params)]
+    llm = LLM(random_pair[0], device="cuda", dtype="float32", draft=str(random_pair[1]), num_speculative_tokens=3,
+              speculation=speculation)
+    assert [o.token_ids for o in llm.generate(ps, params)] == ref
+    assert llm.engine.runner.graphs.replays > 0 and llm.engine.speculator.proposer.runner.graphs.replays > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_equals_reference(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, KV, D, BS, nb = 32, 4, 64, 16, 64
+    kp = torch.randn(nb * BS, KV, D, generator=g, device="cuda").to(dtype)
+    vp = torch.randn(nb * BS, KV, D, generator=g, device="cuda").to(dtype)
+    tables = torch.randperm(nb, device="cuda")[:40].view(4, 10).to(torch.int32)
+    row_seq = torch.tensor([0, 1, 1, 2, 3, 3, 3], device="cuda")
+    limits = torch.tensor([1, 17, 18, 160, 5, 6, 7], device="cuda")
+    q = torch.randn(7, H, D, generator=g, device="cuda").to(dtype)
+    a = triton_paged.attend_rows(q, kp, vp, tables, row_seq, limits, BS, D ** -0.5).float()
+    b = attend_rows_reference(q.float(), kp.float(), vp.float(), tables, row_seq, limits, BS, D ** -0.5)
+    assert (a - b).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_paged_backend_model_equals_sdpa_on_ragged_batches(random_pair):
+    model = load_for_inference(random_pair[0], "cuda", "float32")
+    outs = []
+    for name in ("paged", "sdpa"):
+        runner = ModelRunner(model, BlockPool(64, 4), attention=name, graphs=False)
+        for s, n in enumerate((9, 30, 2)):
+            runner.pool.prepare_write(s, n + 8)
+        pre = runner.forward([0, 1, 2], [0, 0, 0], [list(range(3, 12)), list(range(5, 35)), [7, 8]],
+                             [list(range(9)), list(range(30)), [0, 1]])
+        dec = runner.forward([0, 1, 2], [9, 30, 2], [[4], [5], [6]])
+        ver = runner.forward([0, 1, 2], [10, 31, 3], [[1, 2, 3], [4], [5, 6, 7, 8]], [[0, 1, 2], [0], [0, 1, 2, 3]])
+        outs.append(torch.cat([pre, dec, ver]))
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 2048), (8, 2048), (8, 256)])
+def test_low_bit_kernels_equal_the_dequantized_product(bits, group):
+    g = torch.Generator().manual_seed(bits)
+    lin = torch.nn.Linear(2048, 1024, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1024, 2048, generator=g) * 0.02)
+    ql = QuantLinear.from_linear(lin, bits, group)
+    ql = ql.to("cuda")
+    ql.refresh()
+    assert ql.kernel in ("int4cuda", "int8pack"), ql.kernel
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, 2048, device="cuda")
+        y = ql(x).float()
+        kernel, ql.kernel = ql.kernel, "dequant"
+        ref = ql(x).float()
+        ql.kernel = kernel
+        # bf16 rounding of each product and of the output: |x| @ |W|^T times a few bf16 epsilons
+        from afford.models.quant import dequantize
+        w = dequantize(ql.codes, ql.scales, ql.zeros).abs()
+        bound = 4 * 2 ** -8 * (x.to(torch.bfloat16).float().abs() @ w.t()) + 1e-3
+        assert ((y - ref).abs() <= bound).all(), (bits, group, rows, (y - ref).abs().max())

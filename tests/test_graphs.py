@@ -1,0 +1,105 @@
+"""The CUDA-graph path, tested on the CPU: the graph runner's static forward (bucket padding, the static
+buffers, -1 slots sent to the scratch block, ragged verify rows laid out per sequence) run without a
+capture gives the eager path's logits and greedy tokens; the Triton paged kernel, run by Triton's
+interpreter, equals the torch reference. The captured graphs themselves run in benchmarks/gpu_check.sh."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from afford import LLM, SamplingParams
+from afford.core.graphs import GraphRunner, bucket_sizes
+from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+from afford.models.loader import load_for_inference
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(5) == [1, 2, 4, 5]
+    assert bucket_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def _runners(path, graphs_q=5):
+    model = load_for_inference(path, "cpu", "float32")
+    eager = ModelRunner(model, BlockPool(40, 4), native=False)
+    static = ModelRunner(model, BlockPool(40, 4), attention="paged", native=False)
+    static.graphs = GraphRunner(static, max_batch=8, max_q=graphs_q, capture=False)
+    return eager, static
+
+
+def test_static_forward_equals_eager(random_pair):
+    eager, static = _runners(random_pair[0])
+    g = torch.Generator().manual_seed(0)
+    lens = [7, 12, 3]
+    prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in lens]
+    for r in (eager, static):
+        for s, n in enumerate(lens):
+            r.pool.prepare_write(s, n + 16)
+        r.forward([0, 1, 2], [0, 0, 0], prompts)                              # prefill: eager in both
+    assert static.graphs.replays == 0
+    # decode: 3 sequences in the bucket of 4 (one padding row)
+    a = eager.forward([0, 1, 2], lens, [[5], [6], [7]])
+    b = static.forward([0, 1, 2], lens, [[5], [6], [7]])
+    assert static.graphs.replays == 1 and (a - b).abs().max() < 1e-5
+    # verify with ragged k: rows padded per sequence to q = 4, logits of every real row, in order
+    toks = [[8, 9, 10, 11], [12], [13, 14]]
+    starts = [n + 1 for n in lens]
+    rows = [list(range(len(t))) for t in toks]
+    a = eager.forward([0, 1, 2], starts, toks, rows)
+    b = static.forward([0, 1, 2], starts, toks, rows)
+    assert static.graphs.replays == 2 and b.shape == a.shape == (7, 512) and (a - b).abs().max() < 1e-5
+    # the pools agree on every real block, and the padding wrote only the scratch block
+    n_real = static.pool.num_blocks * static.pool.block_size
+    for (ke, ve), (ks, vs) in zip(eager.kv, static.kv):
+        assert (ke[:n_real] - ks[:n_real]).abs().max() < 1e-5
+        assert ke[n_real:].abs().sum() == 0 and ks[n_real:].abs().sum() > 0
+    # too many tokens per row for a graph: eager, the same numbers
+    c = static.forward([0], [starts[0] + 4], [[1] * 6], [list(range(6))])
+    assert static.graphs.replays == 2 and c.shape == (6, 512)
+
+
+def test_engine_with_static_graph_path_gives_the_same_greedy_tokens(random_pair):
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(2, 500, (int(n),), generator=g).tolist() for n in torch.randint(3, 30, (5,), generator=g)]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    ref = [o.token_ids for o in LLM(random_pair[0]).generate(ps, params)]
+    for kw in ({}, dict(draft=str(random_pair[1]), num_speculative_tokens=3)):
+        llm = LLM(random_pair[0], attention="paged", native=False, max_num_seqs=8, **kw)
+        llm.engine.runner.graphs = GraphRunner(llm.engine.runner, 8, 4, capture=False)
+        runners = [llm.engine.runner.graphs]
+        if kw:
+            drafter = llm.engine.speculator.proposer.runner
+            drafter.graphs = GraphRunner(drafter, 8, 4, capture=False)
+            runners.append(drafter.graphs)
+        assert [o.token_ids for o in llm.generate(ps, params)] == ref, kw
+        assert all(r.replays > 0 for r in runners)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_paged_kernel_in_the_interpreter():
+    code = """
+import torch
+from afford.attention import triton_paged
+from afford.attention.paged import attend_rows_reference
+g = torch.Generator().manual_seed(0)
+for H, KV, D, BS in ((4, 2, 16, 4), (6, 6, 24, 16)):
+    nb = 24
+    kp, vp = torch.randn(nb * BS, KV, D, generator=g), torch.randn(nb * BS, KV, D, generator=g)
+    tables = torch.randperm(nb, generator=g)[:12].view(2, 6).to(torch.int32)
+    row_seq = torch.tensor([0, 1, 1, 1, 0])
+    limits = torch.tensor([17, 1, 5, 6 * BS, 3])
+    q = torch.randn(5, H, D, generator=g)
+    a = triton_paged.attend_rows(q, kp, vp, tables, row_seq, limits, BS, D ** -0.5)
+    b = attend_rows_reference(q, kp, vp, tables, row_seq, limits, BS, D ** -0.5)
+    assert (a - b).abs().max() < 1e-5, (H, KV, D, BS, (a - b).abs().max())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
