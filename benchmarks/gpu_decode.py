@@ -257,8 +257,11 @@ def main():
                 toks = torch.tensor([o.token_ids for o in outs])
                 if f"bare_b{B}" in greedy:                 # bf16: batch-shape rounding may flip near-ties
                     r["same_tokens_as_bare"] = float((toks == greedy[f"bare_b{B}"]).float().mean())
+                if not graphs and f"afford_graphs_b{B}" in greedy:
+                    r["same_tokens_as_graphs"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
+                greedy[f"afford_{'graphs' if graphs else 'eager'}_b{B}"] = toks
                 r["graphs"] = graphs and graph_runner is not None
-                r["triton_attention"] = runner.backend.use_triton is not False
+                r["triton_attention"] = getattr(runner.backend, "use_triton", False) is not False and graphs is not None
                 return r
             run_arm(f"afford_{'graphs' if graphs else 'eager'}_b{B}", afford_arm)
     runner.graphs = graph_runner
@@ -286,6 +289,50 @@ def main():
             res["graph_roofline_share"] = (1e3 / out["graph_replay_ms_b1"]) / res["roofline_tok_s_b1"]
         return out
     run_arm("busy", busy)
+
+    def kernel_profile():
+        """torch.profiler over 8 batch-1 decode steps: CUDA kernels per step (count, time, the top ones), for
+        afford eager, afford with graphs (kernels inside a replay are traced too where CUPTI allows) and the
+        bare loop eager."""
+        if device != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        def kernels(step, n=8):
+            for _ in range(2):
+                step()
+            sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    step()
+                sync()
+            rows = []
+            for e in prof.key_averages():
+                t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                if str(getattr(e, "device_type", "")).endswith("CUDA") and t > 0:
+                    rows.append((e.key[:90], e.count / n, t / n))
+            rows.sort(key=lambda x: -x[2])
+            return {"kernels_per_step": sum(r[1] for r in rows), "kernel_us_per_step": sum(r[2] for r in rows),
+                    "top": [[k, round(c, 2), round(t, 1)] for k, c, t in rows[:14]]}
+        out = {}
+        eng = llm.engine
+        for graphs in (False, True):
+            runner.graphs = graph_runner if graphs else None
+            eng.add_request(prompts[0].tolist(), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+            eng.step()                                         # the prefill
+            out["afford_graphs" if graphs else "afford_eager"] = kernels(eng.step)
+            while eng.has_unfinished():
+                eng.step()
+        runner.graphs = graph_runner
+        bare = Bare(bare_model, 1, PROMPT + NEW + 16)
+        p = prompts[:1].to(device)
+        with torch.inference_mode():
+            bare.forward(p, torch.arange(PROMPT, device=device))
+            tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+            pos = torch.tensor([PROMPT], device=device)
+            out["bare_eager"] = kernels(lambda: bare.forward(tok, pos))
+        return out
+    run_arm("kernel_profile", kernel_profile)
 
     def host_profile():
         """Where the engine's host time goes at the largest batch (cProfile of 32 new tokens, graphs on)."""

@@ -95,3 +95,12 @@ def test_low_bit_kernels_equal_the_dequantized_product(bits, group):
         w = dequantize(ql.codes, ql.scales, ql.zeros).abs()
         bound = 4 * 2 ** -8 * (x.to(torch.bfloat16).float().abs() @ w.t()) + 1e-3
         assert ((y - ref).abs() <= bound).all(), (bits, group, rows, (y - ref).abs().max())
+
+
+def test_int4_graphs_with_fused_matrices(random_pair):
+    ps, params = _prompts(5, 3), SamplingParams(max_tokens=16, temperature=0)
+    eager = LLM(random_pair[0], device="cuda", quantization="int4", enforce_eager=True)
+    graphs = LLM(random_pair[0], device="cuda", quantization="int4")
+    attn = graphs.engine.model.model.layers[0].self_attn
+    assert isinstance(attn.qkv, QuantLinear) and attn.qkv.kernel == "int4cuda"
+    assert [o.token_ids for o in graphs.generate(ps, params)] == [o.token_ids for o in eager.generate(ps, params)]

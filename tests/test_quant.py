@@ -105,3 +105,28 @@ def test_greedy_end_to_end_and_with_speculation(llama_dir, q):
                num_speculative_tokens=3)
     assert drafted.generate([[5, 6, 7, 8, 5, 6, 7, 8]], sp)[0].token_ids == ref.token_ids
     assert drafted.stats.accepted > 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_matrices_dequantize_to_the_same_weights(bits):
+    """q|k|v (or gate|up) fused into one low-bit matrix with different groups per part: every weight is
+    the value it had, so the fused product equals the separate products side by side."""
+    from afford.models.quant import fuse_quantized
+    g = torch.Generator().manual_seed(bits)
+    parts = []
+    for out, group in ((64, 64), (32, 256), (32, 128)):
+        lin = torch.nn.Linear(256, out, bias=out == 32)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(out, 256, generator=g))
+        parts.append(QuantLinear.from_linear(lin, bits, group))
+    fused = fuse_quantized(parts)
+    assert fused.group == 64 and fused.sizes == [64, 32, 32]
+    w = dequantize(fused.codes, fused.scales, fused.zeros)
+    ref = torch.cat([dequantize(p.codes, p.scales, p.zeros) for p in parts])
+    assert torch.equal(w, ref)
+    x = torch.randn(3, 256, generator=g)
+    for m in parts + [fused]:
+        m.kernel = "dequant"
+    assert (fused(x) - torch.cat([p(x) for p in parts], -1)).abs().max() < 1e-4
+    parts[1].bits = 8 if bits == 4 else 4
+    assert fuse_quantized(parts) is None                       # formats differ: left as they are

@@ -128,14 +128,17 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
     with torch.no_grad():
         model = load_model(path, device, dtype, max_len)
         done = quant_settings(model)
-        if done:                                                # a quantized checkpoint
-            if quantization:
-                raise ConfigError(f"{path} is already quantized ({done['bits']}-bit); drop quantization=")
-            return model
+        if done and quantization:                               # a quantized checkpoint
+            raise ConfigError(f"{path} is already quantized ({done['bits']}-bit); drop quantization=")
         if quantization:
             if quantization not in ("int8", "int4"):
                 raise ConfigError(f"quantization must be int8 or int4, got {quantization!r}")
             quantize_model(model, 8 if quantization == "int8" else 4, quant_group)
+        if quant_settings(model):
+            if next(model.parameters()).device.type == "cuda":   # fewer, larger kernel calls (graph steps)
+                for layer in model.model.layers:
+                    layer.self_attn.fuse_quantized()
+                    layer.mlp.fuse_quantized()
             return model
         return model.pack_for_inference()
 

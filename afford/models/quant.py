@@ -218,6 +218,29 @@ class QuantLinear(nn.Module):
         return b.repeat_interleave(self.group, dim=1)
 
 
+def fuse_quantized(linears: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear computing the given ones side by side (q|k|v, gate|up: one kernel call instead of
+    several): codes stacked along the outputs, each matrix's scales and zeros repeated down to the finest
+    group among them, so every weight dequantizes to exactly the value it had. None when the groups do not
+    nest or the formats differ."""
+    g = min(m.group for m in linears)
+    if len({m.bits for m in linears}) != 1 or len({m.in_features for m in linears}) != 1 \
+            or any(m.group % g for m in linears) or len({m.zeros is None for m in linears}) != 1:
+        return None
+
+    def finer(t, m):
+        return t.repeat_interleave(m.group // g, dim=1)
+    scales = torch.cat([finer(m.scales, m) for m in linears])
+    zeros = None if linears[0].zeros is None else torch.cat([finer(m.zeros, m) for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, device=m.codes.device)
+                          for m in linears])
+    fused = QuantLinear(torch.cat([m.codes for m in linears]), scales, zeros, linears[0].bits, bias)
+    fused.sizes = [m.out_features for m in linears]
+    return fused
+
+
 def quantizable(model) -> list[str]:
     """Names of the matrices that get quantized: every linear layer of the blocks (embeddings and the
     LM head stay in full precision)."""
@@ -334,4 +357,5 @@ def load_quantized(path, model, state: dict) -> None:
 
 
 __all__ = ["QuantLinear", "quantize", "dequantize", "choose_group", "quantize_model", "quant_settings", "save_quantized",
+           "fuse_quantized",
            "load_quantized", "FORMAT_VERSION"]

@@ -123,12 +123,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32:                   # one fused op; same formula as below
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused op (it accumulates in fp32 for bf16/fp16 inputs): HF's formula (upcast, normalize,
+        # cast back, scale) is seven kernels on a GPU, which a 1.1 B model's CUDA-graph step paid ~14 times
+        # a layer (benchmarks/gpu_decode.py)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -158,6 +156,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.qkv: PackedLinear | None = None
+
+    def fuse_quantized(self) -> None:
+        """q|k|v as one low-bit matrix (afford/models/quant.py fuse_quantized), where their formats allow."""
+        from afford.models.quant import fuse_quantized
+        if not self.mfa and (fused := fuse_quantized([self.q_proj, self.k_proj, self.v_proj])) is not None:
+            self.qkv = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def pack(self, one_row_copy: bool) -> None:
         first = self.q_a_proj if self.mfa else self.q_proj
@@ -207,6 +212,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up: PackedLinear | None = None
+
+    def fuse_quantized(self) -> None:
+        from afford.models.quant import fuse_quantized
+        if (fused := fuse_quantized([self.gate_proj, self.up_proj])) is not None:
+            self.gate_up = fused
+            del self.gate_proj, self.up_proj
 
     def pack(self, one_row_copy: bool) -> None:
         self.gate_up = PackedLinear(self.gate_proj, self.up_proj, one_row_copy=one_row_copy)
