@@ -290,6 +290,23 @@ def main():
         return out
     run_arm("busy", busy)
 
+    if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
+        for B in batches:                                  # A/B: RoPE + K/V store fused into one kernel
+            def fused_arm(B=B):
+                runner.backend.fused_rope, graph_runner.shapes = True, {}     # recapture with the fused kernel
+                try:
+                    r, outs = arm(afford_fn(llm, B), B)
+                    shape = graph_runner.shapes.get((B, 1))
+                    if shape is not None and shape.graph is not None:
+                        t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
+                        r["graph_replay_ms"] = 1e3 * t / 50
+                finally:
+                    runner.backend.fused_rope, graph_runner.shapes = False, {}
+                toks = torch.tensor([o.token_ids for o in outs])
+                r["same_tokens_as_unfused"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
+                return r
+            run_arm(f"afford_graphs_fusedrope_b{B}", fused_arm)
+
     def kernel_profile():
         """torch.profiler over 8 batch-1 decode steps: CUDA kernels per step (count, time, the top ones), for
         afford eager, afford with graphs (kernels inside a replay are traced too where CUPTI allows) and the
@@ -316,14 +333,16 @@ def main():
                     "top": [[k, round(c, 2), round(t, 1)] for k, c, t in rows[:14]]}
         out = {}
         eng = llm.engine
-        for graphs in (False, True):
+        for name, graphs, fused in (("afford_eager", False, False), ("afford_graphs", True, False),
+                                    ("afford_eager_fusedrope", False, True)):
             runner.graphs = graph_runner if graphs else None
+            runner.backend.fused_rope = fused
             eng.add_request(prompts[0].tolist(), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
             eng.step()                                         # the prefill
-            out["afford_graphs" if graphs else "afford_eager"] = kernels(eng.step)
+            out[name] = kernels(eng.step)
             while eng.has_unfinished():
                 eng.step()
-        runner.graphs = graph_runner
+        runner.graphs, runner.backend.fused_rope = graph_runner, False
         bare = Bare(bare_model, 1, PROMPT + NEW + 16)
         p = prompts[:1].to(device)
         with torch.inference_mode():

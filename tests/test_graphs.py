@@ -88,16 +88,48 @@ import torch
 from afford.attention import triton_paged
 from afford.attention.paged import attend_rows_reference
 g = torch.Generator().manual_seed(0)
-for H, KV, D, BS in ((4, 2, 16, 4), (6, 6, 24, 16)):
+# (heads, K/V heads, head dim, block size, dtype, max context): one split, 16 splits, GQA with fp16 products
+for H, KV, D, BS, dt, mc in ((4, 2, 16, 4, torch.float32, None), (4, 2, 16, 4, torch.float32, 2048),
+                             (6, 6, 24, 16, torch.float32, None), (32, 4, 64, 16, torch.float16, None)):
     nb = 24
-    kp, vp = torch.randn(nb * BS, KV, D, generator=g), torch.randn(nb * BS, KV, D, generator=g)
+    kp, vp = torch.randn(nb * BS, KV, D, generator=g).to(dt), torch.randn(nb * BS, KV, D, generator=g).to(dt)
     tables = torch.randperm(nb, generator=g)[:12].view(2, 6).to(torch.int32)
     row_seq = torch.tensor([0, 1, 1, 1, 0])
     limits = torch.tensor([17, 1, 5, 6 * BS, 3])
-    q = torch.randn(5, H, D, generator=g)
-    a = triton_paged.attend_rows(q, kp, vp, tables, row_seq, limits, BS, D ** -0.5)
-    b = attend_rows_reference(q, kp, vp, tables, row_seq, limits, BS, D ** -0.5)
-    assert (a - b).abs().max() < 1e-5, (H, KV, D, BS, (a - b).abs().max())
+    q = torch.randn(5, H, D, generator=g).to(dt)
+    a = triton_paged.attend_rows(q, kp, vp, tables, row_seq, limits, BS, D ** -0.5, mc).float()
+    b = attend_rows_reference(q.float(), kp.float(), vp.float(), tables, row_seq, limits, BS, D ** -0.5)
+    tol = 1e-5 if dt == torch.float32 else 3e-3
+    assert (a - b).abs().max() < tol, (H, KV, D, BS, dt, mc, (a - b).abs().max())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_rope_store_kernel_in_the_interpreter():
+    """RoPE on q|k and the K/V store as one kernel: bitwise what torch's apply_rope and index_copy_ give,
+    in fp32 and in half precision (rounded where torch's separate operators round); -1 slots go to the
+    scratch slot."""
+    code = """
+import torch
+from afford.attention.triton_paged import rope_store
+from afford.models.transformer import apply_rope
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.float16):
+    H, KV, D, N, S = 4, 2, 16, 5, 40
+    cos, sin = torch.randn(64, D // 2, generator=g).repeat(1, 2).to(dt), torch.randn(64, D // 2, generator=g).repeat(1, 2).to(dt)
+    qkv = torch.randn(N, H + 2 * KV, D, generator=g).to(dt)
+    pos, slots = torch.tensor([3, 7, 8, 0, 63]), torch.tensor([5, -1, 9, 30, 2])
+    kp, vp = torch.zeros(S + 4, KV, D, dtype=dt), torch.zeros(S + 4, KV, D, dtype=dt)
+    q = rope_store(qkv, cos, sin, pos, slots, kp, vp, S, H)
+    qk = apply_rope(qkv[:, :H + KV], cos[pos].unsqueeze(-2), sin[pos].unsqueeze(-2))
+    kr, vr = torch.zeros_like(kp), torch.zeros_like(vp)
+    kr.index_copy_(0, torch.where(slots >= 0, slots, S), qk[:, H:])
+    vr.index_copy_(0, torch.where(slots >= 0, slots, S), qkv[:, H + KV:])
+    assert torch.equal(q, qk[:, :H]) and torch.equal(kp, kr) and torch.equal(vp, vr), dt
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))

@@ -1,9 +1,14 @@
 """Weight-only int8/int4 (FineQuant-style): kernels vs fallback, error bounds, adaptive granularity,
 checkpoint round trip, end-to-end generation, bad input."""
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from afford import LLM, ConfigError, SamplingParams
 from afford.cli import main as cli
@@ -130,3 +135,28 @@ def test_fused_matrices_dequantize_to_the_same_weights(bits):
     assert (fused(x) - torch.cat([p(x) for p in parts], -1)).abs().max() < 1e-4
     parts[1].bits = 8 if bits == 4 else 4
     assert fuse_quantized(parts) is None                       # formats differ: left as they are
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_int8_kernel_in_the_interpreter():
+    """The CUDA int8 kernel (afford/models/triton_int8.py), run by Triton's interpreter on the CPU, equals
+    the dequantized product up to the output's half-precision rounding."""
+    code = """
+import torch
+from afford.models.quant import QuantLinear, dequantize
+from afford.models.triton_int8 import int8_mm
+g = torch.Generator().manual_seed(0)
+for group, M in ((256, 1), (64, 5), (512, 20)):
+    lin = torch.nn.Linear(512, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 512, generator=g))
+    ql = QuantLinear.from_linear(lin, 8, group)
+    x = torch.randn(M, 512, generator=g).to(torch.float16)
+    y = int8_mm(x, ql.codes, ql.scales.to(torch.float16), ql.group).float()
+    ref = x.float() @ dequantize(ql.codes, ql.scales, None).t()
+    assert ((y - ref).abs() <= 2 ** -10 * ref.abs() + 1e-2).all(), (group, M, (y - ref).abs().max())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

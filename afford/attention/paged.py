@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from afford.attention.backend import AttentionBackend, AttnMetadata, ForwardBatch, register
-from afford.attention.triton_paged import attend_rows, available
+from afford.attention.triton_paged import attend_rows, available, rope_store
 
 
 def attend_rows_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -45,6 +45,8 @@ class PagedBackend(AttentionBackend):
     def __init__(self, use_triton: bool | None = None):
         # None: Triton where it can run (a CUDA tensor and an installed triton); tests force either way
         self.use_triton = use_triton
+        self.max_ctx = None      # the runner's longest context: eager forwards and graphs split it alike
+        self.fused_rope = False  # RoPE + the K/V store as one Triton kernel on the rows path (CUDA)
 
     def _triton(self, q: torch.Tensor) -> bool:
         if self.use_triton is not None:
@@ -73,6 +75,7 @@ class PagedBackend(AttentionBackend):
         row_seq = torch.repeat_interleave(torch.arange(len(b.query_lens)), torch.tensor(b.query_lens))
         meta.extra["rows"] = (tables.to(dev), row_seq.to(dev), (b.positions + 1).to(dev))
         meta.extra["scratch"] = None
+        meta.extra["fused_rope"] = self.fused_rope and dev.type == "cuda" and available() and not b.padded
 
     def prepare_for_capture(self, kv, slots: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                             row_seq: torch.Tensor, limits: torch.Tensor, block_size: int,
@@ -80,11 +83,24 @@ class PagedBackend(AttentionBackend):
         """Metadata over static buffers (a graph bucket): slots -1 go to the `scratch` slot."""
         batch = ForwardBatch("graph", [], [], [], [], block_size, slots, positions, padded=True)
         meta = AttnMetadata(self, batch, kv, slots, None)
-        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch)
+        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch,
+                          fused_rope=self.fused_rope and slots.is_cuda and available())
         return meta
 
     def prepare_for_replay(self, meta: AttnMetadata) -> None:
         """Nothing: the graph runner refills the static buffers the captured metadata points at."""
+
+    def forward_qkv(self, qkv: torch.Tensor, heads: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                    layer: int, meta: AttnMetadata) -> torch.Tensor:
+        """The rows path from the un-rotated q|k|v (N, H + 2 KV, D): RoPE and the K/V store in one kernel
+        (meta.extra["fused_rope"]), then attention; (N, H, D)."""
+        k_pool, v_pool = meta.kv[layer]
+        scratch = meta.extra.get("scratch")
+        q = rope_store(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
+                       -1 if scratch is None else scratch, heads)
+        tables, row_seq, limits = meta.extra["rows"]
+        return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, meta.batch.block_size, q.shape[-1] ** -0.5,
+                           self.max_ctx)
 
     def forward(self, q, k, v, layer, meta):
         scratch = meta.extra.get("scratch")
@@ -114,7 +130,7 @@ class PagedBackend(AttentionBackend):
         bs = meta.batch.block_size
         if self._triton(q):
             try:
-                return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, bs, D ** -0.5)
+                return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, bs, D ** -0.5, self.max_ctx)
             except Exception as e:           # a Triton that cannot build for this card: the reference, said once
                 if self.use_triton:
                     raise

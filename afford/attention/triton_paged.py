@@ -3,11 +3,12 @@
 Why hand-written: the maintained paged-decode kernels (FlashInfer, flash-attn's `flash_attn_with_kvcache`)
 ship no wheel for the torch + CUDA 13 build our GPU machines run and cannot be fetched there, and
 FlashInfer's JIT build takes minutes; Triton comes with every CUDA build of torch. The kernel is the
-textbook one (online softmax, flash-decoding without the split): one program per (query row, K/V
-head) takes the G query heads that share that K/V head (GQA: the K/V are read once for all of them)
-and walks the sequence's blocks in chunks of BLOCK_N tokens, looking each token's block up in the table --
-no gather, no padded (B, L) copy, and the loop bound is read from memory, so one CUDA graph serves any
-context length.
+textbook one, flash-decoding: one program per (query row, K/V head, split of the context) takes the
+G query heads that share that K/V head (GQA: the K/V are read once for all of them, the products on
+tensor cores in bf16 / fp16, exactly in fp32) and walks its split in chunks of BLOCK_N tokens, looking
+each token's block up in the table -- no gather, no padded (B, L) copy; a second small kernel merges
+the splits' online-softmax partials. The loop bounds are read from memory, so one CUDA graph serves any
+context length up to the one it was captured for.
 
 Row r belongs to sequence `row_seq[r]` (a row of `tables`) and attends to that sequence's first
 `limits[r]` tokens (its position + 1: decode, verify and prefill chunks alike).
@@ -29,59 +30,172 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rows_kernel(Q, K, V, O, tables, row_seq, limits, scale,
-                     stride_qr, stride_qh, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
-                     BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+    def _split_kernel(Q, K, V, O, Acc, Ml, tables, row_seq, limits, scale,
+                      stride_qr, stride_qh, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
+                      H: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                      IEEE: tl.constexpr):
         r = tl.program_id(0)
         kvh = tl.program_id(1)
+        sp = tl.program_id(2)
         seq = tl.load(row_seq + r).to(tl.int64)
         n_ctx = tl.load(limits + r)
+        hi = tl.minimum(n_ctx * 0 + (sp + 1) * CHUNK, n_ctx)         # this split: tokens [sp*CHUNK, hi)
         g = tl.arange(0, GP)                 # the G query heads sharing this K/V head (padded to GP >= 16)
         d = tl.arange(0, D_PAD)
         qm = (g < G)[:, None] & (d < D)[None, :]
-        heads = (kvh * G + g)[:, None]
-        q = tl.load(Q + r * stride_qr + heads * stride_qh + d[None, :], mask=qm, other=0.0).to(tl.float32) * scale
+        heads = kvh * G + g
+        q = tl.load(Q + r * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
+        q = q.to(tl.float32) * scale
+        if not IEEE:
+            q = q.to(K.dtype.element_ty)     # bf16 / fp16 pools: tensor-core products, fp32 accumulation
         m = tl.full((GP,), float("-inf"), tl.float32)
         l_sum = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D_PAD), tl.float32)
-        start = n_ctx * 0                    # loop-carried, of n_ctx's type
-        while start < n_ctx:                 # (a while loop: Triton's interpreter, the CPU tests, runs it too)
+        start = n_ctx * 0 + sp * CHUNK       # loop-carried, of n_ctx's type
+        while start < hi:                    # (a while loop: Triton's interpreter, the CPU tests, runs it too)
             n = start + tl.arange(0, BLOCK_N)
-            valid = n < n_ctx
+            valid = n < hi
             page = tl.load(tables + seq * stride_tb + n // BS, mask=valid, other=0).to(tl.int64)
-            slot = page * BS + n % BS                                                     # (BLOCK_N,)
-            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            kv_off = (page * BS + n % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
             km = valid[:, None] & (d < D)[None, :]
-            k = tl.load(K + kv_off, mask=km, other=0.0).to(tl.float32)                    # (BLOCK_N, D_PAD)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")                            # (GP, BLOCK_N)
+            k = tl.load(K + kv_off, mask=km, other=0.0)                                  # (BLOCK_N, D_PAD)
+            v = tl.load(V + kv_off, mask=km, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")      # (GP, BLOCK_N)
+            else:
+                s = tl.dot(q, tl.trans(k))
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(V + kv_off, mask=km, other=0.0).to(tl.float32)
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
             start += BLOCK_N
-        o = acc / l_sum[:, None]
-        tl.store(O + r * stride_or + heads * stride_oh + d[None, :], o.to(O.dtype.element_ty), mask=qm)
+        if SPLITS == 1:
+            o = acc / l_sum[:, None]
+            tl.store(O + r * stride_or + heads[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty), mask=qm)
+        else:                                # partials of this split: merged by _merge_kernel
+            part = (r * H + heads) * SPLITS + sp                                          # (GP,)
+            tl.store(Acc + part[:, None] * D_PAD + d[None, :], acc, mask=qm)
+            tl.store(Ml + part * 2, m, mask=g < G)
+            tl.store(Ml + part * 2 + 1, l_sum, mask=g < G)
+
+    @triton.jit
+    def _merge_kernel(Acc, Ml, O, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                      SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        sm = s < SPLITS
+        part = (r * H + h) * SPLITS + s
+        m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"))
+        l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))                   # a split past the context: m = -inf, weight 0
+        acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=sm[:, None] & (d < D)[None, :], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+        tl.store(O + r * stride_or + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < D)
+
+
+BLOCK_N, MAX_SPLITS = 32, 16
+
+
+def split_layout(max_ctx: int) -> tuple[int, int]:
+    """(splits, tokens per split) for contexts up to max_ctx: at most MAX_SPLITS programs per (row, K/V
+    head) walk the context side by side (flash-decoding), each a multiple of BLOCK_N tokens. It depends
+    only on max_ctx, so a graph's replay and an eager forward split the same way (the same sums)."""
+    blocks = -(-max_ctx // BLOCK_N)
+    per = -(-blocks // MAX_SPLITS)
+    return -(-blocks // per), per * BLOCK_N
 
 
 def attend_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                 row_seq: torch.Tensor, limits: torch.Tensor, block_size: int, scale: float,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """q (R, H, D), pools (slots, KV, D), tables (B, M) int32, row_seq / limits (R,) int32 -> (R, H, D)."""
+                max_ctx: int | None = None) -> torch.Tensor:
+    """q (R, H, D), pools (slots, KV, D), tables (B, M) int32, row_seq / limits (R,) int -> (R, H, D).
+    max_ctx: the longest context any call of this shape can see (default: the table's width)."""
     R, H, D = q.shape
     KV = k_pool.shape[1]
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty(R, H, D, dtype=q.dtype, device=q.device)
     if R == 0:
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     G = H // KV
-    _rows_kernel[(R, KV)](q, k_pool, v_pool, out, tables, row_seq, limits, scale,
-                          q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-                          out.stride(0), out.stride(1), tables.stride(0),
-                          BS=block_size, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
-                          D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_N=64, num_warps=4)
+    D_PAD = max(16, triton.next_power_of_2(D))
+    splits, chunk = split_layout(max(max_ctx or 0, tables.shape[1] * block_size))
+    acc = ml = out
+    if splits > 1:
+        acc = torch.empty(R * H * splits, D_PAD, dtype=torch.float32, device=q.device)
+        ml = torch.empty(R * H * splits, 2, dtype=torch.float32, device=q.device)
+    _split_kernel[(R, KV, splits)](q, k_pool, v_pool, out, acc, ml, tables, row_seq, limits, scale,
+                                   q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+                                   out.stride(0), out.stride(1), tables.stride(0),
+                                   H=H, BS=block_size, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD,
+                                   BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
+                                   IEEE=k_pool.dtype == torch.float32, num_warps=4)
+    if splits > 1:
+        _merge_kernel[(R, H)](acc, ml, out, out.stride(0), out.stride(1), H=H, D=D, D_PAD=D_PAD, SPLITS=splits,
+                              S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1)
     return out
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_store_kernel(QKV, COS, SIN, POS, SLOTS, KP, VP, QO, scratch,
+                           stride_n, stride_h, stride_cos, stride_ks, stride_kh, stride_qn, stride_qh,
+                           H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        n = tl.program_id(0)
+        h = tl.program_id(1)                 # one of the H + 2 KV heads of token n's q|k|v
+        j = tl.arange(0, HALF_PAD)
+        jm = j < HALF
+        src = QKV + n * stride_n + h * stride_h
+        x1 = tl.load(src + j, mask=jm, other=0.0)
+        x2 = tl.load(src + HALF + j, mask=jm, other=0.0)
+        slot = tl.load(SLOTS + n)
+        slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
+        if h < H + KV:
+            # HF's rotate-half RoPE, x * cos + cat(-x2, x1) * sin, rounded to the model's dtype after each
+            # product and after the sum as torch's separate operators round
+            pos = tl.load(POS + n).to(tl.int64)
+            dt = x1.dtype
+            c1 = tl.load(COS + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
+            a1 = (x1.to(tl.float32) * c1).to(dt).to(tl.float32)
+            b1 = (-x2.to(tl.float32) * s1).to(dt).to(tl.float32)
+            a2 = (x2.to(tl.float32) * c2).to(dt).to(tl.float32)
+            b2 = (x1.to(tl.float32) * s2).to(dt).to(tl.float32)
+            o1 = (a1 + b1).to(dt)
+            o2 = (a2 + b2).to(dt)
+            if h < H:
+                dst = QO + n * stride_qn + h * stride_qh
+            else:
+                dst = KP + slot * stride_ks + (h - H) * stride_kh
+            tl.store(dst + j, o1, mask=jm)
+            tl.store(dst + HALF + j, o2, mask=jm)
+        else:
+            dst = VP + slot * stride_ks + (h - H - KV) * stride_kh
+            tl.store(dst + j, x1, mask=jm)
+            tl.store(dst + HALF + j, x2, mask=jm)
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scratch: int,
+               heads: int) -> torch.Tensor:
+    """One kernel for what six did: RoPE on q and k of qkv (N, H + 2 KV, D), k and v stored into the pools
+    at `slots` (-1: the scratch slot); returns the rotated q (N, H, D)."""
+    N, HH, D = qkv.shape
+    KV = (HH - heads) // 2
+    q = torch.empty(N, heads, D, dtype=qkv.dtype, device=qkv.device)
+    if N:
+        _rope_store_kernel[(N, HH)](qkv, cos, sin, positions, slots, k_pool, v_pool, q, scratch,
+                                    qkv.stride(0), qkv.stride(1), cos.stride(0), k_pool.stride(0), k_pool.stride(1),
+                                    q.stride(0), q.stride(1), H=heads, KV=KV, HALF=D // 2,
+                                    HALF_PAD=max(2, triton.next_power_of_2(D // 2)), num_warps=1)
+    return q

@@ -80,6 +80,8 @@ class ModelRunner:
                     torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype))
                    for _ in range(cfg.num_layers)]
         self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention)
+        if hasattr(self.backend, "max_ctx"):                   # the paged backend splits contexts up to this
+            self.backend.max_ctx = pool.block_size * min(pool.num_blocks, -(-(model.max_len + max_q) // pool.block_size))
         self.buffers = StepBuffers(self.device)
         # every forward as one C++ call, bitwise equal to the Python path (afford/models/native.py)
         self.native = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) if native else None

@@ -111,8 +111,13 @@ class Scheduler:
         """The running sequences past their prefill, each with room for its next 1 + lookahead tokens (no
         more than it may draft: near the end of its context or max_tokens that is fewer); preempts the
         newest running sequences until they fit."""
+        bs = self.pool.block_size
         while True:
             decodes = [s for s in self.running if not s.in_prefill]
+            # each needs at most the blocks its 1 + lookahead tokens span plus one copy-on-write: when that
+            # many are free for all of them, the exact count is not needed
+            if len(decodes) * (-(-(1 + lookahead) // bs) + 2) <= self.pool.num_free:
+                return decodes
             need = sum(self.pool.extra_blocks(s.seq_id, len(s.token_ids) + self._room(s, lookahead))
                        for s in decodes)
             if not decodes or need <= self.pool.num_free:

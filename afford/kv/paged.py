@@ -185,6 +185,12 @@ class BlockPool:
 
     def prepare_write(self, seq_id: int, new_len: int) -> list[tuple[int, int]]:
         """Make room to write tokens [lens[seq], new_len); returns (src, dst) block copies to apply first."""
+        table, old, bs = self.tables.get(seq_id), self.lens.get(seq_id, 0), self.block_size
+        if table is not None and old < new_len and old // bs == (new_len - 1) // bs < len(table):
+            b = table[old // bs]                 # a decode's common case: inside one block it holds alone
+            if self.ref[b] == 1 and b not in self.key_of:
+                self.lens[seq_id] = new_len
+                return []
         if self.extra_blocks(seq_id, new_len) > self.num_free:
             raise OutOfBlocks(f"sequence {seq_id} needs {self.extra_blocks(seq_id, new_len)} blocks, "
                               f"{self.num_free} free")

@@ -193,8 +193,12 @@ class Attention(nn.Module):
         k = apply_rope(k.view(*lead, KV, D), cos, sin)                           # (..., KV, D)
         return q, k, v.view(*lead, KV, D)
 
-    def forward(self, x, cos, sin, meta: AttnMetadata | None, layer: int):
+    def forward(self, x, cos, sin, meta: AttnMetadata | None, layer: int, rope_tables=None):
         """Dense: x (B, T, hidden), causal over T. Paged: x (N, hidden), N tokens of a ForwardBatch."""
+        if meta is not None and meta.extra.get("fused_rope") and self.qkv is not None and not self.mfa:
+            qkv = self.qkv(x).view(-1, self.h + 2 * self.kvh, self.d)       # RoPE + K/V store in the backend
+            o = meta.backend.forward_qkv(qkv, self.h, *rope_tables, layer, meta)
+            return self.o_proj(o.reshape(-1, self.h * self.d))
         q, k, v = self.qkv_rope(x, cos, sin)
         if meta is None:
             B, T = x.shape[:2]
@@ -239,8 +243,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, layer)
+    def forward(self, x, cos, sin, meta, layer, rope_tables=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, layer, rope_tables)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -304,8 +308,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids)                                   # (..., hidden)
         cos = self.rope_cos[positions].unsqueeze(-2).to(x.dtype)           # (..., 1, D)
         sin = self.rope_sin[positions].unsqueeze(-2).to(x.dtype)
+        tables = (self.rope_cos, self.rope_sin)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, i)
+            x = layer(x, cos, sin, meta, i, tables)
         return self.model.norm(x)
 
     def forward(self, ids, positions=None, meta=None):
