@@ -187,7 +187,8 @@ class EngineConfig:
     block_size: int = 16
     kv_blocks: int | None = None        # None: enough for max_num_seqs full-length sequences
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512    # tokens fed per step: decodes first, then prompt chunks
+    max_num_batched_tokens: int | None = None   # tokens fed per step: decodes first, then prompt chunks;
+                                                # None: 512 on a CPU, 2048 on a GPU (Engine.step_token_budget)
     enable_chunked_prefill: bool = True  # split long prompts over steps so running decodes never wait
     enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt's cached leading tokens
     seed: int = 0
@@ -207,7 +208,7 @@ class EngineConfig:
             raise ConfigError("max_num_seqs must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be >= 1 (leave it out for the model's own length)")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be >= 1")
 
 

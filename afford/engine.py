@@ -50,7 +50,8 @@ class Engine:
         self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
                                   max_batch=cfg.max_num_seqs,
                                   max_q=1 + speculative.num_speculative_tokens if speculative else 1)
-        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, self.step_token_budget(cfg, self.runner.device),
+                                   self.max_model_len,
                                    chunked_prefill=cfg.enable_chunked_prefill)
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.sampler = Sampler()
@@ -71,6 +72,16 @@ class Engine:
             from afford.cost.hf import spec_from_model_config
             self.cost_hw = get_hardware(cfg.cost_hardware)[0]
             self.cost_spec = spec_from_model_config(mcfg, self.runner.kv[0][0].element_size())
+
+    @staticmethod
+    def step_token_budget(cfg: EngineConfig, device: torch.device) -> int:
+        """Tokens one step may feed: the configured budget, else 512 on a CPU (a prompt chunk there costs about
+        its tokens' arithmetic, and a small budget keeps running decodes from stalling) and 2048 on a GPU
+        (vLLM's serving default: a prefill forward runs eagerly, and its fixed cost of ~15 ms for a 1.1 B
+        model's 22 layers is paid once per chunk -- benchmarks/gpu_decode.py)."""
+        if cfg.max_num_batched_tokens is not None:
+            return cfg.max_num_batched_tokens
+        return 512 if device.type == "cpu" else 2048
 
     PROFILE_SHAPES = ((1, 1, 32), (1, 2, 96), (1, 4, 64), (1, 6, 32), (2, 1, 64), (2, 3, 32), (4, 1, 96),
                       (4, 5, 32), (8, 2, 64), (16, 1, 32), (16, 3, 64), (32, 1, 32))   # (batch, 1 + k, context)

@@ -18,7 +18,7 @@ class LLM:
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
-                 max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
+                 max_num_batched_tokens: int | None = None, enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
@@ -26,7 +26,8 @@ class LLM:
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
         attention: the attention backend (afford/attention/): "auto", "paged", "cpu_paged" or "sdpa".
         enforce_eager: on CUDA, no CUDA graphs (decode, verify and draft steps are captured by default).
-        max_num_batched_tokens: tokens fed per step; with enable_chunked_prefill running decodes take theirs
+        max_num_batched_tokens: tokens fed per step (None: 512 on a CPU, 2048 on a GPU, where an eager prefill
+        forward costs more than its tokens' arithmetic); with enable_chunked_prefill running decodes take theirs
         first and long prompts are split over steps. enable_prefix_caching reuses the KV of cached leading
         prompt blocks (exact: the same tokens, the same positions). native: on the CPU in fp32, each forward is
         one C++ call running the Python path's operators (bitwise the same logits, less time per step)."""

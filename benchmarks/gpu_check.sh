@@ -13,5 +13,5 @@ PY=${PY:-python3}
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/gpu_info.txt" 2>&1
 cat "$OUT/gpu_info.txt"
-timeout ${TEST_TIMEOUT:-170} $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_graphs.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout ${TEST_TIMEOUT:-170} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_graphs.py} 2>&1 | tee "$OUT/gpu_tests.log"
 timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} 2>&1 | tee "$OUT/gpu_decode.log"

@@ -157,13 +157,50 @@ def timed(fn):
     return time.perf_counter() - t, r
 
 
-def arm(fn_for_n, B: int) -> dict:
-    """Warm up, then time 8 and 128 new tokens: tok/s over the whole call, decode_ms per step."""
+def arm(fn_for_n, B: int, reps: int = 2) -> dict:
+    """Warm up, then time 8 and 128 new tokens, the faster of `reps` runs each: tok/s over the whole call,
+    decode_ms per step from the difference."""
     fn_for_n(SHORT)
-    short, _ = timed(lambda: fn_for_n(SHORT))
-    wall, out = timed(lambda: fn_for_n(NEW))
+    short = min(timed(lambda: fn_for_n(SHORT))[0] for _ in range(reps))
+    runs = [timed(lambda: fn_for_n(NEW)) for _ in range(reps)]
+    wall, out = min(runs, key=lambda r: r[0])
     return {"batch": B, "tok_s": B * NEW / wall, "wall_s": wall,
             "decode_ms": 1e3 * (wall - short) / (NEW - SHORT)}, out
+
+
+def profile_kernels(step, n: int = 8) -> dict:
+    """torch.profiler over n calls of step(): CUDA kernels per call (count, time, the top ones)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and t > 0:
+            rows.append((e.key[:90], e.count / n, t / n))
+    rows.sort(key=lambda x: -x[2])
+    return {"kernels_per_step": sum(r[1] for r in rows), "kernel_us_per_step": sum(r[2] for r in rows),
+            "top": [[k, round(c, 2), round(t, 1)] for k, c, t in rows[:14]]}
+
+
+def engine_kernels(llm, prompt: list[int], graphs: bool) -> dict:
+    """profile_kernels over batch-1 decode steps of an LLM's engine (after its prefill)."""
+    eng, runner = llm.engine, llm.engine.runner
+    keep = runner.graphs
+    runner.graphs = keep if graphs else None
+    eng.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    eng.step()                                                   # the prefill
+    try:
+        return profile_kernels(eng.step)
+    finally:
+        while eng.has_unfinished():
+            eng.step()
+        runner.graphs = keep
 
 
 def copy_bandwidth(device) -> float:
@@ -291,9 +328,9 @@ def main():
     run_arm("busy", busy)
 
     if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
-        for B in batches:                                  # A/B: RoPE + K/V store fused into one kernel
-            def fused_arm(B=B):
-                runner.backend.fused_rope, graph_runner.shapes = True, {}     # recapture with the fused kernel
+        for B in (batches[0], batches[-1]):                # A/B: RoPE and the K/V store as separate operators
+            def unfused_arm(B=B):
+                runner.backend.fused_rope, graph_runner.shapes = False, {}    # recapture with torch's operators
                 try:
                     r, outs = arm(afford_fn(llm, B), B)
                     shape = graph_runner.shapes.get((B, 1))
@@ -301,55 +338,45 @@ def main():
                         t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
                         r["graph_replay_ms"] = 1e3 * t / 50
                 finally:
-                    runner.backend.fused_rope, graph_runner.shapes = False, {}
+                    runner.backend.fused_rope, graph_runner.shapes = True, {}
                 toks = torch.tensor([o.token_ids for o in outs])
-                r["same_tokens_as_unfused"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
+                r["same_tokens_as_fused"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
                 return r
-            run_arm(f"afford_graphs_fusedrope_b{B}", fused_arm)
+            run_arm(f"afford_graphs_unfusedrope_b{B}", unfused_arm)
+
+        def budget_arm(B=batches[-1]):
+            """The step token budget's A/B: the CPU's 512 instead of the GPU default (prompt chunks)."""
+            sched = llm.engine.scheduler
+            keep, sched.max_num_batched_tokens = sched.max_num_batched_tokens, 512
+            try:
+                r, _ = arm(afford_fn(llm, B), B)
+            finally:
+                sched.max_num_batched_tokens = keep
+            r["default_budget"] = keep
+            return r
+        run_arm(f"afford_graphs_b{batches[-1]}_budget512", budget_arm)
 
     def kernel_profile():
-        """torch.profiler over 8 batch-1 decode steps: CUDA kernels per step (count, time, the top ones), for
-        afford eager, afford with graphs (kernels inside a replay are traced too where CUPTI allows) and the
-        bare loop eager."""
+        """CUDA kernels of batch-1 decode steps: afford eager (fused RoPE), with graphs (kernels inside a
+        replay are traced too where CUPTI allows), eager with torch's RoPE, and the bare loop eager."""
         if device != "cuda":
             return None
-        from torch.profiler import ProfilerActivity, profile
-
-        def kernels(step, n=8):
-            for _ in range(2):
-                step()
-            sync()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(n):
-                    step()
-                sync()
-            rows = []
-            for e in prof.key_averages():
-                t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-                if str(getattr(e, "device_type", "")).endswith("CUDA") and t > 0:
-                    rows.append((e.key[:90], e.count / n, t / n))
-            rows.sort(key=lambda x: -x[2])
-            return {"kernels_per_step": sum(r[1] for r in rows), "kernel_us_per_step": sum(r[2] for r in rows),
-                    "top": [[k, round(c, 2), round(t, 1)] for k, c, t in rows[:14]]}
         out = {}
-        eng = llm.engine
-        for name, graphs, fused in (("afford_eager", False, False), ("afford_graphs", True, False),
-                                    ("afford_eager_fusedrope", False, True)):
-            runner.graphs = graph_runner if graphs else None
-            runner.backend.fused_rope = fused
-            eng.add_request(prompts[0].tolist(), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-            eng.step()                                         # the prefill
-            out[name] = kernels(eng.step)
-            while eng.has_unfinished():
-                eng.step()
-        runner.graphs, runner.backend.fused_rope = graph_runner, False
+        p0 = prompts[0].tolist()
+        out["afford_eager"] = engine_kernels(llm, p0, graphs=False)
+        out["afford_graphs"] = engine_kernels(llm, p0, graphs=True)
+        runner.backend.fused_rope = False
+        try:
+            out["afford_eager_unfusedrope"] = engine_kernels(llm, p0, graphs=False)
+        finally:
+            runner.backend.fused_rope, graph_runner.shapes = True, {}
         bare = Bare(bare_model, 1, PROMPT + NEW + 16)
         p = prompts[:1].to(device)
         with torch.inference_mode():
             bare.forward(p, torch.arange(PROMPT, device=device))
             tok = torch.zeros(1, 1, dtype=torch.long, device=device)
             pos = torch.tensor([PROMPT], device=device)
-            out["bare_eager"] = kernels(lambda: bare.forward(tok, pos))
+            out["bare_eager"] = profile_kernels(lambda: bare.forward(tok, pos))
         return out
     run_arm("kernel_profile", kernel_profile)
 
@@ -371,21 +398,6 @@ def main():
     llm = runner = graph_runner = bare_model = None                  # free the GPU for the arms below
     gc.collect()
 
-    for B in batches:                                      # transformers' eager generate
-        def hf_arm(B=B):
-            p = prompts[:B].to(device)
-            mask = torch.ones_like(p)
-
-            def gen(n):
-                with torch.inference_mode():
-                    return hf.generate(input_ids=p, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False, pad_token_id=0)
-            r, _ = arm(gen, B)
-            return r
-        run_arm(f"hf_b{B}", hf_arm)
-    hf = None
-    gc.collect()
-
     for q in ("int4", "int8"):
         def quant_arms(q=q):
             qllm = LLM(str(target), quantization=q, **common)
@@ -393,6 +405,8 @@ def main():
             out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
             for B in batches[:2]:
                 out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
+            if device == "cuda":
+                out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
             return out
         run_arm(f"afford_{q}", quant_arms)
 
@@ -402,6 +416,21 @@ def main():
         r["acceptance_rate"] = sllm.stats.acceptance_rate
         return r
     run_arm("afford_spec_k4_b1", spec_arm)
+    for B in batches:                                      # transformers' eager generate
+        def hf_arm(B=B):
+            p = prompts[:B].to(device)
+            mask = torch.ones_like(p)
+
+            def gen(n):
+                with torch.inference_mode():
+                    return hf.generate(input_ids=p, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=0)
+            r, _ = arm(gen, B, reps=1)                   # ~7 s a run: once
+            return r
+        run_arm(f"hf_b{B}", hf_arm)
+    hf = None
+    gc.collect()
+
     save()
     print(json.dumps({k: v for k, v in res.items() if k != "arms"}, indent=1))
 

@@ -56,6 +56,7 @@ class GraphRunner:
             tables = tables.pin_memory()
         self.tables_host_t, self.tables_host = tables, tables.numpy()
         self.tables = tables if self.device.type != "cuda" else torch.zeros_like(tables, device=self.device)
+        self.table_rows: list[list[int]] = [[] for _ in range(self.buckets[-1])]   # the table each row holds
         self.logits = torch.zeros(self.buckets[-1] * max_q, model.cfg.vocab_size, device=self.device)
         self.shapes: dict[tuple[int, int], _Shape] = {}
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -96,9 +97,11 @@ class GraphRunner:
         h[0, dst], h[1, dst], h[2, dst] = host[0], host[1], host[2]
         h[3] = shape.row_of_seq
         h[4, dst] = host[1] + 1
-        tb = self.tables_host
+        tb, held = self.tables_host, self.table_rows
         for i, t in enumerate(batch.tables):
-            tb[i, :len(t)] = t
+            if held[i] != t:                      # a table changes when it gains (or copies) a block: only then
+                tb[i, :len(t)] = t
+                held[i] = list(t)
         if self.device.type == "cuda":
             shape.dev.copy_(shape.host_t, non_blocking=True)
             self.tables[:bucket].copy_(self.tables_host_t[:bucket], non_blocking=True)
