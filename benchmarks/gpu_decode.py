@@ -14,10 +14,16 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
 - the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
   reads, and from them the roofline share of afford's batch-1 decode step (`roofline_share`);
 - `gpu_busy_share`: the GPU time of one captured batch-1 decode step (its graph replayed back to back,
-  timed with CUDA events) over the wall time of a decode step inside afford's engine loop.
+  timed with CUDA events) over the wall time of a decode step inside afford's engine loop (and the
+  same at every batch);
+- A/B arms: torch's RoPE + index_copy_ instead of the fused Triton kernel; the CPU's 512-token step budget;
+- `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
+  RoPE, the bare loop eager; int4 and int8 in their arms); `host_profile`: cProfile of the engine at
+  the largest batch.
 
 tok/s counts generated tokens over the whole generate call (prefill included, the same for every arm);
-`decode_ms` is the time of one decode step: (wall of 128 new tokens - wall of 8) / 120.
+`decode_ms` is the time of one decode step: (wall of 128 new tokens - wall of 8) / 120, the faster of
+two runs each (transformers: one run).
 Usage: python benchmarks/gpu_decode.py [--out DIR] [--budget SECONDS] [--tiny (a CPU smoke test)]
 """
 from __future__ import annotations
@@ -227,7 +233,15 @@ def main():
     batches = [int(b) for b in a.batches.split(",")]
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+    import subprocess
+    try:                                   # the GPU machine gets the working tree without .git: AFFORD_COMMIT
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    commit = commit or os.environ.get("AFFORD_COMMIT")
+    res = {"commit": commit, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "torch": torch.__version__,
            "model": "TinyLlama-1.1B shape, random bf16 weights" if not a.tiny else "tiny smoke test",
            "prompt_tokens": PROMPT, "new_tokens": NEW, "arms": {}, "errors": {}, "skipped": []}
 
