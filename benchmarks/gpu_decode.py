@@ -226,6 +226,7 @@ def main():
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; arms past it are skipped")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: a smoke test of this script")
     ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--skip", default="", help="comma-separated prefixes of arm names to leave out")
     a = ap.parse_args()
     t_start = time.perf_counter()
     device = "cpu" if a.tiny else "cuda"
@@ -249,7 +250,11 @@ def main():
         res["elapsed_s"] = time.perf_counter() - t_start
         (out_dir / ("gpu_decode.json" if not a.tiny else "gpu_decode_tiny.json")).write_text(json.dumps(res, indent=1))
 
+    skip = tuple(x for x in a.skip.split(",") if x)
+
     def run_arm(name, fn):
+        if skip and name.startswith(skip):
+            return None
         if time.perf_counter() - t_start > a.budget:
             res["skipped"].append(name)
             return None
@@ -358,6 +363,20 @@ def main():
                 return r
             run_arm(f"afford_graphs_unfusedrope_b{B}", unfused_arm)
 
+        for B in (batches[0], batches[-1]):                # A/B: residual add + RMSNorm, silu * up as torch ops
+            def unfused_layers_arm(B=B):
+                llm.engine.model.fused_cuda, graph_runner.shapes = False, {}
+                try:
+                    r, outs = arm(afford_fn(llm, B), B)
+                    shape = graph_runner.shapes.get((B, 1))
+                    if shape is not None and shape.graph is not None:
+                        t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
+                        r["graph_replay_ms"] = 1e3 * t / 50
+                finally:
+                    llm.engine.model.fused_cuda, graph_runner.shapes = True, {}
+                return r
+            run_arm(f"afford_graphs_unfusedlayers_b{B}", unfused_layers_arm)
+
         def budget_arm(B=batches[-1]):
             """The step token budget's A/B: the CPU's 512 instead of the GPU default (prompt chunks)."""
             sched = llm.engine.scheduler
@@ -419,6 +438,11 @@ def main():
             out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
             for B in batches[:2]:
                 out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
+                g = qllm.engine.runner.graphs
+                shape = g.shapes.get((B, 1)) if g is not None else None
+                if shape is not None and shape.graph is not None:
+                    t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
+                    out[f"b{B}"]["graph_replay_ms"] = 1e3 * t / 50
             if device == "cuda":
                 out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
             return out

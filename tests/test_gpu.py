@@ -125,3 +125,18 @@ def test_fused_rope_gives_the_unfused_logits(random_pair, dtype):
     # fp32: the same up to a fused multiply-add; bf16: the same up to bf16 rounding (an H200 run showed
     # logits differing in the third significant digit, while Triton's CPU interpreter gives torch's bits)
     assert (outs[0] - outs[1]).abs().max() < (1e-4 if dtype == "float32" else 0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_layer_kernels_give_torch_logits(random_pair, dtype):
+    """Residual add + RMSNorm and silu * up as Triton kernels: the logits of torch's operators."""
+    model = load_for_inference(random_pair[0], "cuda", dtype)
+    outs = []
+    for fused in (True, False):
+        model.fused_cuda = fused
+        runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=False)
+        runner.pool.prepare_write(0, 20)
+        pre = runner.forward([0], [0], [list(range(3, 12))], [list(range(9))])
+        outs.append(torch.cat([pre, runner.forward([0], [9], [[4]])]))
+    model.fused_cuda = True
+    assert (outs[0] - outs[1]).abs().max() < (1e-4 if dtype == "float32" else 0.1)

@@ -135,3 +135,29 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_layer_kernels_in_the_interpreter(random_pair):
+    """Residual add + RMSNorm and silu * up as Triton kernels (the CUDA step's), run by Triton's interpreter
+    through a whole model: the hidden states of torch's operators."""
+    code = f"""
+import torch
+from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+from afford.models.loader import load_for_inference
+from afford.models.triton_ops import add_rmsnorm
+m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32")
+runner = ModelRunner(m, BlockPool(16, 4), native=False)
+runner.pool.prepare_write(0, 10)
+batch, ids = runner.prepare_ragged([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
+ref = m.hidden(ids, batch.positions, runner.backend.prepare_metadata(batch, runner.kv))
+x = m.model.embed_tokens(ids)
+cos, sin = m.rope_cos[batch.positions].unsqueeze(-2), m.rope_sin[batch.positions].unsqueeze(-2)
+out = m._hidden_fused(x, cos, sin, runner.backend.prepare_metadata(batch, runner.kv), (m.rope_cos, m.rope_sin), add_rmsnorm)
+assert (out - ref).abs().max() < 1e-5, (out - ref).abs().max()
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -228,8 +228,11 @@ class MLP(nn.Module):
         self.down_proj = PackedLinear(self.down_proj, one_row_copy=one_row_copy)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
         if self.gate_up is not None:
+            if fused:                                    # silu(gate) * up as one kernel (CUDA, triton_ops.py)
+                from afford.models.triton_ops import silu_mul
+                return self.down_proj(silu_mul(self.gate_up(x)))
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -267,6 +270,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_len = max_len or cfg.max_position_embeddings
+        # on CUDA with Triton: each residual add fused with the RMSNorm after it, SwiGLU's silu * up as one
+        # kernel (afford/models/triton_ops.py); False runs torch's operators (the A/B in gpu_decode.py)
+        self.fused_cuda = True
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -309,9 +315,26 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(-2).to(x.dtype)           # (..., 1, D)
         sin = self.rope_sin[positions].unsqueeze(-2).to(x.dtype)
         tables = (self.rope_cos, self.rope_sin)
+        if meta is not None and x.is_cuda and self.fused_cuda and x.dim() == 2:
+            from afford.models import triton_ops
+            if triton_ops.available():
+                return self._hidden_fused(x, cos, sin, meta, tables, triton_ops.add_rmsnorm)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, i, tables)
         return self.model.norm(x)
+
+    def _hidden_fused(self, x, cos, sin, meta, tables, add_rmsnorm):
+        """The paged layers with each residual add fused into the RMSNorm that follows it."""
+        layers = self.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn(h, cos, sin, meta, i, tables)
+            norm = layer.post_attention_layernorm
+            x, h = add_rmsnorm(x, a, norm.weight, norm.eps)
+            m = layer.mlp(h, fused=True)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, h = add_rmsnorm(x, m, norm.weight, norm.eps)
+        return h
 
     def forward(self, ids, positions=None, meta=None):
         """Logits (..., V) for every position."""
