@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, as ONE command on a GPU machine (no network needed): the GPU tests, then
 # benchmarks/gpu_decode.py. Everything it writes lands in $OUT (default benchmarks/results/gpu_run):
-# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json. About 5 minutes on an H100/H200.
+# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json. About 2 minutes on an H200.
 #   bash benchmarks/gpu_check.sh            # from the repository root
+# Knobs (environment): TESTS (pytest arguments), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BUDGET (seconds
+# after which gpu_decode.py skips its remaining arms), BENCH_ARGS (e.g. "--skip hf_,afford_eager").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_run}
@@ -14,4 +16,4 @@ PY=${PY:-python3}
 } > "$OUT/gpu_info.txt" 2>&1
 cat "$OUT/gpu_info.txt"
 timeout ${TEST_TIMEOUT:-170} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_graphs.py} 2>&1 | tee "$OUT/gpu_tests.log"
-timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} 2>&1 | tee "$OUT/gpu_decode.log"
+timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log"

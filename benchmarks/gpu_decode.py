@@ -17,6 +17,7 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   timed with CUDA events) over the wall time of a decode step inside afford's engine loop (and the
   same at every batch);
 - A/B arms: torch's RoPE + index_copy_ instead of the fused Triton kernel; the CPU's 512-token step budget;
+  the opt-in fused residual add + RMSNorm and silu * up kernels (afford/models/triton_ops.py);
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
   RoPE, the bare loop eager; int4 and int8 in their arms); `host_profile`: cProfile of the engine at
   the largest batch.
@@ -363,9 +364,9 @@ def main():
                 return r
             run_arm(f"afford_graphs_unfusedrope_b{B}", unfused_arm)
 
-        for B in (batches[0], batches[-1]):                # A/B: residual add + RMSNorm, silu * up as torch ops
-            def unfused_layers_arm(B=B):
-                llm.engine.model.fused_cuda, graph_runner.shapes = False, {}
+        for B in (batches[0], batches[-1]):                # A/B: residual add + RMSNorm, silu * up fused (opt-in)
+            def fused_layers_arm(B=B):
+                llm.engine.model.fused_cuda, graph_runner.shapes = True, {}
                 try:
                     r, outs = arm(afford_fn(llm, B), B)
                     shape = graph_runner.shapes.get((B, 1))
@@ -373,9 +374,9 @@ def main():
                         t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
                         r["graph_replay_ms"] = 1e3 * t / 50
                 finally:
-                    llm.engine.model.fused_cuda, graph_runner.shapes = True, {}
+                    llm.engine.model.fused_cuda, graph_runner.shapes = False, {}
                 return r
-            run_arm(f"afford_graphs_unfusedlayers_b{B}", unfused_layers_arm)
+            run_arm(f"afford_graphs_fusedlayers_b{B}", fused_layers_arm)
 
         def budget_arm(B=batches[-1]):
             """The step token budget's A/B: the CPU's 512 instead of the GPU default (prompt chunks)."""

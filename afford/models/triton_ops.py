@@ -4,8 +4,9 @@
 - `silu_mul(gate_up)`: SwiGLU's silu(gate) * up (silu rounded to the model's dtype before the product,
   as torch's two operators round).
 A 1.1 B Llama's batch-1 step spends ~80 us of its ~1.2 ms in the 66 kernels these remove
-(benchmarks/gpu_decode.py's kernel profile). Used on CUDA where Triton is installed
-(`Transformer.fused_cuda`); the CPU and the tests' reference run torch.
+(benchmarks/gpu_decode.py's kernel profile). Opt-in on CUDA where Triton is installed
+(`model.fused_cuda = True`): so far checked only in Triton's CPU interpreter (tests/test_graphs.py); the
+GPU check (tests/test_gpu.py, gpu_decode.py's A/B arm) has not run on a card yet.
 """
 from __future__ import annotations
 
