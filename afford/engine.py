@@ -93,6 +93,10 @@ class Engine:
         ctl, pool, runner = self.speculator.controller, self.pool, self.runner
         prop = self.speculator.proposer
         drafter = getattr(prop, "runner", None)
+        cuda = runner.device.type == "cuda"
+        # on CUDA a shape's first forward captures its graph (and may compile kernels): run it once untimed,
+        # and wait for the GPU before reading the clock
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         for batch, per, ctx in self.PROFILE_SHAPES:
             ids = [-(i + 1) for i in range(batch)]
             if pool.num_free < batch * pool.blocks_for(ctx + per) or batch > self.cfg.max_num_seqs \
@@ -101,8 +105,12 @@ class Engine:
             for i in ids:
                 pool.prepare_write(i, ctx + per)
             runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
+            if cuda:
+                runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
+            sync()
             t = time.perf_counter()
             runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
+            sync()
             ctl.observe_timing(batch * per, batch, batch * (ctx + per), time.perf_counter() - t, 0, 0, 0.0,
                                anchor=True, drafting=batch if per > 1 else 0)
             for i in ids:
@@ -114,12 +122,16 @@ class Engine:
                     prop.pool.prepare_write(i, ctx + per)
                 if not catchup:
                     drafter.forward(ids, [0] * batch, [[1] * ctx] * batch)
+                if cuda:
+                    drafter.forward(ids, [ctx] * batch, [[1]] * batch)     # the decode bucket's capture
+                sync()
                 t = time.perf_counter()
                 for j in range(per):
                     if catchup and j == 0:
                         drafter.forward(ids, [0] * batch, [[1] * ctx] * batch)
                     else:
                         drafter.forward(ids, [ctx + j] * batch, [[1]] * batch)
+                sync()
                 ctl.observe_timing(0, batch, 0, None, per, batch * per, time.perf_counter() - t,
                                    batch * (ctx - 1) if catchup else 0, anchor=True)
                 for i in ids:

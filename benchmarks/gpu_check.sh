@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root
 # Knobs (environment): TESTS (pytest arguments), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BUDGET (seconds
 # after which gpu_decode.py skips its remaining arms), BENCH_ARGS (e.g. "--skip hf_,afford_eager").
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
@@ -16,4 +16,8 @@ PY=${PY:-python3}
 } > "$OUT/gpu_info.txt" 2>&1
 cat "$OUT/gpu_info.txt"
 timeout ${TEST_TIMEOUT:-170} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_graphs.py} 2>&1 | tee "$OUT/gpu_tests.log"
+tests=$?                                  # the benchmark runs either way; the exit status reports both
 timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log"
+bench=$?
+echo "gpu_check: tests exit $tests, benchmark exit $bench"
+exit $(( tests != 0 ? tests : bench ))

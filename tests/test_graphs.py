@@ -161,3 +161,56 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_paged_forward_from_unrotated_qkv_equals_the_model_path():
+    """PagedBackend.forward_qkv (what the model calls when RoPE is fused) falls back to torch's RoPE where
+    Triton cannot run: the same output and the same pool as rotating first and calling forward."""
+    from afford.attention import ForwardBatch
+    from afford.attention.paged import PagedBackend
+    from afford.models.transformer import apply_rope
+    H, KV, D, BS = 4, 2, 8, 4
+    g = torch.Generator().manual_seed(0)
+    cos_t, sin_t = torch.randn(32, D // 2, generator=g).repeat(1, 2), torch.randn(32, D // 2, generator=g).repeat(1, 2)
+    outs = []
+    for fused_entry in (True, False):
+        pool, backend = BlockPool(8, BS), PagedBackend(use_triton=False)
+        pool.prepare_write(0, 9)
+        kv = [(torch.zeros(9 * BS, KV, D), torch.zeros(9 * BS, KV, D))]
+        qkv = torch.randn(9, H + 2 * KV, D, generator=torch.Generator().manual_seed(1))
+        for start, n in ((0, 6), (6, 3)):                     # a prefill, then a verify of 3 rows
+            pos = torch.arange(start, start + n)
+            batch = ForwardBatch("verify", [0], [start], [n], [pool.tables[0]], BS,
+                                 torch.tensor(pool.slots(0, start, start + n)), pos)
+            meta = backend.prepare_metadata(batch, kv)
+            x = qkv[start:start + n]
+            if fused_entry and start:
+                o = backend.forward_qkv(x, H, cos_t, sin_t, 0, meta)
+            else:
+                c, s = cos_t[pos].unsqueeze(-2), sin_t[pos].unsqueeze(-2)
+                qk = apply_rope(x[:, :H + KV], c, s)
+                o = backend.forward(qk[:, :H], qk[:, H:], x[:, H + KV:], 0, meta)
+        outs.append((o, kv[0][0].clone(), kv[0][1].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_ragged_fresh_prefill_per_sequence_equals_the_padded_batch():
+    """A ragged prefill too large for one padded, masked SDPA runs one causal SDPA per sequence: the same."""
+    from afford.attention import ForwardBatch
+    from afford.attention.paged import PagedBackend
+    H, KV, D, BS = 4, 2, 8, 4
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 11, 2]
+    q, k, v = (torch.randn(sum(lens), n, D, generator=g) for n in (H, KV, KV))
+    outs = []
+    for limit in (1 << 26, 0):
+        pool, backend = BlockPool(16, BS), PagedBackend(use_triton=False)
+        backend.padded_scores_max = limit
+        for s, n in enumerate(lens):
+            pool.prepare_write(s, n)
+        kv = [(torch.zeros(17 * BS, KV, D), torch.zeros(17 * BS, KV, D))]
+        slots = torch.tensor([x for s, n in enumerate(lens) for x in pool.slots(s, 0, n)])
+        pos = torch.cat([torch.arange(n) for n in lens])
+        batch = ForwardBatch("prefill", [0, 1, 2], [0, 0, 0], lens, [pool.tables[s] for s in range(3)], BS, slots, pos)
+        outs.append(backend.forward(q, k, v, 0, backend.prepare_metadata(batch, kv)))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5

@@ -46,6 +46,7 @@ class PagedBackend(AttentionBackend):
         # None: Triton where it can run (a CUDA tensor and an installed triton); tests force either way
         self.use_triton = use_triton
         self.max_ctx = None      # the runner's longest context: eager forwards and graphs split it alike
+        self.padded_scores_max = 1 << 26   # a ragged fresh prefill above this many B*H*T*T scores: per sequence
         # RoPE + the K/V store as one Triton kernel on the rows path (CUDA): 6 kernels a layer become 1 (a
         # batch-1 step of a 1.1 B model: 1.70 -> 1.33 ms on an H200, benchmarks/gpu_decode.py)
         self.fused_rope = True
@@ -77,7 +78,7 @@ class PagedBackend(AttentionBackend):
         row_seq = torch.repeat_interleave(torch.arange(len(b.query_lens)), torch.tensor(b.query_lens))
         meta.extra["rows"] = (tables.to(dev), row_seq.to(dev), (b.positions + 1).to(dev))
         meta.extra["scratch"] = None
-        meta.extra["fused_rope"] = self.fused_rope and dev.type == "cuda" and available() and not b.padded
+        meta.extra["fused_rope"] = self._fused(dev) and not b.padded
 
     def prepare_for_capture(self, kv, slots: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                             row_seq: torch.Tensor, limits: torch.Tensor, block_size: int,
@@ -85,9 +86,11 @@ class PagedBackend(AttentionBackend):
         """Metadata over static buffers (a graph bucket): slots -1 go to the `scratch` slot."""
         batch = ForwardBatch("graph", [], [], [], [], block_size, slots, positions, padded=True)
         meta = AttnMetadata(self, batch, kv, slots, None)
-        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch,
-                          fused_rope=self.fused_rope and slots.is_cuda and available())
+        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch, fused_rope=self._fused(slots.device))
         return meta
+
+    def _fused(self, dev: torch.device) -> bool:
+        return self.fused_rope and self.use_triton is not False and dev.type == "cuda" and available()
 
     def prepare_for_replay(self, meta: AttnMetadata) -> None:
         """Nothing: the graph runner refills the static buffers the captured metadata points at."""
@@ -98,11 +101,27 @@ class PagedBackend(AttentionBackend):
         (meta.extra["fused_rope"]), then attention; (N, H, D)."""
         k_pool, v_pool = meta.kv[layer]
         scratch = meta.extra.get("scratch")
-        q = rope_store(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
-                       -1 if scratch is None else scratch, heads)
-        tables, row_seq, limits = meta.extra["rows"]
-        return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, meta.batch.block_size, q.shape[-1] ** -0.5,
-                           self.max_ctx)
+        if self.fused_rope and self.use_triton is not False:
+            try:
+                q = rope_store(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
+                               -1 if scratch is None else scratch, heads)
+                tables, row_seq, limits = meta.extra["rows"]
+                return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, meta.batch.block_size,
+                                   q.shape[-1] ** -0.5, self.max_ctx)
+            except Exception as e:           # a Triton that cannot build here: torch's operators, said once
+                if self.use_triton:
+                    raise
+                import logging
+                logging.getLogger("afford").warning("the fused Triton RoPE / attention kernels failed (%s: %s); "
+                                                    "torch's operators run instead", type(e).__name__, e)
+                self.fused_rope, self.use_triton = False, False
+        # RoPE as the model's apply_rope computes it (x * cos + rotate_half(x) * sin), then the usual path
+        KV, D = (qkv.shape[1] - heads) // 2, qkv.shape[2]
+        cos = cos_table[meta.batch.positions].unsqueeze(-2).to(qkv.dtype)
+        sin = sin_table[meta.batch.positions].unsqueeze(-2).to(qkv.dtype)
+        x = qkv[:, :heads + KV]
+        qk = x * cos + torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1) * sin
+        return self.forward(qk[:, :heads], qk[:, heads:], qkv[:, heads + KV:], layer, meta)
 
     def forward(self, q, k, v, layer, meta):
         scratch = meta.extra.get("scratch")
@@ -118,6 +137,16 @@ class PagedBackend(AttentionBackend):
         fresh = meta.extra.get("fresh")
         if fresh is not None:
             B, T, pad, mask = fresh
+            if pad is not None and B * H * T * T > self.padded_scores_max:   # too large a padded score tensor:
+                outs, at = [], 0                                # one causal SDPA per sequence instead
+                for n in meta.batch.query_lens:
+                    o = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1).unsqueeze(0),
+                                                       k[at:at + n].transpose(0, 1).unsqueeze(0),
+                                                       v[at:at + n].transpose(0, 1).unsqueeze(0), is_causal=True,
+                                                       enable_gqa=KV != H)                  # (1, H, n, D)
+                    outs.append(o[0].transpose(0, 1))
+                    at += n
+                return torch.cat(outs)
             if pad is not None:
                 q = q.new_zeros(B * T, H, D).index_copy_(0, pad, q)
                 k = k.new_zeros(B * T, KV, D).index_copy_(0, pad, k)

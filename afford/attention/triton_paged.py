@@ -128,6 +128,8 @@ def attend_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tab
     G = H // KV
     D_PAD = max(16, triton.next_power_of_2(D))
     splits, chunk = split_layout(max(max_ctx or 0, tables.shape[1] * block_size))
+    if splits > 1 and R * H * splits * D_PAD * 4 > 1 << 26:     # long row batches (eager prompt chunks, never a
+        splits, chunk = 1, splits * chunk                       # graph's): no partials buffer of >= 64 MB
     acc = ml = out
     if splits > 1:
         acc = torch.empty(R * H * splits, D_PAD, dtype=torch.float32, device=q.device)

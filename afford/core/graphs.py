@@ -38,6 +38,7 @@ class _Shape:
         self.dev = host if device.type != "cuda" else torch.zeros(5, self.rows, dtype=torch.long, device=device)
         self.row_of_seq = np.repeat(np.arange(bucket), q)          # row -> its sequence (padding too)
         self.graph = None
+        self.failed = False                                         # its capture failed: it runs eagerly
 
 
 class GraphRunner:
@@ -82,6 +83,8 @@ class GraphRunner:
         shape = self.shapes.get(key)
         if shape is None:
             shape = self.shapes[key] = _Shape(bucket, q, self.device)
+        if shape.failed:
+            return None
         lens = batch.query_lens
         n_seqs, N = len(lens), host.shape[1]
         if q == 1 or all(x == q for x in lens):
@@ -106,8 +109,16 @@ class GraphRunner:
             shape.dev.copy_(shape.host_t, non_blocking=True)
             self.tables[:bucket].copy_(self.tables_host_t[:bucket], non_blocking=True)
             self.copied.record()
-        if shape.graph is None and self.capture:
-            self._capture(shape)
+        if shape.graph is None and self.capture and not shape.failed:
+            try:
+                self._capture(shape)
+            except Exception as e:                # out of memory, an op that cannot be captured: eager, said once
+                import logging
+                logging.getLogger("afford").warning("CUDA graph capture failed for batch %d x %d tokens (%s: %s); "
+                                                    "that shape runs eagerly", bucket, q, type(e).__name__, e)
+                shape.failed = True
+                torch.cuda.synchronize(self.device)
+                return None
         if shape.graph is not None:
             shape.graph.replay()
         else:

@@ -53,5 +53,6 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: i
     BLOCK_N = 16                         # many programs: a one-row product is bound by how many loads fly
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _w8_kernel[grid](x, codes, scales, y, M, N, scales.shape[1], group, x.stride(0), codes.stride(0), y.stride(0), K=K,
-                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k(K, group), num_warps=4, num_stages=4)
+                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k(K, group), num_warps=4,
+                     num_stages=4 if BLOCK_M <= 16 else 2)      # fewer stages where tiles are large: shared memory
     return y
