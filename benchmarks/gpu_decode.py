@@ -8,7 +8,8 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   ~50 lines below) on the same weights, eager and with one CUDA graph per decode step -- the anchor;
 - afford with CUDA graphs (the default) and with enforce_eager, at batch 1, 16, 64;
 - transformers' eager `generate` on the same weights;
-- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16;
+- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4 through torch's
+  tinygemm and through afford's opt-in Triton kernel);
 - afford draft speculation (k = 4) with a 2-layer draft cut from the target (its first 2 layers, the same
   embeddings and head: the same vocabulary) at batch 1;
 - the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
@@ -432,9 +433,16 @@ def main():
     llm = runner = graph_runner = bare_model = None                  # free the GPU for the arms below
     gc.collect()
 
-    for q in ("int4", "int8"):
-        def quant_arms(q=q):
-            qllm = LLM(str(target), quantization=q, **common)
+    from afford.models import quant
+    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_triton", "int4", "triton"),
+                          ("afford_int8", "int8", None)):
+        def quant_arms(q=q, int4=int4):
+            keep = quant.CUDA_INT4_KERNEL
+            quant.CUDA_INT4_KERNEL = int4 or keep          # the opt-in Triton int4 kernel's A/B arm
+            try:
+                qllm = LLM(str(target), quantization=q, **common)
+            finally:
+                quant.CUDA_INT4_KERNEL = keep
             kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
             out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
             for B in batches[:2]:
@@ -447,7 +455,7 @@ def main():
             if device == "cuda":
                 out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
             return out
-        run_arm(f"afford_{q}", quant_arms)
+        run_arm(name, quant_arms)
 
     def spec_arm():
         sllm = LLM(str(target), draft=str(draft), num_speculative_tokens=4, **common)

@@ -75,8 +75,12 @@ def test_paged_backend_model_equals_sdpa_on_ragged_batches(random_pair):
     assert (outs[0] - outs[1]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 2048), (8, 2048), (8, 256)])
-def test_low_bit_kernels_equal_the_dequantized_product(bits, group):
+@pytest.mark.parametrize("bits,group,int4", [(4, 128, "tinygemm"), (4, 2048, "tinygemm"), (4, 128, "triton"),
+                                            (4, 2048, "triton"), (8, 2048, None), (8, 256, None)])
+def test_low_bit_kernels_equal_the_dequantized_product(bits, group, int4, monkeypatch):
+    from afford.models import quant
+    if int4:
+        monkeypatch.setattr(quant, "CUDA_INT4_KERNEL", int4)
     g = torch.Generator().manual_seed(bits)
     lin = torch.nn.Linear(2048, 1024, bias=False)
     with torch.no_grad():
@@ -84,7 +88,7 @@ def test_low_bit_kernels_equal_the_dequantized_product(bits, group):
     ql = QuantLinear.from_linear(lin, bits, group)
     ql = ql.to("cuda")
     ql.refresh()
-    assert ql.kernel in ("int4cuda", "int8triton"), ql.kernel
+    assert ql.kernel == {"tinygemm": "int4cuda", "triton": "int4triton", None: "int8triton"}[int4], ql.kernel
     for rows in (1, 16, 64):
         x = torch.randn(rows, 2048, device="cuda")
         y = ql(x).float()

@@ -138,9 +138,9 @@ def test_fused_matrices_dequantize_to_the_same_weights(bits):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_int8_kernel_in_the_interpreter():
-    """The CUDA int8 kernel (afford/models/triton_int8.py), run by Triton's interpreter on the CPU, equals
-    the dequantized product up to the output's half-precision rounding."""
+def test_triton_low_bit_kernels_in_the_interpreter():
+    """The CUDA int8 kernel (afford/models/triton_int8.py) and the opt-in int4 one (triton_int4.py), run by
+    Triton's interpreter on the CPU, equal the dequantized product up to the output's half-precision rounding."""
     code = """
 import torch
 from afford.models.quant import QuantLinear, dequantize
@@ -155,6 +155,16 @@ for group, M in ((256, 1), (64, 5), (512, 20)):
     y = int8_mm(x, ql.codes, ql.scales.to(torch.float16), ql.group).float()
     ref = x.float() @ dequantize(ql.codes, ql.scales, None).t()
     assert ((y - ref).abs() <= 2 ** -10 * ref.abs() + 1e-2).all(), (group, M, (y - ref).abs().max())
+from afford.models.triton_int4 import int4_mm, pack
+for group, M in ((512, 1), (64, 5), (1024, 20)):                     # the opt-in int4 kernel likewise
+    lin = torch.nn.Linear(1024, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 1024, generator=g))
+    ql = QuantLinear.from_linear(lin, 4, group)
+    x = torch.randn(M, 1024, generator=g).to(torch.float16)
+    y = int4_mm(x, pack(ql.codes), ql.scales.float().contiguous(), ql.zeros.float().contiguous(), ql.group).float()
+    ref = x.float() @ dequantize(ql.codes, ql.scales, ql.zeros).t()
+    assert ((y - ref).abs() <= 2 ** -10 * ref.abs() + 2e-2).all(), (group, M, (y - ref).abs().max())
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))

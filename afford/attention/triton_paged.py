@@ -17,16 +17,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:                     # CPU-only installs: the torch reference runs instead
-    triton = None
-
-
-def available() -> bool:
-    return triton is not None
-
+from afford.models.triton_lib import available, tl, triton  # noqa: F401  (available: re-exported)
 
 if triton is not None:
     @triton.jit

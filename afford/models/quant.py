@@ -17,6 +17,8 @@ shapes, no kernel) a dequantize-then-matmul fallback that gives the same numbers
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -24,6 +26,9 @@ from afford.config import ConfigError
 
 FORMAT_VERSION = 1
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+# int4 on CUDA: torch's tinygemm (measured on an H200), or afford's Triton kernel (triton_int4.py; opt-in
+# until a GPU run measures it -- gpu_decode.py's A/B arm)
+CUDA_INT4_KERNEL = os.environ.get("AFFORD_INT4_KERNEL", "tinygemm")
 
 
 def _bf16_up(s: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,10 @@ class QuantLinear(nn.Module):
                 return "int8triton"
             if self.bits == 8 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
                 return "int8pack"
+            from afford.models import triton_int4
+            if self.bits == 4 and CUDA_INT4_KERNEL == "triton" and triton_int4.available() \
+                    and triton_int4.block_k(self.in_features, self.group):
+                return "int4triton"
             if self.bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm") and self.out_features % 8 == 0 \
                     and self._int4_kernel_group() is not None and self.in_features % 32 == 0:
                 return "int4cuda"
@@ -183,6 +192,10 @@ class QuantLinear(nn.Module):
             self._sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()   # (K/kg, N, 2)
         elif self.kernel == "int8triton":
             self._s16 = self.scales.to(torch.bfloat16).contiguous()
+        elif self.kernel == "int4triton":
+            from afford.models.triton_int4 import pack
+            self._p4 = pack(self.codes)
+            self._s32, self._z32 = self.scales.float().contiguous(), self.zeros.float().contiguous()
         elif self.kernel == "int4cuda":        # tinygemm: uint8 (N, K/2), even k in the high nibble
             kg = self._int4_kernel_group()
             rep = self.group // kg
@@ -208,6 +221,9 @@ class QuantLinear(nn.Module):
         elif self.kernel == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self._packed,
                                                           self._kg, self._sz)
+        elif self.kernel == "int4triton":
+            from afford.models.triton_int4 import int4_mm
+            y = int4_mm(x2.to(torch.bfloat16).contiguous(), self._p4, self._s32, self._z32, self.group)
         elif self.kernel == "int8triton":
             from afford.models.triton_int8 import int8_mm
             y = int8_mm(x2.to(torch.bfloat16).contiguous(), self.codes, self._s16, self.group)

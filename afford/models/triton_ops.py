@@ -12,16 +12,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
-def available() -> bool:
-    return triton is not None
-
+from afford.models.triton_lib import available, tl, triton  # noqa: F401  (available: re-exported)
 
 if triton is not None:
     @triton.jit

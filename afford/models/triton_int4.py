@@ -1,0 +1,64 @@
+"""Weight-only int4 matmul for few rows on CUDA (Triton), an alternative to torch's tinygemm
+`_weight_int4pack_mm`, which moved a 1.1 B model's int4 weights at ~1.3 TB/s at batch 1 on an H200 (a
+third of the card's copy rate; benchmarks/gpu_decode.py). Opt-in (`quant.CUDA_INT4_KERNEL = "triton"` or
+AFFORD_INT4_KERNEL=triton) until a GPU run measures it: gpu_decode.py has the A/B arm.
+
+Layout: two codes per byte along K (even k in the low nibble), w = (q - 8) * s + z per (row, group of K).
+A program takes BLOCK_N output rows and streams their codes in K-tiles inside one group, so each tile's
+product factors as s * (x . (q - 8)) + z * sum(x): the codes minus 8 are exact in bf16 and go through the
+tensor cores, the scale and zero point are applied once per tile in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from afford.models.triton_lib import available, tl, triton  # noqa: F401  (available: re-exported)
+
+if triton is not None:
+    @triton.jit
+    def _w4_kernel(X, P, S, Z, Y, M, N, n_groups, group, stride_xm, stride_pn, stride_ym, K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, BLOCK_K // 2)
+        mm, nm = rm < M, rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b = tl.load(P + rn[:, None] * stride_pn + (k0 // 2 + j)[None, :], mask=nm[:, None], other=0)
+            xe = tl.load(X + rm[:, None] * stride_xm + (k0 + 2 * j)[None, :], mask=mm[:, None], other=0.0)
+            xo = tl.load(X + rm[:, None] * stride_xm + (k0 + 2 * j + 1)[None, :], mask=mm[:, None], other=0.0)
+            lo = ((b & 15).to(tl.int32) - 8).to(xe.dtype)                           # codes of even k, exact
+            hi = ((b >> 4).to(tl.int32) - 8).to(xe.dtype)                           # codes of odd k
+            part = tl.dot(xe, tl.trans(lo), out_dtype=tl.float32) + tl.dot(xo, tl.trans(hi), out_dtype=tl.float32)
+            xs = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)                # (BLOCK_M,)
+            g = k0 // group
+            s = tl.load(S + rn * n_groups + g, mask=nm, other=0.0)
+            z = tl.load(Z + rn * n_groups + g, mask=nm, other=0.0)
+            acc += part * s[None, :] + xs[:, None] * z[None, :]
+        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+def block_k(in_features: int, group: int) -> int | None:
+    """A K-tile inside one group: the largest power of two from 512 down to 32 dividing the group."""
+    return next((b for b in (512, 256, 128, 64, 32) if group % b == 0 and in_features % b == 0), None)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (N, K / 2) uint8, even k in the low nibble."""
+    u = codes.to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """x (M, K) bf16 / fp16, packed (N, K / 2) uint8, scales / zeros (N, K / group) fp32 -> (M, N) in x's dtype."""
+    M, K = x.shape
+    N = packed.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BLOCK_M, BLOCK_N = 16, 16
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    _w4_kernel[grid](x, packed, scales, zeros, y, M, N, scales.shape[1], group, x.stride(0), packed.stride(0),
+                     y.stride(0), K=K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k(K, group),
+                     num_warps=4, num_stages=3)
+    return y
