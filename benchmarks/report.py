@@ -219,5 +219,37 @@ def main():
         for name, c in r.get("controller", {}).items():
             print(f"\n- {name}: acceptance {c['acceptance']}, k histogram {c['k_histogram']}")
 
+    r = load("gpu_decode")
+    if r:
+        gpu_decode(r)
+
+
+def gpu_decode(r) -> None:
+    """benchmarks/gpu_decode.py's run: afford vs the bare loop and transformers, busy share, low bits."""
+    a = r["arms"]
+    print(f"\n## gpu_decode\n_{r['device']}, torch {r['torch']}, commit {r.get('commit')}_\n")
+    rows = []
+    for b in (1, 16, 64):
+        g, e, bg, be, hf = (a.get(f"{k}_b{b}") for k in ("afford_graphs", "afford_eager", "bare_graph", "bare_eager", "hf"))
+        if not (g and bg):
+            continue
+        rows.append([b, f"{g['tok_s']:.0f}", f"{e['tok_s']:.0f}" if e else "", f"{bg['tok_s']:.0f}",
+                     f"{be['tok_s']:.0f}" if be else "", f"{hf['tok_s']:.0f}" if hf else "",
+                     f"{g['tok_s'] / bg['tok_s']:.2f}x", f"{g['tok_s'] / e['tok_s']:.1f}x" if e else "",
+                     f"{g['tok_s'] / hf['tok_s']:.1f}x" if hf else "", f"{g['decode_ms']:.2f} / {bg['decode_ms']:.2f}"])
+    print(table(["batch", "afford, graphs", "afford, enforce_eager", "bare + graph", "bare eager", "transformers eager",
+                 "afford / bare+graph", "graphs / eager", "afford / transformers", "decode ms: afford / bare+graph"],
+                rows))
+    busy = a.get("busy") or {}
+    shares = ", ".join(f"batch {k.split('_b')[-1]}: {v:.0%}" for k, v in busy.items() if k.startswith("gpu_busy"))
+    print(f"\nGPU busy share {shares}; "
+          f"roofline share {r.get('roofline_share', 0):.2f} (graph alone {r.get('graph_roofline_share', 0):.2f}); "
+          f"copy bandwidth {r.get('copy_bandwidth_gbs', 0):.0f} GB/s")
+    low = [[k, ", ".join(v["kernels"]), f"{v['b1']['tok_s']:.0f}", f"{v['b16']['tok_s']:.0f}" if "b16" in v else "",
+            f"{v['b1']['tok_s'] / a['afford_graphs_b1']['tok_s']:.2f}x"]
+           for k, v in a.items() if k.startswith("afford_int") and "b1" in v and "afford_graphs_b1" in a]
+    if low:
+        print("\n" + table(["arm", "kernels", "batch 1 tok/s", "batch 16 tok/s", "batch 1 / bf16"], low))
+
 if __name__ == "__main__":
     main()
