@@ -77,8 +77,8 @@ class Engine:
     def step_token_budget(cfg: EngineConfig, device: torch.device) -> int:
         """Tokens one step may feed: the configured budget, else 512 on a CPU (a prompt chunk there costs about
         its tokens' arithmetic, and a small budget keeps running decodes from stalling) and 2048 on a GPU
-        (vLLM's serving default: a prefill forward runs eagerly, and its fixed cost of ~15 ms for a 1.1 B
-        model's 22 layers is paid once per chunk -- benchmarks/gpu_decode.py)."""
+        (vLLM's serving default: a prefill forward runs eagerly, and its fixed cost of 6-15 ms for a 1.1 B
+        model's 22 layers on an H200 machine is paid once per chunk -- benchmarks/gpu_decode.py)."""
         if cfg.max_num_batched_tokens is not None:
             return cfg.max_num_batched_tokens
         return 512 if device.type == "cpu" else 2048
