@@ -211,6 +211,18 @@ def engine_kernels(llm, prompt: list[int], graphs: bool) -> dict:
         runner.graphs = keep
 
 
+def replay_ms(graphs, key, n: int = 50) -> float | None:
+    """GPU time of one replay of the graph captured for key = (bucket, tokens per row), replayed back to
+    back between two synchronizations; None where no graph was captured."""
+    shape = graphs.shapes.get(key) if graphs is not None else None
+    if shape is None or shape.graph is None:
+        return None
+    for _ in range(5):
+        shape.graph.replay()
+    t, _ = timed(lambda: [shape.graph.replay() for _ in range(n)])
+    return 1e3 * t / n
+
+
 def copy_bandwidth(device) -> float:
     """Device-to-device copy rate, bytes read + written per second."""
     n = 1 << 30
@@ -330,14 +342,10 @@ def main():
             return None
         out = {}
         for B in batches:
-            shape = graph_runner.shapes.get((B, 1))
-            arm_b = res["arms"].get(f"afford_graphs_b{B}")
-            if shape is None or shape.graph is None or arm_b is None:
+            arm_b, gpu_ms = res["arms"].get(f"afford_graphs_b{B}"), replay_ms(graph_runner, (B, 1))
+            if gpu_ms is None or arm_b is None:
                 continue
-            for _ in range(5):
-                shape.graph.replay()
-            t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
-            out[f"graph_replay_ms_b{B}"] = gpu_ms = 1e3 * t / 50
+            out[f"graph_replay_ms_b{B}"] = gpu_ms
             out[f"engine_decode_ms_b{B}"] = arm_b["decode_ms"]
             out[f"gpu_busy_share_b{B}"] = gpu_ms / arm_b["decode_ms"]
         if "gpu_busy_share_b1" in out:
@@ -348,36 +356,26 @@ def main():
         return out
     run_arm("busy", busy)
 
-    if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
-        for B in (batches[0], batches[-1]):                # A/B: RoPE and the K/V store as separate operators
-            def unfused_arm(B=B):
-                runner.backend.fused_rope, graph_runner.shapes = False, {}    # recapture with torch's operators
-                try:
-                    r, outs = arm(afford_fn(llm, B), B)
-                    shape = graph_runner.shapes.get((B, 1))
-                    if shape is not None and shape.graph is not None:
-                        t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
-                        r["graph_replay_ms"] = 1e3 * t / 50
-                finally:
-                    runner.backend.fused_rope, graph_runner.shapes = True, {}
-                toks = torch.tensor([o.token_ids for o in outs])
-                r["same_tokens_as_fused"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
-                return r
-            run_arm(f"afford_graphs_unfusedrope_b{B}", unfused_arm)
+    def switched(B, obj, attr, value):
+        """afford with graphs at batch B with obj.attr = value, graphs recaptured; restored after."""
+        keep = getattr(obj, attr)
+        setattr(obj, attr, value)
+        graph_runner.shapes = {}
+        try:
+            r, outs = arm(afford_fn(llm, B), B)
+            r["graph_replay_ms"] = replay_ms(graph_runner, (B, 1))
+        finally:
+            setattr(obj, attr, keep)
+            graph_runner.shapes = {}
+        toks = torch.tensor([o.token_ids for o in outs])
+        r["same_tokens_as_default"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
+        return r
 
-        for B in (batches[0], batches[-1]):                # A/B: residual add + RMSNorm, silu * up fused (opt-in)
-            def fused_layers_arm(B=B):
-                llm.engine.model.fused_cuda, graph_runner.shapes = True, {}
-                try:
-                    r, outs = arm(afford_fn(llm, B), B)
-                    shape = graph_runner.shapes.get((B, 1))
-                    if shape is not None and shape.graph is not None:
-                        t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
-                        r["graph_replay_ms"] = 1e3 * t / 50
-                finally:
-                    llm.engine.model.fused_cuda, graph_runner.shapes = False, {}
-                return r
-            run_arm(f"afford_graphs_fusedlayers_b{B}", fused_layers_arm)
+    if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
+        for B in (batches[0], batches[-1]):
+            # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up fused (opt-in)
+            run_arm(f"afford_graphs_unfusedrope_b{B}", lambda B=B: switched(B, runner.backend, "fused_rope", False))
+            run_arm(f"afford_graphs_fusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", True))
 
         def budget_arm(B=batches[-1]):
             """The step token budget's A/B: the CPU's 512 instead of the GPU default (prompt chunks)."""
@@ -447,11 +445,7 @@ def main():
             out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
             for B in batches[:2]:
                 out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
-                g = qllm.engine.runner.graphs
-                shape = g.shapes.get((B, 1)) if g is not None else None
-                if shape is not None and shape.graph is not None:
-                    t, _ = timed(lambda: [shape.graph.replay() for _ in range(50)])
-                    out[f"b{B}"]["graph_replay_ms"] = 1e3 * t / 50
+                out[f"b{B}"]["graph_replay_ms"] = replay_ms(qllm.engine.runner.graphs, (B, 1))
             if device == "cuda":
                 out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
             return out
