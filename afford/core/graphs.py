@@ -117,7 +117,8 @@ class GraphRunner:
                 logging.getLogger("afford").warning("CUDA graph capture failed for batch %d x %d tokens (%s: %s); "
                                                     "that shape runs eagerly", bucket, q, type(e).__name__, e)
                 shape.failed = True
-                torch.cuda.synchronize(self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 return None
         if shape.graph is not None:
             shape.graph.replay()
