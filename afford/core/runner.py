@@ -27,8 +27,9 @@ def default_attention(device: torch.device) -> str:
 class StepBuffers:
     """Persistent 1-D input buffers (token ids, positions, slot mapping), grown on demand and reused every
     forward. On the CPU they are numpy-backed (filled from Python lists without a tensor per list); on a
-    GPU the host side is pinned and copied whole (one contiguous copy) with non_blocking=True into device
-    buffers; the next fill waits for that copy's event before it writes the host side again."""
+    GPU the host side is pinned, and `upload()` copies it whole (one contiguous copy, non_blocking) into the
+    device buffers when an eager forward needs them -- a graph replay reads the host side itself; the next
+    fill waits for that copy's event before it writes the host side again."""
 
     def __init__(self, device: torch.device, capacity: int = 256):
         self.device = device
@@ -55,13 +56,16 @@ class StepBuffers:
         if self.copied is not None:
             self.copied.synchronize()            # the last forward's copy has left the host buffer
         h[0, :n], h[1, :n], h[2, :n] = ids, positions, slots
-        if self.copied is not None:
-            self.dev.copy_(self.host_t, non_blocking=True)
-            self.copied.record()
         views = self.views.get(n)
         if views is None:
             views = self.views[n] = (self.dev[0, :n], self.dev[1, :n], self.dev[2, :n])
         return views
+
+    def upload(self) -> None:
+        """The filled host side into the device views fill() returned (a no-op on the CPU: they are one)."""
+        if self.copied is not None:
+            self.dev.copy_(self.host_t, non_blocking=True)
+            self.copied.record()
 
 
 class ModelRunner:
@@ -137,6 +141,7 @@ class ModelRunner:
             logits = self.graphs.run(batch, self.buffers.host[:, :batch.num_tokens], logits_rows)
             if logits is not None:
                 return logits
+        self.buffers.upload()                                                      # eager: inputs to the device
         meta = self.backend.prepare_metadata(batch, self.kv)
         rows = None if logits_rows is None else torch.tensor(logits_rows or [0], device=self.device)
         if self.native is not None:                                                # one C++ call, same ops
