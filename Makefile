@@ -14,7 +14,7 @@ $(BIN)/activate:
 	$(BIN)/pip install -q "torch==2.13.0"
 
 venv: $(BIN)/activate
-	$(BIN)/pip install -q -e ".[serve,plot,test]"
+	$(BIN)/pip install -q -e ".[serve,plot,test,compress]"
 
 demo: venv
 	$(BIN)/afford generate "Natalia sold clips to 48 of her friends in April" --max-tokens 64 --draft default

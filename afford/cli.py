@@ -1,4 +1,4 @@
-"""The `afford` command: generate, serve, zoo (tokenizer, train, distill), quantize, cost.
+"""The `afford` command: generate, serve, zoo (tokenizer, train, distill), quantize, cost, compress.
 
 Every command that builds an engine (generate, serve) takes the same engine flags, made by
 `add_engine_args` from the fields of EngineConfig and SpeculativeConfig, and turns them into those two
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize(sub)
     from afford.cost.cli import add_parser as _cost
     _cost(sub)
+    from afford.compress.cli import add_parsers as _compress
+    _compress(sub)
     return parser
 
 
@@ -345,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "cost":
             from afford.cost.cli import run
+            return run(a)
+        if a.cmd in ("compress", "decompress"):
+            from afford.compress.cli import run
             return run(a)
         return {"generate": cmd_generate, "serve": cmd_serve, "zoo": cmd_zoo, "quantize": cmd_quantize}[a.cmd](a)
     except ConfigError as e:

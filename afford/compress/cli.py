@@ -1,0 +1,103 @@
+"""`afford compress` / `afford decompress`: a file through the language-model coder (afford/compress/text.py),
+and `afford compress --bench` (afford/compress/bench.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from afford.config import ConfigError, number_arg
+
+
+def add_parsers(sub) -> None:
+    c = sub.add_parser("compress", help="lossless compression with a language model (range-coded against its "
+                                        "next-token probabilities); --bench: against gzip, xz, zstd")
+    c.add_argument("file", nargs="?", help="any file (bytes need not be text)")
+    c.add_argument("-o", "--out", help="output path (default FILE.afz)")
+    c.add_argument("--model", default="default", help="model folder or 'default' (the bundled target)")
+    c.add_argument("--context", type=number_arg(int, 2), default=256,
+                   help="tokens per chunk, BOS included (the bundled models trained on 256)")
+    c.add_argument("--batch", type=number_arg(int, 1), default=16, help="chunks decoded together")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--force", action="store_true", help="overwrite the output file")
+    c.add_argument("--bench", action="store_true",
+                   help="bits/byte and speed on held-out text and bits/dim on 8x8 digits, against gzip/xz/zstd")
+    c.add_argument("--bench-bytes", type=number_arg(int, 1), help="--bench: the first N bytes of each text file")
+    c.add_argument("--data", default="data", help="--bench: the folder holding tinyshakespeare/ and gsm8k/")
+    c.add_argument("--json", help="--bench: also write the results here")
+    d = sub.add_parser("decompress", help="restore a file written by `afford compress` (bit-exact, or an error)")
+    d.add_argument("file")
+    d.add_argument("-o", "--out", help="output path (default: FILE without .afz)")
+    d.add_argument("--model", default="default", help="the model it was compressed with")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--force", action="store_true", help="overwrite the output file")
+
+
+def _read(path: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path} is not a file")
+    return p.read_bytes()
+
+
+def _write(path: str, data: bytes, force: bool) -> None:
+    p = Path(path)
+    if p.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it or -o to write elsewhere")
+    if not p.parent.is_dir():
+        raise ConfigError(f"the folder of {path} does not exist")
+    p.write_bytes(data)
+
+
+def cmd_compress(a) -> int:
+    if a.bench:
+        return _bench(a)
+    if not a.file:
+        raise ConfigError("give a FILE to compress (or --bench)")
+    from afford.compress.text import LMCodec
+    data = _read(a.file)
+    out = a.out or a.file + ".afz"
+    if Path(out).exists() and not a.force:           # before the model runs, not after
+        raise ConfigError(f"{out} exists; pass --force to overwrite it or -o to write elsewhere")
+    codec = LMCodec(a.model, context=a.context, batch=a.batch, device=a.device)
+    blob = codec.compress(data)
+    _write(out, blob, a.force)
+    s = codec.stats
+    print(f"{a.file}: {len(data):,} bytes -> {out}: {len(blob):,} bytes ({8 * len(blob) / max(len(data), 1):.3f} "
+          f"bits/byte; the model's cross-entropy {s.model_bits / max(len(data), 1):.3f}), {s.tokens:,} tokens, "
+          f"{s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)")
+    return 0
+
+
+def cmd_decompress(a) -> int:
+    from afford.compress.container import unpack
+    from afford.compress.text import LMCodec
+    blob = _read(a.file)
+    header, _ = unpack(blob, a.file)
+    out = a.out or (a.file[:-4] if a.file.endswith(".afz") else a.file + ".out")
+    if Path(out).exists() and not a.force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it or -o to write elsewhere")
+    codec = LMCodec(a.model, context=header["context"], batch=header["batch"], device=a.device,
+                    dtype=header["dtype"])
+    data = codec.decompress(blob, a.file)
+    _write(out, data, a.force)
+    s = codec.stats
+    print(f"{a.file} -> {out}: {len(data):,} bytes, {s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)")
+    return 0
+
+
+def _bench(a) -> int:
+    from afford.compress.bench import bench_digits, bench_text, report, text_corpora
+    results = {"text": [], "digits": None}
+    for name, data in text_corpora(a.data, a.bench_bytes).items():
+        results["text"].append(bench_text(name, data, a.model, a.context, a.batch))
+        print(report({"text": results["text"][-1:]}), flush=True)
+    results["digits"] = bench_digits()
+    print(report({"digits": results["digits"]}))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def run(a) -> int:
+    return {"compress": cmd_compress, "decompress": cmd_decompress}[a.cmd](a)
+
