@@ -18,10 +18,11 @@ from afford.compress.container import CorruptFile, pack, unpack
 from afford.compress.text import ByteTokens, LMCodec
 
 
-@pytest.fixture(scope="module")
-def codec(llama_dir):
-    # short chunks and a small batch: several chunks per input, and finished chunks' slots refilled
-    return LMCodec(llama_dir, context=24, batch=3)
+@pytest.fixture(scope="module", params=[8, 0], ids=["overlap", "chunks"])
+def codec(llama_dir, request):
+    # short windows and a small batch: several lanes and several windows per lane, each window re-reading
+    # the lane's last 8 tokens (or none)
+    return LMCodec(llama_dir, context=24, batch=3, overlap=request.param)
 
 
 def corpus() -> dict[str, bytes]:
@@ -94,11 +95,13 @@ def test_a_wrong_payload_that_passes_the_checksum_is_caught_by_the_original_hash
 
 def test_a_different_model_or_setting_is_refused(codec, random_pair):
     blob = codec.compress(b"some text")
-    other = LMCodec(random_pair[0], context=24, batch=3)
+    other = LMCodec(random_pair[0], context=24, batch=3, overlap=codec.overlap)
     with pytest.raises(CorruptFile, match="different model"):
         other.decompress(blob)
     with pytest.raises(CorruptFile, match="batch=3"):
-        LMCodec(codec.path, context=24, batch=4).decompress(blob)
+        LMCodec(codec.path, context=24, batch=4, overlap=codec.overlap).decompress(blob)
+    with pytest.raises(CorruptFile, match=f"overlap={codec.overlap}"):
+        LMCodec(codec.path, context=24, batch=3, overlap=codec.overlap + 3).decompress(blob)
 
 
 @settings(max_examples=40, deadline=None)
@@ -176,7 +179,8 @@ def test_cli_compress_and_decompress(tmp_path, llama_dir, capsys):
     from afford.cli import main
     src = tmp_path / "in.bin"
     src.write_bytes(b"Hello, \xffworld!\n" * 20)
-    assert main(["compress", str(src), "--model", str(llama_dir), "--context", "32", "--batch", "2"]) == 0
+    assert main(["compress", str(src), "--model", str(llama_dir), "--context", "32", "--batch", "2",
+                 "--overlap", "8"]) == 0
     assert "bits/byte" in capsys.readouterr().out
     out = tmp_path / "back.bin"
     assert main(["decompress", str(src) + ".afz", "-o", str(out), "--model", str(llama_dir)]) == 0
@@ -186,3 +190,16 @@ def test_cli_compress_and_decompress(tmp_path, llama_dir, capsys):
     assert main(["decompress", str(src) + ".afz", "-o", str(tmp_path / "x"), "--model", "default"]) == 2
     assert "different model" in capsys.readouterr().err
     assert main(["compress", str(tmp_path / "missing")]) == 2
+
+
+def test_lanes_cover_every_token_once_within_the_context(codec):
+    for n in (0, 1, 5, 23, 24, 100, 301):
+        seen = []
+        lanes = codec.lanes(n)
+        assert len(lanes) <= codec.batch
+        for windows in lanes:
+            lo = windows[0][1]
+            for cs, s, e in windows:
+                assert lo <= cs <= s < e and s - cs <= codec.overlap and 1 + (e - cs) <= codec.context
+                seen.extend(range(s, e))
+        assert seen == list(range(n))

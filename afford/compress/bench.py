@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from afford.compress import BATCH, CONTEXT, OVERLAP
 from afford.config import ConfigError
 
 
@@ -40,9 +41,10 @@ def text_corpora(data_dir: str | Path = "data", limit: int | None = None) -> dic
     return {k: v[:limit] if limit else v for k, v in out.items()}
 
 
-def bench_text(name: str, data: bytes, model: str = "default", context: int = 256, batch: int = 16) -> dict:
+def bench_text(name: str, data: bytes, model: str = "default", context: int = CONTEXT, batch: int = BATCH,
+               overlap: int = OVERLAP) -> dict:
     from afford.compress.text import LMCodec
-    codec = LMCodec(model, context=context, batch=batch)
+    codec = LMCodec(model, context=context, batch=batch, overlap=overlap)
     blob = codec.compress(data)
     enc = codec.stats
     out = codec.decompress(blob)
@@ -57,7 +59,7 @@ def bench_text(name: str, data: bytes, model: str = "default", context: int = 25
             "coder_overhead": enc.payload_bits / enc.model_bits - 1 if enc.model_bits else 0.0,
             "encode_bytes_per_s": n / enc.seconds, "decode_bytes_per_s": n / dec.seconds,
             "encode_s": enc.seconds, "decode_s": dec.seconds, "forwards": dec.forwards,
-            "context": context, "batch": batch,
+            "context": context, "batch": batch, "overlap": overlap,
             "baselines_bits_per_byte": {k: 8 * v / n for k, v in base.items()},
             "x_smaller_than_xz": base["xz -9e"] / len(blob)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from afford.compress import BATCH, CONTEXT, OVERLAP
 from afford.config import ConfigError, number_arg
 
 
@@ -14,9 +15,11 @@ def add_parsers(sub) -> None:
     c.add_argument("file", nargs="?", help="any file (bytes need not be text)")
     c.add_argument("-o", "--out", help="output path (default FILE.afz)")
     c.add_argument("--model", default="default", help="model folder or 'default' (the bundled target)")
-    c.add_argument("--context", type=number_arg(int, 2), default=256,
-                   help="tokens per chunk, BOS included (the bundled models trained on 256)")
-    c.add_argument("--batch", type=number_arg(int, 1), default=16, help="chunks decoded together")
+    c.add_argument("--context", type=number_arg(int, 2), default=CONTEXT,
+                   help="positions per window, BOS included (the bundled models trained on 256)")
+    c.add_argument("--batch", type=number_arg(int, 1), default=BATCH, help="lanes of the input decoded together")
+    c.add_argument("--overlap", type=number_arg(int, 0), default=OVERLAP,
+                   help="tokens of preceding text each window re-reads as context (0: independent chunks)")
     c.add_argument("--device", default="auto")
     c.add_argument("--force", action="store_true", help="overwrite the output file")
     c.add_argument("--bench", action="store_true",
@@ -58,7 +61,7 @@ def cmd_compress(a) -> int:
     out = a.out or a.file + ".afz"
     if Path(out).exists() and not a.force:           # before the model runs, not after
         raise ConfigError(f"{out} exists; pass --force to overwrite it or -o to write elsewhere")
-    codec = LMCodec(a.model, context=a.context, batch=a.batch, device=a.device)
+    codec = LMCodec(a.model, context=a.context, batch=a.batch, overlap=a.overlap, device=a.device)
     blob = codec.compress(data)
     _write(out, blob, a.force)
     s = codec.stats
@@ -76,8 +79,8 @@ def cmd_decompress(a) -> int:
     out = a.out or (a.file[:-4] if a.file.endswith(".afz") else a.file + ".out")
     if Path(out).exists() and not a.force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it or -o to write elsewhere")
-    codec = LMCodec(a.model, context=header["context"], batch=header["batch"], device=a.device,
-                    dtype=header["dtype"])
+    codec = LMCodec(a.model, context=header["context"], batch=header["batch"], overlap=header["overlap"],
+                    device=a.device, dtype=header["dtype"])
     data = codec.decompress(blob, a.file)
     _write(out, data, a.force)
     s = codec.stats
@@ -89,7 +92,7 @@ def _bench(a) -> int:
     from afford.compress.bench import bench_digits, bench_text, report, text_corpora
     results = {"text": [], "digits": None}
     for name, data in text_corpora(a.data, a.bench_bytes).items():
-        results["text"].append(bench_text(name, data, a.model, a.context, a.batch))
+        results["text"].append(bench_text(name, data, a.model, a.context, a.batch, a.overlap))
         print(report({"text": results["text"][-1:]}), flush=True)
     results["digits"] = bench_digits()
     print(report({"digits": results["digits"]}))

@@ -26,8 +26,9 @@ class CorruptFile(ConfigError):
     """The file is not an intact .afz file (or was decoded against a different model / computation)."""
 
 
-# (name, struct code): 78 bytes with the torch version -- a small file's header is part of its size
+# (name, struct code): 82 bytes with the torch version -- a small file's header is part of its size
 HEADER = (("model", "16s"), ("sha256", "16s"), ("bytes", "Q"), ("tokens", "Q"), ("context", "I"), ("batch", "I"),
+          ("overlap", "I"),
           ("bos", "I"), ("precision", "B"), ("dtype", "B"), ("device", "B"), ("threads", "H"))
 _FMT = "<" + "".join(code for _, code in HEADER)
 DTYPES = ("float32", "bfloat16", "float16")

@@ -4,10 +4,11 @@ decoder reads in place of a sampled one.
 
 Exactness: the decoder must see the very logits the encoder saw. Both ends therefore run one loop,
 `LMCodec._steps`, through the engine's runner (paged KV, the native CPU forward, CUDA graphs on a GPU): the
-input is cut into chunks of at most `context` - 1 tokens, each chunk starts from the BOS token, and up to
-`batch` chunks advance one token per forward as a continuous batch (a finished chunk's slot goes to the next
-chunk). The encoder feeds the known tokens through the same decode-shaped forwards the decoder will run --
-not one prefill, whose different matrix shapes round differently -- so every forward has the same batch,
+input's tokens are split into up to `batch` contiguous lanes that advance together, one token per lane per
+forward; each lane is coded in windows of at most `context` positions that start from the BOS token and
+(`overlap` > 0) re-read the lane's preceding tokens as context, so no token is coded from a cold start. The
+encoder feeds the known tokens through the same forwards the decoder will run -- not one prefill of the
+whole input, whose different matrix shapes round differently -- so every forward has the same rows,
 positions and kernels on both sides. The same software on the same kind of machine then gives the same bits;
 the header's model hash and the original's SHA-256 turn any difference into an error, never into wrong bytes.
 """
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from afford.compress import coder
+from afford.compress import BATCH, CONTEXT, OVERLAP, coder
 from afford.compress.container import CorruptFile, model_identity, pack, sha256, unpack
 from afford.config import ConfigError
 from afford.core.runner import ModelRunner
@@ -109,20 +109,24 @@ class CodecStats:
 
 
 class LMCodec:
-    def __init__(self, model: str | Path = "default", context: int = 256, batch: int = 16, device: str = "auto",
-                 dtype: str = "auto"):
-        if context < 2 or batch < 1:
-            raise ConfigError(f"context must be >= 2 and batch >= 1 (got {context}, {batch})")
+    """context: positions per window, BOS included; overlap: tokens of the lane's preceding text each window
+    re-reads as its context (0: independent chunks); batch: lanes decoded together."""
+
+    def __init__(self, model: str | Path = "default", context: int = CONTEXT, batch: int = BATCH, overlap: int = OVERLAP,
+                 device: str = "auto", dtype: str = "auto"):
+        if context < 2 or batch < 1 or not 0 <= overlap < context - 1:
+            raise ConfigError(f"need context >= 2, batch >= 1 and 0 <= overlap < context - 1 (got context={context}, "
+                              f"batch={batch}, overlap={overlap})")
         self.path = resolve_model_path(model)
         self.tokens = ByteTokens(load_tokenizer(self.path))
         self.model = load_for_inference(self.path, device, dtype, max_len=context)
         if context > self.model.max_len:
             raise ConfigError(f"context {context} exceeds the model's {self.model.max_len} positions")
-        self.context, self.batch = context, batch
+        self.context, self.batch, self.overlap = context, batch, overlap
         bos = self.tokens.tokenizer.bos_token_id
         self.bos = bos if bos is not None else self.tokens.tokenizer.eos_token_id
         if self.bos is None:
-            raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start each chunk from")
+            raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start each window from")
         block = 16
         self.pool = BlockPool(batch * -(-context // block), block)
         self.runner = ModelRunner(self.model, self.pool, max_batch=batch)
@@ -131,50 +135,63 @@ class LMCodec:
 
     def settings(self) -> dict:
         p = next(self.model.parameters())
-        return {"model": self.identity, "context": self.context, "batch": self.batch,
+        return {"model": self.identity, "context": self.context, "batch": self.batch, "overlap": self.overlap,
                 "dtype": str(p.dtype).replace("torch.", ""), "device": p.device.type,
                 "precision": coder.PRECISION, "bos": self.bos}
 
-    def chunk_lengths(self, n_tokens: int) -> list[int]:
-        per = self.context - 1
-        return [min(per, n_tokens - s) for s in range(0, n_tokens, per)]
+    def lanes(self, n_tokens: int) -> list[list[tuple[int, int, int]]]:
+        """The input's tokens cut into up to `batch` contiguous lanes of equal length, each lane into windows
+        (context_start, start, end): a window codes tokens [start, end) after BOS and the lane's own tokens
+        [context_start, start), at most `overlap` of them."""
+        stride = self.context - 1 - self.overlap
+        n_lanes = min(self.batch, -(-n_tokens // stride))
+        out = []
+        for j in range(n_lanes):
+            lo, hi = j * n_tokens // n_lanes, (j + 1) * n_tokens // n_lanes
+            out.append([(max(lo, s - self.overlap), s, min(s + stride, hi)) for s in range(lo, hi, stride)])
+        return out
 
-    def _steps(self, lengths: list[int], step) -> None:
-        """The loop both ends run. Chunk c feeds BOS and then its own tokens at positions 0..lengths[c]-1;
-        each forward advances every active chunk by one token. step(active, positions, logits) returns the
-        token each active chunk takes next (the encoder: the known one; the decoder: the one the coder reads)."""
-        pending, active = deque(range(len(lengths))), []
-        pos, last = {}, {}
+    def _steps(self, ids: list[int], step) -> None:
+        """The loop both ends run. Each forward advances every lane by one token: a lane at the start of a window
+        feeds BOS and the window's context (a prefill row), any other lane the token it coded last. step(positions,
+        logits) returns the token at each active lane's position (the encoder: the known one; the decoder: the one
+        the coder reads), written into ids."""
+        lanes = self.lanes(len(ids))
+        cur = [0] * len(lanes)                                    # each lane's current window
+        pos = [w[0][1] for w in lanes]                            # each lane's next token to code
+        active = list(range(len(lanes)))
         pool = self.pool
-        while pending or active:
-            while pending and len(active) < self.batch:                  # a finished chunk's slot is refilled
-                c = pending.popleft()
-                active.append(c)
-                pos[c], last[c] = 0, self.bos
-            for c in active:
-                pool.prepare_write(c, pos[c] + 1)
-            at = [pos[c] for c in active]
-            logits = self.runner.forward(active, at, [[last[c]] for c in active])              # (B, V) float32
+        while active:
+            starts, feeds = [], []
+            for lane in active:
+                cs, s, _ = lanes[lane][cur[lane]]
+                if pos[lane] == s:                                # a new window: BOS + its context
+                    starts.append(0)
+                    feeds.append([self.bos, *ids[cs:s]])
+                else:
+                    starts.append(pos[lane] - cs)                 # BOS at 0, token cs at 1, ...
+                    feeds.append([ids[pos[lane] - 1]])
+                pool.prepare_write(lane, starts[-1] + len(feeds[-1]))
+            logits = self.runner.forward(active, starts, feeds)                      # (lanes, V) float32
             self.stats.forwards += 1
-            for c, t in zip(active, step(active, at, logits)):
-                last[c] = t
-                pos[c] += 1
-            for c in [c for c in active if pos[c] == lengths[c]]:
-                pool.free(c)
-            active = [c for c in active if pos[c] < lengths[c]]
+            for lane, t in zip(active, step([pos[lane] for lane in active], logits)):
+                ids[pos[lane]] = t
+                pos[lane] += 1
+                if pos[lane] == lanes[lane][cur[lane]][2]:        # the window is done: its KV goes
+                    pool.free(lane)
+                    cur[lane] += 1
+            active = [lane for lane in active if cur[lane] < len(lanes[lane])]
 
     def compress(self, data: bytes) -> bytes:
         t0 = time.perf_counter()
         ids = self.tokens.encode(data)
         if self.tokens.decode(ids) != data:                           # ByteTokens guarantees it; a cheap guard
             raise RuntimeError("internal error: the byte tokenization does not round-trip")
-        lengths = self.chunk_lengths(len(ids))
-        per = self.context - 1
         enc = coder.Encoder()
         st = self.stats = CodecStats(bytes=len(data), tokens=len(ids))
 
-        def step(active, at, logits):
-            toks = [ids[c * per + p] for c, p in zip(active, at)]
+        def step(positions, logits):
+            toks = [ids[p] for p in positions]
             freqs = coder.frequencies(logits)
             enc.encode(toks, freqs)
             rows = torch.arange(len(toks))
@@ -182,7 +199,7 @@ class LMCodec:
             st.quantized_bits += coder.ideal_bits(freqs, toks)
             return toks
 
-        self._steps(lengths, step)
+        self._steps(list(ids), step)
         words = enc.words() if ids else np.zeros(0, dtype=np.uint32)
         header = {**self.settings(), "tokens": len(ids), "bytes": len(data), "sha256": sha256(data),
                   "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -195,30 +212,21 @@ class LMCodec:
         header, words = unpack(blob, name)
         self.stats = CodecStats()
         mine = self.settings()
-        for key in ("model", "context", "batch", "dtype", "device", "precision", "bos"):
+        for key in ("model", "context", "batch", "overlap", "dtype", "device", "precision", "bos"):
             if header.get(key) != mine[key]:
                 what = ("a different model" if key == "model" else f"{key}={header.get(key)!r} (this run has "
                         f"{mine[key]!r})")
                 raise CorruptFile(f"{name} was compressed with {what}; decompress it with the same model and "
-                                  f"settings (`afford decompress --model PATH`; context and batch are read from "
-                                  f"the file when the CLI opens it)")
-        n = header["tokens"]
+                                  f"settings (`afford decompress --model PATH`; context, batch and overlap are read "
+                                  f"from the file when the CLI opens it)")
         dec = coder.Decoder(words)
-        out: dict[int, list[int]] = {}
-
-        def step(active, at, logits):
-            toks = dec.decode(coder.frequencies(logits))
-            for c, t in zip(active, toks):
-                out.setdefault(c, []).append(t)
-            return toks
-
-        lengths = self.chunk_lengths(n)
-        self._steps(lengths, step)
-        data = self.tokens.decode(t for c in range(len(lengths)) for t in out[c])
-        self.stats = CodecStats(bytes=len(data), tokens=n, forwards=self.stats.forwards,
+        ids = [0] * header["tokens"]
+        self._steps(ids, lambda positions, logits: dec.decode(coder.frequencies(logits)))
+        data = self.tokens.decode(ids)
+        self.stats = CodecStats(bytes=len(data), tokens=len(ids), forwards=self.stats.forwards,
                                 payload_bits=32 * len(words), seconds=time.perf_counter() - t0)
         if len(data) != header["bytes"] or sha256(data) != header["sha256"]:
-            raise CorruptFile(f"{name} did not decode to its original (SHA-256 mismatch): it was compressed with "
+            raise CorruptFile(f"{name} did not decode to its original (hash mismatch): it was compressed with "
                               f"torch {header.get('torch')} on {header.get('threads')} threads and this run has "
                               f"torch {torch.__version__} on {torch.get_num_threads()}; the model's arithmetic must "
                               f"match bit for bit -- decompress on the machine and software that compressed it")
