@@ -219,6 +219,9 @@ def main():
         for name, c in r.get("controller", {}).items():
             print(f"\n- {name}: acceptance {c['acceptance']}, k histogram {c['k_histogram']}")
 
+    r = load("compress")
+    if r:
+        compress(r)
     r = load("gpu_decode")
     if r:
         gpu_decode(r)
@@ -250,6 +253,38 @@ def gpu_decode(r) -> None:
            for k, v in a.items() if k.startswith("afford_int") and "b1" in v and "afford_graphs_b1" in a]
     if low:
         print("\n" + table(["arm", "kernels", "batch 1 tok/s", "batch 16 tok/s", "batch 1 / bf16"], low))
+
+
+def compress(r) -> None:
+    """benchmarks/compress.py: the language-model coder and the digits circuit against gzip / xz / zstd."""
+    print("\n## compress\n" + machine(r) + "\n")
+    rows = []
+    for t in r["text"]:
+        b = t["baselines_bits_per_byte"]
+        rows.append([t["file"], f"{t['bytes']:,}", f"{t['bits_per_byte']:.3f}", f"{t['model_bits_per_byte']:.3f}",
+                     f"{t['coder_overhead']:+.2%}", f"{b['gzip -9']:.3f}", f"{b['xz -9e']:.3f}", f"{b.get('zstd -19', 0):.3f}",
+                     f"{t['x_smaller_than_xz']:.2f}x", f"{t['encode_bytes_per_s']:,.0f}", f"{t['decode_bytes_per_s']:,.0f}"])
+    d = r["digits"]
+    b = d["baselines_bits_per_dim"]
+    rows.append([f"digits test ({d['images']} images, bits/dim)", f"{d['dims']:,} pixels", f"{d['bits_per_dim']:.3f}",
+                 f"{d['nll_bits_per_dim']:.3f}", f"{d['over_nll']:+.2%}", f"{b['gzip -9']:.3f}", f"{b['xz -9e']:.3f}",
+                 f"{b.get('zstd -19', 0):.3f}", f"{b['xz -9e'] / d['bits_per_dim']:.2f}x",
+                 f"{d['dims'] / d['encode_s']:,.0f} px/s", f"{d['pixels_per_s_decode']:,.0f} px/s"])
+    print(table(["file", "size", "afford bits/byte", "model cross-entropy", "coder overhead", "gzip -9", "xz -9e",
+                 "zstd -19", "x smaller than xz", "encode B/s", "decode B/s"], rows))
+    print(f"\nDigits HCLT: H={d['hidden']}, {d['em_iters']} EM iterations ({d['fit_s']:.0f} s), tree height "
+          f"{d['tree_height']}; {d['node_evals_per_conditional']:.1f} node evaluations per conditional (of "
+          f"{d['tree_nodes']} nodes).")
+    if r.get("overlap_sweep"):
+        print("\n" + table(["file (slice)", "overlap", "bits/byte", "x smaller than xz", "encode B/s", "decode B/s"],
+                           [[x["file"], x["overlap"], f"{x['bits_per_byte']:.3f}", f"{x['x_smaller_than_xz']:.2f}x",
+                             f"{x['encode_bytes_per_s']:,.0f}", f"{x['decode_bytes_per_s']:,.0f}"]
+                            for x in r["overlap_sweep"]]))
+    if r.get("batch_sweep"):
+        print("\n" + table(["batch (lanes)", "bytes", "encode B/s", "decode B/s", "forwards"],
+                           [[x["batch"], f"{x['bytes']:,}", f"{x['encode_bytes_per_s']:,.0f}",
+                             f"{x['decode_bytes_per_s']:,.0f}", x["forwards"]] for x in r["batch_sweep"]]))
+
 
 if __name__ == "__main__":
     main()

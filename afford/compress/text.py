@@ -6,7 +6,7 @@ Exactness: the decoder must see the very logits the encoder saw. Both ends there
 `LMCodec._steps`, through the engine's runner (paged KV, the native CPU forward, CUDA graphs on a GPU): the
 input's tokens are split into up to `batch` contiguous lanes that advance together, one token per lane per
 forward; each lane is coded in windows of at most `context` positions that start from the BOS token and
-(`overlap` > 0) re-read the lane's preceding tokens as context, so no token is coded from a cold start. The
+(`overlap` > 0) re-read the lane's preceding tokens as context, so only a lane's first window starts cold. The
 encoder feeds the known tokens through the same forwards the decoder will run -- not one prefill of the
 whole input, whose different matrix shapes round differently -- so every forward has the same rows,
 positions and kernels on both sides. The same software on the same kind of machine then gives the same bits;
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,6 @@ class CodecStats:
     payload_bits: int = 0
     model_bits: float = 0.0          # the model's own cross-entropy of the input (encode only)
     quantized_bits: float = 0.0      # -log2 of the integer frequencies the coder used (encode only)
-    extra: dict = field(default_factory=dict)
 
     @property
     def bits_per_byte(self) -> float:
