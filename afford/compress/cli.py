@@ -31,7 +31,7 @@ def add_parsers(sub) -> None:
     d.add_argument("file")
     d.add_argument("-o", "--out", help="output path (default: FILE without .afz)")
     d.add_argument("--model", default="default", help="the model it was compressed with")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--device", default="auto", help="auto: the kind of device that compressed it")
     d.add_argument("--force", action="store_true", help="overwrite the output file")
 
 
@@ -39,16 +39,28 @@ def _read(path: str) -> bytes:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path} is not a file")
-    return p.read_bytes()
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _write(path: str, data: bytes, force: bool) -> None:
+def _check_out(path: str, force: bool) -> None:
+    """Before any model runs: the output can be written."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file path with -o")
     if p.exists() and not force:
         raise ConfigError(f"{path} exists; pass --force to overwrite it or -o to write elsewhere")
     if not p.parent.is_dir():
         raise ConfigError(f"the folder of {path} does not exist")
-    p.write_bytes(data)
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_compress(a) -> int:
@@ -59,11 +71,10 @@ def cmd_compress(a) -> int:
     from afford.compress.text import LMCodec
     data = _read(a.file)
     out = a.out or a.file + ".afz"
-    if Path(out).exists() and not a.force:           # before the model runs, not after
-        raise ConfigError(f"{out} exists; pass --force to overwrite it or -o to write elsewhere")
+    _check_out(out, a.force)
     codec = LMCodec(a.model, context=a.context, batch=a.batch, overlap=a.overlap, device=a.device)
     blob = codec.compress(data)
-    _write(out, blob, a.force)
+    _write(out, blob)
     s = codec.stats
     print(f"{a.file}: {len(data):,} bytes -> {out}: {len(blob):,} bytes ({8 * len(blob) / max(len(data), 1):.3f} "
           f"bits/byte; the model's cross-entropy {s.model_bits / max(len(data), 1):.3f}), {s.tokens:,} tokens, "
@@ -77,12 +88,13 @@ def cmd_decompress(a) -> int:
     blob = _read(a.file)
     header, _ = unpack(blob, a.file)
     out = a.out or (a.file[:-4] if a.file.endswith(".afz") else a.file + ".out")
-    if Path(out).exists() and not a.force:
-        raise ConfigError(f"{out} exists; pass --force to overwrite it or -o to write elsewhere")
+    _check_out(out, a.force)
+    import torch
+    torch.set_num_threads(header["threads"])          # the compressing run's thread count, as far as it matters
     codec = LMCodec(a.model, context=header["context"], batch=header["batch"], overlap=header["overlap"],
-                    device=a.device, dtype=header["dtype"])
+                    device=header["device"] if a.device == "auto" else a.device, dtype=header["dtype"])
     data = codec.decompress(blob, a.file)
-    _write(out, data, a.force)
+    _write(out, data)
     s = codec.stats
     print(f"{a.file} -> {out}: {len(data):,} bytes, {s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)")
     return 0

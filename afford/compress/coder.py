@@ -27,7 +27,7 @@ def frequencies(logits: torch.Tensor, precision: int = PRECISION) -> np.ndarray:
     total = 1 << precision
     if V >= total:
         raise ValueError(f"a vocabulary of {V} symbols needs more than {precision} bits of precision")
-    p = torch.softmax(logits.to(torch.float64), dim=-1)                        # (B, V)
+    p = torch.softmax(logits.to("cpu", torch.float64), dim=-1)                 # (B, V), on the host
     f = torch.floor(p * (total - V)).to(torch.int64) + 1                       # (B, V), >= 1
     left = total - f.sum(-1)                                                   # (B,), >= 0
     f[torch.arange(B), p.argmax(-1)] += left

@@ -26,7 +26,8 @@ class CorruptFile(ConfigError):
     """The file is not an intact .afz file (or was decoded against a different model / computation)."""
 
 
-# (name, struct code): 82 bytes with the torch version -- a small file's header is part of its size
+# (name, struct code), then the torch version: 69 + 1 + its length bytes (80 for "2.13.0+cpu"), 92 with the
+# framing -- a small file's header is part of its size
 HEADER = (("model", "16s"), ("sha256", "16s"), ("bytes", "Q"), ("tokens", "Q"), ("context", "I"), ("batch", "I"),
           ("overlap", "I"),
           ("bos", "I"), ("precision", "B"), ("dtype", "B"), ("device", "B"), ("threads", "H"))
@@ -88,10 +89,11 @@ def sha256(data: bytes) -> str:
 
 
 def model_identity(path: Path) -> str:
-    """SHA-256 over the files that decide a model's probabilities: weights, config, tokenizer."""
+    """SHA-256 over the files that decide a model's probabilities: weights, config, every tokenizer file."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir()
-                   if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "tokenizer.json"))
+    files = sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+        or p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens"))))
     for p in files:
         h.update(p.name.encode())
         with open(p, "rb") as f:

@@ -96,7 +96,7 @@ class CodecStats:
     seconds: float = 0.0
     payload_bits: int = 0
     model_bits: float = 0.0          # the model's own cross-entropy of the input (encode only)
-    quantized_bits: float = 0.0      # -log2 of the integer frequencies the coder used (encode only)
+    quantized_bits: float = 0.0      # -log2 of afford's integer frequencies (constriction maps them onto its own grid)
 
     @property
     def bits_per_byte(self) -> float:
@@ -119,13 +119,21 @@ class LMCodec:
         self.path = resolve_model_path(model)
         self.tokens = ByteTokens(load_tokenizer(self.path))
         self.model = load_for_inference(self.path, device, dtype, max_len=context)
-        if context > self.model.max_len:
-            raise ConfigError(f"context {context} exceeds the model's {self.model.max_len} positions")
+        cfg = self.model.cfg
+        if context > cfg.max_position_embeddings:
+            raise ConfigError(f"context {context} exceeds the model's {cfg.max_position_embeddings} positions")
+        # ids past the tokenizer's vocabulary (padded embeddings) spell nothing: a decoder that reads one has
+        # gone wrong, and the original's hash says so
+        self.tokens.table += [b""] * max(0, cfg.vocab_size - len(self.tokens.table))
         self.context, self.batch, self.overlap = context, batch, overlap
         bos = self.tokens.tokenizer.bos_token_id
         self.bos = bos if bos is not None else self.tokens.tokenizer.eos_token_id
         if self.bos is None:
             raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start each window from")
+        p = next(self.model.parameters())
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or p.device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"afford compress runs float32/bfloat16/float16 models on cpu, cuda or mps, "
+                              f"not {p.dtype} on {p.device.type}")
         block = 16
         self.pool = BlockPool(batch * -(-context // block), block)
         self.runner = ModelRunner(self.model, self.pool, max_batch=batch)
@@ -156,6 +164,13 @@ class LMCodec:
         logits) returns the token at each active lane's position (the encoder: the known one; the decoder: the one
         the coder reads), written into ids."""
         lanes = self.lanes(len(ids))
+        try:
+            self._run_lanes(lanes, ids, step)
+        finally:                                                  # an interrupted run leaves the pool empty too
+            for lane in range(len(lanes)):
+                self.pool.free(lane)
+
+    def _run_lanes(self, lanes, ids, step) -> None:
         cur = [0] * len(lanes)                                    # each lane's current window
         pos = [w[0][1] for w in lanes]                            # each lane's next token to code
         active = list(range(len(lanes)))
