@@ -2,7 +2,7 @@
 vs off give identical greedy tokens in fp32 for batch 1..64 and under speculation; the Triton paged
 kernel equals the torch reference and the whole model with the paged backend equals the gather + SDPA
 backend on ragged batches; the int4 / int8 CUDA kernels equal the dequantize fallback within the bound
-that bf16 rounding of the products allows."""
+that bf16 rounding of the products allows; `afford compress` round-trips on the card."""
 import pytest
 import torch
 
@@ -144,3 +144,15 @@ def test_fused_layer_kernels_give_torch_logits(random_pair, dtype):
         outs.append(torch.cat([pre, runner.forward([0], [9], [[4]])]))
     model.fused_cuda = False
     assert (outs[0] - outs[1]).abs().max() < (1e-4 if dtype == "float32" else 0.1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compress_round_trip_on_the_gpu(llama_dir, dtype):
+    """The coder on CUDA: graphs replay the decode-only forwards, windows start with eager prefill rows; the
+    decoder must see the encoder's logits bit for bit."""
+    from afford.compress.text import LMCodec
+    data = b"To be, or not to be: that is the question. \xff" * 20 + bytes(range(256))
+    codec = LMCodec(llama_dir, context=48, batch=5, overlap=8, device="cuda", dtype=dtype)
+    blob = codec.compress(data)
+    assert LMCodec(llama_dir, context=48, batch=5, overlap=8, device="cuda", dtype=dtype).decompress(blob) == data
+    assert codec.runner.graphs is not None and codec.runner.graphs.replays > 0
