@@ -222,3 +222,16 @@ def test_bad_settings_are_refused(llama_dir):
         LMCodec(llama_dir, context=600)
     with pytest.raises(ConfigError, match="overlap < context - 1"):
         LMCodec(llama_dir, context=24, overlap=23)
+
+
+def test_cli_pipes_through_standard_input_and_output(llama_dir):
+    import subprocess
+    import sys
+    data = b"piped \x00\xff bytes, " * 10
+    args = ["--model", str(llama_dir)]
+    packed = subprocess.run([sys.executable, "-m", "afford", "compress", "-", *args, "--context", "32",
+                             "--overlap", "8"], input=data, capture_output=True, check=True)
+    assert packed.stdout.startswith(b"AFZ") and b"bits/byte" in packed.stderr
+    back = subprocess.run([sys.executable, "-m", "afford", "decompress", "-", *args], input=packed.stdout,
+                          capture_output=True, check=True)
+    assert back.stdout == data

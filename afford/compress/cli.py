@@ -3,6 +3,7 @@ and `afford compress --bench` (afford/compress/bench.py)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from afford.compress import BATCH, CONTEXT, OVERLAP
@@ -12,8 +13,8 @@ from afford.config import ConfigError, number_arg
 def add_parsers(sub) -> None:
     c = sub.add_parser("compress", help="lossless compression with a language model (range-coded against its "
                                         "next-token probabilities); --bench: against gzip, xz, zstd")
-    c.add_argument("file", nargs="?", help="any file (bytes need not be text)")
-    c.add_argument("-o", "--out", help="output path (default FILE.afz)")
+    c.add_argument("file", nargs="?", help="any file (bytes need not be text); - reads standard input")
+    c.add_argument("-o", "--out", help="output path (default FILE.afz; standard output for -)")
     c.add_argument("--model", default="default", help="model folder or 'default' (the bundled target)")
     c.add_argument("--context", type=number_arg(int, 2), default=CONTEXT,
                    help="positions per window, BOS included (the bundled models trained on 256)")
@@ -28,14 +29,16 @@ def add_parsers(sub) -> None:
     c.add_argument("--data", default="data", help="--bench: the folder holding tinyshakespeare/ and gsm8k/")
     c.add_argument("--json", help="--bench: also write the results here")
     d = sub.add_parser("decompress", help="restore a file written by `afford compress` (bit-exact, or an error)")
-    d.add_argument("file")
-    d.add_argument("-o", "--out", help="output path (default: FILE without .afz)")
+    d.add_argument("file", help="a .afz file; - reads standard input")
+    d.add_argument("-o", "--out", help="output path (default: FILE without .afz; standard output for -)")
     d.add_argument("--model", default="default", help="the model it was compressed with")
     d.add_argument("--device", default="auto", help="auto: the kind of device that compressed it")
     d.add_argument("--force", action="store_true", help="overwrite the output file")
 
 
 def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path} is not a file")
@@ -47,6 +50,8 @@ def _read(path: str) -> bytes:
 
 def _check_out(path: str, force: bool) -> None:
     """Before any model runs: the output can be written."""
+    if path == "-":
+        return
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{path} is a folder; give a file path with -o")
@@ -57,6 +62,10 @@ def _check_out(path: str, force: bool) -> None:
 
 
 def _write(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
     try:
         Path(path).write_bytes(data)
     except OSError as e:
@@ -70,7 +79,7 @@ def cmd_compress(a) -> int:
         raise ConfigError("give a FILE to compress (or --bench)")
     from afford.compress.text import LMCodec
     data = _read(a.file)
-    out = a.out or a.file + ".afz"
+    out = a.out or ("-" if a.file == "-" else a.file + ".afz")
     _check_out(out, a.force)
     codec = LMCodec(a.model, context=a.context, batch=a.batch, overlap=a.overlap, device=a.device)
     blob = codec.compress(data)
@@ -78,7 +87,7 @@ def cmd_compress(a) -> int:
     s = codec.stats
     print(f"{a.file}: {len(data):,} bytes -> {out}: {len(blob):,} bytes ({8 * len(blob) / max(len(data), 1):.3f} "
           f"bits/byte; the model's cross-entropy {s.model_bits / max(len(data), 1):.3f}), {s.tokens:,} tokens, "
-          f"{s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)")
+          f"{s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)", file=sys.stderr if out == "-" else sys.stdout)
     return 0
 
 
@@ -87,7 +96,7 @@ def cmd_decompress(a) -> int:
     from afford.compress.text import LMCodec
     blob = _read(a.file)
     header, _ = unpack(blob, a.file)
-    out = a.out or (a.file[:-4] if a.file.endswith(".afz") else a.file + ".out")
+    out = a.out or ("-" if a.file == "-" else a.file[:-4] if a.file.endswith(".afz") else a.file + ".out")
     _check_out(out, a.force)
     import torch
     torch.set_num_threads(header["threads"])          # the compressing run's thread count, as far as it matters
@@ -96,7 +105,8 @@ def cmd_decompress(a) -> int:
     data = codec.decompress(blob, a.file)
     _write(out, data)
     s = codec.stats
-    print(f"{a.file} -> {out}: {len(data):,} bytes, {s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)")
+    print(f"{a.file} -> {out}: {len(data):,} bytes, {s.seconds:.1f} s ({s.bytes_per_second:,.0f} bytes/s)",
+          file=sys.stderr if out == "-" else sys.stdout)
     return 0
 
 
