@@ -16,7 +16,7 @@ from common import ROOT, save
 
 sys.path.insert(0, str(ROOT))
 from afford.compress import BATCH, OVERLAP  # noqa: E402
-from afford.compress.bench import bench_digits, bench_text, report, text_corpora  # noqa: E402
+from afford.compress.bench import bench_text, run  # noqa: E402
 
 KEEP = ("file", "batch", "overlap", "bytes", "compressed_bytes", "bits_per_byte", "model_bits_per_byte",
         "x_smaller_than_xz", "encode_bytes_per_s", "decode_bytes_per_s", "forwards")
@@ -29,13 +29,8 @@ def main() -> None:
     ap.add_argument("--overlaps", default="0,32,64,128")
     ap.add_argument("--batches", default="1,4,16,32")
     a = ap.parse_args()
-    results = {"text": [], "digits": None, "overlap_sweep": [], "batch_sweep": []}
-    corpora = text_corpora(ROOT / "data", a.bytes)
-    for name, data in corpora.items():
-        results["text"].append(bench_text(name, data))
-        print(report({"text": results["text"][-1:]}), flush=True)
-    results["digits"] = bench_digits()
-    print(report({"digits": results["digits"]}), flush=True)
+    results, corpora = run(ROOT / "data", a.bytes)
+    results.update(overlap_sweep=[], batch_sweep=[])
     if a.sweep_bytes:
         for name, data in corpora.items():
             for ov in map(int, a.overlaps.split(",")):

@@ -104,6 +104,19 @@ def bench_digits(hidden: int = 16, iters: int = 60) -> dict:
             "baselines_bits_per_dim": {k: 8 * v / dims for k, v in base.items()}}
 
 
+def run(data_dir: str | Path = "data", limit: int | None = None, model: str = "default", context: int = CONTEXT,
+        batch: int = BATCH, overlap: int = OVERLAP) -> tuple[dict, dict[str, bytes]]:
+    """Every held-out text file and the digits, each line printed as it is measured; also returns the texts."""
+    results = {"text": [], "digits": None}
+    corpora = text_corpora(data_dir, limit)
+    for name, data in corpora.items():
+        results["text"].append(bench_text(name, data, model, context, batch, overlap))
+        print(report({"text": results["text"][-1:]}), flush=True)
+    results["digits"] = bench_digits()
+    print(report({"digits": results["digits"]}), flush=True)
+    return results, corpora
+
+
 def report(results: dict) -> str:
     lines = []
     for r in results.get("text", []):

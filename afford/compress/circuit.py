@@ -215,14 +215,11 @@ class Conditionals:
         else:
             up_v = set(self._ancestors(v))
             top = next(a for a in self._ancestors(self.lca) if a in up_v)
-            u = self.lca                                         # refresh the old lca's chain up to `top`
-            while u != top and m.parent[u] != top:
+            u = self.lca                                         # refresh the old lca's chain below `top`
+            while u != top:
                 self.msg[:, u] = self._up(u, self._inner(u))
                 self.evaluations += 1
                 u = int(m.parent[u])
-            if u != top:
-                self.msg[:, u] = self._up(u, self._inner(u))
-                self.evaluations += 1
         cand = m.log_emit[v].T                                   # (K, H): the leaf for each candidate value
         cur = cand[None] + self._inner(v)[:, None, :]          # (N, K, H); v itself is not observed yet
         self._path = []

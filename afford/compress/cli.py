@@ -111,13 +111,8 @@ def cmd_decompress(a) -> int:
 
 
 def _bench(a) -> int:
-    from afford.compress.bench import bench_digits, bench_text, report, text_corpora
-    results = {"text": [], "digits": None}
-    for name, data in text_corpora(a.data, a.bench_bytes).items():
-        results["text"].append(bench_text(name, data, a.model, a.context, a.batch, a.overlap))
-        print(report({"text": results["text"][-1:]}), flush=True)
-    results["digits"] = bench_digits()
-    print(report({"digits": results["digits"]}))
+    from afford.compress.bench import run as run_bench
+    results, _ = run_bench(a.data, a.bench_bytes, a.model, a.context, a.batch, a.overlap)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -6,8 +6,8 @@ the numbers both ends code against are integers computed by one deterministic fu
 output. The coding itself is constriction's range coder (a maintained Rust library, `constriction.stream`):
 a queue, so symbols decode in the order they were encoded and a long input streams through the model one
 step at a time -- rANS, constriction's other coder, is a stack and would have to hold every distribution of
-a stretch until it can encode the stretch backwards. Both reach the model's cross-entropy to within a few
-bits per stream; `benchmarks/compress.py` measures the overhead.
+a stretch until it can encode the stretch backwards. `benchmarks/compress.py` measures the coded size
+against the model's cross-entropy.
 """
 from __future__ import annotations
 
@@ -17,17 +17,25 @@ import torch
 PRECISION = 24          # frequencies of one distribution sum to 2**PRECISION (constriction's default precision)
 
 
-def frequencies(logits: torch.Tensor, precision: int = PRECISION) -> np.ndarray:
-    """logits (B, V) -> integer frequencies (B, V), int64, each row summing to 2**precision, every entry >= 1.
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> softmax in float64 on the host, (B, V)."""
+    return torch.softmax(logits.to("cpu", torch.float64), dim=-1)
 
-    Softmax in float64, floor(p * (2**precision - V)) + 1 per symbol, and what the floors left over goes to
-    the row's most likely symbol. Pure function of the logits' bits: encoder and decoder get the same
+
+def frequencies(logits: torch.Tensor, precision: int = PRECISION) -> np.ndarray:
+    """logits (B, V) -> integer frequencies (B, V), int64, each row summing to 2**precision, every entry >= 1:
+    `quantize(probabilities(logits))`. Pure function of the logits' bits: encoder and decoder get the same
     integers from the same logits."""
-    B, V = logits.shape
+    return quantize(probabilities(logits), precision)
+
+
+def quantize(p: torch.Tensor, precision: int = PRECISION) -> np.ndarray:
+    """floor(p * (2**precision - V)) + 1 per symbol, and what the floors left over goes to the row's most
+    likely symbol."""
+    B, V = p.shape
     total = 1 << precision
     if V >= total:
         raise ValueError(f"a vocabulary of {V} symbols needs more than {precision} bits of precision")
-    p = torch.softmax(logits.to("cpu", torch.float64), dim=-1)                 # (B, V), on the host
     f = torch.floor(p * (total - V)).to(torch.int64) + 1                       # (B, V), >= 1
     left = total - f.sum(-1)                                                   # (B,), >= 0
     f[torch.arange(B), p.argmax(-1)] += left
@@ -37,9 +45,7 @@ def frequencies(logits: torch.Tensor, precision: int = PRECISION) -> np.ndarray:
 def _model_family():
     import constriction
     # probabilities given per symbol at coding time; perfect=False: constriction rescales them to its own
-    # fixed-point grid with its fast rule -- deterministic, every symbol kept nonzero, and on 2,000 draws
-    # from peaked 4096-way distributions 0.17 % above their entropy whether it is fed afford's frequencies
-    # or the float probabilities
+    # fixed-point grid with its fast rule -- deterministic, every symbol kept nonzero
     return constriction.stream.model.Categorical(perfect=False)
 
 

@@ -29,6 +29,7 @@ from afford.core.runner import ModelRunner
 from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference, load_tokenizer, resolve_model_path
 
+TINY = torch.finfo(torch.float64).tiny                # a probability that underflowed still counts finite bits
 _INVALID = re.compile("[\udc80-\udcff]+")           # bytes that are not UTF-8, after surrogateescape
 
 
@@ -42,12 +43,14 @@ class ByteTokens:
     byte fallback): valid UTF-8 runs go through the tokenizer, every other byte is its single-byte token,
     and a run whose tokens do not spell it back exactly is coded byte by byte -- so every input round-trips."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, vocab_size: int = 0):
+        """vocab_size: the model's; ids past the tokenizer's vocabulary (padded embeddings) spell nothing, so a
+        decoder that reads one has gone wrong and the original's hash says so."""
         self.tokenizer = tokenizer
         inv = _byte_level_chars()
         vocab = tokenizer.get_vocab()
         special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
-        table: list[bytes] = [b""] * (max(vocab.values()) + 1)
+        table: list[bytes] = [b""] * max(max(vocab.values()) + 1, vocab_size)
         for tok, i in vocab.items():
             if tok in special:
                 table[i] = tok.encode()
@@ -117,14 +120,11 @@ class LMCodec:
             raise ConfigError(f"need context >= 2, batch >= 1 and 0 <= overlap < context - 1 (got context={context}, "
                               f"batch={batch}, overlap={overlap})")
         self.path = resolve_model_path(model)
-        self.tokens = ByteTokens(load_tokenizer(self.path))
         self.model = load_for_inference(self.path, device, dtype, max_len=context)
         cfg = self.model.cfg
         if context > cfg.max_position_embeddings:
             raise ConfigError(f"context {context} exceeds the model's {cfg.max_position_embeddings} positions")
-        # ids past the tokenizer's vocabulary (padded embeddings) spell nothing: a decoder that reads one has
-        # gone wrong, and the original's hash says so
-        self.tokens.table += [b""] * max(0, cfg.vocab_size - len(self.tokens.table))
+        self.tokens = ByteTokens(load_tokenizer(self.path), cfg.vocab_size)
         self.context, self.batch, self.overlap = context, batch, overlap
         bos = self.tokens.tokenizer.bos_token_id
         self.bos = bos if bos is not None else self.tokens.tokenizer.eos_token_id
@@ -206,10 +206,10 @@ class LMCodec:
 
         def step(positions, logits):
             toks = [ids[p] for p in positions]
-            freqs = coder.frequencies(logits)
+            probs = coder.probabilities(logits)                   # the decoder's frequencies(logits), in two steps
+            freqs = coder.quantize(probs)
             enc.encode(toks, freqs)
-            rows = torch.arange(len(toks))
-            st.model_bits -= float(logits.double().log_softmax(-1)[rows, toks].sum()) / np.log(2)
+            st.model_bits -= float(probs[torch.arange(len(toks)), toks].clamp_min(TINY).log2().sum())
             st.quantized_bits += coder.ideal_bits(freqs, toks)
             return toks
 
