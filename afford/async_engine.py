@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 
-from afford.config import ConfigError, EngineConfig, SpeculativeConfig
+from afford.config import ConfigError, EngineConfig, LossyConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.engine import Engine
@@ -51,8 +51,9 @@ class AsyncLLM:
         self.thread.start()
 
     @staticmethod
-    def from_config(cfg: EngineConfig, speculative: SpeculativeConfig | None = None, max_queue: int = 256) -> "AsyncLLM":
-        return AsyncLLM(Engine(cfg, speculative), max_queue)
+    def from_config(cfg: EngineConfig, speculative: SpeculativeConfig | None = None, max_queue: int = 256,
+                    lossy: LossyConfig | None = None) -> "AsyncLLM":
+        return AsyncLLM(Engine(cfg, speculative, lossy), max_queue)
 
     # ---- the engine thread ----
     def _loop(self) -> None:

@@ -197,6 +197,41 @@ def engine_configs(a: argparse.Namespace) -> tuple[EngineConfig, SpeculativeConf
     return EngineConfig(**given(EngineConfig)), speculative
 
 
+def add_lossy_args(parser: argparse.ArgumentParser) -> None:
+    """The opt-in lossy levers (afford/levers/): flags for LLM's keyword arguments of the same names."""
+    g = parser.add_argument_group("lossy levers (each changes the output; off by default)")
+    g.add_argument("--cascade", choices=("entropy",), help="EAD: this model is the small one, --large takes over "
+                   "while the rolling mean entropy is >= --tau")
+    g.add_argument("--large", metavar="PATH", help="the large model of --cascade, the guide of --rerank "
+                   "('default': the bundled target)")
+    g.add_argument("--tau", type=number_arg(float, 0), default=2.5, help="EAD threshold in bits (default: 2.5)")
+    g.add_argument("--window", type=number_arg(int, 1), default=5, help="EAD entropy window (default: 5)")
+    g.add_argument("--dwell", type=number_arg(int, 1), default=10, help="EAD minimum tokens between switches "
+                   "(default: 10)")
+    g.add_argument("--rerank", choices=("guided",), help="AMBEDKAR-style steering: the guide (--large) re-ranks "
+                   "this model's top tokens by divergence under --swap word rewrites of the prompt")
+    g.add_argument("--swap", action="append", metavar="A=B", help="a word pair the counterfactual prompt swaps "
+                   "(repeatable)")
+    g.add_argument("--alpha", type=number_arg(float, 0), default=1.0, help="re-ranking weight (default: 1.0)")
+    g.add_argument("--rerank-top-k", type=number_arg(int, 1, 31), default=5, help="candidates re-ranked (default: 5)")
+    g.add_argument("--grad-corpus", metavar="DIR", help="GRAD: fuse a token graph of the documents (.txt/.md) "
+                   "BM25 retrieves from DIR for each prompt")
+    g.add_argument("--grad-weight", type=number_arg(float, 0), default=16.0, help="GRAD weight (default: 16)")
+    g.add_argument("--grad-top-docs", type=number_arg(int, 1), default=1, help="documents retrieved (default: 1)")
+
+
+def lossy_from_args(a: argparse.Namespace):
+    from afford.llm import lossy_config
+    swaps = None
+    if a.swap:
+        bad = [x for x in a.swap if x.count("=") != 1 or not all(x.split("="))]
+        if bad:
+            raise ConfigError(f"--swap takes WORD=WORD, got {bad[0]!r}")
+        swaps = dict(x.split("=") for x in a.swap)
+    return lossy_config(a.cascade, a.large, a.tau, a.window, a.dwell, a.rerank, a.alpha, a.rerank_top_k, swaps,
+                        a.grad_corpus, a.grad_weight, a.grad_top_docs)
+
+
 def _generate(sub):
     g = sub.add_parser("generate", help="generate text from a prompt and print the stats line")
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
@@ -207,13 +242,14 @@ def _generate(sub):
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     add_engine_args(g, "generate")
+    add_lossy_args(g)
 
 
 def cmd_generate(a) -> int:
     from afford import LLM, SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=a.stop)          # a.seed is None unless --seed was given
-    llm = LLM.from_config(*engine_configs(a))
+    llm = LLM.from_config(*engine_configs(a), lossy_from_args(a))
     eng = llm.engine
     if a.stream:
         if len(a.prompt) > 1:
@@ -254,6 +290,7 @@ def _serve(sub):
     s.add_argument("--shutdown-timeout", type=number_arg(float, 0), default=10.0,
                    help="seconds in-flight requests may finish")
     add_engine_args(s, "serve")
+    add_lossy_args(s)
 
 
 def cmd_serve(a) -> int:
@@ -261,7 +298,7 @@ def cmd_serve(a) -> int:
 
     from afford.async_engine import AsyncLLM
     from afford.serve.app import DrainingServer, create_app
-    llm = AsyncLLM.from_config(*engine_configs(a), max_queue=a.max_queue)
+    llm = AsyncLLM.from_config(*engine_configs(a), max_queue=a.max_queue, lossy=lossy_from_args(a))
     app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="info",
                             timeout_graceful_shutdown=int(a.shutdown_timeout) + 1)   # a backstop only
@@ -339,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cost(sub)
     from afford.compress.cli import add_parsers as _compress
     _compress(sub)
+    from afford.bench.fidelity import add_parser as _bench
+    _bench(sub)
     return parser
 
 
@@ -348,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "cost":
             from afford.cost.cli import run
             return run(a)
+        if a.cmd == "bench":
+            from afford.bench.fidelity import main as bench_main
+            return bench_main(a)
         if a.cmd in ("compress", "decompress"):
             from afford.compress.cli import run
             return run(a)

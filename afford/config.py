@@ -227,3 +227,60 @@ class SpeculativeConfig:
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
             raise ConfigError(f"num_speculative_tokens must be between 1 and 32, got {self.num_speculative_tokens!r}")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """EAD (lossy): the engine's model is the small one; `large` takes over while the rolling mean entropy
+    (bits, over `window` tokens) is >= tau, switching at most once every `dwell` tokens."""
+    large: str
+    tau: float = 2.5
+    window: int = 5
+    dwell: int = 10
+
+    def __post_init__(self):
+        if not self.tau >= 0:          # +inf is allowed: never switch
+            raise ConfigError(f"tau must be a number >= 0 (bits; inf: never use the large model), got {self.tau}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(f"window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.dwell, int) or self.dwell < 1:
+            raise ConfigError(f"dwell must be an integer >= 1, got {self.dwell!r}")
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Guided re-ranking after AMBEDKAR (lossy, steering): the engine's model proposes top_k tokens, the
+    `large` guide penalises each by alpha * its JS divergence under a counterfactual rewrite of the prompt."""
+    large: str
+    counterfactual: object = None      # a dict of word swaps or a function str -> str
+    alpha: float = 1.0
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class GradConfig:
+    """GRAD (lossy): fuse a token graph built from the top_docs BM25-retrieved documents of `corpus`."""
+    corpus: str
+    weight: float = 16.0             # weight and top_docs: chosen on the fact-QA set's dev split
+    top_docs: int = 1
+
+
+@dataclass(frozen=True)
+class LossyConfig:
+    """The opt-in levers that change the output distribution (afford/levers/); all off by default."""
+    cascade: CascadeConfig | None = None
+    rerank: RerankConfig | None = None
+    grad: GradConfig | None = None
+
+    def __post_init__(self):
+        if self.cascade is not None and self.rerank is not None:
+            raise ConfigError("cascade='entropy' and rerank='guided' do not combine: pick one")
+
+    @property
+    def side_model(self) -> str | None:
+        """The second model these levers load, if any."""
+        return self.cascade.large if self.cascade else self.rerank.large if self.rerank else None
+
+    @property
+    def any(self) -> bool:
+        return any((self.cascade, self.rerank, self.grad))

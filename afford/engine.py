@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from afford.config import ConfigError, EngineConfig, ModelConfig, SpeculativeConfig
+from afford.config import ConfigError, EngineConfig, LossyConfig, ModelConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.core.runner import ModelRunner
@@ -25,8 +25,12 @@ KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not give
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, speculative: SpeculativeConfig | None = None):
+    def __init__(self, cfg: EngineConfig, speculative: SpeculativeConfig | None = None,
+                 lossy: LossyConfig | None = None):
         self.cfg = cfg
+        if lossy is not None and lossy.any and speculative is not None:
+            raise ConfigError("the lossy levers (cascade, rerank, grad) do not combine with speculative decoding: "
+                              "drop draft= or the lever")
         path = resolve_model_path(cfg.model)
         self.model_path = path
         mcfg = ModelConfig.from_dir(path)              # first: an empty folder is "no config.json"
@@ -64,6 +68,10 @@ class Engine:
         self._ids = itertools.count()
         self.fault_hook = None           # tests only: called with each sequence as it takes its new tokens
         self.speculator = Speculator.build(speculative, self) if speculative is not None else None
+        self.levers = None
+        if lossy is not None and lossy.any:
+            from afford.levers import Levers
+            self.levers = Levers(lossy, self)
         if self.speculator and self.speculator.controller.wants_profile:
             self._profile_step_times()
         self.cost_hw = self.cost_spec = None
@@ -166,6 +174,9 @@ class Engine:
         if rid in self.seqs:
             raise ConfigError(f"request id {rid!r} is already in use")
         seqs = [self._new_seq(rid if i == 0 else f"{rid}/{i}", text, ids, params, i) for i in range(params.n)]
+        if self.levers is not None:
+            fed = self.levers.on_request(seqs, text if text is not None else self.tokenizer.decode(ids))
+            self.stats.flops += 2.0 * self.model_config.num_parameters * fed       # GRAD's document forwards
         parent = seqs[0]
         parent.children = seqs[1:]       # forked from the parent's prompt blocks right after its prefill
         parent.siblings = seqs[1:]       # kept: an abort stops all n choices, forked or not
@@ -209,7 +220,7 @@ class Engine:
             return []
         self.runner.copy_blocks(sched.copies)
         parts = [(sched.kind, sched.seqs, sched.chunks)]
-        if spec and sched.kind == "mixed":
+        if (spec or (self.levers and self.levers.cascade)) and sched.kind == "mixed":
             pre = [(s, n) for s, n in zip(sched.seqs, sched.chunks) if s.in_prefill]
             dec = [s for s in sched.seqs if not s.in_prefill]
             parts = [("prefill", [s for s, _ in pre], [n for _, n in pre]), ("decode", dec, [1] * len(dec))]
@@ -225,14 +236,16 @@ class Engine:
         ks, catchup = spec.ks(seqs, self.max_model_len) if spec else ([0] * len(seqs), [])
         if any(ks):
             outs, st = self._speculative_step(seqs, ks, catchup)
+        elif kind == "decode" and self.levers and self.levers.cascade:
+            outs, st = self._cascade_step(seqs)
         else:
             outs, st = self._plain(seqs, chunks)
         st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, preempted
         if spec:
             st.predicted_seconds = spec.controller.last_prediction
-        st.weight_bytes = self.runner.weight_bytes
+        st.weight_bytes = (self.runner.weight_bytes if st.tokens_in else 0) + st.side_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
-        st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in
+        st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in + st.side_flops
         self.stats.add(st)
         if self.speculator:
             self.speculator.controller.observe(st)
@@ -261,8 +274,15 @@ class Engine:
             ends = list(itertools.accumulate(len(r) for r in logits_rows))
             logits = logits[torch.tensor([e - 1 for e, r in zip(ends, logits_rows) if r])]      # (done, V)
         sampling = [s for s, d in zip(seqs, done) if d]
-        next_tokens = iter(self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])) \
-            if sampling else iter(())
+        if self.levers is not None and sampling:
+            logits = self.levers.fuse(sampling, logits)
+            if self.levers.cascade:
+                for s in sampling:
+                    s.sources.append("small")
+            next_tokens = iter(self.levers.pick(sampling, logits, self.sampler))
+        else:
+            next_tokens = iter(self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])) \
+                if sampling else iter(())
         row = -1                               # the sampled sequence's logits row (sliced only where logprobs need it)
         outs = []
         for s, p, st, toks, d in zip(seqs, prefill, starts, tokens, done):
@@ -331,6 +351,51 @@ class Engine:
                 add_counts(holder.drafted_per_position, [1] * len(d.tokens))
         return outs, st
 
+    def _cascade_step(self, seqs: list[Sequence]) -> tuple[list[RequestOutput], StepStats]:
+        """EAD (afford/levers/cascade.py): each sequence's next token comes from its active model, which
+        first catches up on the tokens the other model produced; the token's entropy updates the switch."""
+        from afford.levers.cascade import LARGE, SMALL, entropy_bits
+        lv = self.levers
+        casc, side = lv.cascade, lv.side
+        large = [s for s in seqs if casc.active(s.seq_id) == LARGE]
+        if large and not side.fits([(s.seq_id, len(s.token_ids)) for s in large]):
+            for s in large:                     # the large model's pool is full: stay small this step
+                casc.stay_small(s.seq_id)
+            large = []
+        small = [s for s in seqs if casc.active(s.seq_id) == SMALL]
+        starts = [s.num_computed for s in small]
+        fed = [s.token_ids[st:] for s, st in zip(small, starts)]
+        rows = {}
+        if small:
+            for s, row in zip(small, self.runner.forward([s.seq_id for s in small], starts, fed)):   # (b, V)
+                rows[s.seq_id] = row
+        side_before = side.fed
+        if large:
+            for s, row in zip(large, side.feed([s.seq_id for s in large], [s.token_ids for s in large])):
+                rows[s.seq_id] = row
+        logits = torch.stack([rows[s.seq_id] for s in seqs])                             # (B, V)
+        entropy = entropy_bits(logits).tolist()
+        logits = lv.fuse(seqs, logits)
+        tokens = lv.pick(seqs, logits, self.sampler)
+        st = StepStats.of_forward("decode", [s.seq_id for s in small], starts, [len(f) for f in fed])
+        st.side_tokens = side.fed - side_before
+        st.side_flops = 2.0 * side.cfg.num_parameters * st.side_tokens
+        st.side_bytes = side.runner.weight_bytes if large else 0     # one forward reads its weights once
+        st.large_tokens = len(large)
+        st.catchup_tokens = st.tokens_in - len(small) + st.side_tokens - len(large)
+        outs = []
+        for i, (s, tok, h) in enumerate(zip(seqs, tokens, entropy)):
+            src = LARGE if s in large else SMALL
+            if src == SMALL:
+                self._computed(s, len(s.token_ids))
+            before = casc.states[s.seq_id].switches if s.seq_id in casc.states else 0
+            casc.observe(s.seq_id, h)
+            st.switches += casc.states[s.seq_id].switches - before
+            s.sources.append(src)
+            outs.append(self._emit(s, [tok], logits, i))
+        st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * len(small), [0] * len(small)
+        return outs, st
+
     def _fork_shared(self, s: Sequence) -> list[RequestOutput]:
         """n > 1 with shared_prefix=m (HoneyBee-style test-time scaling): once s has sampled its first m
         tokens, the request's other choices fork from it -- its KV blocks and its m tokens -- and sample on
@@ -395,6 +460,8 @@ class Engine:
         if self.speculator:
             self.speculator.proposer.free(s)
             self.speculator.controller.forget(s.seq_id)
+        if self.levers is not None:
+            self.levers.forget(s)
 
     def _prompt_logprobs(self, seqs, logits_rows, logits) -> None:
         at = 0

@@ -2,7 +2,7 @@
 one continuous batch and returns one RequestOutput per prompt, in order."""
 from __future__ import annotations
 
-from afford.config import ConfigError, EngineConfig, SpeculativeConfig
+from afford.config import CascadeConfig, ConfigError, EngineConfig, GradConfig, LossyConfig, RerankConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.engine import Engine
@@ -19,7 +19,11 @@ class LLM:
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
                  max_num_batched_tokens: int | None = None, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False):
+                 enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False,
+                 cascade: str | None = None, large: str | None = None, tau: float = 2.5, window: int = 5,
+                 dwell: int = 10, rerank: str | None = None, alpha: float = 1.0, rerank_top_k: int = 5,
+                 counterfactual=None, grad_corpus: str | None = None, grad_weight: float = 16.0,
+                 grad_top_docs: int = 1):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
@@ -30,7 +34,15 @@ class LLM:
         forward costs more than its tokens' arithmetic); with enable_chunked_prefill running decodes take theirs
         first and long prompts are split over steps. enable_prefix_caching reuses the KV of cached leading
         prompt blocks (exact: the same tokens, the same positions). native: on the CPU in fp32, each forward is
-        one C++ call running the Python path's operators (bitwise the same logits, less time per step)."""
+        one C++ call running the Python path's operators (bitwise the same logits, less time per step).
+
+        LOSSY levers (off by default; each changes the output, see afford/levers/):
+        cascade="entropy" with large=PATH: EAD -- this model is the small one, the large model takes over while
+        the rolling mean entropy (bits, over `window` tokens) is >= tau, switching at most every `dwell` tokens.
+        rerank="guided" with large=PATH and counterfactual=(word swaps dict | str -> str function): AMBEDKAR-style
+        steering -- this model's top rerank_top_k tokens re-scored by alpha * the guide's JS divergence under the
+        counterfactual prompt. grad_corpus=FOLDER: GRAD -- logits fused (grad_weight) with a token graph of the
+        grad_top_docs documents BM25 retrieves for each prompt."""
         speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens,
                                          controller=speculation, acceptance=acceptance,
                                          draft_quantization=draft_quantization) if draft is not None else None)
@@ -41,13 +53,16 @@ class LLM:
                                          attention=attention, max_num_batched_tokens=max_num_batched_tokens,
                                          enable_chunked_prefill=enable_chunked_prefill,
                                          enable_prefix_caching=enable_prefix_caching, native=native,
-                                         enforce_eager=enforce_eager), speculative))
+                                         enforce_eager=enforce_eager), speculative,
+                            lossy_config(cascade, large, tau, window, dwell, rerank, alpha, rerank_top_k,
+                                         counterfactual, grad_corpus, grad_weight, grad_top_docs)))
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig, speculative: SpeculativeConfig | None = None) -> "LLM":
+    def from_config(cls, cfg: EngineConfig, speculative: SpeculativeConfig | None = None,
+                    lossy: LossyConfig | None = None) -> "LLM":
         """An LLM on configs already built (what `afford generate` does), as AsyncLLM.from_config."""
         llm = cls.__new__(cls)
-        llm._attach(Engine(cfg, speculative))
+        llm._attach(Engine(cfg, speculative, lossy))
         return llm
 
     def _attach(self, engine: Engine) -> None:
@@ -99,3 +114,19 @@ class LLM:
             out.outputs = [out] + [done[f"{r}/{i}"] for i in range(1, sp.n)]   # n > 1: every choice
             outs.append(out)
         return outs
+
+
+def lossy_config(cascade, large, tau, window, dwell, rerank, alpha, rerank_top_k, counterfactual,
+                 grad_corpus, grad_weight, grad_top_docs) -> LossyConfig | None:
+    """The LossyConfig of LLM's keyword arguments (None when no lossy lever is on)."""
+    if cascade not in (None, "entropy"):
+        raise ConfigError(f"cascade must be 'entropy' or None, got {cascade!r}")
+    if rerank not in (None, "guided"):
+        raise ConfigError(f"rerank must be 'guided' or None, got {rerank!r}")
+    if (cascade or rerank) and large is None:
+        raise ConfigError(f"{'cascade' if cascade else 'rerank'} needs large=: the larger model's folder "
+                          f"(or 'default' for the bundled target)")
+    cfg = LossyConfig(cascade=CascadeConfig(large, float(tau), window, dwell) if cascade else None,
+                      rerank=RerankConfig(large, counterfactual, float(alpha), rerank_top_k) if rerank else None,
+                      grad=GradConfig(str(grad_corpus), float(grad_weight), grad_top_docs) if grad_corpus else None)
+    return cfg if cfg.any else None

@@ -49,6 +49,11 @@ class RequestOutput:
                            accepted_per_position=list(m.accepted_per_position),
                            drafted_per_position=list(m.drafted_per_position),
                            tokens_per_forward=n_out / max(m.forward_passes, 1))
+        if seq.sources:                         # EAD: which model produced each token, and the large one's share
+            metrics.update(sources=list(seq.sources[:n_out]),
+                           large_share=seq.sources[:n_out].count("large") / max(n_out, 1))
+        if seq.retrieved:                       # GRAD: the documents the request's graph came from
+            metrics["retrieved"] = list(seq.retrieved)
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids,
             text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason, finished=seq.finished,

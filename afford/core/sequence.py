@@ -74,6 +74,9 @@ class Sequence:
         self.children: list[Sequence] = []     # n > 1: choices still to fork from this one after prefill
         self.siblings: list[Sequence] = []     # n > 1: the request's other choices (on its first sequence)
         self.metrics = SeqMetrics()
+        self.sources: list[str] = []           # EAD: the model ("small" / "large") that produced each output token
+        self.graph = None                      # GRAD: the request's token graph (afford/levers/grad.py)
+        self.retrieved: list[str] = []         # GRAD: the documents it was built from
         self.detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stop_tail = max((len(s) for s in params.stop), default=0)
 

@@ -35,6 +35,12 @@ class StepStats:
     predicted_seconds: float | None = None                     # the goodput controller's step-time forecast
     preempted: int = 0
     prefill_tokens: int = 0        # of tokens_in, those of prompts being prefilled
+    side_tokens: int = 0           # lossy levers: tokens fed through the second (large / guide) model
+    side_flops: float = 0.0        # ... and their FLOPs (~2 * its params * side_tokens; part of `flops`)
+    side_bytes: int = 0            # ... and the weight bytes its forwards read (part of `weight_bytes`)
+    large_tokens: int = 0          # EAD: tokens the large model produced this step
+    catchup_tokens: int = 0        # EAD: tokens either model fed to catch up (beyond one per sequence)
+    switches: int = 0              # EAD: model switches this step
 
     @staticmethod
     def of_forward(kind: str, seq_ids: list[int], starts: list[int], fed: list[int]) -> "StepStats":
@@ -67,6 +73,10 @@ class EngineStats:
     k_histogram: list[int] = field(default_factory=list)       # how often each k was chosen (decode steps)
     modeled_usd_per_1m: float | None = None     # Step-3 cost model at the last decode step's mean context
     cost_hardware: str | None = None
+    side_tokens: int = 0            # lossy levers: tokens fed through the second model (see StepStats)
+    large_tokens: int = 0           # EAD: generated tokens the large model produced
+    catchup_tokens: int = 0         # EAD: catch-up tokens fed by either model
+    switches: int = 0               # EAD: model switches
     prefix_hit_tokens: int = 0      # prompt tokens whose KV came from the prefix cache (the engine copies
     last: StepStats | None = None   # the pool's count here after each step)
 
@@ -90,6 +100,10 @@ class EngineStats:
         self.generated_tokens += s.tokens_out
         self.drafted += s.drafted
         self.accepted += s.accepted
+        self.side_tokens += s.side_tokens
+        self.large_tokens += s.large_tokens
+        self.catchup_tokens += s.catchup_tokens
+        self.switches += s.switches
         add_counts(self.accepted_per_position, s.accepted_per_position)
         add_counts(self.drafted_per_position, s.drafted_per_position)
         if s.kind == "decode":
@@ -122,6 +136,9 @@ class EngineStats:
              f"{self.gflops:.1f} GFLOP/s | {self.steps} steps")
         if self.drafted:
             s += f" | accepted {self.accepted}/{self.drafted} ({self.acceptance_rate:.0%})"
+        if self.large_tokens or self.switches:
+            s += (f" | cascade: large model {self.large_tokens}/{self.generated_tokens} tok, {self.switches} "
+                  f"switches, {self.catchup_tokens} catch-up tok")
         if self.preemptions:
             s += f" | {self.preemptions} preemptions"
         if self.prefix_hit_tokens:

@@ -18,8 +18,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_model_path(name: str | Path, role: str = "target") -> Path:
-    """'default' means the bundled pair; anything else is a local HF folder."""
-    if str(name) == "default":
+    """'default' means the bundled pair (this role's half of it); 'default-target' and 'default-draft' name
+    one half whatever the role (a cascade runs the bundled draft as its small model); anything else is a
+    local HF folder."""
+    if str(name) in ("default", "default-target", "default-draft"):
+        role = role if str(name) == "default" else str(name).split("-", 1)[1]
         path = ASSETS / "default" / role
         if not (path / "config.json").is_file():
             raise ConfigError(f"the bundled default {role} is missing at {path}; train it with the zoo "

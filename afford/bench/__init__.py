@@ -1,0 +1,1 @@
+"""afford bench: fidelity of the lossy levers against the plain large model (fidelity.py), on GSM8K and a fact-QA set (factqa.py)."""

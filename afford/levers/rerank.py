@@ -1,0 +1,144 @@
+"""Guided re-ranking after AMBEDKAR (../shared/reference/decoding-methods.md §5) -- a LOSSY steering lever,
+not a speed lever: it adds two guide-model forwards per decoded token.
+
+The engine's own (small) model proposes its top_k next tokens c with log-probabilities log p(c). A guide
+model (usually larger) reads the request under its original context x and under a counterfactual context
+x' (a user-given rewrite of the prompt, e.g. loaded identity words swapped), each followed by the tokens
+generated so far and then by c; D(c) is the Jensen-Shannon divergence between its two next-token
+distributions. The token is
+
+    c* = argmax_c  log p(c) - alpha * D(c)          (greedy requests)
+
+or, for sampled requests, a draw from the top_k of the request's sampling distribution q reweighted by
+exp(-alpha * D(c)). A candidate whose continuation the guide judges the same whatever the rewrite is
+preferred over one whose continuation depends on it. alpha = 0 is plain decoding (no guide forwards).
+
+The guide keeps two paged caches per sequence (original and counterfactual) and, each step, forks one
+copy-on-write child per candidate and branch, so the 2 * top_k candidate rows go through ONE forward.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+
+from afford.config import ConfigError
+from afford.levers.side import SideModel
+
+MAX_TOP_K = 31                        # keys: 64 per sequence (2 parents + 2 * top_k children)
+
+
+def swap_words(mapping: Mapping[str, str]) -> Callable[[str], str]:
+    """A rewrite that swaps whole words both ways (a -> b and b -> a), keeping a leading capital."""
+    pairs = {}
+    for a, b in mapping.items():
+        pairs[a.lower()], pairs[b.lower()] = b.lower(), a.lower()
+    if not pairs:
+        raise ConfigError("counterfactual word swaps are empty: give at least one pair")
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, pairs), key=len, reverse=True)) + r")\b",
+                         re.IGNORECASE)
+
+    def rewrite(text: str) -> str:
+        def one(m):
+            out = pairs[m.group(0).lower()]
+            return out[:1].upper() + out[1:] if m.group(0)[:1].isupper() else out
+        return pattern.sub(one, text)
+    return rewrite
+
+
+def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in nats between rows of two (N, V) log-distributions -> (N,)."""
+    p, q = logp.exp(), logq.exp()
+    logm = torch.log((p + q) / 2).clamp_min(-1e30)
+    return 0.5 * ((p * (logp - logm)).nan_to_num().sum(-1) + (q * (logq - logm)).nan_to_num().sum(-1))
+
+
+class GuidedReranker:
+    def __init__(self, guide: SideModel, alpha: float, top_k: int, counterfactual, tokenizer):
+        if alpha < 0:
+            raise ConfigError(f"alpha must be >= 0, got {alpha}")
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise ConfigError(f"rerank top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        if counterfactual is None:
+            raise ConfigError("rerank='guided' needs counterfactual=: a dict of word swaps or a function "
+                              "that rewrites a prompt")
+        self.rewrite = swap_words(counterfactual) if isinstance(counterfactual, Mapping) else counterfactual
+        if not callable(self.rewrite):
+            raise ConfigError("counterfactual must be a dict of word swaps or a function str -> str")
+        self.guide, self.alpha, self.top_k, self.tokenizer = guide, alpha, top_k, tokenizer
+        self.cf_prompt: dict[int, list[int]] = {}     # seq_id -> the counterfactual prompt's token ids
+        self.changed = 0                              # tokens where the choice differs from the plain one
+
+    def counterfactual_ids(self, seq) -> list[int]:
+        if seq.seq_id not in self.cf_prompt:
+            text = seq.prompt if seq.prompt is not None else self.tokenizer.decode(seq.prompt_ids)
+            ids = self.tokenizer(self.rewrite(text), add_special_tokens=False)["input_ids"]
+            self.cf_prompt[seq.seq_id] = ids or list(seq.prompt_ids)
+        return self.cf_prompt[seq.seq_id]
+
+    @staticmethod
+    def keys(seq_id: int) -> tuple[int, int]:
+        return 64 * seq_id, 64 * seq_id + 1
+
+    def divergences(self, seqs, candidates: torch.Tensor) -> torch.Tensor:
+        """candidates (B, K) token ids -> D (B, K): the guide's JS divergence after each candidate."""
+        g, K = self.guide, candidates.shape[1]
+        parents, lists = [], []
+        for s in seqs:
+            orig, cf = self.keys(s.seq_id)
+            parents += [orig, cf]
+            lists += [s.token_ids, self.counterfactual_ids(s) + s.output_ids]
+        g.feed(parents, lists, want_logits=False)                # both contexts up to the last token
+        kids, toks, starts = [], [], []
+        for i, s in enumerate(seqs):
+            for b in range(2):
+                parent, n = parents[2 * i + b], len(lists[2 * i + b])
+                for j in range(K):
+                    kid = 64 * s.seq_id + 2 + 2 * j + b
+                    g.fork(parent, kid)
+                    g.runner.copy_blocks(g.pool.prepare_write(kid, n + 1))
+                    kids.append(kid)
+                    starts.append(n)
+                    toks.append([int(candidates[i, j])])
+        try:
+            logits = g.runner.forward(kids, starts, toks)                           # (B * 2 * K, V)
+        finally:
+            for k in kids:
+                g.free(k)
+        g.fed += len(kids)
+        logp = torch.log_softmax(logits.float(), -1).view(len(seqs), 2, K, -1)    # (B, 2, K, V)
+        return js_divergence(logp[:, 0].reshape(-1, logp.shape[-1]),
+                             logp[:, 1].reshape(-1, logp.shape[-1])).view(len(seqs), K)
+
+    def choose(self, seqs, logits: torch.Tensor, sample_probs) -> list[int]:
+        """logits (B, V) of the proposing model -> one token per sequence."""
+        K = min(self.top_k, logits.shape[-1])
+        scores, cands = [], []
+        for s, row in zip(seqs, logits):
+            if s.params.greedy:
+                lp = torch.log_softmax(row.float(), -1)
+            else:
+                lp = torch.log(sample_probs(row, s.params))
+            top = torch.topk(lp, K)
+            scores.append(top.values)
+            cands.append(top.indices)
+        cands_t = torch.stack(cands)                                               # (B, K)
+        d = self.divergences(seqs, cands_t)                                        # (B, K)
+        out = []
+        for s, sc, c, dd in zip(seqs, scores, cands_t, d):
+            adj = sc - self.alpha * dd.to(sc.device)
+            if s.params.greedy:
+                pick = int(adj.argmax())
+            else:
+                w = torch.softmax(adj.masked_fill(~torch.isfinite(sc), -math.inf), -1)
+                pick = int(torch.multinomial(w.cpu(), 1, generator=s.generator))
+            out.append(int(c[pick]))
+            self.changed += pick != 0
+        return out
+
+    def free(self, seq_id: int) -> None:
+        for k in self.keys(seq_id):
+            self.guide.free(k)
+        self.cf_prompt.pop(seq_id, None)
