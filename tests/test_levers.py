@@ -196,3 +196,32 @@ def test_cli_generate_with_a_cascade_prints_its_share(llama_dir, large_dir, caps
     assert "cascade: large model" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(llama_dir), "--rerank", "guided", "--large", str(large_dir),
                  "--swap", "oops"]) == 2
+
+
+def test_factqa_set_on_disk_is_the_generated_one():
+    import json
+
+    from afford.bench.factqa import build, correct
+    from tests.conftest import ROOT
+    docs, questions = build()
+    folder = ROOT / "data" / "factqa"
+    assert sorted(p.name for p in (folder / "docs").iterdir()) == sorted(n for n, _ in docs)
+    assert all((folder / "docs" / n).read_text() == t + "\n" for n, t in docs)
+    assert [json.loads(line) for line in (folder / "questions.jsonl").read_text().splitlines()] == questions
+    assert correct("  Plimton, on the river", "Plimton") and not correct(" the city\nPlimton", "Plimton")
+
+
+def test_bench_fidelity_cli_writes_its_report(llama_dir, large_dir, tmp_path, capsys):
+    import json
+
+    from afford.cli import main
+    from tests.conftest import ROOT
+    cfg = json.dumps({"model": str(llama_dir), "cascade": "entropy", "large": str(large_dir), "tau": 0.0, "dwell": 2})
+    assert main(["bench", "fidelity", "--large", str(large_dir), "--n", "2", "--max-tokens", "8", "--config", cfg,
+                 "--data", str(ROOT / "data"), "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "fidelity.json").read_text())
+    base, casc = r["rows"]
+    assert base["identical"] == 1 and base["speed_vs_large"] == 1
+    assert casc["large_share"] > 0 and casc["side_tokens"] > 0
+    assert "| configuration |" in (tmp_path / "fidelity.md").read_text()
+    assert main(["bench", "fidelity", "--config", "[1]", "--out", str(tmp_path)]) == 2

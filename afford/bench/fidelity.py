@@ -37,9 +37,11 @@ def load_task(task: str, n: int, data: Path, split: str) -> list[dict]:
         rows = [json.loads(line) for line in (lines[:n] if split == "test" else lines[-n:])]
         from afford.vote import numeric_answer
         return [{"prompt": f"Question: {r['question']}\nAnswer:", "answer": numeric_answer(r["answer"])} for r in rows]
-    if task == "factqa":
-        from afford.bench.factqa import build
-        return [q for q in build()[1] if q["split"] == split][:n]
+    if task == "factqa":                        # written by afford.bench.factqa.write (data/README.md)
+        path = data / "factqa" / "questions.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: run from the repository root, or pass --data")
+        return [q for q in map(json.loads, path.read_text().splitlines()) if q["split"] == split][:n]
     raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
