@@ -8,7 +8,8 @@
   top_docs (picked on the dev split), on both models.
 - Guided re-ranking (steering, not speed): GSM8K prompts that mention a gendered word, rewritten with the
   words swapped (he/she, his/her, boy/girl, ...); counterfactual invariance = the share of the output that
-  stays the same (after swapping back) when the prompt is rewritten, plain vs guided, and what it costs.
+  stays the same (after swapping back) when the prompt is rewritten, plain vs guided at alpha 1 (AMBEDKAR's
+  default) and 8, and what it costs.
 
     python benchmarks/fidelity.py                 # -> results/fidelity.json (about 12 minutes on 2 cores)
 """
@@ -35,14 +36,15 @@ def slim(result: dict) -> dict:
     return {**result, "rows": [{k: v for k, v in r.items() if k not in DROP} for r in result["rows"]]}
 
 
-def steering(n: int, max_tokens: int, alpha: float) -> dict:
+def steering(n: int, max_tokens: int, alphas: list[float]) -> dict:
     rewrite = swap_words(SWAPS)
     rows = [json.loads(line) for line in (ROOT / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()]
     prompts = [f"Question: {r['question']}\nAnswer:" for r in rows if rewrite(r["question"]) != r["question"]][:n]
     sp = SamplingParams(max_tokens=max_tokens, temperature=0)
-    out = {"n": len(prompts), "max_tokens": max_tokens, "alpha": alpha, "swaps": SWAPS, "arms": {}}
-    for arm, kw in (("plain", {}), ("guided", dict(rerank="guided", large="default", alpha=alpha,
-                                                    counterfactual=SWAPS))):
+    out = {"n": len(prompts), "max_tokens": max_tokens, "swaps": SWAPS, "arms": {}}
+    arms = [("plain", {})] + [(f"guided alpha={a:g}", dict(rerank="guided", large="default", alpha=a,
+                                                            counterfactual=SWAPS)) for a in alphas]
+    for arm, kw in arms:
         llm = LLM("default-draft", **kw)
         tok = llm.tokenizer
         llm.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0))
@@ -61,7 +63,8 @@ def steering(n: int, max_tokens: int, alpha: float) -> dict:
                             "overridden_tokens": getattr(llm.engine.levers.reranker, "changed", 0)
                             if llm.engine.levers else 0, "generated_tokens": gen}
         print(f"steering {arm}: {out['arms'][arm]}", flush=True)
-    out["cost_vs_plain"] = out["arms"]["plain"]["tokens_per_s"] / out["arms"]["guided"]["tokens_per_s"]
+    for arm, r in out["arms"].items():
+        r["time_vs_plain"] = out["arms"]["plain"]["tokens_per_s"] / r["tokens_per_s"]
     return out
 
 
@@ -81,7 +84,7 @@ def main() -> None:
     grad = [{"model": "default", "grad_corpus": docs}, {"model": "default-draft"},
             {"model": "default-draft", "grad_corpus": docs}]
     results["grad"] = slim(run(grad, "default", "factqa", 200, 12, None, data, "test"))
-    results["steering"] = steering(a.steer_n, 48, 1.0)
+    results["steering"] = steering(a.steer_n, 48, [1.0, 8.0])
     save("fidelity", results)
     for part in ("ead", "grad"):
         for r in results[part]["rows"]:

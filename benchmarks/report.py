@@ -225,6 +225,28 @@ def main():
     r = load("gpu_decode")
     if r:
         gpu_decode(r)
+    r = load("fidelity")
+    if r:
+        fidelity(r)
+
+
+def fidelity(r) -> None:
+    """benchmarks/fidelity.py: the lossy levers beside their quality change."""
+    import sys
+
+    from common import ROOT
+    sys.path.insert(0, str(ROOT))
+    from afford.bench.fidelity import markdown
+    print("\n## fidelity\n" + machine(r) + "\n")
+    for part in ("ead", "grad"):
+        print(markdown(r[part]))
+    st = r["steering"]
+    print(f"Guided re-ranking, {st['n']} GSM8K prompts with a gendered word and their swapped rewrites, "
+          f"{st['max_tokens']} new tokens, greedy, bundled draft proposing, bundled target guiding:\n")
+    print(table(["arm", "invariance (prefix share)", "identical after swap-back", "tokens overridden", "tokens/s",
+                 "time vs plain"],
+                [[k, f"{a['invariance_prefix']:.1%}", f"{a['invariant_outputs']:.0%}", a["overridden_tokens"],
+                  f"{a['tokens_per_s']:.0f}", f"{a['time_vs_plain']:.1f}x"] for k, a in st["arms"].items()]))
 
 
 def gpu_decode(r) -> None:

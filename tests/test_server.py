@@ -26,7 +26,8 @@ class Server:
 
         from afford.serve.app import create_app
         self.llm = AsyncLLM.from_config(EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256),
-                                        kw.pop("speculative", None), max_queue=kw.pop("max_queue", 256))
+                                        kw.pop("speculative", None), max_queue=kw.pop("max_queue", 256),
+                                        lossy=kw.pop("lossy", None))
         self.app = create_app(self.llm, "tiny", **kw)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -409,3 +410,31 @@ def test_server_with_a_draft_in_its_default_goodput_mode(llama_dir, offline):
     finally:
         s.stop()
 
+
+
+def test_server_with_an_entropy_cascade(llama_dir, tokenizer_dir, tmp_path):
+    """`afford serve --cascade entropy --large L`: concurrent greedy requests get what the offline engine
+    gives each alone (every sequence switches on its own), and /metrics counts the large model's tokens."""
+    from afford.config import CascadeConfig, LossyConfig
+    from tests.conftest import make_hf_model
+    large = make_hf_model(tmp_path / "large", tokenizer_dir, "llama", seed=5, hidden_size=96)
+    lossy = LossyConfig(cascade=CascadeConfig(str(large), tau=0.0, dwell=3))
+    s = Server(llama_dir, lossy=lossy)
+    try:
+        prompts = [f"Line {i}: the king" for i in range(5)]
+        alone = LLM(str(llama_dir), dtype="float32", max_model_len=256, cascade="entropy", large=str(large), tau=0.0,
+                    dwell=3)
+        refs = [alone.generate(p, SamplingParams(max_tokens=20, temperature=0))[0].text for p in prompts]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": p, "max_tokens": 20,
+                                                                            "temperature": 0}) for p in prompts))
+                return [r.json()["choices"][0]["text"] for r in rs]
+        assert asyncio.run(main()) == refs
+        text = httpx.get(s.url + "/metrics").text
+        large_tokens = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("afford_cascade_large_tokens_total")]
+        assert large_tokens and large_tokens[0] > 0
+        assert wait_idle(s)
+    finally:
+        s.stop()

@@ -44,6 +44,14 @@ class _SpeculativeCollector:
                                   "prefix cache", value=pool.queried_tokens)
         yield CounterMetricFamily("afford_prefix_cache_hits", "prompt tokens whose KV came from the prefix cache",
                                   value=pool.hit_tokens)
+        if self.engine.levers is not None:          # the lossy levers (afford/levers/)
+            yield CounterMetricFamily("afford_side_model_tokens", "tokens fed through the second model (EAD's "
+                                      "large model, the re-ranker's guide)", value=st.side_tokens)
+            yield CounterMetricFamily("afford_cascade_large_tokens", "generated tokens the EAD large model "
+                                      "produced", value=st.large_tokens)
+            yield CounterMetricFamily("afford_cascade_catchup_tokens", "tokens EAD's models fed to catch up",
+                                      value=st.catchup_tokens)
+            yield CounterMetricFamily("afford_cascade_switches", "EAD model switches", value=st.switches)
 
 
 class ServerMetrics:
