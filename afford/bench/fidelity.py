@@ -9,7 +9,8 @@ one prompt at a time (batch 1, as a user waiting on an answer sees it):
 - task accuracy: GSM8K's numeric answer, or the fact-QA set's (afford/bench/factqa.py);
 - tokens/s, and two modeled costs per generated token, relative to the plain large model: FLOPs (~2 x
   parameters per fed token, the second model's catch-up and GRAD's document forwards included: the
-  compute-bound view) and bytes read (weights once per forward of each model, plus the K/V attended:
+  compute-bound view) and bytes read (weights once per forward of each model, plus the engine's model's
+  K/V attended:
   the memory-bound view of batch-1 decoding, where a catch-up of many tokens costs about one forward).
 Writes fidelity.json, fidelity.md and (with matplotlib) fidelity.png, cost vs quality.
 """
