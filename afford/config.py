@@ -13,6 +13,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCa
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+KV_BUDGET_BYTES = 2 << 30     # default KV pool size cap when kv_blocks is not given (per model)
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message says what to do."""
 
@@ -278,8 +281,10 @@ class LossyConfig:
 
     @property
     def side_model(self) -> str | None:
-        """The second model these levers load, if any."""
-        return self.cascade.large if self.cascade else self.rerank.large if self.rerank else None
+        """The second model these levers load, if any (re-ranking at alpha = 0 is off: it loads none)."""
+        if self.cascade:
+            return self.cascade.large
+        return self.rerank.large if self.rerank and self.rerank.alpha != 0 else None
 
     @property
     def any(self) -> bool:

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from afford.config import ConfigError, EngineConfig, LossyConfig, ModelConfig, SpeculativeConfig
+from afford.config import KV_BUDGET_BYTES, ConfigError, EngineConfig, LossyConfig, ModelConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
 from afford.core.params import SamplingParams
 from afford.core.runner import ModelRunner
@@ -21,7 +21,6 @@ from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference, load_tokenizer, resolve_model_path
 from afford.speculative.speculator import Speculator
 
-KV_BUDGET_BYTES = 2 << 30     # default pool size cap when kv_blocks is not given
 
 
 class Engine:
@@ -72,6 +71,7 @@ class Engine:
         if lossy is not None and lossy.any:
             from afford.levers import Levers
             self.levers = Levers(lossy, self)
+        self.own_source = "small" if self.levers and self.levers.cascade else "target"   # provenance of its tokens
         if self.speculator and self.speculator.controller.wants_profile:
             self._profile_step_times()
         self.cost_hw = self.cost_spec = None
@@ -175,7 +175,13 @@ class Engine:
             raise ConfigError(f"request id {rid!r} is already in use")
         seqs = [self._new_seq(rid if i == 0 else f"{rid}/{i}", text, ids, params, i) for i in range(params.n)]
         if self.levers is not None:
-            fed = self.levers.on_request(seqs, text if text is not None else self.tokenizer.decode(ids))
+            try:
+                fed = self.levers.on_request(seqs, text if text is not None else self.tokenizer.decode(ids))
+            except Exception:
+                for s in seqs:                 # refused at admission: nothing of it stays
+                    self.seqs.pop(s.request_id, None)
+                    self.levers.forget(s)
+                raise
             self.stats.flops += 2.0 * self.model_config.num_parameters * fed       # GRAD's document forwards
         parent = seqs[0]
         parent.children = seqs[1:]       # forked from the parent's prompt blocks right after its prefill
@@ -276,9 +282,6 @@ class Engine:
         sampling = [s for s, d in zip(seqs, done) if d]
         if self.levers is not None and sampling:
             logits = self.levers.fuse(sampling, logits)
-            if self.levers.cascade:
-                for s in sampling:
-                    s.sources.append("small")
             next_tokens = iter(self.levers.pick(sampling, logits, self.sampler))
         else:
             next_tokens = iter(self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])) \
@@ -338,7 +341,7 @@ class Engine:
             s.num_computed = valid                 # the accepted drafts join token_ids in _emit: register them now
             self.pool.register(s.seq_id, s.token_ids, valid, pending=d.tokens[:n])
             before = s.num_output
-            outs.append(self._emit(s, d.tokens[:n] + [nxt], own))
+            outs.append(self._emit(s, d.tokens[:n] + [nxt], own, 0, ["draft"] * n + ["target"]))
             outs += self._fork_shared(s)
             st.tokens_out += s.num_output - before
             st.drafted += len(d.tokens)
@@ -384,6 +387,8 @@ class Engine:
         st.large_tokens = len(large)
         st.catchup_tokens = st.tokens_in - len(small) + st.side_tokens - len(large)
         outs = []
+        st.num_seqs = len(seqs)                  # both models' sequences (of_forward counted the small one's)
+        st.context_tokens += sum(len(s.token_ids) for s in large)
         for i, (s, tok, h) in enumerate(zip(seqs, tokens, entropy)):
             src = LARGE if s in large else SMALL
             if src == SMALL:
@@ -391,8 +396,8 @@ class Engine:
             before = casc.states[s.seq_id].switches if s.seq_id in casc.states else 0
             casc.observe(s.seq_id, h)
             st.switches += casc.states[s.seq_id].switches - before
-            s.sources.append(src)
-            outs.append(self._emit(s, [tok], logits, i))
+            outs.append(self._emit(s, [tok], logits, i, [src]))
+            outs += self._fork_shared(s)
         st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * len(small), [0] * len(small)
         return outs, st
 
@@ -411,6 +416,7 @@ class Engine:
                 self.pool.fork(s.seq_id, c.seq_id)
                 c.num_computed = s.num_computed
             delta = "".join(c.append(t, self.eos_ids, self.max_model_len) for t in s.output_ids)
+            c.sources = list(s.sources)
             c.logprobs = list(s.logprobs)
             if s.finished and not c.finished:          # aborted or failed inside the prefix: so do they
                 c.finish(s.finish_reason or "abort")
@@ -421,13 +427,14 @@ class Engine:
             outs.append(RequestOutput.from_seq(c, delta))
         return outs
 
-    def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor, at: int = 0) -> RequestOutput:
+    def _emit(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor, at: int = 0,
+              sources: list[str] | None = None) -> RequestOutput:
         """Append tokens to s until it stops (logits[at + i]: the row new_tokens[i] came from). What
         fails here is this sequence's own work (its logprobs, detokenization, stop strings): it fails
         this sequence alone -- finished with reason "error" and the exception in its output -- and the
         batch goes on."""
         try:
-            return self._append(s, new_tokens, logits, at)
+            return self._append(s, new_tokens, logits, at, sources)
         except Exception as e:
             if not s.finished:
                 s.finish("error")
@@ -436,14 +443,20 @@ class Engine:
             out.error = e
             return out
 
-    def _append(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor, at: int) -> RequestOutput:
+    def _append(self, s: Sequence, new_tokens: list[int], logits: torch.Tensor, at: int,
+                sources: list[str] | None) -> RequestOutput:
+        """sources[i]: who produced new_tokens[i] ("target", "draft" -- an accepted draft token --, "small" /
+        "large" under a cascade); None: the engine's own model."""
         if self.fault_hook is not None:
             self.fault_hook(s)
+        if isinstance(new_tokens[0], Exception):   # a lever could not choose this sequence's token (Levers.pick)
+            raise new_tokens[0]
         s.metrics.forward_passes += 1
         delta = ""
         for i, tok in enumerate(new_tokens):
             if s.params.logprobs is not None:
                 s.logprobs.append(top_logprobs(torch.log_softmax(logits[at + i].float(), -1), tok, s.params.logprobs))
+            s.sources.append(sources[i] if sources else self.own_source)
             delta += s.append(tok, self.eos_ids, self.max_model_len)
             if s.finished:
                 break

@@ -123,6 +123,10 @@ def lossy_config(cascade, large, tau, window, dwell, rerank, alpha, rerank_top_k
         raise ConfigError(f"cascade must be 'entropy' or None, got {cascade!r}")
     if rerank not in (None, "guided"):
         raise ConfigError(f"rerank must be 'guided' or None, got {rerank!r}")
+    if large is not None and not (cascade or rerank):
+        raise ConfigError("large= is the model of cascade='entropy' or rerank='guided': turn one on, or drop large=")
+    if counterfactual is not None and not rerank:
+        raise ConfigError("counterfactual= is used by rerank='guided' only: turn it on, or drop counterfactual=")
     if (cascade or rerank) and large is None:
         raise ConfigError(f"{'cascade' if cascade else 'rerank'} needs large=: the larger model's folder "
                           f"(or 'default' for the bundled target)")

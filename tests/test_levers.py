@@ -92,6 +92,22 @@ def test_cascade_follows_the_rule_and_its_caches_match_fresh_prefills(llama_dir,
     llm.engine.pool.check()
 
 
+def test_cascade_with_shared_prefix_sampling_and_a_cost_model(llama_dir, large_dir):
+    """n > 1 choices forked after a shared prefix while the large model is active, and steps where every
+    sequence is on the large model with the planner's cost on: every choice finishes, each token has a source."""
+    llm = LLM(str(llama_dir), cascade="entropy", large=str(large_dir), tau=0.0, dwell=1, cost_hardware="h100")
+    out = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=20, temperature=0.8, seed=1, n=3, shared_prefix=6,
+                                                   ignore_eos=True))
+    for o in out:
+        assert len(o.outputs) == 3
+        for c in o.outputs:
+            assert len(c.token_ids) == 20 and len(c.metrics["sources"]) == 20
+            assert c.token_ids[:6] == o.token_ids[:6] and c.metrics["sources"][:6] == o.metrics["sources"][:6]
+    assert llm.stats.large_tokens > 0 and llm.stats.modeled_usd_per_1m is not None
+    llm.engine.pool.check()
+    assert not llm.engine.levers.side.pool.tables
+
+
 def test_grad_graph_equals_a_hand_computed_one(llama_dir, dense, tmp_path):
     from afford.levers.grad import Grad
     from afford.models.loader import load_for_inference, load_tokenizer
@@ -187,6 +203,15 @@ def test_bad_inputs_get_clear_errors(llama_dir, large_dir, tokenizer_dir, tmp_pa
     llm = LLM(str(llama_dir), rerank="guided", large=str(large_dir), counterfactual={"a": "b"})
     with pytest.raises(ConfigError, match="n=1"):
         llm.generate("x", SamplingParams(n=2))
+    with pytest.raises(ConfigError, match="drop large="):
+        LLM(str(llama_dir), large=str(large_dir))
+
+    def broken(text):
+        raise KeyError(text)
+    llm = LLM(str(llama_dir), rerank="guided", large=str(large_dir), counterfactual=broken)
+    with pytest.raises(ConfigError, match="rewrite failed"):
+        llm.generate("x")
+    assert not llm.engine.seqs and not llm.engine.has_unfinished()
 
 
 def test_cli_generate_with_a_cascade_prints_its_share(llama_dir, large_dir, capsys):

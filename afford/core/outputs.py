@@ -22,6 +22,7 @@ class RequestOutput:
     index: int = 0                              # which of the request's n choices
     outputs: list["RequestOutput"] = field(default_factory=list)   # LLM.generate: all n choices (this one first)
     error: Exception | None = None              # set when this request failed alone (finish_reason "error")
+    sources: list[str] | None = None            # SamplingParams(provenance=True): who produced each token so far
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
@@ -33,7 +34,9 @@ class RequestOutput:
             return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, seq.output_ids, None, False,
                                  list(seq.logprobs) if seq.params.logprobs is not None else None,
                                  seq.prompt_logprobs, {"prompt_tokens": seq.num_prompt, "generated_tokens": n_out,
-                                                       "forward_passes": m.forward_passes}, delta, seq.index)
+                                                       "forward_passes": m.forward_passes, "drafted": m.drafted,
+                                                       "accepted": m.accepted}, delta, seq.index,
+                                 sources=seq.sources[:n_out] if seq.params.provenance else None)
         decode_s = (m.finished or m.first_token or 0) - (m.first_token or 0)
         metrics = {
             "prompt_tokens": seq.num_prompt, "generated_tokens": n_out, "forward_passes": m.forward_passes,
@@ -49,7 +52,7 @@ class RequestOutput:
                            accepted_per_position=list(m.accepted_per_position),
                            drafted_per_position=list(m.drafted_per_position),
                            tokens_per_forward=n_out / max(m.forward_passes, 1))
-        if seq.sources:                         # EAD: which model produced each token, and the large one's share
+        if "small" in seq.sources:              # EAD: which model produced each token, and the large one's share
             metrics.update(sources=list(seq.sources[:n_out]),
                            large_share=seq.sources[:n_out].count("large") / max(n_out, 1))
         if seq.retrieved:                       # GRAD: the documents the request's graph came from
@@ -58,4 +61,5 @@ class RequestOutput:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids,
             text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason, finished=seq.finished,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta, index=seq.index)
+            prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta, index=seq.index,
+            sources=seq.sources[:n_out] if seq.params.provenance else None)

@@ -20,6 +20,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     shared_prefix: int = 0             # n > 1: the choices share their first m sampled tokens (decoded once)
+    provenance: bool = False           # RequestOutput.sources: who produced each token (target, draft, small, large)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

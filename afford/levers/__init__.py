@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.config import ConfigError, LossyConfig
+from afford.config import KV_BUDGET_BYTES, ConfigError, LossyConfig
 from afford.core.sampler import probs as sampling_probs
 
 
@@ -19,9 +19,14 @@ class Levers:
         e = engine
         self.side = None
         if cfg.side_model is not None:
+            # a cascade's large model holds what the engine's pool holds; a guide two contexts per sequence
+            # and a fork per candidate and context
+            blocks = e.pool.num_blocks if cfg.cascade else \
+                2 * e.pool.num_blocks + 4 * cfg.rerank.top_k * e.cfg.max_num_seqs
             self.side = SideModel(cfg.side_model, e.tokenizer, e.model_config.vocab_size, e.max_model_len,
-                                  e.pool.num_blocks, e.pool.block_size, e.cfg.device, e.cfg.dtype,
-                                  "large" if cfg.cascade else "guide", e.cfg.attention, e.cfg.native)
+                                  blocks, e.pool.block_size, e.cfg.device, e.cfg.dtype,
+                                  "large" if cfg.cascade else "guide", e.cfg.attention, e.cfg.native,
+                                  KV_BUDGET_BYTES * (1 if cfg.cascade else 2))
         c = cfg.cascade
         self.cascade = EntropyCascade(c.tau, c.window, c.dwell) if c else None
         self.reranker = self.grad = None
@@ -39,8 +44,10 @@ class Levers:
     def on_request(self, seqs, text: str) -> int:
         """A new request's sequences (its n choices): GRAD retrieves its documents and builds its graph.
         Returns the tokens fed to do it (documents seen before are cached: 0)."""
-        if self.reranker is not None and len(seqs) > 1:
-            raise ConfigError("rerank='guided' decodes one choice per request: use n=1")
+        if self.reranker is not None:
+            if len(seqs) > 1:
+                raise ConfigError("rerank='guided' decodes one choice per request: use n=1")
+            self.reranker.prepare(seqs[0], text)
         if self.grad is None or self.grad.weight == 0:
             return 0
         before = self.grad.doc_tokens

@@ -71,12 +71,30 @@ class GuidedReranker:
         self.cf_prompt: dict[int, list[int]] = {}     # seq_id -> the counterfactual prompt's token ids
         self.changed = 0                              # tokens where the choice differs from the plain one
 
-    def counterfactual_ids(self, seq) -> list[int]:
-        if seq.seq_id not in self.cf_prompt:
-            text = seq.prompt if seq.prompt is not None else self.tokenizer.decode(seq.prompt_ids)
-            ids = self.tokenizer(self.rewrite(text), add_special_tokens=False)["input_ids"]
-            self.cf_prompt[seq.seq_id] = ids or list(seq.prompt_ids)
-        return self.cf_prompt[seq.seq_id]
+    def prepare(self, seq, text: str) -> None:
+        """A new request: its counterfactual prompt, rewritten and checked here (an error fails this request
+        at admission, not a step)."""
+        try:
+            out = self.rewrite(text)
+        except Exception as e:
+            raise ConfigError(f"the counterfactual rewrite failed on this prompt: {e!r}") from e
+        if not isinstance(out, str):
+            raise ConfigError(f"the counterfactual rewrite must return a string, got {type(out).__name__}")
+        ids = self.tokenizer(out, add_special_tokens=False)["input_ids"] or list(seq.prompt_ids)
+        room = self.guide.max_len - seq.params.max_tokens
+        if len(ids) >= room:
+            raise ConfigError(f"the counterfactual prompt has {len(ids)} tokens: with max_tokens="
+                              f"{seq.params.max_tokens} it does not fit the context of {self.guide.max_len}; "
+                              f"lower max_tokens or shorten the prompt")
+        self.cf_prompt[seq.seq_id] = ids
+
+    def blocks_needed(self, seq) -> int:
+        """Guide-pool blocks one step of seq may take: both contexts grown, then a fork per candidate and
+        context (a copy-on-write copy of its last block and at most one new block each)."""
+        orig, cf = self.keys(seq.seq_id)
+        pool = self.guide.pool
+        return pool.extra_blocks(orig, len(seq.token_ids) + 1) + \
+            pool.extra_blocks(cf, len(self.cf_prompt[seq.seq_id]) + seq.num_output + 1) + 4 * self.top_k
 
     @staticmethod
     def keys(seq_id: int) -> tuple[int, int]:
@@ -89,20 +107,20 @@ class GuidedReranker:
         for s in seqs:
             orig, cf = self.keys(s.seq_id)
             parents += [orig, cf]
-            lists += [s.token_ids, self.counterfactual_ids(s) + s.output_ids]
+            lists += [s.token_ids, self.cf_prompt[s.seq_id] + s.output_ids]
         g.feed(parents, lists, want_logits=False)                # both contexts up to the last token
         kids, toks, starts = [], [], []
-        for i, s in enumerate(seqs):
-            for b in range(2):
-                parent, n = parents[2 * i + b], len(lists[2 * i + b])
-                for j in range(K):
-                    kid = 64 * s.seq_id + 2 + 2 * j + b
-                    g.fork(parent, kid)
-                    g.runner.copy_blocks(g.pool.prepare_write(kid, n + 1))
-                    kids.append(kid)
-                    starts.append(n)
-                    toks.append([int(candidates[i, j])])
         try:
+            for i, s in enumerate(seqs):
+                for b in range(2):
+                    parent, n = parents[2 * i + b], len(lists[2 * i + b])
+                    for j in range(K):
+                        kid = 64 * s.seq_id + 2 + 2 * j + b
+                        g.fork(parent, kid)
+                        kids.append(kid)
+                        g.runner.copy_blocks(g.pool.prepare_write(kid, n + 1))
+                        starts.append(n)
+                        toks.append([int(candidates[i, j])])
             logits = g.runner.forward(kids, starts, toks)                           # (B * 2 * K, V)
         finally:
             for k in kids:
@@ -112,8 +130,20 @@ class GuidedReranker:
         return js_divergence(logp[:, 0].reshape(-1, logp.shape[-1]),
                              logp[:, 1].reshape(-1, logp.shape[-1])).view(len(seqs), K)
 
-    def choose(self, seqs, logits: torch.Tensor, sample_probs) -> list[int]:
-        """logits (B, V) of the proposing model -> one token per sequence."""
+    def choose(self, seqs, logits: torch.Tensor, sample_probs) -> list[int | Exception]:
+        """logits (B, V) of the proposing model -> one token per sequence, or the error that fails that
+        sequence alone (the guide's pool has no room for it now)."""
+        free, fits = self.guide.pool.num_free, []
+        for s in seqs:
+            need = self.blocks_needed(s)
+            fits.append(need <= free)
+            free -= need if fits[-1] else 0
+        if not all(fits):
+            ok = [i for i, f in enumerate(fits) if f]
+            picked = iter(self.choose([seqs[i] for i in ok], logits[ok], sample_probs) if ok else [])
+            return [next(picked) if f else RuntimeError(
+                "the guide model's KV pool is full: this request could not be re-ranked; retry it, or run "
+                "fewer requests at once (max_num_seqs)") for f in fits]
         K = min(self.top_k, logits.shape[-1])
         scores, cands = [], []
         for s, row in zip(seqs, logits):

@@ -15,7 +15,10 @@ from afford.models.loader import load_for_inference, load_tokenizer, resolve_mod
 
 class SideModel:
     def __init__(self, path: str, main_tokenizer, main_vocab: int, max_len: int, num_blocks: int,
-                 block_size: int, device: str, dtype: str, role: str, attention: str = "auto", native: bool = True):
+                 block_size: int, device: str, dtype: str, role: str, attention: str = "auto", native: bool = True,
+                 budget_bytes: int = 2 << 30):
+        """num_blocks: the KV blocks its pool wants, capped where they pass budget_bytes of this model's K/V
+        (never below one max_len sequence)."""
         path = resolve_model_path(path, role="target")
         cfg = ModelConfig.from_dir(path)
         if cfg.vocab_size != main_vocab:
@@ -27,9 +30,11 @@ class SideModel:
         if cfg.max_position_embeddings < max_len:
             raise ConfigError(f"the {role} model handles {cfg.max_position_embeddings} positions but the engine "
                               f"runs with max_model_len={max_len}; lower max_model_len")
-        self.cfg, self.path = cfg, path
+        self.cfg, self.path, self.max_len = cfg, path, max_len
         self.model = load_for_inference(path, device, dtype, max_len=max_len)
-        self.pool = BlockPool(num_blocks, block_size)
+        per_token = cfg.kv_bytes_per_token(next(self.model.parameters()).element_size())
+        least = -(-(max_len + 1) // block_size)
+        self.pool = BlockPool(max(least, min(num_blocks, budget_bytes // (per_token * block_size))), block_size)
         self.runner = ModelRunner(self.model, self.pool, attention, native, graphs=False)
         self.computed: dict[int, int] = {}     # key -> tokens whose K/V this model holds
         self.fed = 0                           # tokens fed through this model, all forwards

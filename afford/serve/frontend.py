@@ -31,6 +31,7 @@ from afford.serve.responses import (
     error_body,
     final_choices,
     object_name,
+    provenance,
     role_choices,
     sse,
     usage,
@@ -215,13 +216,17 @@ class Frontend:
         try:
             return SamplingParams(max_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
                                   n=req.n, stop=req.stop, seed=req.seed, logprobs=logprobs,
-                                  shared_prefix=req.shared_prefix)
+                                  shared_prefix=req.shared_prefix, provenance=req.provenance)
         except ConfigError as e:
             raise HTTPError(400, str(e))
 
     # ---- running a request ----
     def decode(self, token: int) -> str:
         return self.tokenizer.decode([token])
+
+    def usd_per_1m(self, out: RequestOutput) -> float | None:
+        """The planner's modeled USD per 1M tokens of this model at the request's context (--cost-hardware)."""
+        return self.llm.engine.modeled_usd_per_1m(len(out.prompt_token_ids) + len(out.token_ids))
 
     def submit(self, ids: list[int], params: SamplingParams, rid: str):
         """Admit the request to the engine thread; a full queue is 429, a dead engine 503."""
@@ -241,8 +246,12 @@ class Frontend:
             return StreamingResponse(self.events(stream, rid, created, params.n, chat, include_usage),
                                      media_type="text/event-stream")
         outs = await self.collect(stream, params.n, rid, request)
-        return JSONResponse(envelope(rid, object_name(chat, stream=False), created, self.model_name,
-                                     final_choices(outs, chat, self.decode), usage=usage(outs)))
+        choices = final_choices(outs, chat, self.decode)
+        if params.provenance:
+            for c, o in zip(choices, outs):
+                c["afford"] = provenance(o, 0, self.decode, self.usd_per_1m(o))
+        return JSONResponse(envelope(rid, object_name(chat, stream=False), created, self.model_name, choices,
+                                     usage=usage(outs)))
 
     async def collect(self, stream, n: int, rid: str, request: Request) -> list[RequestOutput]:
         """Wait for all n choices to finish; their final outputs in index order. A client that goes away
@@ -280,6 +289,7 @@ class Frontend:
             yield sse(head(role_choices(n)))
         finals: list[RequestOutput] = []
         seen: dict[int, int] = {}          # choice index -> logprob entries already sent
+        sent: dict[int, int] = {}          # choice index -> tokens whose provenance was sent
         try:
             async for out in self.llm.outputs(stream, n, rid):
                 new_lp = None
@@ -287,6 +297,9 @@ class Frontend:
                     new_lp = out.logprobs[seen.get(out.index, 0):]
                     seen[out.index] = len(out.logprobs)
                 c = delta_choice(out, new_lp, chat, self.decode)
+                if out.sources is not None:
+                    c["afford"] = provenance(out, sent.get(out.index, 0), self.decode, self.usd_per_1m(out))
+                    sent[out.index] = len(out.sources)
                 if out.finished:
                     finals.append(out)
                     self.metrics.observe_finished(out.metrics)

@@ -31,6 +31,8 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     shared_prefix: int = Field(default=0, ge=0)     # afford extension: the n choices share their first m tokens
+    provenance: bool = False                        # afford extension: each choice gets an "afford" object with
+                                                    # who produced each token (responses.provenance)
 
     @field_validator("stop")
     @classmethod

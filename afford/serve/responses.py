@@ -82,6 +82,17 @@ def delta_choice(out: RequestOutput, new_logprobs: list[dict] | None, chat: bool
                   out.finish_reason if out.finished else None, chat=chat, stream=True)
 
 
+def provenance(out: RequestOutput, start: int, decode: Decode, usd_per_1m: float | None) -> dict:
+    """The afford extension of a choice (asked for with "provenance": true): its tokens from `start` on as
+    [text, source] pairs -- source "target", "draft" (a draft token the target accepted), "small" or
+    "large" (under a cascade) -- with the request's drafted and accepted counts so far and the planner's
+    modeled USD per 1M tokens (None without --cost-hardware)."""
+    toks = out.token_ids[start:len(out.sources)]
+    return {"tokens": [[decode(t), s] for t, s in zip(toks, out.sources[start:])],
+            "drafted": out.metrics.get("drafted", 0), "accepted": out.metrics.get("accepted", 0),
+            "usd_per_1m": usd_per_1m}
+
+
 def role_choices(n: int) -> list[dict]:
     """A streamed chat response's first chunk: the assistant role for each of the n choices."""
     return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
