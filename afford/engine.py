@@ -22,7 +22,6 @@ from afford.models.loader import load_for_inference, load_tokenizer, resolve_mod
 from afford.speculative.speculator import Speculator
 
 
-
 class Engine:
     def __init__(self, cfg: EngineConfig, speculative: SpeculativeConfig | None = None,
                  lossy: LossyConfig | None = None):
