@@ -152,8 +152,9 @@ ENGINE_CHOICES = {"quantization": ("int8", "int4"), "draft_quantization": ("int8
                   "controller": ("fixed", "off", "goodput")}
 REQUIRED_DEFAULTS = {"model": "default", "draft": None}   # fields without a default: --draft absent = no speculation
 # The one place a command departs from a field's default: the server adapts k by goodput (SmartSpec), as
-# README.md documents ("the server's default with a draft"); generate keeps SpeculativeConfig's "fixed".
-COMMAND_DEFAULTS = {"serve": {"controller": "goodput"}}
+# README.md documents ("the server's default with a draft"), and reports the planner's modeled cost on an H100
+# (the playground, /metrics); generate keeps SpeculativeConfig's "fixed" and no cost model.
+COMMAND_DEFAULTS = {"serve": {"controller": "goodput", "cost_hardware": "h100"}}
 
 
 def _flag_type(cls: type, f: Field) -> type:

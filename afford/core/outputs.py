@@ -23,6 +23,8 @@ class RequestOutput:
     outputs: list["RequestOutput"] = field(default_factory=list)   # LLM.generate: all n choices (this one first)
     error: Exception | None = None              # set when this request failed alone (finish_reason "error")
     sources: list[str] | None = None            # SamplingParams(provenance=True): who produced each token so far
+    pieces: list[str] | None = None             # ... and the text each token added (a multi-byte character's
+                                                #     text goes with the token that completes it)
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
@@ -36,7 +38,8 @@ class RequestOutput:
                                  seq.prompt_logprobs, {"prompt_tokens": seq.num_prompt, "generated_tokens": n_out,
                                                        "forward_passes": m.forward_passes, "drafted": m.drafted,
                                                        "accepted": m.accepted}, delta, seq.index,
-                                 sources=seq.sources[:n_out] if seq.params.provenance else None)
+                                 sources=seq.sources[:n_out] if seq.params.provenance else None,
+                                 pieces=list(seq.pieces) if seq.pieces is not None else None)
         decode_s = (m.finished or m.first_token or 0) - (m.first_token or 0)
         metrics = {
             "prompt_tokens": seq.num_prompt, "generated_tokens": n_out, "forward_passes": m.forward_passes,
@@ -62,4 +65,5 @@ class RequestOutput:
             text=seq.text, token_ids=seq.output_ids, finish_reason=seq.finish_reason, finished=seq.finished,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta, index=seq.index,
-            sources=seq.sources[:n_out] if seq.params.provenance else None)
+            sources=seq.sources[:n_out] if seq.params.provenance else None,
+            pieces=list(seq.pieces) if seq.pieces is not None else None)

@@ -74,7 +74,8 @@ class Sequence:
         self.children: list[Sequence] = []     # n > 1: choices still to fork from this one after prefill
         self.siblings: list[Sequence] = []     # n > 1: the request's other choices (on its first sequence)
         self.metrics = SeqMetrics()
-        self.sources: list[str] = []           # EAD: the model ("small" / "large") that produced each output token
+        self.sources: list[str] = []           # who produced each output token: target, draft, small, large
+        self.pieces: list[str] | None = [] if params.provenance else None   # each token's text (provenance)
         self.graph = None                      # GRAD: the request's token graph (afford/levers/grad.py)
         self.retrieved: list[str] = []         # GRAD: the documents it was built from
         self.detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
@@ -110,6 +111,8 @@ class Sequence:
             self.metrics.first_token = time.perf_counter()
         p = self.params
         piece = self.detok.step(self.token_ids) if self.detok else ""
+        if self.pieces is not None:
+            self.pieces.append(piece)
         if piece:
             start = max(0, len(self.text) - self._stop_tail)
             self.text += piece

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming, n, stop, seed,
-logprobs, usage), /v1/models, /health, /metrics. Every error a client can cause is an OpenAI-style
+logprobs, usage), /v1/models, /health, /metrics, and a playground page at / (playground.html). Every error a client can cause is an OpenAI-style
 JSON body with a 4xx status; nothing a request does can stop the engine thread.
 
 The routes are thin: each calls one method of the app's `Frontend` (frontend.py), which holds the
@@ -81,7 +81,7 @@ def create_app(llm: AsyncLLM, model_name: str = "afford", api_key: str | None = 
     @app.exception_handler(StarletteHTTPException)
     async def routing_error(request: Request, e: StarletteHTTPException):     # 404, 405: the same error shape
         what = {404: f"no route {request.url.path}: the endpoints are /v1/completions, /v1/chat/completions, "
-                     f"/v1/models, /health, /metrics",
+                     f"/v1/models, /health, /metrics and / (the playground)",
                 405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
         return error_response(HTTPError(e.status_code, what, code={404: "not_found", 405: "method_not_allowed"}
                                         .get(e.status_code), headers=e.headers))
@@ -107,5 +107,9 @@ def create_app(llm: AsyncLLM, model_name: str = "afford", api_key: str | None = 
     @app.get("/metrics")
     async def prom():
         return fe.prometheus()
+
+    @app.get("/")
+    async def playground():
+        return fe.playground()
 
     return app

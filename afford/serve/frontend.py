@@ -161,6 +161,13 @@ class Frontend:
     def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def playground(self) -> Response:
+        """The playground page: plain HTML + JS, no external assets, fed by /v1/completions streaming with
+        "provenance": true."""
+        from importlib.resources import files
+        return Response(files("afford.serve").joinpath("playground.html").read_text(encoding="utf-8"),
+                        media_type="text/html; charset=utf-8")
+
     # ---- a request into prompt ids and SamplingParams ----
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         body = await request.body()
@@ -249,7 +256,7 @@ class Frontend:
         choices = final_choices(outs, chat, self.decode)
         if params.provenance:
             for c, o in zip(choices, outs):
-                c["afford"] = provenance(o, 0, self.decode, self.usd_per_1m(o))
+                c["afford"] = provenance(o, 0, self.usd_per_1m(o))
         return JSONResponse(envelope(rid, object_name(chat, stream=False), created, self.model_name, choices,
                                      usage=usage(outs)))
 
@@ -298,7 +305,7 @@ class Frontend:
                     seen[out.index] = len(out.logprobs)
                 c = delta_choice(out, new_lp, chat, self.decode)
                 if out.sources is not None:
-                    c["afford"] = provenance(out, sent.get(out.index, 0), self.decode, self.usd_per_1m(out))
+                    c["afford"] = provenance(out, sent.get(out.index, 0), self.usd_per_1m(out))
                     sent[out.index] = len(out.sources)
                 if out.finished:
                     finals.append(out)
