@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cost(sub)
     from afford.compress.cli import add_parsers as _compress
     _compress(sub)
-    from afford.bench.fidelity import add_parser as _bench
+    from afford.bench.cli import add_parser as _bench
     _bench(sub)
     return parser
 
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             from afford.cost.cli import run
             return run(a)
         if a.cmd == "bench":
-            from afford.bench.fidelity import main as bench_main
+            from afford.bench.cli import main as bench_main
             return bench_main(a)
         if a.cmd in ("compress", "decompress"):
             from afford.compress.cli import run

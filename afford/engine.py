@@ -372,6 +372,7 @@ class Engine:
             for s, row in zip(small, self.runner.forward([s.seq_id for s in small], starts, fed)):   # (b, V)
                 rows[s.seq_id] = row
         side_before = side.fed
+        side_prompt = sum(max(0, s.num_prompt - side.computed.get(s.seq_id, 0)) for s in large)
         if large:
             for s, row in zip(large, side.feed([s.seq_id for s in large], [s.token_ids for s in large])):
                 rows[s.seq_id] = row
@@ -380,7 +381,7 @@ class Engine:
         logits = lv.fuse(seqs, logits)
         tokens = lv.pick(seqs, logits, self.sampler)
         st = StepStats.of_forward("decode", [s.seq_id for s in small], starts, [len(f) for f in fed])
-        st.side_tokens = side.fed - side_before
+        st.side_tokens, st.side_prompt_tokens = side.fed - side_before, side_prompt
         st.side_flops = 2.0 * side.cfg.num_parameters * st.side_tokens
         st.side_bytes = side.runner.weight_bytes if large else 0     # one forward reads its weights once
         st.large_tokens = len(large)

@@ -173,9 +173,7 @@ def plot(result: dict, path: Path, log=print) -> None:
     plt.close(fig)
 
 
-def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="measure levers against the plain model")
-    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+def add_parser(bsub) -> None:
     f = bsub.add_parser("fidelity", help="what lossy lever configurations change (accuracy, agreement, "
                         "perplexity) and save (tokens/s, modeled cost) against the plain large model")
     f.add_argument("--config", action="append", required=True, metavar="JSON",
@@ -183,10 +181,11 @@ def add_parser(sub) -> None:
                         "\"cascade\": \"entropy\", \"large\": \"default\", \"tau\": 2.5}' (repeatable)")
     f.add_argument("--large", default="default", help="the plain large model every row is compared with")
     f.add_argument("--task", choices=TASKS, default="gsm8k")
-    f.add_argument("--split", choices=("dev", "test"), default="test", help="dev: tune on it (GSM8K: the zoo's held-out tail of train.jsonl)")
+    f.add_argument("--split", choices=("dev", "test"), default="test",
+                   help="dev: tune on it (GSM8K: the zoo's held-out tail of train.jsonl)")
     f.add_argument("--n", type=int, default=50, help="prompts")
     f.add_argument("--max-tokens", type=int, default=128)
-    f.add_argument("--data", default="data", help="the data folder (GSM8K)")
+    f.add_argument("--data", default="data", help="the data folder (GSM8K, fact-QA)")
     f.add_argument("--out", default="fidelity", help="folder for fidelity.json / .md / .png")
 
 

@@ -38,6 +38,7 @@ class StepStats:
     side_tokens: int = 0           # lossy levers: tokens fed through the second (large / guide) model
     side_flops: float = 0.0        # ... and their FLOPs (~2 * its params * side_tokens; part of `flops`)
     side_bytes: int = 0            # ... and the weight bytes its forwards read (part of `weight_bytes`)
+    side_prompt_tokens: int = 0    # ... of side_tokens, prompt tokens (EAD: the large model's first catch-up)
     large_tokens: int = 0          # EAD: tokens the large model produced this step
     catchup_tokens: int = 0        # EAD: tokens either model fed to catch up (beyond one per sequence)
     switches: int = 0              # EAD: model switches this step
@@ -74,6 +75,7 @@ class EngineStats:
     modeled_usd_per_1m: float | None = None     # Step-3 cost model at the last decode step's mean context
     cost_hardware: str | None = None
     side_tokens: int = 0            # lossy levers: tokens fed through the second model (see StepStats)
+    side_prompt_tokens: int = 0     # ... of which prompt tokens
     large_tokens: int = 0           # EAD: generated tokens the large model produced
     catchup_tokens: int = 0         # EAD: catch-up tokens fed by either model
     switches: int = 0               # EAD: model switches
@@ -101,6 +103,7 @@ class EngineStats:
         self.drafted += s.drafted
         self.accepted += s.accepted
         self.side_tokens += s.side_tokens
+        self.side_prompt_tokens += s.side_prompt_tokens
         self.large_tokens += s.large_tokens
         self.catchup_tokens += s.catchup_tokens
         self.switches += s.switches
