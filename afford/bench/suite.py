@@ -103,7 +103,6 @@ def load_results(path: Path, s: Settings) -> dict:
 def machine() -> dict:
     import os
     import platform
-
     import subprocess
 
     import torch
