@@ -114,11 +114,14 @@ class Engine:
             runner.forward(ids, [0] * batch, [[1] * ctx] * batch)
             if cuda:
                 runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
-            sync()
-            t = time.perf_counter()
-            runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
-            sync()
-            ctl.observe_timing(batch * per, batch, batch * (ctx + per), time.perf_counter() - t, 0, 0, 0.0,
+            best = float("inf")
+            for _ in range(2):          # the faster of two: one stall on a shared machine must not set an anchor
+                sync()
+                t = time.perf_counter()
+                runner.forward(ids, [ctx] * batch, [[1] * per] * batch, [list(range(per))] * batch)
+                sync()
+                best = min(best, time.perf_counter() - t)
+            ctl.observe_timing(batch * per, batch, batch * (ctx + per), best, 0, 0, 0.0,
                                anchor=True, drafting=batch if per > 1 else 0)
             for i in ids:
                 pool.free(i)
