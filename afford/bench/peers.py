@@ -16,15 +16,18 @@ def transformers_runners(model: str, draft: str | None) -> tuple[dict[str, Runne
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:                                     # pragma: no cover - transformers is a dependency
         return {}, {"hf plain": f"transformers is not importable: {e}"}
+    from transformers.utils import logging as hf_logging
+
     from afford.models.loader import resolve_model_path
+    hf_logging.set_verbosity_error()
     tpath = resolve_model_path(model)
     tok = AutoTokenizer.from_pretrained(tpath)
-    target = AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32).eval()
+    target = _no_eos(AutoModelForCausalLM.from_pretrained(tpath, dtype=torch.float32).eval())
     arms: dict[str, dict] = {"hf plain": {}, "hf prompt lookup": {"prompt_lookup_num_tokens": 4}}
     skipped = {}
     if draft is not None and draft != "ngram":
-        arms["hf assisted"] = {"assistant_model": AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(draft, role="draft"), dtype=torch.float32).eval()}
+        arms["hf assisted"] = {"assistant_model": _no_eos(AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(draft, role="draft"), dtype=torch.float32).eval())}
     else:
         skipped["hf assisted"] = "no draft model given (--draft)"
 
@@ -33,11 +36,19 @@ def transformers_runners(model: str, draft: str | None) -> tuple[dict[str, Runne
             ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
             t = time.perf_counter()
             with torch.inference_mode():
-                out = target.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0, **kw)
+                out = target.generate(**ids, max_new_tokens=new_tokens, do_sample=False, **kw)
             return out[0, ids["input_ids"].shape[1]:].tolist(), time.perf_counter() - t
         return run
     return {name: runner(kw) for name, kw in arms.items()}, skipped
+
+
+def _no_eos(model):
+    """Decode past the end-of-sequence token as afford's ignore_eos does (min_new_tokens would instead mask
+    it and change the greedy token where the model picks it)."""
+    model.generation_config.eos_token_id = None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = 0
+    return model
 
 
 def llamacpp_runner(gguf: str | None) -> tuple[dict[str, Runner], dict[str, str]]:
