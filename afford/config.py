@@ -201,6 +201,19 @@ class EngineConfig:
     attention: str = "auto"              # attention backend: auto | paged | cpu_paged | sdpa (afford/attention/)
     native: bool = True                  # CPU fp32 forwards as one C++ call, same results (afford/models/native.py)
     enforce_eager: bool = False          # CUDA: no CUDA graphs (afford/core/graphs.py); the CPU never captures
+    sparse_budget: int = 16              # attention="sparse" (lossy past the budget): KV blocks per decode query
+    sparse_locality: float = 0.25        # ... share of the budget chosen by past attention mass (steps overlap)
+    sparse_fast_blocks: int | None = None    # ... fast-tier blocks per layer (None: budget x max_num_seqs)
+    sparse_dense_below: int | None = None    # ... contexts of at most this many tokens attend densely
+                                             #     (None: budget x block_size, when every block fits)
+
+    @property
+    def attention_options(self) -> dict:
+        """Options of the attention backend (the sparse one's; the others take none)."""
+        if self.attention != "sparse":
+            return {}
+        return {"budget": self.sparse_budget, "locality": self.sparse_locality, "fast_blocks": self.sparse_fast_blocks,
+                "dense_below": self.sparse_dense_below, "max_seqs": self.max_num_seqs}
 
     def __post_init__(self):
         if self.block_size < 1:

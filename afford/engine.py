@@ -51,7 +51,8 @@ class Engine:
         self.pool = BlockPool(blocks, bs, prefix_caching=cfg.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
                                   max_batch=cfg.max_num_seqs,
-                                  max_q=1 + speculative.num_speculative_tokens if speculative else 1)
+                                  max_q=1 + speculative.num_speculative_tokens if speculative else 1,
+                                  attention_options=cfg.attention_options)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, self.step_token_budget(cfg, self.runner.device),
                                    self.max_model_len,
                                    chunked_prefill=cfg.enable_chunked_prefill)
@@ -236,6 +237,8 @@ class Engine:
         for i, (kind, seqs, chunks) in enumerate(parts):
             outs += self._run(kind, seqs, chunks, len(sched.preempted) if i == 0 else 0)
         self.stats.prefix_hit_tokens = self.pool.hit_tokens
+        if hasattr(self.runner.backend, "counters"):
+            self.stats.sparse = self.runner.backend.counters()
         return outs
 
     def _run(self, kind: str, seqs: list[Sequence], chunks: list[int], preempted: int) -> list[RequestOutput]:

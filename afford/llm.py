@@ -14,7 +14,7 @@ class LLM:
 
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
                  max_model_len: int | None = None, kv_blocks: int | None = None, seed: int = 0,
-                 block_size: int = 16, max_num_seqs: int = 64, draft: str | None = None,
+                 block_size: int | None = None, max_num_seqs: int = 64, draft: str | None = None,
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
@@ -23,7 +23,8 @@ class LLM:
                  cascade: str | None = None, large: str | None = None, tau: float = 2.5, window: int = 5,
                  dwell: int = 10, rerank: str | None = None, alpha: float = 1.0, rerank_top_k: int = 5,
                  counterfactual=None, grad_corpus: str | None = None, grad_weight: float = 16.0,
-                 grad_top_docs: int = 1):
+                 grad_top_docs: int = 1, sparse_budget: int = 16, sparse_locality: float = 0.25,
+                 sparse_fast_blocks: int | None = None, sparse_dense_below: int | None = None):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
@@ -42,7 +43,11 @@ class LLM:
         rerank="guided" with large=PATH and counterfactual=(word swaps dict | str -> str function): AMBEDKAR-style
         steering -- this model's top rerank_top_k tokens re-scored by alpha * the guide's JS divergence under the
         counterfactual prompt. grad_corpus=FOLDER: GRAD -- logits fused (grad_weight) with a token graph of the
-        grad_top_docs documents BM25 retrieves for each prompt."""
+        grad_top_docs documents BM25 retrieves for each prompt. attention="sparse": NOSA-style block-sparse decode
+        attention (lossy once a context has more than sparse_budget blocks; block_size defaults to 64 with it)
+        over a two-tier KV store whose fast tier holds sparse_fast_blocks blocks per layer."""
+        if block_size is None:
+            block_size = 64 if attention == "sparse" else 16
         speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens,
                                          controller=speculation, acceptance=acceptance,
                                          draft_quantization=draft_quantization) if draft is not None else None)
@@ -53,7 +58,9 @@ class LLM:
                                          attention=attention, max_num_batched_tokens=max_num_batched_tokens,
                                          enable_chunked_prefill=enable_chunked_prefill,
                                          enable_prefix_caching=enable_prefix_caching, native=native,
-                                         enforce_eager=enforce_eager), speculative,
+                                         enforce_eager=enforce_eager, sparse_budget=sparse_budget,
+                                         sparse_locality=sparse_locality, sparse_fast_blocks=sparse_fast_blocks,
+                                         sparse_dense_below=sparse_dense_below), speculative,
                             lossy_config(cascade, large, tau, window, dwell, rerank, alpha, rerank_top_k,
                                          counterfactual, grad_corpus, grad_weight, grad_top_docs)))
 

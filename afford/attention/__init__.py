@@ -3,13 +3,18 @@ from afford.attention.backend import BACKENDS, AttentionBackend, AttnMetadata, F
 from afford.attention.paged import PagedBackend
 from afford.attention.paged_cpu import PagedCPUBackend
 from afford.attention.sdpa import GatherSDPABackend
+from afford.attention.sparse import SparseBackend
 from afford.config import ConfigError
 
 __all__ = ["AttentionBackend", "AttnMetadata", "ForwardBatch", "GatherSDPABackend", "PagedBackend", "PagedCPUBackend",
-           "get_backend"]
+           "SparseBackend", "get_backend"]
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str, **options) -> AttentionBackend:
+    """The backend `name`, built with its options (the sparse backend's budget, locality ...)."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown attention backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]()
+    try:
+        return BACKENDS[name](**options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -82,6 +82,9 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttnMetadata) -> None:
         """Backend-specific metadata into meta.extra (once per forward)."""
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """The runner copied these (src, dst) pool blocks (copy-on-write): copy any per-block state too."""
+
     @staticmethod
     def write_kv(k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttnMetadata) -> None:
         """Store the fed tokens' K/V (N, KV, D) at their slots; padding (-1) is skipped."""

@@ -70,7 +70,7 @@ class StepBuffers:
 
 class ModelRunner:
     def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto", native: bool = True,
-                 graphs: bool = True, max_batch: int = 64, max_q: int = 1):
+                 graphs: bool = True, max_batch: int = 64, max_q: int = 1, attention_options: dict | None = None):
         """graphs: on CUDA with the paged backend, forwards of up to max_batch sequences feeding up to max_q
         tokens each replay CUDA graphs (afford/core/graphs.py); elsewhere they run eagerly."""
         self.model = model
@@ -83,7 +83,8 @@ class ModelRunner:
         self.kv = [(torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype),
                     torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype))
                    for _ in range(cfg.num_layers)]
-        self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention)
+        self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention,
+                                   **(attention_options or {}))
         if hasattr(self.backend, "max_ctx"):                   # the paged backend splits contexts up to this
             self.backend.max_ctx = pool.block_size * min(pool.num_blocks, -(-(model.max_len + max_q) // pool.block_size))
         self.buffers = StepBuffers(self.device)
@@ -99,6 +100,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply the scheduler's copy-on-write (src, dst) block copies before the forward that writes."""
         bs = self.pool.block_size
+        self.backend.copy_blocks(copies)
         for src, dst in copies:
             for k, v in self.kv:
                 k[dst * bs:(dst + 1) * bs] = k[src * bs:(src + 1) * bs]

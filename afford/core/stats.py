@@ -79,6 +79,7 @@ class EngineStats:
     large_tokens: int = 0           # EAD: generated tokens the large model produced
     catchup_tokens: int = 0         # EAD: catch-up tokens fed by either model
     switches: int = 0               # EAD: model switches
+    sparse: dict | None = None      # attention="sparse": the backend's counters (bytes read vs dense, fast tier)
     prefix_hit_tokens: int = 0      # prompt tokens whose KV came from the prefix cache (the engine copies
     last: StepStats | None = None   # the pool's count here after each step)
 
@@ -142,6 +143,11 @@ class EngineStats:
         if self.large_tokens or self.switches:
             s += (f" | cascade: large model {self.large_tokens}/{self.generated_tokens} tok, {self.switches} "
                   f"switches, {self.catchup_tokens} catch-up tok")
+        if self.sparse and self.sparse["dense_bytes"]:
+            sp = self.sparse
+            s += (f" | sparse attention: K/V read {sp['read_bytes'] / sp['dense_bytes']:.0%} of dense, "
+                  f"fast tier hit rate {sp['hits'] / max(sp['hits'] + sp['misses'], 1):.0%}, "
+                  f"{sp['moved_bytes'] / 1e6:.1f} MB moved")
         if self.preemptions:
             s += f" | {self.preemptions} preemptions"
         if self.prefix_hit_tokens:

@@ -9,7 +9,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -44,6 +44,16 @@ class _SpeculativeCollector:
                                   "prefix cache", value=pool.queried_tokens)
         yield CounterMetricFamily("afford_prefix_cache_hits", "prompt tokens whose KV came from the prefix cache",
                                   value=pool.hit_tokens)
+        sparse = self.engine.runner.backend.counters() if hasattr(self.engine.runner.backend, "counters") else None
+        if sparse is not None:                       # attention="sparse" and its two-tier KV store
+            for key, text in (("read_bytes", "K/V bytes decode attention read"),
+                              ("dense_bytes", "K/V bytes dense attention would have read"),
+                              ("moved_bytes", "K/V bytes moved into the fast tier"),
+                              ("hits", "selected blocks found in the fast tier"),
+                              ("misses", "selected blocks copied into the fast tier")):
+                yield CounterMetricFamily(f"afford_sparse_{key}", text, value=sparse[key])
+            yield GaugeMetricFamily("afford_sparse_fast_tier_blocks", "blocks resident in the fast tier, all layers",
+                                    value=sparse["fast_blocks"])
         if self.engine.levers is not None:          # the lossy levers (afford/levers/)
             yield CounterMetricFamily("afford_side_model_tokens", "tokens fed through the second model (EAD's "
                                       "large model, the re-ranker's guide)", value=st.side_tokens)

@@ -1,0 +1,90 @@
+"""Block-sparse decode attention (attention="sparse") and its two-tier KV store (kv/offload.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afford import LLM, SamplingParams
+from afford.attention import get_backend
+from afford.config import ConfigError
+from afford.kv.offload import FastTier
+from tests.test_fastpath import BS, D, KV, Truth
+
+
+def test_full_budget_equals_dense_attention_through_both_tiers():
+    """Forced onto the sparse path (dense_below=0) with a budget covering every block: every query equals
+    dense attention, across block boundaries, after truncate and after fork."""
+    backend, t, g = get_backend("sparse", budget=64, dense_below=0), Truth(), torch.Generator().manual_seed(0)
+
+    def check(*args):
+        out, ref = t.step(backend, *args, g)
+        assert (out - ref).abs().max() <= 1e-5, args
+
+    check([0, 1, 2], [0, 0, 0], [9, 14, 3])
+    for _ in range(7):
+        check([0, 1, 2], [len(t.k[s]) for s in (0, 1, 2)], [1, 1, 1])
+    assert backend.tier.misses > 0 and backend.tier.hits > 0
+    t.truncate(0, 10)                                   # rolled back: the rewritten block must not be served stale
+    check([0], [10], [1])
+    for _ in range(3):
+        check([0], [len(t.k[0])], [1])
+    t.fork(1, 3)
+    check([1, 3], [len(t.k[1]), len(t.k[3])], [1, 1])
+    check([3, 1], [len(t.k[3]), len(t.k[1])], [1, 1])
+    t.pool.check()
+
+
+def test_a_small_budget_reads_fewer_bytes_and_the_locality_share_reuses_blocks():
+    reads = {}
+    for locality in (0.0, 0.5):
+        backend, t, g = get_backend("sparse", budget=6, locality=locality, dense_below=0), Truth(128), \
+            torch.Generator().manual_seed(1)
+        t.step(backend, [0], [0], [160], g)             # 40 blocks of 4
+        before = backend.read_bytes
+        for _ in range(40):
+            t.step(backend, [0], [len(t.k[0])], [1], g)
+        steps_bytes = backend.read_bytes - before
+        per_token = 2 * KV * D * 4
+        # each step reads at most 6 blocks (the one being written may be partial) plus the compressed keys
+        assert steps_bytes <= 40 * (6 * BS + -(-(len(t.k[0])) // BS)) * per_token
+        assert backend.dense_bytes > 2 * backend.read_bytes      # blocks of 4: the compressed keys are 1/4 of it
+        reads[locality] = backend.tier.hit_rate
+    assert reads[0.5] >= reads[0.0]
+
+
+def test_fast_tier_counts_only_new_blocks_and_round_trips_bytes():
+    g = torch.Generator().manual_seed(2)
+    k_pool, v_pool = torch.randn(10 * BS, KV, D, generator=g), torch.randn(10 * BS, KV, D, generator=g)
+    tier = FastTier(3, 1, BS, KV, D, torch.float32, torch.device("cpu"))
+    block = tier.block_bytes
+    for want, hits, misses in (([1, 2], 0, 2), ([2, 1], 2, 2), ([2, 5], 3, 3), ([7, 8, 2], 4, 5), ([1], 4, 6)):
+        slots = tier.fetch(0, want, k_pool, v_pool)
+        assert (tier.hits, tier.misses) == (hits, misses), want
+        assert tier.bytes_moved == misses * block
+        for b, s in zip(want, slots.tolist()):          # the fast copy is the slow tier's bytes, exactly
+            assert torch.equal(tier.k[0, s], k_pool[b * BS:(b + 1) * BS])
+            assert torch.equal(tier.v[0, s], v_pool[b * BS:(b + 1) * BS])
+    assert tier.size == 3 and tier.hit_rate == 4 / 10
+    tier.invalidate([1])
+    tier.fetch(0, [1], k_pool, v_pool)
+    assert tier.misses == 7
+    with pytest.raises(ValueError):
+        tier.fetch(0, [1, 2, 3, 4], k_pool, v_pool)
+
+
+def test_engine_with_sparse_attention(llama_dir):
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    prompt = "The king said to the lords of the court that they would ride at dawn " * 6
+    dense = LLM(str(llama_dir), attention="cpu_paged", block_size=16).generate(prompt, sp)[0]
+    full = LLM(str(llama_dir), attention="sparse", block_size=16, sparse_budget=64, sparse_dense_below=0)
+    out = full.generate(prompt, sp)[0]
+    assert out.token_ids == dense.token_ids
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(out.logprobs, dense.logprobs)) < 1e-4
+    small = LLM(str(llama_dir), attention="sparse", block_size=16, sparse_budget=4)
+    small.generate(prompt, sp)
+    st = small.stats.sparse
+    assert st["read_bytes"] < st["dense_bytes"] / 2 and st["moved_bytes"] > 0
+    assert "sparse attention: K/V read" in small.stats.line()
+    small.engine.pool.check()
+    with pytest.raises(ConfigError, match="sparse_budget"):
+        LLM(str(llama_dir), attention="sparse", sparse_budget=2)
