@@ -8,7 +8,7 @@ from afford import LLM, SamplingParams
 from afford.attention import get_backend
 from afford.config import ConfigError
 from afford.kv.offload import FastTier
-from tests.test_fastpath import BS, D, KV, Truth
+from tests.test_fastpath import BS, KV, D, Truth
 
 
 def test_full_budget_equals_dense_attention_through_both_tiers():
