@@ -91,7 +91,7 @@ class SparseBackend(PagedCPUBackend):
         if room >= len(middle):
             return sorted(keep | set(middle))
         phys = torch.tensor([table[i] for i in middle], device=q.device)
-        n_loc = int(round(self.locality * room))
+        n_loc = int(self.locality * room + 0.5)             # half up: a share of 0.5 of one block is that block
         if n_loc:
             top = torch.topk(self.mass[layer, phys], n_loc).indices.tolist()
             keep |= {middle[i] for i in top}
