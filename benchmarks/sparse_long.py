@@ -9,7 +9,8 @@ positions: the longest model afford has yet), in one run:
 - greedy agreement: 128 tokens after a 768-token prompt, against dense.
 
 Arms: dense (cpu_paged); sparse with a budget of 4 blocks of 64 tokens (sink + 2 local + 1 chosen) and of 8
-(sink + 2 local + 5 chosen), each without and with the locality share.
+(sink + 2 local + 5 chosen), each without and with the locality share, with a fast tier that holds one
+query's blocks per layer (the working set: what is not in it moves every step).
 
     python benchmarks/sparse_long.py              # -> results/sparse_long.json (about 6 minutes on 2 cores)
 """
@@ -27,11 +28,10 @@ sys.path.insert(0, str(ROOT))
 from afford import LLM, SamplingParams  # noqa: E402
 from afford.zoo.data import read_documents  # noqa: E402
 
-ARMS = {"dense": dict(attention="cpu_paged", block_size=64),
-        "sparse b=4, locality 0": dict(attention="sparse", sparse_budget=4, sparse_locality=0.0),
-        "sparse b=4, locality 1": dict(attention="sparse", sparse_budget=4, sparse_locality=1.0),
-        "sparse b=8, locality 0": dict(attention="sparse", sparse_budget=8, sparse_locality=0.0),
-        "sparse b=8, locality 0.5": dict(attention="sparse", sparse_budget=8, sparse_locality=0.5)}
+ARMS = {"dense": dict(attention="cpu_paged", block_size=64)}
+for _b, _loc in ((4, 0.0), (4, 1.0), (8, 0.0), (8, 0.5)):      # a fast tier of one query's blocks per layer
+    ARMS[f"sparse b={_b}, locality {_loc:g}"] = dict(attention="sparse", sparse_budget=_b, sparse_locality=_loc,
+                                                    sparse_fast_blocks=_b)
 
 
 def texts(tok, n: int, length: int) -> list[list[int]]:

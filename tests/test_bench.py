@@ -25,7 +25,8 @@ def test_bench_quick_writes_every_file_and_resumes(pair, tmp_path, capsys):
     sm = json.loads((tmp_path / "summary.json").read_text())
     arms = sm["arms"]
     for a in ("afford plain", "afford ngram k=4", "afford int8", "afford int4", "afford draft k=4",
-              "afford goodput k<=4", "afford cascade tau=2.5 (lossy)", "hf plain", "hf prompt lookup", "hf assisted"):
+              "afford goodput k<=4", "afford cascade tau=2.5 (lossy)", "afford sparse b=4 (lossy)", "hf plain",
+              "hf prompt lookup", "hf assisted"):
         assert a in arms, a
         assert arms[a]["tokens"] == 6 * 2 and arms[a]["tokens_per_s"] > 0
         assert set(arms[a]["by_category"]) == {"qa", "gsm8k"}
@@ -42,7 +43,7 @@ def test_bench_quick_writes_every_file_and_resumes(pair, tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 0, f
     report = (tmp_path / "report.md").read_text()
     assert "| afford draft k=4 |" in report and "Latency under load" in report
-    assert res["ran"] == 10 * 2
+    assert res["ran"] == 11 * 2
     cells = res["cells"]
     assert main(args) == 0                                # resumed: nothing left to run
     again = json.loads((tmp_path / "results.json").read_text())

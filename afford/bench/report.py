@@ -33,6 +33,8 @@ def cell_cost(cell: dict, kwargs: dict | None, hw: str) -> float | None:
     if kwargs is None or "fed" not in cell:
         return None
     ctx = cell["prompt_tokens"] + cell["tokens"] // 2
+    if kwargs.get("attention") == "sparse":         # a query reads its budget's blocks and the compressed keys
+        ctx = min(ctx, kwargs.get("sparse_budget", 16) * 64 + ctx // 64)
     fed = cell["fed"]
     usd = usd_per_token(kwargs["model"], "target", hw, ctx) * fed["engine"]
     if kwargs.get("draft") not in (None, "ngram"):

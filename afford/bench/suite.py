@@ -86,7 +86,8 @@ def afford_arms(s: Settings) -> tuple[dict[str, dict], dict[str, str]]:
     else:
         skipped["afford grad (lossy)"] = "no document folder given (--grad-corpus)"
     skipped["afford rerank (lossy)"] = "a steering lever (needs a counterfactual rewrite): afford bench fidelity"
-    skipped["afford sparse attention"] = "not in afford yet"
+    # block-sparse decode attention: 4 blocks of 64 tokens per query, lossy past 256 tokens of context
+    arms["afford sparse b=4 (lossy)"] = {"model": m, "attention": "sparse", "sparse_budget": 4}
     return arms, skipped
 
 
