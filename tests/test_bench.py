@@ -56,3 +56,5 @@ def test_bench_bad_arguments(tmp_path, capsys):
     assert main(["bench", "--load", "1,x", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--cost-hardware", "tpu9", "--out", str(tmp_path)]) == 2
     assert "unknown hardware" in capsys.readouterr().err
+    assert main(["bench", "--categories", "qa,poetry", "--out", str(tmp_path)]) == 2
+    assert "unknown categories poetry" in capsys.readouterr().err

@@ -70,3 +70,25 @@ def test_playground_in_chromium(llama_dir, tmp_path):
         assert wait_idle(s)
     finally:
         s.stop()
+
+
+def test_streamed_provenance_holds_back_what_a_stop_string_cuts(llama_dir):
+    """Provenance follows the text deltas: a token whose text could still start a stop string waits, and
+    the tokens' texts joined are exactly the final text."""
+    from afford.config import SpeculativeConfig
+    s = Server(llama_dir, speculative=SpeculativeConfig(draft=str(llama_dir), num_speculative_tokens=3))
+    try:
+        body = {"prompt": "The king said", "max_tokens": 30, "temperature": 0}
+        full = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        stop = full[8:11]                            # a stop string the output reaches mid-way
+        assert stop and stop in full
+        import json as _json
+        lines = httpx.post(s.url + "/v1/completions", json={**body, "stop": stop, "stream": True, "provenance": True},
+                           timeout=60).text.splitlines()
+        chunks = [_json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        shown = "".join(t for c in chunks for t, _ in c["choices"][0]["afford"]["tokens"])
+        assert text == full[:full.index(stop)] and shown == text
+        assert wait_idle(s)
+    finally:
+        s.stop()

@@ -48,7 +48,9 @@ class SparseBackend(PagedCPUBackend):
         blocks = n // self._bs
         self.kmean = torch.zeros(len(kv), blocks, KV, D, dtype=k_pool.dtype, device=k_pool.device)
         self.mass = torch.zeros(len(kv), blocks, dtype=torch.float32, device=k_pool.device)
-        self.tier = FastTier(self.fast_blocks, len(kv), self._bs, KV, D, k_pool.dtype, k_pool.device)
+        # never larger than the pool it caches; its buffers are allocated at the first sparse query
+        self.tier = FastTier(min(self.fast_blocks, blocks), len(kv), self._bs, KV, D, k_pool.dtype, k_pool.device,
+                             lazy=True)
         self.token_bytes = 2 * KV * D * k_pool.element_size()               # K and V of one token, one layer
 
     def prepare(self, meta: AttnMetadata) -> None:

@@ -46,6 +46,9 @@ def settings(suite: str, model: str, draft: str | None, **over) -> Settings:
     if suite not in SUITES:
         raise ConfigError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     cats, per, new, load = SUITES[suite]
+    unknown = sorted(set(over.get("categories") or ()) - set(SUITES["full"][0]))
+    if unknown:
+        raise ConfigError(f"unknown categories {', '.join(unknown)}; known: {', '.join(SUITES['full'][0])}")
     base = dict(suite=suite, model=model, draft=draft, categories=cats, per_category=per, max_tokens=new, load=load)
     base.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items() if v is not None})
     return Settings(**base)
@@ -155,6 +158,9 @@ def run(s: Settings, out: Path, data: Path = Path("data"), log=print) -> dict:
     limit = ModelConfig.from_dir(resolve_model_path(s.model)).max_position_embeddings - s.max_tokens - 1
     work = workload(s, data, lambda p: len(tok(p, add_special_tokens=False)["input_ids"]) < limit)
     prompts = [(c, i, p) for c, ps in work.items() for i, p in enumerate(ps)]
+    if not prompts:
+        raise ConfigError(f"no prompt of {', '.join(s.categories)} fits the model's context with {s.max_tokens} new "
+                          f"tokens: pick other categories or fewer --max-tokens")
     arms, skipped = afford_arms(s)
     res["skipped"].update(skipped)
     res["categories"] = {c: len(ps) for c, ps in work.items()}
@@ -183,8 +189,14 @@ def run(s: Settings, out: Path, data: Path = Path("data"), log=print) -> dict:
                 continue
             cell = lambda p: afford_cell(llm, p, s.max_tokens)            # noqa: E731
         else:
-            peers[arm](prompts[0][2], 4)
+            try:
+                peers[arm](prompts[0][2], 4)
+            except Exception as e:
+                res["skipped"][arm] = f"could not run: {e}"
+                bar.update(len(mine))
+                continue
             cell = lambda p, f=peers[arm]: dict(zip(("token_ids", "seconds"), f(p, s.max_tokens)))   # noqa: E731
+        res["skipped"].pop(arm, None)
         for c, i, p in mine:
             r = cell(p)
             r["tokens"] = len(r["token_ids"])
@@ -195,7 +207,10 @@ def run(s: Settings, out: Path, data: Path = Path("data"), log=print) -> dict:
     save(path, res)
     for arm in ("afford plain", "afford goodput k<=4"):
         if arm in arms and not all(str(n) in res["load"].get(arm, {}) for n in s.load):
-            res["load"][arm] = load_curve(LLM(**arms[arm]), [p for _, _, p in prompts], s.load, s.max_tokens)
+            try:
+                res["load"][arm] = load_curve(LLM(**arms[arm]), [p for _, _, p in prompts], s.load, s.max_tokens)
+            except Exception as e:
+                res["skipped"][f"{arm} under load"] = f"could not run: {e}"
             save(path, res)
     return res
 

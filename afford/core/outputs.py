@@ -25,6 +25,7 @@ class RequestOutput:
     sources: list[str] | None = None            # SamplingParams(provenance=True): who produced each token so far
     pieces: list[str] | None = None             # ... and the text each token added (a multi-byte character's
                                                 #     text goes with the token that completes it)
+    shown: int = 0                              # characters of text handed out so far (deltas; stop hold-back)
 
     @staticmethod
     def from_seq(seq: Sequence, delta: str = "") -> "RequestOutput":
@@ -39,7 +40,7 @@ class RequestOutput:
                                                        "forward_passes": m.forward_passes, "drafted": m.drafted,
                                                        "accepted": m.accepted}, delta, seq.index,
                                  sources=seq.sources[:n_out] if seq.params.provenance else None,
-                                 pieces=list(seq.pieces) if seq.pieces is not None else None)
+                                 pieces=list(seq.pieces) if seq.pieces is not None else None, shown=seq.streamed)
         decode_s = (m.finished or m.first_token or 0) - (m.first_token or 0)
         metrics = {
             "prompt_tokens": seq.num_prompt, "generated_tokens": n_out, "forward_passes": m.forward_passes,
@@ -66,4 +67,4 @@ class RequestOutput:
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs, metrics=metrics, delta=delta, index=seq.index,
             sources=seq.sources[:n_out] if seq.params.provenance else None,
-            pieces=list(seq.pieces) if seq.pieces is not None else None)
+            pieces=list(seq.pieces) if seq.pieces is not None else None, shown=seq.streamed)

@@ -16,21 +16,30 @@ import torch
 
 class FastTier:
     def __init__(self, capacity: int, num_layers: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, lazy: bool = False):
+        """lazy: allocate the buffers at the first fetch (a backend whose contexts stay short never needs them)."""
         if capacity < 1:
             raise ValueError("the fast tier needs room for at least one block")
         self.capacity, self.block_size = capacity, block_size
-        shape = (num_layers, capacity, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)          # (layers, C, bs, KV, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._shape = (num_layers, capacity, block_size, kv_heads, head_dim)            # (layers, C, bs, KV, D)
+        self._dtype, self._device = dtype, device
+        self.k = self.v = None
+        if not lazy:
+            self._allocate()
         self.resident: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(num_layers)]  # block -> slot, LRU
         self.free_slots: list[list[int]] = [list(range(capacity - 1, -1, -1)) for _ in range(num_layers)]
-        self.block_bytes = 2 * block_size * kv_heads * head_dim * self.k.element_size()
+        self.block_bytes = 2 * block_size * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
         self.hits = self.misses = self.bytes_moved = 0
+
+    def _allocate(self) -> None:
+        self.k = torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+        self.v = torch.zeros(self._shape, dtype=self._dtype, device=self._device)
 
     def fetch(self, layer: int, blocks: list[int], k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """Make `blocks` (physical pool blocks) resident in this layer's fast tier; returns their fast slots
         (len(blocks),) in order. Only blocks not resident are copied from the pool."""
+        if self.k is None:
+            self._allocate()
         if len(blocks) > self.capacity:
             raise ValueError(f"a step needs {len(blocks)} blocks but the fast tier holds {self.capacity}")
         res, free, bs = self.resident[layer], self.free_slots[layer], self.block_size
@@ -59,7 +68,7 @@ class FastTier:
             self.misses += len(missing)
             self.bytes_moved += len(missing) * self.block_bytes
             slots = [res[b] for b in blocks]
-        return torch.tensor(slots, dtype=torch.long, device=self.k.device)
+        return torch.tensor(slots, dtype=torch.long, device=self._device)
 
     def invalidate(self, blocks) -> None:
         """Blocks whose K/V changed: forget their fast copies in every layer."""

@@ -26,7 +26,7 @@ class Levers:
             self.side = SideModel(cfg.side_model, e.tokenizer, e.model_config.vocab_size, e.max_model_len,
                                   blocks, e.pool.block_size, e.cfg.device, e.cfg.dtype,
                                   "large" if cfg.cascade else "guide", e.cfg.attention, e.cfg.native,
-                                  KV_BUDGET_BYTES * (1 if cfg.cascade else 2))
+                                  KV_BUDGET_BYTES * (1 if cfg.cascade else 2), e.cfg.attention_options)
         c = cfg.cascade
         self.cascade = EntropyCascade(c.tau, c.window, c.dwell) if c else None
         self.reranker = self.grad = None

@@ -16,7 +16,7 @@ from afford.models.loader import load_for_inference, load_tokenizer, resolve_mod
 class SideModel:
     def __init__(self, path: str, main_tokenizer, main_vocab: int, max_len: int, num_blocks: int,
                  block_size: int, device: str, dtype: str, role: str, attention: str = "auto", native: bool = True,
-                 budget_bytes: int = 2 << 30):
+                 budget_bytes: int = 2 << 30, attention_options: dict | None = None):
         """num_blocks: the KV blocks its pool wants, capped where they pass budget_bytes of this model's K/V
         (never below one max_len sequence)."""
         path = resolve_model_path(path, role="target")
@@ -35,7 +35,8 @@ class SideModel:
         per_token = cfg.kv_bytes_per_token(next(self.model.parameters()).element_size())
         least = -(-(max_len + 1) // block_size)
         self.pool = BlockPool(max(least, min(num_blocks, budget_bytes // (per_token * block_size))), block_size)
-        self.runner = ModelRunner(self.model, self.pool, attention, native, graphs=False)
+        self.runner = ModelRunner(self.model, self.pool, attention, native, graphs=False,
+                                  attention_options=attention_options)
         self.computed: dict[int, int] = {}     # key -> tokens whose K/V this model holds
         self.fed = 0                           # tokens fed through this model, all forwards
         self.seconds = 0.0                     # time in its forwards

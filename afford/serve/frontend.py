@@ -256,7 +256,7 @@ class Frontend:
         choices = final_choices(outs, chat, self.decode)
         if params.provenance:
             for c, o in zip(choices, outs):
-                c["afford"] = provenance(o, 0, self.usd_per_1m(o))
+                c["afford"] = provenance(o, 0, self.usd_per_1m(o))[0]
         return JSONResponse(envelope(rid, object_name(chat, stream=False), created, self.model_name, choices,
                                      usage=usage(outs)))
 
@@ -305,8 +305,7 @@ class Frontend:
                     seen[out.index] = len(out.logprobs)
                 c = delta_choice(out, new_lp, chat, self.decode)
                 if out.sources is not None:
-                    c["afford"] = provenance(out, sent.get(out.index, 0), self.usd_per_1m(out))
-                    sent[out.index] = len(out.sources)
+                    c["afford"], sent[out.index] = provenance(out, sent.get(out.index, 0), self.usd_per_1m(out))
                 if out.finished:
                     finals.append(out)
                     self.metrics.observe_finished(out.metrics)

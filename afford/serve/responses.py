@@ -82,20 +82,28 @@ def delta_choice(out: RequestOutput, new_logprobs: list[dict] | None, chat: bool
                   out.finish_reason if out.finished else None, chat=chat, stream=True)
 
 
-def provenance(out: RequestOutput, start: int, usd_per_1m: float | None) -> dict:
+def provenance(out: RequestOutput, start: int, usd_per_1m: float | None) -> tuple[dict, int]:
     """The afford extension of a choice (asked for with "provenance": true): its tokens from `start` on as
     [text, source] pairs -- the text each token added (a multi-byte character goes with the token that
-    completes it; nothing past a stop string), source "target", "draft" (a draft token the target
-    accepted), "small" or "large" (under a cascade) -- with the request's drafted and accepted counts so
-    far and the planner's modeled USD per 1M tokens (None without --cost-hardware)."""
-    room = len(out.text) - sum(len(p) for p in out.pieces[:start])
-    pairs = []
-    for piece, src in zip(out.pieces[start:], out.sources[start:]):
-        piece, room = piece[:max(room, 0)], room - len(piece)
-        pairs.append([piece, src])
+    completes it), source "target", "draft" (a draft token the target accepted), "small" or "large"
+    (under a cascade) -- with the request's drafted and accepted counts so far and the planner's modeled
+    USD per 1M tokens (None without --cost-hardware). Like the text deltas, a token whose text is still held
+    back (it could start a stop string) waits; once the request finished, text past a stop string is cut.
+    Returns the object and the index of the first token it did not include."""
+    at = sum(len(p) for p in out.pieces[:start])
+    pairs, i = [], start
+    while i < len(out.sources):
+        piece = out.pieces[i]
+        if at + len(piece) > out.shown:
+            if not out.finished:
+                break
+            piece = piece[:max(out.shown - at, 0)]
+        pairs.append([piece, out.sources[i]])
+        at += len(out.pieces[i])
+        i += 1
     return {"tokens": pairs,
             "drafted": out.metrics.get("drafted", 0), "accepted": out.metrics.get("accepted", 0),
-            "usd_per_1m": usd_per_1m}
+            "usd_per_1m": usd_per_1m}, i
 
 
 def role_choices(n: int) -> list[dict]:

@@ -83,7 +83,8 @@ class DraftModelProposer(Proposer):
     def __init__(self, path: str, target_tokenizer, target_max_len: int, num_blocks: int, block_size: int,
                  device: str = "auto", dtype: str = "auto", vocab_size: int | None = None,
                  quantization: str | None = None, attention: str = "auto", prefix_caching: bool = False,
-                 native: bool = True, graphs: bool = True, max_batch: int = 64, max_q: int = 1):
+                 native: bool = True, graphs: bool = True, max_batch: int = 64, max_q: int = 1,
+                 attention_options: dict | None = None):
         from afford.config import ModelConfig
         path = resolve_model_path(path, role="draft")
         cfg = ModelConfig.from_dir(path)
@@ -101,7 +102,8 @@ class DraftModelProposer(Proposer):
         self.cfg = cfg
         self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
         # its catch-up forward feeds up to 1 + k tokens: those fit the draft's CUDA graphs too
-        self.runner = ModelRunner(self.model, self.pool, attention, native, graphs, max_batch, max_q)
+        self.runner = ModelRunner(self.model, self.pool, attention, native, graphs, max_batch, max_q,
+                                  attention_options)
         self.computed: dict[int, int] = {}
 
     def propose(self, seqs, ks):

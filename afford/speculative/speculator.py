@@ -34,7 +34,8 @@ class Speculator:
                                           quantization=cfg.draft_quantization, attention=e.attention,
                                           prefix_caching=e.enable_prefix_caching, native=e.native,
                                           graphs=not e.enforce_eager, max_batch=e.max_num_seqs,
-                                          max_q=1 + cfg.num_speculative_tokens)
+                                          max_q=1 + cfg.num_speculative_tokens,
+                                          attention_options=e.attention_options)
         return Speculator(cfg, proposer)
 
     def ks(self, seqs: list[Sequence], max_model_len: int) -> tuple[list[int], list[int]]:
