@@ -192,6 +192,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None   # tokens fed per step: decodes first, then prompt chunks;
                                                 # None: 512 on a CPU, 2048 on a GPU (Engine.step_token_budget)
+    decode_token_budget: int | None = None      # chunked prefill: tokens a step may feed while sequences are
+                                                # decoding (their TPOT bound); None: 64 on a CPU (a ~10 ms
+                                                # prompt chunk here), max_num_batched_tokens on a GPU
     enable_chunked_prefill: bool = True  # split long prompts over steps so running decodes never wait
     enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt's cached leading tokens
     seed: int = 0
@@ -226,6 +229,8 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 1 (leave it out for the model's own length)")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.decode_token_budget is not None and self.decode_token_budget < 1:
+            raise ConfigError("decode_token_budget must be >= 1")
 
 
 @dataclass(frozen=True)

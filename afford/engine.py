@@ -53,9 +53,11 @@ class Engine:
                                   max_batch=cfg.max_num_seqs,
                                   max_q=1 + speculative.num_speculative_tokens if speculative else 1,
                                   attention_options=cfg.attention_options)
-        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, self.step_token_budget(cfg, self.runner.device),
-                                   self.max_model_len,
-                                   chunked_prefill=cfg.enable_chunked_prefill)
+        budget = self.step_token_budget(cfg, self.runner.device)
+        decoding = cfg.decode_token_budget or (64 if self.runner.device.type == "cpu" else budget)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, budget, self.max_model_len,
+                                   chunked_prefill=cfg.enable_chunked_prefill,
+                                   decode_token_budget=min(decoding, budget))
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.sampler = Sampler()
         eos = set(mcfg.eos_token_ids)

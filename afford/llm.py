@@ -18,7 +18,8 @@ class LLM:
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
-                 max_num_batched_tokens: int | None = None, enable_chunked_prefill: bool = True,
+                 max_num_batched_tokens: int | None = None, decode_token_budget: int | None = None,
+                 enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False,
                  cascade: str | None = None, large: str | None = None, tau: float = 2.5, window: int = 5,
                  dwell: int = 10, rerank: str | None = None, alpha: float = 1.0, rerank_top_k: int = 5,
@@ -33,7 +34,8 @@ class LLM:
         enforce_eager: on CUDA, no CUDA graphs (decode, verify and draft steps are captured by default).
         max_num_batched_tokens: tokens fed per step (None: 512 on a CPU, 2048 on a GPU, where an eager prefill
         forward costs more than its tokens' arithmetic); with enable_chunked_prefill running decodes take theirs
-        first and long prompts are split over steps. enable_prefix_caching reuses the KV of cached leading
+        first and long prompts are split over steps, and while sequences decode a step feeds at most
+        decode_token_budget tokens (None: 64 on a CPU, which bounds their time per token). enable_prefix_caching reuses the KV of cached leading
         prompt blocks (exact: the same tokens, the same positions). native: on the CPU in fp32, each forward is
         one C++ call running the Python path's operators (bitwise the same logits, less time per step).
 
@@ -56,6 +58,7 @@ class LLM:
                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
                                          quantization=quantization, quant_group=quant_group,
                                          attention=attention, max_num_batched_tokens=max_num_batched_tokens,
+                                         decode_token_budget=decode_token_budget,
                                          enable_chunked_prefill=enable_chunked_prefill,
                                          enable_prefix_caching=enable_prefix_caching, native=native,
                                          enforce_eager=enforce_eager, sparse_budget=sparse_budget,

@@ -5,7 +5,8 @@ requests with ~900-token prompts (Tiny Shakespeare passages) arrive at fixed eng
 110; the same in every arm) and generate 8 tokens. Per arm: the decoding streams' time between tokens
 (TPOT p50 / p99 / max), the long prompts' time to first token, and the wall time. Arms: no chunked
 prefill (a step prefills whole prompts while decodes wait), chunked prefill at several token budgets
-(max_num_batched_tokens), and the 8 streams alone (the light-load TPOT the others are compared with).
+(max_num_batched_tokens, the same while decoding), the default (512 tokens per step, 64 while sequences
+decode: decode_token_budget), and the 8 streams alone (the light-load TPOT the others are compared with).
 Prefix caching is off (the passages do not share blocks anyway).
 
     python benchmarks/chunked.py [--budgets 2048 512 256]
@@ -23,10 +24,12 @@ from common import ROOT, save
 ARRIVALS = (20, 50, 80, 110)
 
 
-def run(budget: int | None, long_prompts: list[list[int]], short: list[str], new_tokens: int) -> dict:
+def run(budget: int | None, long_prompts: list[list[int]], short: list[str], new_tokens: int,
+        decode_budget: int | None = None) -> dict:
+    """decode_budget: the tokens a step may feed while sequences decode (None: the budget itself)."""
     from afford import LLM, SamplingParams
     llm = LLM("default", dtype="float32", enable_prefix_caching=False, enable_chunked_prefill=budget is not None,
-              max_num_batched_tokens=budget or 2048)
+              max_num_batched_tokens=budget or 2048, decode_token_budget=decode_budget or budget or 2048)
     eng = llm.engine
     llm.generate(short[:2], SamplingParams(max_tokens=4))                                    # warm-up
     streams = [eng.add_request(p, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
@@ -67,9 +70,11 @@ def main():
     longs = [ids[i * 5000:i * 5000 + a.long_tokens] for i in range(len(ARRIVALS))]
     short = [json.loads(line)["question"] for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][:8]
     rows = []
-    for name, budget, lp in [("alone (light load)", 2048, []), ("no chunked prefill", None, longs)] + \
-            [(f"chunked, budget {b}", b, longs) for b in a.budgets]:
-        r = run(budget, lp, short, a.new_tokens)
+    arms = [("alone (light load)", 2048, [], None), ("no chunked prefill", None, longs, None)] + \
+        [(f"chunked, budget {b}", b, longs, None) for b in a.budgets] + \
+        [("default: budget 512, 64 while decoding", 512, longs, 64)]
+    for name, budget, lp, dec in arms:
+        r = run(budget, lp, short, a.new_tokens, dec)
         rows.append({"arm": name, **r})
         print(rows[-1], flush=True)
     light = rows[0]["tpot_p99_ms"]

@@ -269,3 +269,27 @@ def test_a_prompt_sent_again_keeps_its_blocks_consecutive():
     pool.prepare_write(2, 16)
     assert pool.tables[2] == [0, 1, 2, 4]
     pool.check()
+
+
+def test_decoding_steps_hold_prompt_chunks_to_the_decode_budget(llama_dir):
+    """With sequences decoding a step feeds at most decode_token_budget tokens (never under half of it for
+    the prompts); with none, a prompt takes the whole max_num_batched_tokens."""
+    from afford import LLM, SamplingParams
+    llm = LLM(str(llama_dir), max_num_batched_tokens=256, decode_token_budget=48, enable_prefix_caching=False)
+    eng = llm.engine
+    long_prompt = list(range(2, 402))
+    eng.add_request(long_prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    eng.step()
+    assert eng.stats.last.tokens_in == 256                      # nobody decoding: the whole budget
+    while eng.has_unfinished():
+        eng.step()
+    for i in range(3):
+        eng.add_request([5 + i, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    eng.step()                                                  # the three short prompts
+    eng.add_request(long_prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    fed = []
+    while eng.has_unfinished():
+        eng.step()
+        fed.append(eng.stats.last.tokens_in)
+    assert max(fed[:5]) == 48 and fed[0] == 48                  # 3 decodes + 45 prompt tokens per step
+    eng.pool.check()

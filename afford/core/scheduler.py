@@ -3,7 +3,9 @@
 Each step spends a token budget (`max_num_batched_tokens`). With chunked prefill (the default, as vLLM
 and Sarathi-Serve) the running decodes come first -- one token each, plus the speculative slots they may
 draft -- then the prompts being prefilled get what is left, a long prompt in chunks over several steps,
-so decoding never waits for a long prefill. Without it a step is either a prefill of newly admitted
+so decoding never waits for a long prefill. While sequences are decoding the step is held to the smaller
+`decode_token_budget` (their time per output token is the step's time); a step with no decodes spends
+the whole budget on prompts. Without it a step is either a prefill of newly admitted
 whole prompts (first come first served while their blocks fit and the budget allows; a prompt larger
 than the budget goes alone) or a decode of every running sequence.
 
@@ -35,11 +37,12 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 chunked_prefill: bool = True):
+                 chunked_prefill: bool = True, decode_token_budget: int | None = None):
         self.pool = pool
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.decode_token_budget = decode_token_budget or max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -60,7 +63,13 @@ class Scheduler:
         decodes = self._fit_decodes(lookahead, preempted)
         seqs, chunks = list(decodes), [1] * len(decodes)
         copies += self._allocate_decodes(decodes, lookahead)
-        budget = self.max_num_batched_tokens - sum(1 + self._room(s, lookahead) for s in decodes)
+        # while sequences decode, the step's prompt chunks are held to the smaller budget that bounds their TPOT
+        # (never under half of it, so many decodes cannot starve the prompts); with nobody decoding a prompt
+        # takes the whole budget (its time to first token is all that waits)
+        used = sum(1 + self._room(s, lookahead) for s in decodes)
+        budget = self.max_num_batched_tokens - used
+        if decodes:
+            budget = min(budget, max(self.decode_token_budget - used, self.decode_token_budget // 2))
         for s in [s for s in self.running if s.in_prefill]:         # prompts already part-way through
             n = min(len(s.token_ids) - s.num_computed, budget)
             if n <= 0 or self.pool.extra_blocks(s.seq_id, s.num_computed + n) > self.pool.num_free:
