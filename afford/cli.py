@@ -126,6 +126,13 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "max_num_seqs": "sequences batched per step",
     "max_num_batched_tokens": "tokens fed per step: running decodes first, then prompt chunks (default: 512 on a "
                               "CPU, 2048 on a GPU)",
+    "decode_token_budget": "tokens a step may feed while sequences decode, bounding their time per token "
+                           "(default: 64 on a CPU, --max-num-batched-tokens on a GPU)",
+    "sparse_budget": "attention sparse: KV blocks each decode query reads (lossy past it)",
+    "sparse_locality": "attention sparse: share of the budget chosen by past attention mass",
+    "sparse_fast_blocks": "attention sparse: fast-tier blocks per layer (default: budget x max-num-seqs)",
+    "sparse_dense_below": "attention sparse: contexts up to this many tokens attend densely (default: budget x "
+                          "block size)",
     "enable_chunked_prefill": "split long prompts over several steps, next to running decodes",
     "enable_prefix_caching": "reuse the KV blocks of prompts' cached leading tokens (automatic prefix caching)",
     "seed": "seeds the engine's generator for requests that bring no seed; generate's requests take it as theirs",
