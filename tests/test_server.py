@@ -60,6 +60,16 @@ def client(server):
     return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
+def concurrent_greedy_texts(url: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """The greedy completions of prompts sent to the server at once."""
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": p, "max_tokens": max_tokens,
+                                                                        "temperature": 0}) for p in prompts))
+            return [r.json()["choices"][0]["text"] for r in rs]
+    return asyncio.run(main())
+
+
 def wait_idle(server, timeout=10.0):
     eng = server.llm.engine
     deadline = time.time() + timeout
@@ -396,12 +406,7 @@ def test_server_with_a_draft_in_its_default_goodput_mode(llama_dir, offline):
         prompts = [f"Line {i}: the king" for i in range(6)]
         refs = [r.text for r in offline.generate(prompts, SamplingParams(max_tokens=24, temperature=0))]
 
-        async def main():
-            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
-                rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": p, "max_tokens": 24,
-                                                                            "temperature": 0}) for p in prompts))
-                return [r.json()["choices"][0]["text"] for r in rs]
-        assert asyncio.run(main()) == refs
+        assert concurrent_greedy_texts(s.url, prompts, 24) == refs
         text = httpx.get(s.url + "/metrics").text
         assert any(x.startswith("afford_speculative_drafted_tokens_total") for x in text.splitlines())
         chosen = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("afford_speculative_k_chosen_total")]
@@ -409,7 +414,6 @@ def test_server_with_a_draft_in_its_default_goodput_mode(llama_dir, offline):
         assert wait_idle(s)
     finally:
         s.stop()
-
 
 
 def test_server_with_an_entropy_cascade(llama_dir, tokenizer_dir, tmp_path):
@@ -426,12 +430,7 @@ def test_server_with_an_entropy_cascade(llama_dir, tokenizer_dir, tmp_path):
                     dwell=3)
         refs = [alone.generate(p, SamplingParams(max_tokens=20, temperature=0))[0].text for p in prompts]
 
-        async def main():
-            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
-                rs = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": p, "max_tokens": 20,
-                                                                            "temperature": 0}) for p in prompts))
-                return [r.json()["choices"][0]["text"] for r in rs]
-        assert asyncio.run(main()) == refs
+        assert concurrent_greedy_texts(s.url, prompts, 20) == refs
         text = httpx.get(s.url + "/metrics").text
         large_tokens = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("afford_cascade_large_tokens_total")]
         assert large_tokens and large_tokens[0] > 0
