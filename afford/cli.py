@@ -35,6 +35,13 @@ def _zoo(sub):
                                              "rule-based) and report the compression rate")
     c.add_argument("--data", required=True, help="GSM8K-style .jsonl (question, answer)")
     c.add_argument("--out", required=True, help=".jsonl with question, answer and short_answer")
+    pk = zsub.add_parser("passkey", help="write passkey-retrieval documents (a long-range task) as JSON lines")
+    pk.add_argument("--filler", required=True, help="a text file the documents are cut from")
+    pk.add_argument("--tokenizer", default="default", help="a model or tokenizer folder ('default': the bundled)")
+    pk.add_argument("--out", required=True)
+    pk.add_argument("--n", type=int, default=1000)
+    pk.add_argument("--tokens", default="1000,3000", help="MIN,MAX tokens per document")
+    pk.add_argument("--seed", type=int, default=0)
     e = zsub.add_parser("export", help="copy a trained folder without its checkpoint, weights in 16-bit")
     e.add_argument("src")
     e.add_argument("dst")
@@ -62,6 +69,8 @@ def _zoo(sub):
         p.add_argument("--intermediate", type=int, default=704)
         p.add_argument("--q-rank", type=int, default=0, help="> 0: MFA attention with this query rank (kv-heads 1)")
         p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--max-positions", type=int, default=1024, help="the model's positions (>= --seq-len)")
+        p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base (longer contexts: larger)")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--lr", type=float, default=2e-3)
         p.add_argument("--minutes", type=float)
@@ -92,6 +101,20 @@ def cmd_zoo(a) -> int:
         from afford.zoo.cot import compress_file
         print(json.dumps(compress_file(a.data, a.out)))
         return 0
+    if a.zoo_cmd == "passkey":
+        from afford.models.loader import load_tokenizer, resolve_model_path
+        from afford.zoo.passkey import make, write
+        try:
+            lo, hi = (int(x) for x in a.tokens.split(","))
+        except ValueError:
+            raise ConfigError(f"--tokens takes MIN,MAX, got {a.tokens!r}") from None
+        from pathlib import Path
+        if not Path(a.filler).is_file():
+            raise ConfigError(f"--filler {a.filler!r} is not a file")
+        docs = make(Path(a.filler).read_text(encoding="utf-8", errors="replace"),
+                    load_tokenizer(resolve_model_path(a.tokenizer)), a.n, lo, hi, a.seed)
+        print(f"wrote {len(docs)} passkey documents to {write(a.out, docs)}")
+        return 0
     if a.zoo_cmd == "export":
         from afford.zoo.train import export
         export(a.src, a.dst, a.dtype, a.overwrite)
@@ -106,6 +129,7 @@ def cmd_zoo(a) -> int:
     tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher,
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
+                     max_position_embeddings=a.max_positions, rope_theta=a.rope_theta,
                      lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
                      threads=a.threads, bf16=False if a.fp32 else None, init=a.init,
                      conditioned=getattr(a, "conditioned", False), **shape)

@@ -149,3 +149,29 @@ def test_teacher_text_writes_the_teachers_greedy_continuations(tmp_path, llama_d
     assert [r["question"] for r in rows] == ["To be", "Or not"] and rows[0]["answer"] == ref
     with pytest.raises(ConfigError, match="field"):
         teacher_text(str(llama_dir), str(src), "prompt", str(tmp_path / "u.jsonl"))
+
+
+def test_passkey_documents_and_a_long_context_config(tmp_path, corpus, tokenizer_dir):
+    """`afford zoo passkey` plants one key per document and asks for it at the end; `--max-positions` and
+    `--rope-theta` reach the trained model's config.json."""
+    import json
+
+    from afford.cli import main
+    from afford.models.loader import load_tokenizer
+    from afford.zoo.passkey import QUESTION
+    out = tmp_path / "pk.jsonl"
+    assert main(["zoo", "passkey", "--filler", str(corpus[0]), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                 "--n", "5", "--tokens", "200,400"]) == 0
+    docs = [json.loads(x) for x in out.read_text().splitlines()]
+    tok = load_tokenizer(tokenizer_dir)
+    for d in docs:
+        assert d["prompt"].endswith(QUESTION) and d["text"] == f"{d['prompt']} {d['key']}."
+        assert d["prompt"].count(d["key"]) == 2                     # planted once (the sentence names it twice)
+        assert 100 <= len(tok(d["prompt"], add_special_tokens=False)["input_ids"]) <= 800
+    assert main(["zoo", "passkey", "--filler", str(corpus[0]), "--out", str(out), "--tokens", "9"]) == 2
+    res = train(tiny(tmp_path / "long", corpus, tokenizer_dir, steps=2, max_position_embeddings=128,
+                     rope_theta=50000.0), log=lambda *_: None)
+    cfg = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 128 and cfg["rope_theta"] == 50000.0 and res["val_loss"] > 0
+    with pytest.raises(ConfigError, match="max-positions"):
+        tiny(tmp_path / "bad", corpus, tokenizer_dir, steps=1, max_position_embeddings=32)

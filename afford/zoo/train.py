@@ -42,6 +42,7 @@ class TrainConfig:
     kv_heads: int = 2
     intermediate: int = 704
     max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0     # a longer context wants a larger base (e.g. 160000 at 4096 positions)
     seq_len: int = 256
     batch_size: int = 16
     lr: float = 2e-3
@@ -70,6 +71,9 @@ class TrainConfig:
             raise ConfigError("give --steps or --minutes")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ConfigError("hidden must divide by heads and heads by kv_heads")
+        if self.seq_len > self.max_position_embeddings:
+            raise ConfigError(f"seq_len {self.seq_len} exceeds the model's {self.max_position_embeddings} positions: "
+                              f"raise --max-positions")
 
 
 def model_config(tc: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
@@ -80,7 +84,7 @@ def model_config(tc: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
         architecture="AffordMFAForCausalLM" if mfa else "LlamaForCausalLM", vocab_size=vocab_size, hidden_size=tc.hidden,
         intermediate_size=tc.intermediate, num_layers=tc.layers, num_heads=tc.heads,
         num_kv_heads=tc.kv_heads, head_dim=tc.hidden // tc.heads,
-        max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
+        max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=1e-5, rope=RopeConfig(theta=tc.rope_theta),
         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_ids=(eos_id,), torch_dtype="float32",
         attention="mfa" if mfa else "gqa", q_rank=tc.q_rank)
 
