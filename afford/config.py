@@ -277,6 +277,14 @@ class RerankConfig:
     alpha: float = 1.0
     top_k: int = 5
 
+    MAX_TOP_K = 31                     # the guide keys a sequence's forks in 64 slots: 2 contexts + 2 x top_k
+
+    def __post_init__(self):
+        if not self.alpha >= 0:
+            raise ConfigError(f"alpha must be >= 0 (0: plain decoding), got {self.alpha}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.MAX_TOP_K:
+            raise ConfigError(f"rerank_top_k must be an integer between 1 and {self.MAX_TOP_K}, got {self.top_k!r}")
+
 
 @dataclass(frozen=True)
 class GradConfig:
@@ -284,6 +292,12 @@ class GradConfig:
     corpus: str
     weight: float = 16.0             # weight and top_docs: chosen on the fact-QA set's dev split
     top_docs: int = 1
+
+    def __post_init__(self):
+        if not self.weight >= 0:
+            raise ConfigError(f"grad_weight must be >= 0 (0: plain decoding), got {self.weight}")
+        if not isinstance(self.top_docs, int) or self.top_docs < 1:
+            raise ConfigError(f"grad_top_docs must be an integer >= 1, got {self.top_docs!r}")
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,12 @@ def test_bad_inputs_get_clear_errors(llama_dir, large_dir, tokenizer_dir, tmp_pa
         LLM(str(llama_dir), cascade="always", large=str(large_dir))
     with pytest.raises(ConfigError, match="tau"):
         LLM(str(llama_dir), cascade="entropy", large=str(large_dir), tau=-1)
+    with pytest.raises(ConfigError, match="alpha"):               # refused before any model loads
+        LLM(str(llama_dir), rerank="guided", large=str(tmp_path / "nowhere"), alpha=-1.0, counterfactual={"a": "b"})
+    with pytest.raises(ConfigError, match="rerank_top_k"):
+        LLM(str(llama_dir), rerank="guided", large=str(large_dir), rerank_top_k=40, counterfactual={"a": "b"})
+    with pytest.raises(ConfigError, match="grad_weight"):
+        LLM(str(llama_dir), grad_corpus=str(tmp_path), grad_weight=-2.0)
     llm = LLM(str(llama_dir), rerank="guided", large=str(large_dir), counterfactual={"a": "b"})
     with pytest.raises(ConfigError, match="n=1"):
         llm.generate("x", SamplingParams(n=2))

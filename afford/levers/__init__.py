@@ -34,8 +34,6 @@ class Levers:
             from afford.levers.rerank import GuidedReranker
             r = cfg.rerank
             self.reranker = GuidedReranker(self.side, r.alpha, r.top_k, r.counterfactual, e.tokenizer)
-        elif cfg.rerank is not None and cfg.rerank.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {cfg.rerank.alpha}")
         if cfg.grad is not None:
             from afford.levers.grad import Grad
             g = cfg.grad

@@ -94,10 +94,7 @@ class Grad:
     """Per-request graphs from a corpus, and the fusion rule."""
 
     def __init__(self, corpus: str | Path, weight: float, top_docs: int, model, tokenizer, max_len: int):
-        if weight < 0:
-            raise ConfigError(f"grad_weight must be >= 0, got {weight}")
-        if top_docs < 1:
-            raise ConfigError(f"grad_top_docs must be >= 1, got {top_docs}")
+        """weight >= 0, top_docs >= 1 (GradConfig checks them)."""
         self.corpus = Corpus(corpus)
         self.weight, self.top_docs = weight, top_docs
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len

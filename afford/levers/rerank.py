@@ -27,8 +27,6 @@ import torch
 from afford.config import ConfigError
 from afford.levers.side import SideModel
 
-MAX_TOP_K = 31                        # keys: 64 per sequence (2 parents + 2 * top_k children)
-
 
 def swap_words(mapping: Mapping[str, str]) -> Callable[[str], str]:
     """A rewrite that swaps whole words both ways (a -> b and b -> a), keeping a leading capital."""
@@ -57,10 +55,7 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 class GuidedReranker:
     def __init__(self, guide: SideModel, alpha: float, top_k: int, counterfactual, tokenizer):
-        if alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {alpha}")
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise ConfigError(f"rerank top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        """alpha >= 0 and 1 <= top_k <= RerankConfig.MAX_TOP_K (RerankConfig checks them)."""
         if counterfactual is None:
             raise ConfigError("rerank='guided' needs counterfactual=: a dict of word swaps or a function "
                               "that rewrites a prompt")
