@@ -1,0 +1,88 @@
+"""Passkey retrieval at 2K and 4K context, dense vs block-sparse decode attention (issue #17), on a model
+with >= 4,096 positions (`afford zoo passkey` + `afford zoo train --max-positions 4096 --init ...`, README).
+
+Each document (fresh ones, another seed than training's) is prefilled up to its last 12 tokens; those --
+the end of the filler and the question "What is the pass key? The pass key is" -- are fed one decode step
+at a time, and the answer is decoded greedily, so every query that has to find the key runs through the
+decode attention under test (afford's sparse backend is sparse in decoding; prefill is dense). A document
+counts when the answer starts with its key. Also: K/V bytes decode attention read vs dense, fast-tier hit
+rate and bytes moved per decoded token.
+
+    python benchmarks/passkey_long.py --model runs/long4k      # -> results/passkey_long.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from common import ROOT, save
+
+sys.path.insert(0, str(ROOT))
+from afford import LLM  # noqa: E402
+from afford.zoo.passkey import make  # noqa: E402
+
+QUESTION_TOKENS = 12
+
+
+@torch.inference_mode()
+def retrieve(llm, ids: list[int], new: int = 4) -> list[int]:
+    eng = llm.engine
+    pool, runner = eng.pool, eng.runner
+    sid = 10 ** 6
+    cut = len(ids) - QUESTION_TOKENS
+    pool.prepare_write(sid, len(ids) + new)
+    try:
+        runner.forward([sid], [0], [ids[:cut]])                                   # dense prefill of the context
+        for p in range(cut, len(ids)):
+            logits = runner.forward([sid], [p], [[ids[p]]])                       # the question, decode steps
+        out = []
+        for p in range(len(ids), len(ids) + new):
+            out.append(int(logits[0].argmax()))
+            logits = runner.forward([sid], [p], [[out[-1]]])
+        return out
+    finally:
+        pool.free(sid)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--lengths", default="1800:2000,3600:3900", help="token ranges of the documents")
+    a = ap.parse_args()
+    arms = {"dense": dict(attention="cpu_paged", block_size=64)}
+    for b in (8, 16):
+        arms[f"sparse b={b}, locality 0.5"] = dict(attention="sparse", sparse_budget=b, sparse_locality=0.5,
+                                                   sparse_fast_blocks=b)
+    filler = (ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()
+    results = {"settings": vars(a), "rows": []}
+    for name, kw in arms.items():
+        llm = LLM(a.model, **kw)
+        tok, limit = llm.tokenizer, llm.engine.max_model_len - 8
+        for span in a.lengths.split(","):
+            lo, hi = (int(x) for x in span.split(":"))
+            docs = [d for d in make(filler, tok, 3 * a.n, lo, hi, seed=12345)
+                    if len(tok(d["prompt"], add_special_tokens=False)["input_ids"]) < limit][:a.n]
+            backend = llm.engine.runner.backend
+            before = backend.counters() if hasattr(backend, "counters") else None
+            hits, ctx = 0, 0
+            for d in docs:
+                ids = tok(d["prompt"], add_special_tokens=False)["input_ids"]
+                ctx += len(ids)
+                hits += tok.decode(retrieve(llm, ids)).strip().startswith(d["key"])
+            row = {"arm": name, "context_tokens_mean": ctx / len(docs), "documents": len(docs),
+                   "accuracy": hits / len(docs)}
+            if before is not None:
+                c = backend.counters()
+                d = {k: c[k] - before[k] for k in ("read_bytes", "dense_bytes", "moved_bytes", "hits", "misses")}
+                row.update(kv_read_vs_dense=d["read_bytes"] / d["dense_bytes"],
+                           hit_rate=d["hits"] / max(d["hits"] + d["misses"], 1),
+                           moved_bytes_per_token=d["moved_bytes"] / (len(docs) * (QUESTION_TOKENS + 4)))
+            results["rows"].append(row)
+            print(row, flush=True)
+    print(f"wrote {save('passkey_long', results)}")
+
+
+if __name__ == "__main__":
+    main()
