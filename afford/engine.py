@@ -394,18 +394,17 @@ class Engine:
         st.side_bytes = side.runner.weight_bytes if large else 0     # one forward reads its weights once
         st.large_tokens = len(large)
         st.catchup_tokens = st.tokens_in - len(small) + st.side_tokens - len(large)
-        outs = []
+        outs, switches, on_large = [], casc.switches, {s.seq_id for s in large}
         st.num_seqs = len(seqs)                  # both models' sequences (of_forward counted the small one's)
         st.context_tokens += sum(len(s.token_ids) for s in large)
         for i, (s, tok, h) in enumerate(zip(seqs, tokens, entropy)):
-            src = LARGE if s in large else SMALL
+            src = LARGE if s.seq_id in on_large else SMALL
             if src == SMALL:
                 self._computed(s, len(s.token_ids))
-            before = casc.states[s.seq_id].switches if s.seq_id in casc.states else 0
             casc.observe(s.seq_id, h)
-            st.switches += casc.states[s.seq_id].switches - before
             outs.append(self._emit(s, [tok], logits, i, [src]))
             outs += self._fork_shared(s)
+        st.switches = casc.switches - switches
         st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * len(small), [0] * len(small)
         return outs, st
 

@@ -43,6 +43,7 @@ class EntropyCascade:
     def __init__(self, tau: float, window: int, dwell: int):
         self.tau, self.window, self.dwell = tau, window, dwell
         self.states: dict[int, CascadeState] = {}
+        self.switches = 0                         # all sequences, since the start
 
     def active(self, seq_id: int) -> str:
         return self.states.get(seq_id, CascadeState()).active
@@ -58,6 +59,7 @@ class EntropyCascade:
             if want != st.active:
                 st.active, st.since_switch = want, 0
                 st.switches += 1
+                self.switches += 1
         return st.active
 
     def stay_small(self, seq_id: int) -> None:
