@@ -33,7 +33,6 @@ class CascadeState:
     active: str = SMALL
     since_switch: int = 0                     # tokens produced since the last switch (or the start)
     window: deque = field(default_factory=deque)
-    switches: int = 0
 
 
 class EntropyCascade:
@@ -58,7 +57,6 @@ class EntropyCascade:
             want = LARGE if sum(st.window) / len(st.window) >= self.tau else SMALL
             if want != st.active:
                 st.active, st.since_switch = want, 0
-                st.switches += 1
                 self.switches += 1
         return st.active
 
