@@ -68,6 +68,8 @@ def _zoo(sub):
         p.add_argument("--kv-heads", type=int, default=2)
         p.add_argument("--intermediate", type=int, default=704)
         p.add_argument("--q-rank", type=int, default=0, help="> 0: MFA attention with this query rank (kv-heads 1)")
+        p.add_argument("--moe", metavar="E,K", help="a Mixtral-style mixture of E experts, K per token "
+                                                     "(--intermediate per expert)")
         p.add_argument("--seq-len", type=int, default=256)
         p.add_argument("--max-positions", type=int, default=1024, help="the model's positions (>= --seq-len)")
         p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base (longer contexts: larger)")
@@ -126,6 +128,11 @@ def cmd_zoo(a) -> int:
     preset = a.preset if a.zoo_cmd == "train" else a.student_preset
     if preset:
         shape = preset_shape(preset)
+    if a.moe:
+        try:
+            shape["experts"], shape["experts_per_tok"] = (int(v) for v in a.moe.split(","))
+        except ValueError:
+            raise ConfigError(f"--moe takes E,K (experts, experts per token), e.g. 4,2; got {a.moe!r}") from None
     tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher,
                      teacher=a.teacher if a.zoo_cmd == "distill" else None,
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,

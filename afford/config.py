@@ -9,7 +9,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "AffordMFAForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "AffordMFAForCausalLM",
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+               "AffordMFAForCausalLM": "afford_mfa", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -93,6 +97,17 @@ class ModelConfig:
     torch_dtype: str | None = None
     attention: str = "gqa"               # "gqa" (MHA/GQA/MQA) or "mfa" (Step-3 multi-matrix factorization)
     q_rank: int = 0                      # MFA: low-rank query dimension
+    # mixture of experts (Mixtral / Qwen2-MoE): a router picks num_experts_per_tok of num_experts SwiGLU
+    # experts per token; Qwen2-MoE adds an always-on shared expert behind a sigmoid gate
+    num_experts: int = 0                 # 0: every layer is a dense MLP
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0       # each expert's intermediate size (intermediate_size: dense layers)
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True          # renormalize the top-k routing weights to sum to 1 (Mixtral: always)
+    dense_layers: tuple[int, ...] = ()   # MoE models: layers that keep a dense MLP (Qwen2-MoE mlp_only_layers)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def kv_values_per_token(self) -> int:
@@ -109,15 +124,28 @@ class ModelConfig:
         attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
         if self.attention == "mfa":
             attn = h * self.q_rank + self.q_rank + self.q_rank * self.num_heads * d + 2 * h * d + self.num_heads * d * h
-        mlp = 3 * h * self.intermediate_size
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + 2 * h) + emb + h
+        return self.num_layers * (attn + 2 * h) + sum(self.ffn_parameters(i) for i in range(self.num_layers)) + emb + h
+
+    def ffn_parameters(self, layer: int, active: bool = False) -> int:
+        """Parameters of one layer's MLP or MoE (active: only the experts one token runs through)."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        shared = 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_intermediate_size else 0)
+        return h * self.num_experts + experts * 3 * h * self.moe_intermediate_size + shared
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one decoded token runs through (MoE: top-k experts only; dense: all of them)."""
+        return self.num_parameters - sum(self.ffn_parameters(i) - self.ffn_parameters(i, active=True)
+                                         for i in range(self.num_layers))
 
     @staticmethod
     def from_hf(cfg: dict) -> "ModelConfig":
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                        "mistral": "MistralForCausalLM"}.get(cfg.get("model_type", ""), "")
+        arch = archs[0] if archs else {t: a for a, t in MODEL_TYPES.items()}.get(cfg.get("model_type", ""), "")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(f"architecture {arch or cfg.get('model_type')!r} is not supported; afford loads "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -133,7 +161,7 @@ class ModelConfig:
             raise ConfigError("an AffordMFAForCausalLM config needs attention='mfa', q_rank > 0 and one KV head")
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        if arch == "MistralForCausalLM" and cfg.get("sliding_window") and \
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM") and cfg.get("sliding_window") and \
                 cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
             # We attend to the full context; cap the usable length at the window so outputs stay exact.
             max_pos = cfg["sliding_window"]
@@ -146,10 +174,10 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             max_position_embeddings=max_pos, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf(cfg), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", arch.startswith("Qwen2")))),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
-            attention=cfg.get("attention", "gqa"), q_rank=cfg.get("q_rank", 0),
+            attention=cfg.get("attention", "gqa"), q_rank=cfg.get("q_rank", 0), **_moe_fields(arch, cfg),
         )
 
     def to_hf(self, dtype: str = "float32") -> dict:
@@ -157,8 +185,7 @@ class ModelConfig:
         rope = {"rope_theta": self.rope.theta, "rope_type": self.rope.type}
         return {
             "architectures": [self.architecture],
-            "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
-                           "AffordMFAForCausalLM": "afford_mfa"}[self.architecture],
+            "model_type": MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -169,7 +196,20 @@ class ModelConfig:
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
             "dtype": dtype,
             **({"attention": "mfa", "q_rank": self.q_rank} if self.attention == "mfa" else {}),
+            **self._moe_hf(),
         }
+
+    def _moe_hf(self) -> dict:
+        if self.architecture == "MixtralForCausalLM":
+            return {"num_local_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                    "intermediate_size": self.moe_intermediate_size, "sliding_window": None}
+        if self.architecture == "Qwen2MoeForCausalLM":
+            return {"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                    "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
+                    "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
+                    "mlp_only_layers": list(self.dense_layers), "decoder_sparse_step": 1,
+                    "qkv_bias": self.attention_bias, "use_sliding_window": False}
+        return {}
 
     @staticmethod
     def from_dir(path: str | Path) -> "ModelConfig":
@@ -178,6 +218,24 @@ class ModelConfig:
             raise ConfigError(f"no config.json in {path}: pass a Hugging Face model folder "
                               f"(config.json, *.safetensors, tokenizer.json)")
         return ModelConfig.from_hf(json.loads(p.read_text()))
+
+
+def _moe_fields(arch: str, cfg: dict) -> dict:
+    """ModelConfig's MoE fields from a Mixtral / Qwen2-MoE config.json (empty for dense architectures)."""
+    if arch == "MixtralForCausalLM":
+        return dict(num_experts=cfg.get("num_local_experts", 8), num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    if arch != "Qwen2MoeForCausalLM":
+        return {}
+    n, step = cfg.get("num_experts", 60), cfg.get("decoder_sparse_step", 1) or 1
+    dense = tuple(i for i in range(cfg["num_hidden_layers"])
+                  if i in (cfg.get("mlp_only_layers") or []) or n == 0 or (i + 1) % step)
+    if cfg.get("moe_intermediate_size") is None:
+        raise ConfigError("a Qwen2MoeForCausalLM config.json needs moe_intermediate_size")
+    return dict(num_experts=n, num_experts_per_tok=cfg.get("num_experts_per_tok", 4),
+                moe_intermediate_size=cfg["moe_intermediate_size"],
+                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ class Engine:
                     self.seqs.pop(s.request_id, None)
                     self.levers.forget(s)
                 raise
-            self.stats.flops += 2.0 * self.model_config.num_parameters * fed       # GRAD's document forwards
+            self.stats.flops += 2.0 * self.model_config.active_parameters * fed       # GRAD's document forwards
         parent = seqs[0]
         parent.children = seqs[1:]       # forked from the parent's prompt blocks right after its prefill
         parent.siblings = seqs[1:]       # kept: an abort stops all n choices, forked or not
@@ -258,7 +258,7 @@ class Engine:
             st.predicted_seconds = spec.controller.last_prediction
         st.weight_bytes = (self.runner.weight_bytes if st.tokens_in else 0) + st.side_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
-        st.flops = 2.0 * self.model_config.num_parameters * st.tokens_in + st.side_flops
+        st.flops = 2.0 * self.model_config.active_parameters * st.tokens_in + st.side_flops
         self.stats.add(st)
         if self.speculator:
             self.speculator.controller.observe(st)
@@ -390,7 +390,7 @@ class Engine:
         tokens = lv.pick(seqs, logits, self.sampler)
         st = StepStats.of_forward("decode", [s.seq_id for s in small], starts, [len(f) for f in fed])
         st.side_tokens, st.side_prompt_tokens = side.fed - side_before, side_prompt
-        st.side_flops = 2.0 * side.cfg.num_parameters * st.side_tokens
+        st.side_flops = 2.0 * side.cfg.active_parameters * st.side_tokens
         st.side_bytes = side.runner.weight_bytes if large else 0     # one forward reads its weights once
         st.large_tokens = len(large)
         st.catchup_tokens = st.tokens_in - len(small) + st.side_tokens - len(large)

@@ -30,11 +30,16 @@ def make_hf_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
     )
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}
+               "mistral": (MistralConfig, MistralForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM),
+               "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM)}
     cfg_cls, model_cls = classes[arch]
     args = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128, vocab_size=512, max_position_embeddings=512, eos_token_id=0,

@@ -79,6 +79,24 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+# Mixtral's names for what afford (and Qwen2-MoE) call mlp.gate / mlp.experts.N.gate_proj|up_proj|down_proj
+MIXTRAL_NAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."))
+
+
+def rename_weights(state: dict, cfg: ModelConfig, to_hf: bool = False) -> dict:
+    """A checkpoint's weight names onto afford's (to_hf: back); only Mixtral's differ."""
+    if cfg.architecture != "MixtralForCausalLM":
+        return state
+    pairs = [(b, a) for a, b in MIXTRAL_NAMES] if to_hf else MIXTRAL_NAMES
+    out = {}
+    for k, v in state.items():
+        if ".block_sparse_moe." in k or ".mlp." in k:
+            for a, b in pairs:
+                k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
@@ -94,7 +112,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     dev = resolve_device(device)
-    state = load_state_dict(path)
+    state = rename_weights(load_state_dict(path), cfg)
     with torch.device("meta"):
         model = Transformer(cfg, max_len=max_len)
     model = model.to_empty(device="cpu")
@@ -154,6 +172,7 @@ def save_model(model: Transformer, out: str | Path, dtype: torch.dtype | None = 
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    state = rename_weights(state, cfg, to_hf=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg.to_hf(dtype_name(dtype)), indent=2) + "\n")
 

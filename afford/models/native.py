@@ -64,6 +64,8 @@ def unsupported(model, backend_name: str) -> str | None:
         return f"implements the cpu_paged attention backend, not {backend_name}"
     if model.cfg.attention == "mfa":
         return "does not implement MFA attention"
+    if model.cfg.num_experts:
+        return "does not implement mixture-of-experts layers"
     lins = [model.lm_head] + [m for layer in model.model.layers
                               for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
     if not all(isinstance(m, PackedLinear) and m.weight_t is not None and m.packed is not None for m in lins):

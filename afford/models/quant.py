@@ -271,8 +271,9 @@ def fuse_quantized(linears: list[QuantLinear]) -> QuantLinear | None:
 
 def quantizable(model) -> list[str]:
     """Names of the matrices that get quantized: every linear layer of the blocks (embeddings and the
-    LM head stay in full precision)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    LM head stay in full precision, and so do MoE routers: a low-bit router would move tokens between experts)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
+            and not n.endswith((".mlp.gate", ".shared_expert_gate"))]
 
 
 def quantize_model(model, bits: int, group: int | str = "auto", tau: float = 0.15) -> dict[str, int]:

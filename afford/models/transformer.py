@@ -1,5 +1,5 @@
-"""One readable Llama-family transformer: RMSNorm, RoPE (default/linear/llama3/yarn), GQA/MQA,
-SwiGLU, tied or untied embeddings. Parameter names follow Hugging Face's, so a Llama, Qwen2 or
+"""One readable Llama-family transformer: RMSNorm, RoPE (default/linear/llama3/yarn), GQA/MQA/MFA,
+SwiGLU or a mixture of SwiGLU experts (Mixtral / Qwen2-MoE), tied or untied embeddings. Parameter names follow Hugging Face's, so a Llama, Qwen2 or
 Mistral checkpoint loads by name and a model we train saves as an ordinary HF folder.
 
 Two ways to run it:
@@ -210,11 +210,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = intermediate or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
         self.gate_up: PackedLinear | None = None
 
     def fuse_quantized(self) -> None:
@@ -238,11 +239,79 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class MoE(nn.Module):
+    """Mixture of SwiGLU experts (Qwen2-MoE names; the loader renames Mixtral's block_sparse_moe.experts.N.w1/w3/w2
+    onto mlp.experts.N.gate_proj/up_proj/down_proj). The router `gate` scores experts, softmax in fp32, keeps the
+    top k (renormalized when norm_topk_prob), and each token's output is the weighted sum of its k experts plus,
+    in Qwen2-MoE, a shared expert scaled by sigmoid(shared_expert_gate(x)). Split in `route` / `experts_forward`
+    / `shared_forward` so that attention-FFN disaggregation (afford/afd/) routes on the attention side and runs
+    a subset of the experts on each FFN worker."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_expert = MLP(cfg, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared else None
+
+    def _mlps(self) -> list[MLP]:
+        return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
+
+    def pack(self, one_row_copy: bool) -> None:
+        for m in self._mlps():
+            m.pack(one_row_copy)
+
+    def fuse_quantized(self) -> None:
+        for m in self._mlps():
+            m.fuse_quantized()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> routing weights (N, k) in x's dtype and expert indices (N, k)."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)                          # (N, E)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)                     # (N, k)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), idx
+
+    def experts_forward(self, x, weights, idx, owned: range | None = None) -> torch.Tensor:
+        """sum_j weights[:, j] * expert_{idx[:, j]}(x) over the experts in `owned` (default: all): (N, hidden)."""
+        out = torch.zeros_like(x)
+        owned = owned if owned is not None else range(len(self.experts))
+        hit = torch.zeros(len(self.experts), dtype=torch.bool)
+        hit[idx.flatten().cpu()] = True
+        for e in owned:
+            if not hit[e]:
+                continue
+            tok, slot = torch.where(idx == e)                                    # (n_e,), (n_e,)
+            y = self.experts[e](x[tok]) * weights[tok, slot, None]               # (n_e, hidden)
+            out.index_add_(0, tok, y)
+        return out
+
+    def shared_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared_expert is None:
+            return None
+        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)    # (N, hidden)
+
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])                                        # (N, hidden)
+        weights, idx = self.route(flat)
+        if self.training:            # Switch-style load balancing: E * sum_e (share of tokens to e) * (mean prob of e)
+            probs = F.softmax(self.gate(flat).float(), dim=-1)                   # (N, E)
+            share = F.one_hot(idx, len(self.experts)).float().sum(1).mean(0) / self.top_k   # (E,)
+            self.aux_loss = len(self.experts) * (share * probs.mean(0)).sum()
+        out = self.experts_forward(flat, weights, idx)
+        if (shared := self.shared_forward(flat)) is not None:
+            out = out + shared
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -257,7 +326,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -305,6 +374,7 @@ class Transformer(nn.Module):
         return self
 
     def weight_bytes(self) -> int:
+        """Bytes of the packed matrices (MoE: every expert, not only those one token reads)."""
         return sum(m.weight.numel() * m.weight.element_size() for m in self.modules() if isinstance(m, PackedLinear))
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,

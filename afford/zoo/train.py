@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from afford.config import ConfigError, ModelConfig, RopeConfig
 from afford.models.loader import load_model, save_model
-from afford.models.transformer import Transformer
+from afford.models.transformer import MoE, Transformer
 
 # name -> (layers, hidden, heads, kv_heads, intermediate[, q_rank for MFA])
 PRESETS = {
@@ -61,6 +61,9 @@ class TrainConfig:
     temperature: float = 1.0        # distillation temperature
     threads: int | None = None
     q_rank: int = 0                 # > 0: MFA attention (low-rank query, one shared K/V head)
+    experts: int = 0                # > 0: a Mixtral-style MoE, `intermediate` per expert
+    experts_per_tok: int = 2        # MoE: top-k experts per token
+    router_aux_coef: float = 0.01   # MoE: weight of the load-balancing loss
     init: str | None = None         # start from these weights (an HF folder of the same shape)
     bf16: bool | None = None        # bf16 autocast (weights stay fp32); None: where bf16 matmuls are fast
                                     # (CUDA, AVX-512 CPUs: ~2x); on an AVX2-only CPU they are >10x slower
@@ -71,6 +74,10 @@ class TrainConfig:
             raise ConfigError("give --steps or --minutes")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ConfigError("hidden must divide by heads and heads by kv_heads")
+        if self.experts and not 0 < self.experts_per_tok <= self.experts:
+            raise ConfigError(f"--moe E,K needs 0 < K <= E, got {self.experts},{self.experts_per_tok}")
+        if self.experts and self.q_rank:
+            raise ConfigError("--moe with --q-rank (an MFA MoE) has no Hugging Face architecture to save as; pick one")
         if self.seq_len > self.max_position_embeddings:
             raise ConfigError(f"seq_len {self.seq_len} exceeds the model's {self.max_position_embeddings} positions: "
                               f"raise --max-positions")
@@ -81,12 +88,14 @@ def model_config(tc: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
     if mfa and tc.kv_heads != 1:
         raise ConfigError("MFA shares one K/V head: use --kv-heads 1 with --q-rank")
     return ModelConfig(
-        architecture="AffordMFAForCausalLM" if mfa else "LlamaForCausalLM", vocab_size=vocab_size, hidden_size=tc.hidden,
+        architecture="AffordMFAForCausalLM" if mfa else "MixtralForCausalLM" if tc.experts else "LlamaForCausalLM",
+        vocab_size=vocab_size, hidden_size=tc.hidden,
         intermediate_size=tc.intermediate, num_layers=tc.layers, num_heads=tc.heads,
         num_kv_heads=tc.kv_heads, head_dim=tc.hidden // tc.heads,
         max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=1e-5, rope=RopeConfig(theta=tc.rope_theta),
         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_ids=(eos_id,), torch_dtype="float32",
-        attention="mfa" if mfa else "gqa", q_rank=tc.q_rank)
+        attention="mfa" if mfa else "gqa", q_rank=tc.q_rank, num_experts=tc.experts,
+        num_experts_per_tok=tc.experts_per_tok if tc.experts else 0, moe_intermediate_size=tc.intermediate if tc.experts else 0)
 
 
 def encode_corpus(tok, docs: list[str]) -> torch.Tensor:
@@ -117,15 +126,17 @@ def use_bf16(tc: TrainConfig, device: torch.device) -> bool:
 def loss_fn(model: Transformer, x, y, teacher: Transformer | None, tc: TrainConfig) -> torch.Tensor:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16(tc, x.device)):
         logits = model(x).float()                                                 # (B, T, V)
+        aux = tc.router_aux_coef * sum(m.aux_loss for m in model.modules() if isinstance(m, MoE)) \
+            if tc.experts else 0.0
         if teacher is None:
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten()) + aux
         with torch.no_grad():
             t_logits = teacher(x).float()                                         # (B, T, V)
     temperature = tc.temperature
     t_logp = F.log_softmax(t_logits / temperature, dim=-1)
     s_logp = F.log_softmax(logits / temperature, dim=-1)
     return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True,
-                    reduction="batchmean") * temperature ** 2
+                    reduction="batchmean") * temperature ** 2 + aux
 
 
 @torch.no_grad()
