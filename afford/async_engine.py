@@ -67,7 +67,9 @@ class AsyncLLM:
             except Exception as e:           # a failed forward fails the requests of that batch, not the loop
                 self.step_errors += 1
                 traceback.print_exc()
-                for rid in [s.request_id for s in list(eng.scheduler.running)]:
+                # an engine that can run no forward any more (an AFD worker died) fails every request it holds
+                held = list(eng.seqs.values()) if eng.broken is not None else list(eng.scheduler.running)
+                for rid in dict.fromkeys(s.request_id for s in held):
                     self._fail(rid, e)
                 continue
             for out in outs:
@@ -130,6 +132,8 @@ class AsyncLLM:
         """Admit a request (raises QueueFull or EngineDead at once, before any response is started)."""
         if self._stop.is_set() or not self.thread.is_alive():
             raise EngineDead("the engine is shutting down")
+        if self.engine.broken is not None:
+            raise EngineDead(f"the engine cannot serve: {self.engine.broken}")
         with self._lock:
             if self.in_flight >= self.max_queue:
                 raise QueueFull(f"{self.in_flight} requests in flight (max_queue={self.max_queue}); retry later")
@@ -176,6 +180,7 @@ class AsyncLLM:
         time.sleep(0.1)
         self._stop.set()
         self.thread.join(timeout=5)
+        self.engine.close()
 
 
 __all__ = ["AsyncLLM", "QueueFull", "EngineDead", "ConfigError"]

@@ -164,6 +164,10 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "sparse_fast_blocks": "attention sparse: fast-tier blocks per layer (default: budget x max-num-seqs)",
     "sparse_dense_below": "attention sparse: contexts up to this many tokens attend densely (default: budget x "
                           "block size)",
+    "afd": "attention-FFN disaggregation, e.g. attention=1,ffn=2: the MLPs / MoE experts run on FFN worker "
+           "processes over torch.distributed (lossless)",
+    "micro_batches": "afd: micro-batches per step, pipelined between the attention and FFN workers",
+    "afd_address": "afd: host:port where `afford afd-worker` processes join (default: spawn them here)",
     "enable_chunked_prefill": "split long prompts over several steps, next to running decodes",
     "enable_prefix_caching": "reuse the KV blocks of prompts' cached leading tokens (automatic prefix caching)",
     "seed": "seeds the engine's generator for requests that bring no seed; generate's requests take it as theirs",
@@ -411,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     _serve(sub)
     _zoo(sub)
     _quantize(sub)
+    w = sub.add_parser("afd-worker", help="an FFN worker of an AFD deployment (start one per --rank on any host; "
+                                          "the attention side runs with --afd ... --afd-address HOST:PORT)")
+    from afford.afd.worker import add_args
+    add_args(w)
     from afford.cost.cli import add_parser as _cost
     _cost(sub)
     from afford.compress.cli import add_parsers as _compress
@@ -429,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "bench":
             from afford.bench.cli import main as bench_main
             return bench_main(a)
+        if a.cmd == "afd-worker":
+            from afford.afd.worker import run
+            return run(a)
         if a.cmd in ("compress", "decompress"):
             from afford.compress.cli import run
             return run(a)

@@ -267,6 +267,11 @@ class EngineConfig:
     sparse_fast_blocks: int | None = None    # ... fast-tier blocks per layer (None: budget x max_num_seqs)
     sparse_dense_below: int | None = None    # ... contexts of at most this many tokens attend densely
                                              #     (None: budget x block_size, when every block fits)
+    afd: str | None = None               # attention-FFN disaggregation "attention=1,ffn=M": the MLPs / experts
+                                         # run on M worker processes over torch.distributed (afford/afd/)
+    micro_batches: int = 3               # ... micro-batches per step, pipelined between the two sides
+    afd_address: str | None = None       # ... host:port where `afford afd-worker` processes join (None: spawn
+                                         #     the workers on this host)
 
     @property
     def attention_options(self) -> dict:
@@ -289,6 +294,11 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be >= 1")
         if self.decode_token_budget is not None and self.decode_token_budget < 1:
             raise ConfigError("decode_token_budget must be >= 1")
+        if self.afd is not None and self.quantization:
+            raise ConfigError("afd with quantization is not implemented: the FFN workers load full-precision "
+                              "weights; drop one of them")
+        if self.afd is None and self.afd_address is not None:
+            raise ConfigError("afd_address is for afd deployments: give afd='attention=1,ffn=M' too")
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,17 @@ class Engine:
             raise ConfigError(f"kv_blocks={blocks} cannot hold one sequence of max_model_len={self.max_model_len} "
                               f"tokens; give at least {min_blocks} blocks or lower max_model_len")
         self.pool = BlockPool(blocks, bs, prefix_caching=cfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
-                                  max_batch=cfg.max_num_seqs,
-                                  max_q=1 + speculative.num_speculative_tokens if speculative else 1,
-                                  attention_options=cfg.attention_options)
+        if cfg.afd is not None:                        # the FFN half of every layer on worker processes
+            from afford.afd.protocol import AFDSpec
+            from afford.afd.runner import AFDRunner
+            self.runner = AFDRunner(self.model, self.pool, str(path), AFDSpec.parse(cfg.afd), cfg.micro_batches,
+                                    cfg.attention, cfg.afd_address, str(next(self.model.parameters()).device), cfg.dtype,
+                                    attention_options=cfg.attention_options)
+        else:
+            self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
+                                      max_batch=cfg.max_num_seqs,
+                                      max_q=1 + speculative.num_speculative_tokens if speculative else 1,
+                                      attention_options=cfg.attention_options)
         budget = self.step_token_budget(cfg, self.runner.device)
         decoding = cfg.decode_token_budget or (64 if self.runner.device.type == "cpu" else budget)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, budget, self.max_model_len,
@@ -82,6 +89,16 @@ class Engine:
             from afford.cost.hf import spec_from_model_config
             self.cost_hw = get_hardware(cfg.cost_hardware)[0]
             self.cost_spec = spec_from_model_config(mcfg, self.runner.kv[0][0].element_size())
+
+    @property
+    def broken(self) -> Exception | None:
+        """Why this engine can finish no forward any more (an AFD worker died), else None."""
+        return getattr(self.runner, "broken", None)
+
+    def close(self) -> None:
+        """Release what outlives the engine object: AFD worker processes (a no-op otherwise)."""
+        if hasattr(self.runner, "close"):
+            self.runner.close()
 
     @staticmethod
     def step_token_budget(cfg: EngineConfig, device: torch.device) -> int:

@@ -25,7 +25,8 @@ class LLM:
                  dwell: int = 10, rerank: str | None = None, alpha: float = 1.0, rerank_top_k: int = 5,
                  counterfactual=None, grad_corpus: str | None = None, grad_weight: float = 16.0,
                  grad_top_docs: int = 1, sparse_budget: int = 16, sparse_locality: float = 0.25,
-                 sparse_fast_blocks: int | None = None, sparse_dense_below: int | None = None):
+                 sparse_fast_blocks: int | None = None, sparse_dense_below: int | None = None,
+                 afd: str | None = None, micro_batches: int = 3, afd_address: str | None = None):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
@@ -47,7 +48,12 @@ class LLM:
         counterfactual prompt. grad_corpus=FOLDER: GRAD -- logits fused (grad_weight) with a token graph of the
         grad_top_docs documents BM25 retrieves for each prompt. attention="sparse": NOSA-style block-sparse decode
         attention (lossy once a context has more than sparse_budget blocks; block_size defaults to 64 with it)
-        over a two-tier KV store whose fast tier holds sparse_fast_blocks blocks per layer."""
+        over a two-tier KV store whose fast tier holds sparse_fast_blocks blocks per layer.
+
+        afd="attention=1,ffn=M": attention-FFN disaggregation (lossless) -- the MLPs (a MoE's experts, split
+        between the workers) run on M processes over torch.distributed, each step pipelined in micro_batches;
+        afd_address="host:port" waits there for `afford afd-worker` processes instead of spawning them. Call
+        close() (or use `with LLM(...) as llm:`) to stop the workers; they also stop when this process exits."""
         if block_size is None:
             block_size = 64 if attention == "sparse" else 16
         speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens,
@@ -63,7 +69,8 @@ class LLM:
                                          enable_prefix_caching=enable_prefix_caching, native=native,
                                          enforce_eager=enforce_eager, sparse_budget=sparse_budget,
                                          sparse_locality=sparse_locality, sparse_fast_blocks=sparse_fast_blocks,
-                                         sparse_dense_below=sparse_dense_below), speculative,
+                                         sparse_dense_below=sparse_dense_below, afd=afd,
+                                         micro_batches=micro_batches, afd_address=afd_address), speculative,
                             lossy_config(cascade, large, tau, window, dwell, rerank, alpha, rerank_top_k,
                                          counterfactual, grad_corpus, grad_weight, grad_top_docs)))
 
@@ -78,6 +85,16 @@ class LLM:
     def _attach(self, engine: Engine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+
+    def close(self) -> None:
+        """Stop what the engine started outside this process (AFD workers); the LLM is unusable after."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def stats(self):

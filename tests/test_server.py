@@ -25,7 +25,8 @@ class Server:
         import uvicorn
 
         from afford.serve.app import create_app
-        self.llm = AsyncLLM.from_config(EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256),
+        self.llm = AsyncLLM.from_config(EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256,
+                                                     **kw.pop("engine", {})),
                                         kw.pop("speculative", None), max_queue=kw.pop("max_queue", 256),
                                         lossy=kw.pop("lossy", None))
         self.app = create_app(self.llm, "tiny", **kw)

@@ -155,8 +155,10 @@ class Frontend:
                                             "owned_by": "afford", "max_model_len": self.max_model_len}]}
 
     def health(self) -> JSONResponse:
-        ok = self.llm.thread.is_alive()
-        return JSONResponse({"status": "ok" if ok else "dead"}, status_code=200 if ok else 503)
+        broken = self.llm.engine.broken
+        ok = self.llm.thread.is_alive() and broken is None
+        body = {"status": "ok" if ok else "dead", **({"reason": str(broken)} if broken is not None else {})}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

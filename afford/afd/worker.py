@@ -1,0 +1,173 @@
+"""An FFN worker: owns its share of every layer's MLP (a slice of the intermediate columns) or MoE (a slice
+of the experts; worker 0 also the shared expert) and answers rank 0's per-layer requests until STOP.
+AFDRunner starts it on this host as `python -m afford.afd.worker ...` (a fresh interpreter: nothing of the
+caller's script is re-imported); `afford afd-worker` starts the same loop on another host."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from afford.afd.protocol import FORWARD, HEADER_LEN, PING, STATS, STOP, make_group, make_store, ready_key, shard, tag
+from afford.models.transformer import DUAL_LAYOUT_MAX_BYTES, MLP, MoE
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    model: str                 # the model folder (resolved: every worker loads the same weights)
+    address: str               # host:port of rank 0's rendezvous store
+    rank: int                  # 1..M
+    world_size: int
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int | None = None
+    timeout_s: float = 120.0
+
+
+def mlp_shard(mlp: MLP, cols: range, cfg) -> MLP:
+    """The intermediate columns `cols` of a dense MLP: gate/up rows and down columns (its partial output)."""
+    if len(cols) == mlp.gate_proj.out_features:
+        return mlp
+    part = MLP(cfg, len(cols)).to(mlp.gate_proj.weight.dtype)
+    sl = slice(cols.start, cols.stop)
+    with torch.no_grad():
+        part.gate_proj.weight.copy_(mlp.gate_proj.weight[sl])
+        part.up_proj.weight.copy_(mlp.up_proj.weight[sl])
+        part.down_proj.weight.copy_(mlp.down_proj.weight[:, sl])
+    return part
+
+
+class FFNShard(nn.Module):
+    """One layer's FFN share: forward(payload (n, width)) -> partial output (n, hidden)."""
+
+    def __init__(self, ffn: MLP | MoE, cfg, index: int, workers: int):
+        super().__init__()
+        self.hidden = cfg.hidden_size
+        if isinstance(ffn, MoE):
+            self.owned = shard(len(ffn.experts), index, workers)
+            for e in range(len(ffn.experts)):
+                if e not in self.owned:
+                    ffn.experts[e] = nn.Identity()                  # not ours: free its weights
+            if index != 0:
+                ffn.shared_expert = ffn.shared_expert_gate = None   # worker 0 runs the shared expert
+            del ffn.gate                                            # routing happens on the attention side
+            self.ffn = ffn
+        else:
+            self.owned = None
+            self.ffn = mlp_shard(ffn, shard(cfg.intermediate_size, index, workers), cfg)
+
+    def pack(self, one_row_copy: bool) -> None:
+        if self.owned is None:
+            self.ffn.pack(one_row_copy)
+            return
+        for e in self.owned:
+            self.ffn.experts[e].pack(one_row_copy)
+        if self.ffn.shared_expert is not None:
+            self.ffn.shared_expert.pack(one_row_copy)
+
+    def forward(self, payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.owned is None:
+            return self.ffn(payload)                                              # (n, hidden)
+        H = self.hidden
+        k = (payload.shape[1] - H) // 2
+        x = payload[:, :H].to(dtype)                                              # (n, hidden)
+        weights, idx = payload[:, H:H + k].to(dtype), payload[:, H + k:].long()   # (n, k) each
+        out = self.ffn.experts_forward(x, weights, idx, self.owned)
+        if (shared := self.ffn.shared_forward(x)) is not None:
+            out = out + shared
+        return out
+
+
+def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.dtype]:
+    """This worker's share of every layer, packed for inference as the single-process model packs it."""
+    from afford.models.loader import load_model
+    model = load_model(args.model, args.device, args.dtype)
+    cfg = model.cfg
+    shards = [FFNShard(layer.mlp, cfg, args.rank - 1, workers) for layer in model.model.layers]
+    p = next(model.parameters())
+    del model
+    dual = p.device.type == "cpu" and p.dtype == torch.float32 and \
+        sum(q.numel() for s in shards for q in s.parameters()) * p.element_size() <= DUAL_LAYOUT_MAX_BYTES
+    for s in shards:
+        s.pack(dual)
+    return shards, p.dtype
+
+
+def serve(args: WorkerArgs) -> None:
+    """The worker's loop; returns on STOP, raises when rank 0 is gone (its process then exits)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workers = args.world_size - 1
+    store = make_store(args.address, args.rank, args.world_size, args.timeout_s)
+    shards, dtype = build_shards(args, workers)
+    store.set(ready_key(args.rank), "1")
+    pg = make_group(store, args.rank, args.world_size, args.timeout_s)
+    hidden = shards[0].hidden
+    wait_s, ffn_s = torch.zeros(len(shards), dtype=torch.float64), torch.zeros(len(shards), dtype=torch.float64)
+    head = torch.zeros(HEADER_LEN, dtype=torch.long)
+    with torch.inference_mode():
+        while True:
+            pg.recv([head], 0, 0).wait()
+            op, a, b, c = head[:4].tolist()
+            if op == STOP:
+                return
+            if op == STATS:
+                pg.send([torch.stack([wait_s, ffn_s])], 0, 0).wait()
+                wait_s.zero_(), ffn_s.zero_()
+            elif op == PING:
+                buf = torch.empty(a, b)
+                for _ in range(c):
+                    pg.recv([buf], 0, 1).wait()
+                    pg.send([buf], 0, 1).wait()
+            elif op == FORWARD:
+                sizes = head[4:4 + a].tolist()
+                sends = []
+                for layer, s in enumerate(shards):
+                    width = hidden + (2 * s.ffn.top_k if s.owned is not None else 0)
+                    pdtype = torch.float32 if s.owned is not None else dtype
+                    for i, n in enumerate(sizes):
+                        t0 = time.perf_counter()
+                        buf = torch.empty(n, width, dtype=pdtype)
+                        pg.recv([buf], 0, tag(layer, i)).wait()
+                        t1 = time.perf_counter()
+                        out = s(buf, dtype)
+                        sends.append((out, pg.send([out], 0, tag(layer, i))))
+                        wait_s[layer] += t1 - t0
+                        ffn_s[layer] += time.perf_counter() - t1
+                for _, work in sends:
+                    work.wait()
+
+
+def add_args(p) -> None:
+    p.add_argument("--model", required=True, help="the model folder (the same weights as the attention worker's)")
+    p.add_argument("--address", required=True, help="host:port of the attention worker (rank 0)")
+    p.add_argument("--rank", type=int, required=True, help="1..M")
+    p.add_argument("--world-size", type=int, required=True, help="1 + M")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a message")
+
+
+def run(a) -> int:
+    """Serve until STOP or until rank 0 goes away (then exit quietly: there is nobody left to answer)."""
+    from afford.config import ConfigError
+    if not 1 <= a.rank < a.world_size:
+        raise ConfigError(f"--rank must be in 1..{a.world_size - 1} (rank 0 is the attention worker)")
+    args = WorkerArgs(a.model, a.address, a.rank, a.world_size, a.device, a.dtype, a.threads, a.timeout)
+    try:
+        serve(args)
+    except RuntimeError as e:
+        if "Connection closed" not in str(e) and "Connection reset" not in str(e):
+            raise
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser("python -m afford.afd.worker", description=__doc__)
+    add_args(parser)
+    sys.exit(run(parser.parse_args()))

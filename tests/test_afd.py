@@ -1,0 +1,126 @@
+"""Attention-FFN disaggregation over torch.distributed (gloo, real worker processes): the same greedy tokens
+as one process for dense and MoE models, a worker that dies fails requests with a clear error, and no
+process outlives its deployment."""
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from afford import LLM, SamplingParams
+from afford.afd.protocol import AFDSpec, shard
+from afford.afd.runner import AFDWorkerLost, free_port, split_batch
+from afford.attention.backend import ForwardBatch
+from afford.config import ConfigError
+from tests.conftest import make_hf_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42], [100, 101, 102, 103, 104], [7, 8], [300, 301, 302, 303]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory, tokenizer_dir):
+    return make_hf_model(tmp_path_factory.mktemp("afd_mixtral"), tokenizer_dir, "mixtral", seed=2, sharpen=3.0,
+                         num_local_experts=4, num_experts_per_tok=2)
+
+
+def exited(procs, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.poll() is not None for p in procs):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_split_batch_is_contiguous_and_balanced():
+    n = [1, 1, 1, 1, 1, 1, 1]
+    b = ForwardBatch("decode", list(range(7)), [3] * 7, n, [[i] for i in range(7)], 16,
+                     torch.arange(7), torch.full((7,), 3))
+    groups = split_batch(b, 3)
+    assert [e - s for _, s, e in groups] == [3, 2, 2] or [e - s for _, s, e in groups] == [3, 3, 1] \
+        or sorted(e - s for _, s, e in groups) == [2, 2, 3]
+    assert groups[0][1] == 0 and groups[-1][2] == 7
+    assert all(a[2] == b_[1] for a, b_ in zip(groups, groups[1:]))          # contiguous, nothing lost
+    assert [s for sub, _, _ in groups for s in sub.seq_ids] == list(range(7))
+    one = ForwardBatch("prefill", [0], [0], [9], [[0]], 16, torch.arange(9), torch.arange(9))
+    assert len(split_batch(one, 3)) == 1                                    # one sequence: one micro-batch
+    assert [len(shard(10, i, 3)) for i in range(3)] == [4, 3, 3]
+
+
+@pytest.mark.parametrize("spec,micro", [("attention=1,ffn=1", 1), ("attention=1,ffn=2", 3)])
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_dir):
+    path = str(llama_dir if which == "dense" else mixtral_dir)
+    want = [o.token_ids for o in LLM(path, dtype="float32").generate(PROMPTS, GREEDY)]
+    with LLM(path, dtype="float32", afd=spec, micro_batches=micro, max_num_batched_tokens=16) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        t = llm.engine.runner.timings()
+        procs = llm.engine.runner.procs
+    assert got == want
+    assert t["steps"] > 0 and all(a > 0 for a in t["attention_s"]) and all(f > 0 for f in t["ffn_s"])
+    assert len(procs) == AFDSpec.parse(spec).ffn and exited(procs)
+
+
+def test_a_dead_worker_fails_requests_clearly_and_nothing_is_left(llama_dir):
+    llm = LLM(str(llama_dir), dtype="float32", afd="attention=1,ffn=2", micro_batches=2)
+    procs = llm.engine.runner.procs
+    assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    procs[1].kill()
+    procs[1].wait()
+    with pytest.raises(AFDWorkerLost, match="restart"):
+        llm.generate(PROMPTS[:2], GREEDY)
+    with pytest.raises(AFDWorkerLost):                       # at once: the deployment is known to be broken
+        llm.generate([PROMPTS[1]], GREEDY)
+    llm.close()
+    assert exited(procs)
+
+
+def test_server_stays_up_and_says_why_when_a_worker_dies(llama_dir):
+    from tests.test_server import Server
+    srv = Server(llama_dir, engine=dict(afd="attention=1,ffn=1", micro_batches=2))
+    url = srv.url
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 8, "temperature": 0}
+    procs = srv.llm.engine.runner.procs
+    try:
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+        procs[0].kill()
+        procs[0].wait()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code in (500, 503) and "restart" in r.text
+        h = httpx.get(url + "/health", timeout=10)
+        assert h.status_code == 503 and "FFN worker" in h.json()["reason"]
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and "cannot serve" in r.text
+        assert srv.thread.is_alive() and srv.llm.thread.is_alive()
+    finally:
+        srv.stop()
+        srv.llm.shutdown(timeout=1)
+    assert exited(procs)
+
+
+def test_workers_started_by_hand_join_by_address(llama_dir):
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "afford", "afd-worker", "--model", str(llama_dir),
+                               "--address", f"127.0.0.1:{port}", "--rank", "1", "--world-size", "2",
+                               "--threads", "1"])
+    try:
+        want = [o.token_ids for o in LLM(str(llama_dir), dtype="float32").generate(PROMPTS[:3], GREEDY)]
+        with LLM(str(llama_dir), dtype="float32", afd="attention=1,ffn=1", afd_address=f"127.0.0.1:{port}") as llm:
+            assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == want
+        assert worker.wait(timeout=20) == 0                   # STOP: a clean exit
+    finally:
+        worker.kill()
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(afd="attention=2,ffn=1"), "one attention worker"),
+                                    (dict(afd="ffn=0"), "attention=N,ffn=M"),
+                                    (dict(afd="gpus=2"), "attention=N,ffn=M"),
+                                    (dict(afd="ffn=1", quantization="int8"), "not implemented"),
+                                    (dict(afd_address="127.0.0.1:1"), "afd deployments"),
+                                    (dict(afd="ffn=1", micro_batches=0), "micro_batches")])
+def test_bad_afd_settings_say_what_to_do(llama_dir, kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        LLM(str(llama_dir), dtype="float32", **kw)
