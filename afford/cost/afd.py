@@ -1,5 +1,6 @@
 """Attention-FFN disaggregation sizing (step3.md §4.2, §4.5): how big the FFN batch must be, how sparse
-a MoE may be for the network, and what each pipeline stage may spend per layer."""
+a MoE may be for the network, and what each pipeline stage may spend per layer; and `pipeline`, the
+planner's model of one AFD decode step, which benchmarks/afd.py checks against a run."""
 from __future__ import annotations
 
 from afford.config import ConfigError
@@ -39,3 +40,51 @@ def sizing(spec: ModelSpec, hw: Hardware, context: int = 4096, tpot_ms: float = 
         "attention_batch_per_card": attn_batch,
         "attention_cards_per_ffn_card": (b_moe / attn_batch) if attn_batch else float("inf"),
     }
+
+
+def _ffn_layer(spec: ModelSpec, batch: int, weight_bytes: float) -> tuple[float, float]:
+    """(FLOPs, weight bytes read) of one FFN layer for `batch` tokens, averaged over the layers. A MoE layer
+    reads the experts the batch hits: E * (1 - (1 - k/E)^batch) of them under uniform routing."""
+    H, flops, read = spec.hidden, 0.0, 0.0
+    for f in spec.ffn:
+        shared = f.shared * (f.shared_intermediate or f.intermediate)
+        hit = f.experts * (1 - (1 - f.active / f.experts) ** batch) if f.is_moe else 1
+        flops += f.layers * batch * 2 * 3 * H * (f.active * f.intermediate + shared)
+        read += f.layers * 3 * H * (hit * f.intermediate + shared) * weight_bytes
+    return flops / spec.layers, read / spec.layers
+
+
+def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batches: int = 1, ffn_workers: int = 1,
+             weight_bytes: float = 1.0, act_bytes: float = 1.0, network_gbps: float | None = None) -> dict:
+    """Per layer of one decode step of `batch` sequences at `context`, each stage of a micro-batch of b
+    tokens at its roofline (Step-3's attention = max(core FLOPs, KV bytes) + linear, here with the weights'
+    bytes in the linear and FFN terms: a small batch does not amortize them, and every micro-batch reads
+    them again):
+      a(b)  attention   max(core FLOPs / F, KV bytes / BW) + max(linear FLOPs / F, projection weights / BW)
+      f(b)  ffn         max(FLOPs / F, weights read / BW) per FFN worker (each holds 1/M of the columns/experts)
+      x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker
+    With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), and
+    a micro-batch's round trip a + x + f must end before its next layer's attention, so a layer takes
+    max(m*a, m*f, a + x + f); m = 1 is the sequential a + x + f. Embeddings and the LM head are left out."""
+    if batch < 1 or micro_batches < 1 or ffn_workers < 1:
+        raise ConfigError("batch, micro-batches and FFN workers must be >= 1")
+    L, H = spec.layers, spec.hidden
+    w = spec.per_token(context)
+    k = max((f.active for f in spec.ffn if f.is_moe), default=0)
+    net = (network_gbps or hw.net_gbps) * 1e9 / 8
+
+    def stages(b: float) -> tuple[float, float, float]:
+        attn = max(b * w["attention_flops"] / L / hw.flops, b * w["kv_bytes"] / L / hw.mem_bw) + \
+            max(b * w["linear_flops"] / L / hw.flops, w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
+        ffn_flops, ffn_read = _ffn_layer(spec, max(1, round(b)), weight_bytes)
+        ffn = max(ffn_flops / ffn_workers / hw.flops, ffn_read / ffn_workers / hw.mem_bw)
+        return attn, ffn_workers * b * (2 * H + 2 * k) * act_bytes / net, ffn
+
+    m = micro_batches
+    a, x, f = stages(batch / m)
+    layer = max(m * a, m * f, a + x + f)
+    seq = sum(stages(batch))
+    return {"model": spec.name, "hardware": hw.key, "batch": batch, "context": context, "micro_batches": m,
+            "ffn_workers": ffn_workers, "attention_us": m * a * 1e6, "ffn_us": m * f * 1e6, "transfer_us": m * x * 1e6,
+            "layer_us": layer * 1e6, "sequential_layer_us": seq * 1e6, "step_ms": layer * L * 1e3,
+            "bubble_us": (layer - max(m * a, m * f)) * 1e6}

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 from afford.config import ConfigError, number_arg
-from afford.cost.afd import sizing
-from afford.cost.hardware import get_hardware
+from afford.cost.afd import pipeline, sizing
+from afford.cost.hardware import custom_hardware, get_hardware
 from afford.cost.hf import load_spec
 from afford.cost.model import costs
 from afford.cost.specs import PRESETS
@@ -31,6 +31,16 @@ def add_parser(sub) -> None:
     c.add_argument("--tpot-ms", type=number_arg(float, 0, lo_open=True), default=50.0)
     c.add_argument("--network-gbps", type=number_arg(float, 0, lo_open=True),
                    help="per 8-card server (default: the hardware's)")
+    c.add_argument("--custom-hardware", action="append", default=[], metavar="KEY:flops=F,bw=B[,net=GBPS][,price=USD]",
+                   help="a machine you measured, then named by --hardware KEY (repeatable)")
+    c.add_argument("--batch", type=number_arg(int, 1), help="afd: also model one decode step of this many "
+                                                           "sequences through the AFD pipeline, per layer")
+    c.add_argument("--micro-batches", type=number_arg(int, 1), default=3, help="afd --batch: micro-batches")
+    c.add_argument("--ffn-workers", type=number_arg(int, 1), default=1, help="afd --batch: FFN workers")
+    c.add_argument("--weight-bytes", type=number_arg(float, 0, lo_open=True), default=1.0,
+                   help="afd --batch: bytes per weight (1: FP8/INT8, 2: BF16, 4: FP32)")
+    c.add_argument("--act-bytes", type=number_arg(float, 0, lo_open=True), default=1.0,
+                   help="afd --batch: bytes per transferred activation value")
 
 
 def _prices(items: list[str]) -> dict[str, float]:
@@ -49,12 +59,17 @@ def _prices(items: list[str]) -> dict[str, float]:
 
 def run(a) -> int:
     prices = _prices(a.price)
+    custom = [custom_hardware(t) for t in a.custom_hardware]
     if a.action == "afd":
         if not a.model:
             raise ConfigError("afford cost afd needs --model")
-        hw = get_hardware(a.hardware or "h800", prices)
-        res = [sizing(load_spec(a.model).with_kv_dtype(a.kv_dtype), h, a.context or 4096, a.tpot_ms, a.network_gbps)
-               for h in hw]
+        hw = get_hardware(a.hardware or "h800", prices, custom)
+        spec = load_spec(a.model).with_kv_dtype(a.kv_dtype)
+        res = [sizing(spec, h, a.context or 4096, a.tpot_ms, a.network_gbps) for h in hw]
+        if a.batch:
+            for r, h in zip(res, hw):
+                r["pipeline"] = pipeline(spec, h, a.batch, a.context or 4096, a.micro_batches, a.ffn_workers,
+                                         a.weight_bytes, a.act_bytes, a.network_gbps)
         if a.json:
             print(json.dumps(res[0] if len(res) == 1 else res))
         else:
@@ -69,13 +84,19 @@ def run(a) -> int:
                       f"{r['bytes_per_layer_f2a'] / 1e6:.2f} MB (network {r['network_time_us_per_layer']:.0f} us)")
                 print(f"  attention batch per card          {r['attention_batch_per_card']} sequences")
                 print(f"  attention cards per FFN card      {r['attention_cards_per_ffn_card']:.2f}")
+                if "pipeline" in r:
+                    p = r["pipeline"]
+                    print(f"  one step of batch {p['batch']}, {p['micro_batches']} micro-batches, {p['ffn_workers']} FFN "
+                          f"worker(s), per layer: attention {p['attention_us']:.0f} us | transfer {p['transfer_us']:.0f} us"
+                          f" | FFN {p['ffn_us']:.0f} us -> {p['layer_us']:.0f} us (sequential "
+                          f"{p['sequential_layer_us']:.0f} us); step {p['step_ms']:.2f} ms")
         return 0
     if a.table:
-        return _table(a.context or 8192, get_hardware(a.hardware or PAPER_HW, prices), a.kv_dtype)
+        return _table(a.context or 8192, get_hardware(a.hardware or PAPER_HW, prices, custom), a.kv_dtype)
     if not a.model:
         raise ConfigError("give --model NAME_OR_CONFIG, or --table")
     models = [m.strip() for m in a.model.split(",")]
-    hw = get_hardware(a.hardware, prices)
+    hw = get_hardware(a.hardware, prices, custom)
     if a.plot:
         if not Path(a.plot).resolve().parent.is_dir():
             raise ConfigError(f"--plot {a.plot}: the folder {Path(a.plot).parent} does not exist; create it first")

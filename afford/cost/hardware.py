@@ -61,19 +61,41 @@ HARDWARE: dict[str, Hardware] = {h.key: h for h in (
 )}
 
 
-def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] | None = None) -> list[Hardware]:
-    """Hardware by key (comma-separated or list; None: all), with optional price overrides."""
+def custom_hardware(text: str) -> Hardware:
+    """'KEY:flops=F,bw=B[,net=GBPS][,price=USD]' -- a machine you measured (FLOP/s, bytes/s of memory
+    bandwidth, network Gbit/s, USD per hour), e.g. `cpu:flops=4.1e10,bw=1.2e10,net=80`."""
+    key, _, rest = text.partition(":")
+    vals = {}
+    for item in rest.split(","):
+        k, _, v = item.partition("=")
+        try:
+            vals[k.strip()] = float(v)
+        except ValueError:
+            raise ConfigError(f"--custom-hardware {text!r}: {item!r} is not NAME=NUMBER") from None
+    unknown = set(vals) - {"flops", "bw", "net", "price"}
+    if not key.strip() or unknown or not {"flops", "bw"} <= set(vals) or any(v <= 0 for v in vals.values()):
+        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,price=USD] with positive "
+                          f"numbers, got {text!r}")
+    return Hardware(key.strip().lower(), f"custom {key.strip()}", vals.get("price", 1.0), vals["flops"], None,
+                    vals["bw"], vals.get("net", 100.0), "measured by the user (--custom-hardware)")
+
+
+def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] | None = None,
+                 custom: list[Hardware] = ()) -> list[Hardware]:
+    """Hardware by key (comma-separated or list; None: all), with optional price overrides; `custom` adds
+    machines (custom_hardware) that the keys may name."""
+    known = {**HARDWARE, **{h.key: h for h in custom}}
     if keys is None:
-        names = list(HARDWARE)
+        names = list(known)
     else:
         names = [k.strip().lower() for k in (keys.split(",") if isinstance(keys, str) else keys) if k.strip()]
         if not names:
             raise ConfigError(f"no hardware named; give keys such as h100,h800 (known: {', '.join(HARDWARE)})")
-    unknown = [k for k in names if k not in HARDWARE]
+    unknown = [k for k in names if k not in known]
     if unknown:
-        raise ConfigError(f"unknown hardware {', '.join(unknown)}; known: {', '.join(HARDWARE)}")
+        raise ConfigError(f"unknown hardware {', '.join(unknown)}; known: {', '.join(known)}")
     prices = prices or {}
-    bad = [k for k in prices if k not in HARDWARE]
+    bad = [k for k in prices if k not in known]
     if bad:
-        raise ConfigError(f"--price names unknown hardware {', '.join(bad)}; known: {', '.join(HARDWARE)}")
-    return [replace(HARDWARE[k], price_per_hour=prices.get(k, HARDWARE[k].price_per_hour)) for k in names]
+        raise ConfigError(f"--price names unknown hardware {', '.join(bad)}; known: {', '.join(known)}")
+    return [replace(known[k], price_per_hour=prices.get(k, known[k].price_per_hour)) for k in names]

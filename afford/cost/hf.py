@@ -121,4 +121,11 @@ def spec_from_model_config(cfg, kv_bytes: float) -> ModelSpec:
                          q_rank=cfg.q_rank)
     else:
         attn = AttnGroup("gqa", cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_bytes=kv_bytes)
-    return ModelSpec(cfg.architecture, cfg.hidden_size, (attn,), (FFNGroup(cfg.num_layers, cfg.intermediate_size),))
+    if not cfg.num_experts:
+        return ModelSpec(cfg.architecture, cfg.hidden_size, (attn,), (FFNGroup(cfg.num_layers, cfg.intermediate_size),))
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    shared = cfg.shared_expert_intermediate_size
+    ffn = (FFNGroup(cfg.num_layers - moe_layers, cfg.intermediate_size),
+           FFNGroup(moe_layers, cfg.moe_intermediate_size, active=cfg.num_experts_per_tok, experts=cfg.num_experts,
+                    shared=1 if shared else 0, shared_intermediate=shared or None))
+    return ModelSpec(cfg.architecture, cfg.hidden_size, (attn,), tuple(f for f in ffn if f.layers))

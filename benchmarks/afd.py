@@ -1,0 +1,184 @@
+"""Attention-FFN disaggregation on this machine, measured against the planner's model of the same run.
+
+Two random-weight fp32 models shaped so that weight and KV reads, not Python, set the per-layer times
+(4 layers, hidden 1024, 8 heads / 2 KV heads of 128): a dense one (intermediate 4096) and a Mixtral-style
+MoE (8 experts of 1024, top-2). Workload: 96 sequences of 128 random prompt tokens decode 16 tokens
+greedily (prefix caching off; 32 rows per micro-batch at m = 3, where a product is compute-bound here); only the decode steps after every sequence has its first token are timed.
+
+Arms per model: one process (the default engine, both cores), and AFD with one FFN worker at 1 / 2 / 3
+micro-batches, and with two FFN workers at 3 (three processes on two cores: oversubscribed). In the AFD
+arms each side runs one thread (one core each). Per arm: decode throughput and TPOT, whether the tokens
+equal the one-process run, and per layer the attention side's compute and wait, the FFN worker's compute,
+the transfer (a gloo ping of the same payload) -- next to `afford.cost.afd.pipeline`, the planner, given
+this machine as custom hardware: one core's measured FLOP/s (the engine's oneDNN packed fp32 product,
+256 x 2048 x 4096) and bandwidth (GEMV over a 256 MB matrix), and the loopback link's measured bandwidth (16 MB ping).
+
+Measured bubble per layer = attention-side time per layer (compute + wait) - max(attention, FFN); the
+share of the transfer hidden at m micro-batches = 1 - (layer time - the time with free transfers,
+max(A, F, (A + F) / m)) / transfer.
+
+    python benchmarks/afd.py [--batch 96] [--context 128] [--tokens 16]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import ROOT, save
+
+SHAPE = dict(layers=4, hidden=1024, heads=8, kv_heads=2)
+ARMS = [(None, 1), ("attention=1,ffn=1", 1), ("attention=1,ffn=1", 2), ("attention=1,ffn=1", 3),
+        ("attention=1,ffn=2", 3)]
+
+
+def make_model(out: Path, moe: bool) -> Path:
+    from afford.config import ModelConfig, RopeConfig
+    from afford.models.loader import save_model
+    from afford.models.transformer import Transformer
+    from afford.zoo.train import init_weights
+    tok = ROOT / "afford" / "assets" / "default" / "target"
+    vocab = ModelConfig.from_dir(tok).vocab_size
+    L, H, heads, kv = SHAPE["layers"], SHAPE["hidden"], SHAPE["heads"], SHAPE["kv_heads"]
+    cfg = ModelConfig("MixtralForCausalLM" if moe else "LlamaForCausalLM", vocab, H, 1024 if moe else 4096, L, heads,
+                      kv, H // heads, 2048, 1e-5, RopeConfig(), tie_word_embeddings=True, eos_token_ids=(0,),
+                      num_experts=8 if moe else 0, num_experts_per_tok=2 if moe else 0,
+                      moe_intermediate_size=1024 if moe else 0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    init_weights(model)
+    save_model(model, out, dtype=torch.float32)
+    for f in tok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def machine_as_hardware() -> dict:
+    """One core: sgemm FLOP/s and GEMV read bandwidth (the planner's custom hardware)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # the engine's kernel for 2+ rows: oneDNN's pre-packed fp32 linear (afford/models/transformer.py PackedLinear)
+    a, wa = torch.randn(256, 2048), torch.randn(4096, 2048)
+    packed = torch.ops.mkldnn._reorder_linear_weight(wa, None)
+    w, x = torch.randn(8192, 8192), torch.randn(8192)                     # 256 MB
+
+    def best(f, n=5):
+        f()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+    flops = 2 * 256 * 2048 * 4096 / best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    bw = w.numel() * 4 / best(lambda: torch.mv(w, x))
+    torch.set_num_threads(threads)
+    return {"flops": flops, "bw": bw}
+
+
+def decode(llm, prompts, tokens: int) -> dict:
+    """Run the prompts; time the steps after every sequence has its first token."""
+    from afford import SamplingParams
+    eng = llm.engine
+    seqs = [eng.add_request(p, SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)) for p in prompts]
+    while any(s.num_output == 0 for s in seqs):
+        eng.step()
+    runner = eng.runner
+    if hasattr(runner, "timings"):
+        runner.timings()                                                   # reset: decode steps only from here
+    steps, t0 = 0, time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    wall = time.perf_counter() - t0
+    out = {"decode_s": wall, "steps": steps, "tok_s": len(prompts) * tokens / wall, "tpot_ms": wall / steps * 1e3,
+           "tokens": [s.output_ids for s in seqs]}
+    if hasattr(runner, "timings"):
+        t = runner.timings()
+        L = len(t["attention_s"])
+        per = {k: sum(t[k]) / L / t["steps"] * 1e6 for k in ("attention_s", "wait_s", "ffn_s", "ffn_wait_s")}
+        out["per_layer_us"] = {"attention": per["attention_s"], "wait": per["wait_s"], "ffn": per["ffn_s"],
+                               "layer": per["attention_s"] + per["wait_s"]}
+    return out
+
+
+def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
+    from afford import LLM
+    from afford.config import ModelConfig
+    from afford.cost.afd import pipeline
+    from afford.cost.hardware import custom_hardware
+    from afford.cost.hf import spec_from_model_config
+    cfg = ModelConfig.from_dir(path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.context,), generator=g).tolist() for _ in range(args.batch)]
+    spec = spec_from_model_config(cfg, 4)
+    res, ref = [], None
+    k = cfg.num_experts_per_tok
+    for afd, m in ARMS:
+        threads = torch.get_num_threads()
+        if afd:
+            torch.set_num_threads(1)
+        kw = dict(afd=afd, micro_batches=m) if afd else {}
+        llm = LLM(str(path), dtype="float32", enable_prefix_caching=False, max_num_seqs=args.batch, **kw)
+        decode(llm, prompts[:2], 2)                                                   # warm-up
+        r = decode(llm, prompts, args.tokens)
+        arm = {"arm": "1 process" if not afd else f"AFD {afd.split(',')[1]}, {m} micro-batch(es)", "afd": afd,
+               "micro_batches": m, **{k_: v for k_, v in r.items() if k_ != "tokens"}}
+        if ref is None:
+            ref = r["tokens"]
+        arm["same_tokens"] = r["tokens"] == ref
+        if afd:
+            runner = llm.engine.runner
+            workers = int(afd.split("ffn=")[1])
+            rows = -(-args.batch // m)
+            rtt = runner.ping(rows, cfg.hidden_size + k, repeats=30)                 # one micro-batch, both ways
+            arm["per_layer_us"]["transfer"] = m * rtt * workers * 1e6
+            if "net_bps" not in hw:
+                big = runner.ping(1024, 4096, repeats=5)
+                hw["net_bps"] = 2 * 1024 * 4096 * 4 / big
+                hw["latency_us"] = runner.ping(1, 16, repeats=50) / 2 * 1e6
+            machine = custom_hardware(f"cpu:flops={hw['flops']},bw={hw['bw']},net={hw['net_bps'] * 8 / 1e9}")
+            plan = pipeline(spec, machine, args.batch, args.context + args.tokens // 2, m, workers, 4.0, 4.0)
+            arm["planner_us"] = {key: plan[f"{key}_us"] for key in ("attention", "ffn", "transfer", "layer", "bubble")}
+            p, A, F = arm["per_layer_us"], arm["per_layer_us"]["attention"], arm["per_layer_us"]["ffn"]
+            free = max(A, F, (A + F) / m)
+            p["bubble"] = p["layer"] - max(A, F)
+            arm["transfer_hidden"] = 1 - (p["layer"] - free) / p["transfer"]
+            arm["planner_error"] = {key: arm["planner_us"][key] / p[key] - 1 for key in ("attention", "ffn", "layer")}
+        llm.close()
+        torch.set_num_threads(threads)
+        res.append(arm)
+        print(f"  {arm['arm']:32s} {arm['tok_s']:7.1f} tok/s  TPOT {arm['tpot_ms']:6.1f} ms  same {arm['same_tokens']}"
+              + (f"  per layer A {A:.0f} / wait {p['wait']:.0f} / F {F:.0f} / X {p['transfer']:.0f} us, planner "
+                 f"A {arm['planner_us']['attention']:.0f} F {arm['planner_us']['ffn']:.0f} X "
+                 f"{arm['planner_us']['transfer']:.0f} layer {arm['planner_us']['layer']:.0f} vs {p['layer']:.0f}, "
+                 f"hidden {arm['transfer_hidden']:.0%}" if afd else ""), flush=True)
+    return {"model": "moe" if moe else "dense", "config": {**SHAPE, "intermediate": cfg.intermediate_size,
+            "experts": cfg.num_experts, "top_k": k, "vocab": cfg.vocab_size}, "arms": res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=16)
+    args = ap.parse_args()
+    hw = machine_as_hardware()
+    print(f"one core: {hw['flops'] / 1e9:.1f} GFLOP/s (oneDNN packed), {hw['bw'] / 1e9:.1f} GB/s GEMV read", flush=True)
+    t0 = time.time()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for moe in (False, True):
+            print("MoE" if moe else "dense", flush=True)
+            out.append(run_model(make_model(Path(tmp) / ("moe" if moe else "dense"), moe), moe, args, hw))
+    print(f"loopback gloo link: {hw['net_bps'] / 1e9:.2f} GB/s, {hw['latency_us']:.0f} us one-way latency; "
+          f"{time.time() - t0:.0f} s in all")
+    save("afd", {"workload": vars(args), "hardware": hw, "models": out, "wall_s": time.time() - t0})
+
+
+if __name__ == "__main__":
+    main()
