@@ -3,7 +3,8 @@
 Two random-weight fp32 models shaped so that weight and KV reads, not Python, set the per-layer times
 (4 layers, hidden 1024, 8 heads / 2 KV heads of 128): a dense one (intermediate 4096) and a Mixtral-style
 MoE (8 experts of 1024, top-2). Workload: 96 sequences of 128 random prompt tokens decode 16 tokens
-greedily (prefix caching off; 32 rows per micro-batch at m = 3, where a product is compute-bound here); only the decode steps after every sequence has its first token are timed.
+greedily (prefix caching off; the step budget admits every prompt before the first decode step, so each
+timed step decodes all 96: 32 rows per micro-batch at m = 3, where a product is compute-bound here); only the decode steps after every sequence has its first token are timed.
 
 Arms per model: one process (the default engine, both cores), and AFD with one FFN worker at 1 / 2 / 3
 micro-batches, and with two FFN workers at 3 (three processes on two cores: oversubscribed). In the AFD
@@ -87,6 +88,7 @@ def decode(llm, prompts, tokens: int) -> dict:
     seqs = [eng.add_request(p, SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)) for p in prompts]
     while any(s.num_output == 0 for s in seqs):
         eng.step()
+    assert not any(s.finished for s in seqs), "a sequence finished before the whole batch was decoding"
     runner = eng.runner
     if hasattr(runner, "timings"):
         runner.timings()                                                   # reset: decode steps only from here
@@ -123,7 +125,9 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
         if afd:
             torch.set_num_threads(1)
         kw = dict(afd=afd, micro_batches=m) if afd else {}
-        llm = LLM(str(path), dtype="float32", enable_prefix_caching=False, max_num_seqs=args.batch, **kw)
+        whole = args.batch * (args.context + args.tokens + 1)      # every prompt admitted before decoding starts
+        llm = LLM(str(path), dtype="float32", enable_prefix_caching=False, max_num_seqs=args.batch,
+                  max_num_batched_tokens=whole, decode_token_budget=whole, **kw)
         decode(llm, prompts[:2], 2)                                                   # warm-up
         r = decode(llm, prompts, args.tokens)
         arm = {"arm": "1 process" if not afd else f"AFD {afd.split(',')[1]}, {m} micro-batch(es)", "afd": afd,
