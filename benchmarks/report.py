@@ -228,6 +228,36 @@ def main():
     r = load("fidelity")
     if r:
         fidelity(r)
+    r = load("afd")
+    if r:
+        afd(r)
+
+
+def afd(r) -> None:
+    """benchmarks/afd.py: one process vs attention-FFN disaggregation, measured per layer beside the planner."""
+    hw, w = r["hardware"], r["workload"]
+    print("\n## afd\n" + machine(r) + "\n")
+    print(f"{w['batch']} sequences x {w['context']} prompt tokens, {w['tokens']} decode steps timed; planner "
+          f"hardware = one core: {hw['flops'] / 1e9:.1f} GFLOP/s, {hw['bw'] / 1e9:.1f} GB/s; loopback gloo "
+          f"{hw['net_bps'] / 1e9:.2f} GB/s, {hw['latency_us']:.0f} us one-way\n")
+    for m in r["models"]:
+        c = m["config"]
+        kind = f"MoE {c['experts']} experts of {c['intermediate']}, top-{c['top_k']}" if c["experts"] else \
+            f"dense, intermediate {c['intermediate']}"
+        base = m["arms"][0]
+        print(f"\n{m['model']} ({c['layers']} layers, hidden {c['hidden']}, {kind}); per layer and step, us "
+              f"(planner's prediction in brackets)\n")
+        rows = []
+        for a in m["arms"]:
+            p, q = a.get("per_layer_us"), a.get("planner_us")
+            cells = ["", "", "", "", "", ""] if not p else [
+                f"{p['attention']:.0f} ({q['attention']:.0f})", f"{p['ffn']:.0f} ({q['ffn']:.0f})",
+                f"{p['transfer']:.0f} ({q['transfer']:.0f})", f"{p['layer']:.0f} ({q['layer']:.0f})",
+                f"{p['bubble']:.0f} ({q['bubble']:.0f})", f"{p['attention'] + p['ffn'] - p['layer']:.0f}"]
+            rows.append([a["arm"], f"{a['tok_s']:.0f}", f"{a['tok_s'] / base['tok_s']:.2f}x", f"{a['tpot_ms']:.1f}",
+                         "yes" if a["same_tokens"] else "NO", *cells])
+        print(table(["arm", "tok/s", "vs 1 process", "TPOT ms", "same tokens", "attention", "FFN", "transfer",
+                     "layer", "bubble", "overlap"], rows))
 
 
 def fidelity(r) -> None:
