@@ -118,7 +118,7 @@ class AFDRunner(ModelRunner):
         self.spec, self.micro_batches = spec, micro_batches
         self.world_size = spec.world_size
         self.procs: list[subprocess.Popen] = []
-        self.broken: AFDWorkerLost | None = None
+        self._broken: AFDWorkerLost | None = None
         if address is None:
             address = f"127.0.0.1:{free_port()}"
             threads = max(1, (os.cpu_count() or 2) // self.world_size)
@@ -128,9 +128,13 @@ class AFDRunner(ModelRunner):
                        "--threads", str(threads), "--timeout", str(timeout_s)]
                 self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
         self.address = address
-        store = make_store(address, 0, self.world_size, timeout_s)
-        self._await_workers(store, timeout_s)
-        self.pg = make_group(store, 0, self.world_size, timeout_s)
+        try:
+            store = make_store(address, 0, self.world_size, timeout_s)
+            self._await_workers(store, timeout_s)
+            self.pg = make_group(store, 0, self.world_size, timeout_s)
+        except Exception:
+            _stop_workers(None, self.procs, 0, {"broken": True})
+            raise
         self._state = {"broken": False}                  # shared with the finalizer and the watchdog
         self._finalizer = weakref.finalize(self, _stop_workers, self.pg, self.procs, self.world_size, self._state)
         if self.procs:
@@ -164,6 +168,16 @@ class AFDRunner(ModelRunner):
             else:
                 layer.mlp = None
 
+    @property
+    def broken(self) -> AFDWorkerLost | None:
+        """Why no forward can run any more (a worker died: seen by a forward, or by the watchdog at once)."""
+        if self._broken is None and self._state["broken"]:
+            codes = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
+                     if p.poll() is not None]
+            self._broken = AFDWorkerLost(f"an FFN worker is gone: {', '.join(codes)}; the AFD deployment cannot "
+                                         f"continue: restart it")
+        return self._broken
+
     def close(self) -> None:
         """Stop the workers (idempotent; also runs when the runner is collected or the process exits)."""
         self._finalizer()
@@ -179,9 +193,9 @@ class AFDRunner(ModelRunner):
             dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
                     if p.poll() is not None]
             self._state["broken"] = True
-            self.broken = AFDWorkerLost(f"an FFN worker is gone{': ' + ', '.join(dead) if dead else ''} ({e}); "
+            self._broken = AFDWorkerLost(f"an FFN worker is gone{': ' + ', '.join(dead) if dead else ''} ({e}); "
                                         f"the AFD deployment cannot continue: restart it")
-            raise self.broken from e
+            raise self._broken from e
 
     def _broadcast_header(self, h: torch.Tensor) -> None:
         for work in [self.pg.send([h], r, 0) for r in range(1, self.world_size)]:
