@@ -428,9 +428,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def torchrun_afd(a) -> int | None:
+    """`torchrun --nproc-per-node 1+M -m afford serve|generate --afd attention=1,ffn=M ...`: rank 0 runs the
+    command as the attention worker at torchrun's MASTER_ADDR:MASTER_PORT, ranks 1..M run FFN workers (their
+    exit status returned); None when this is not such a launch."""
+    from afford.afd.protocol import AFDSpec, torchrun_env
+    run = torchrun_env() if a.cmd in ("generate", "serve") and getattr(a, "afd", None) else None
+    if run is None:
+        return None
+    rank, world, address = run
+    if world != AFDSpec.parse(a.afd).world_size:
+        raise ConfigError(f"torchrun started {world} processes but --afd {a.afd} needs {AFDSpec.parse(a.afd).world_size}"
+                          f" (1 attention + the FFN workers): set --nproc-per-node to match")
+    if rank == 0:
+        a.afd_address = address
+        return None
+    import argparse
+    import os
+
+    from afford.afd.worker import run as run_worker
+    from afford.models.loader import resolve_model_path
+    return run_worker(argparse.Namespace(model=str(resolve_model_path(a.model)), address=address, rank=rank,
+                                         world_size=world, device=a.device or "auto", dtype=a.dtype or "auto",
+                                         threads=max(1, (os.cpu_count() or 2) // world), timeout=120.0))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if (status := torchrun_afd(a)) is not None:
+            return status
         if a.cmd == "cost":
             from afford.cost.cli import run
             return run(a)

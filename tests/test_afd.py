@@ -124,3 +124,27 @@ def test_workers_started_by_hand_join_by_address(llama_dir):
 def test_bad_afd_settings_say_what_to_do(llama_dir, kw, msg):
     with pytest.raises(ConfigError, match=msg):
         LLM(str(llama_dir), dtype="float32", **kw)
+
+
+def test_torchrun_launches_the_attention_and_ffn_ranks(llama_dir):
+    """`torchrun -m afford generate --afd ...`: rank 0 generates, ranks 1..M serve the FFN, all exit 0."""
+    import os
+    args = ["generate", "To be", "--model", str(llama_dir), "--max-tokens", "12", "--temperature", "0",
+            "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run([sys.executable, "-m", "afford", *args], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                          "-m", "afford", *args, "--afd", "attention=1,ffn=2"], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert plain.returncode == 0 and run.returncode == 0, run.stderr[-2000:]
+    text = plain.stdout.split("  [length]")[0]
+    assert text.strip() and text in run.stdout
+
+
+
+def test_torchrun_with_the_wrong_process_count_says_so(llama_dir, monkeypatch, capsys):
+    from afford.cli import main
+    for k, v in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    assert main(["generate", "To be", "--model", str(llama_dir), "--afd", "attention=1,ffn=2"]) != 0
+    assert "--nproc-per-node" in capsys.readouterr().err

@@ -50,14 +50,28 @@ class AFDSpec:
         return self.attention + self.ffn
 
 
+def torchrun_env() -> tuple[int, int, str] | None:
+    """(rank, world size, host:port) when this process was started by torchrun, else None."""
+    import os
+    env = os.environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+
+
 def make_store(address: str, rank: int, world_size: int, timeout_s: float = 120.0):
-    """The rendezvous store; rank 0 hosts it at `address` (host:port)."""
+    """The rendezvous store at `address` (host:port): rank 0 hosts it, except under torchrun, whose agent
+    already serves one there (TORCHELASTIC_USE_AGENT_STORE)."""
+    import os
+
     import torch.distributed as dist
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"afd address {address!r}: give host:port")
-    return dist.TCPStore(host, int(port), world_size, rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+    run = torchrun_env()
+    agent = run is not None and run[2] == address and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(host, int(port), world_size, rank == 0 and not agent,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def make_group(store, rank: int, world_size: int, timeout_s: float = 120.0):

@@ -25,6 +25,26 @@ _module: object | None = None
 _error: str | None = None
 
 
+STALE_LOCK_S = 600        # a build takes about a minute; a lock this old belongs to a build that was killed
+
+
+def _build_dir() -> Path:
+    """One build folder per source text (checkouts at other paths or commits do not rebuild each other's,
+    which made every other process wait on the build lock), with a killed build's stale lock removed
+    (torch's loader would wait on it forever)."""
+    import hashlib
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    path = Path(_get_build_directory("afford_native_decode", verbose=False)).with_name(f"afford_native_decode_{digest}")
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    return path
+
+
 def native_module():
     """The compiled extension, built on first call; None when AFFORD_NATIVE=0 or when it cannot be built
     (the reason: `native_error()`)."""
@@ -37,7 +57,7 @@ def native_module():
                 from torch.utils.cpp_extension import load
                 log.info("building afford's native forward (once per machine, about a minute)")
                 _module = load(name="afford_native_decode", sources=[str(_SOURCE)], extra_cflags=["-O3"],
-                               verbose=False)
+                               build_directory=str(_build_dir()), verbose=False)
             except Exception as e:                    # no compiler, no headers: the Python path runs
                 _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("afford's native forward could not be built (%s); forwards run the Python path "
