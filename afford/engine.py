@@ -50,6 +50,7 @@ class Engine:
                               f"tokens; give at least {min_blocks} blocks or lower max_model_len")
         self.pool = BlockPool(blocks, bs, prefix_caching=cfg.enable_prefix_caching)
         if cfg.afd is not None:                        # the FFN half of every layer on worker processes
+            self._check_afd(lossy)
             from afford.afd.protocol import AFDSpec
             from afford.afd.runner import AFDRunner
             self.runner = AFDRunner(self.model, self.pool, str(path), AFDSpec.parse(cfg.afd), cfg.micro_batches,
@@ -89,6 +90,19 @@ class Engine:
             from afford.cost.hf import spec_from_model_config
             self.cost_hw = get_hardware(cfg.cost_hardware)[0]
             self.cost_spec = spec_from_model_config(mcfg, self.runner.kv[0][0].element_size())
+
+    def _check_afd(self, lossy: LossyConfig | None) -> None:
+        from afford.models.quant import quant_settings
+        dev = next(self.model.parameters()).device
+        if dev.type != "cpu":
+            raise ConfigError(f"afd runs its messages over gloo on the CPU in this build; the model is on {dev}: use "
+                              f"--device cpu (NCCL on GPUs is not implemented)")
+        if quant_settings(self.model):
+            raise ConfigError("afd with a quantized checkpoint is not implemented: the FFN workers load "
+                              "full-precision weights; give the full-precision model")
+        if lossy is not None and lossy.grad is not None:
+            raise ConfigError("afd with grad_corpus is not implemented (GRAD runs the whole model on its documents "
+                              "in this process); drop one of them")
 
     @property
     def broken(self) -> Exception | None:

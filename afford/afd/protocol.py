@@ -84,6 +84,21 @@ def ready_key(rank: int) -> str:
     return f"afford/afd/ready/{rank}"
 
 
+MODEL_KEY = "afford/afd/model"
+
+
+def error_key(rank: int) -> str:
+    """Where a worker that cannot start says why (rank 0 may not see its process: another host)."""
+    return f"afford/afd/error/{rank}"
+
+
+def model_signature(cfg, dtype) -> str:
+    """What both sides must agree on (rank 0 publishes it; a worker that loaded something else refuses)."""
+    import json
+    return json.dumps({"hidden": cfg.hidden_size, "layers": cfg.num_layers, "intermediate": cfg.intermediate_size,
+                       "experts": cfg.num_experts, "vocab": cfg.vocab_size, "dtype": str(dtype)}, sort_keys=True)
+
+
 def header(op: int, a: int = 0, b: int = 0, c: int = 0, sizes: list[int] = ()) -> torch.Tensor:
     h = torch.zeros(HEADER_LEN, dtype=torch.long)
     h[:4] = torch.tensor([op, a, b, c])

@@ -28,13 +28,16 @@ import torch
 from afford.afd.protocol import (
     FORWARD,
     MAX_MICRO_BATCHES,
+    MODEL_KEY,
     PING,
     STATS,
     STOP,
     AFDSpec,
+    error_key,
     header,
     make_group,
     make_store,
+    model_signature,
     ready_key,
     tag,
 )
@@ -42,6 +45,8 @@ from afford.attention.backend import ForwardBatch
 from afford.config import ConfigError
 from afford.core.runner import ModelRunner
 from afford.models.transformer import MoE
+
+START_TIMEOUT_S = 120.0     # for workers to start and load their share (a message's timeout is timeout_s)
 
 
 class AFDWorkerLost(RuntimeError):
@@ -126,11 +131,13 @@ class AFDRunner(ModelRunner):
                 cmd = [sys.executable, "-m", "afford.afd.worker", "--model", str(model_path), "--address", address,
                        "--rank", str(r), "--world-size", str(self.world_size), "--device", device, "--dtype", dtype,
                        "--threads", str(threads), "--timeout", str(timeout_s)]
-                self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+                # own session: a Ctrl-C at the terminal reaches the engine, which stops them itself
+                self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True))
         self.address = address
         try:
             store = make_store(address, 0, self.world_size, timeout_s)
-            self._await_workers(store, timeout_s)
+            store.set(MODEL_KEY, model_signature(model.cfg, self.dtype))
+            self._await_workers(store, max(timeout_s, START_TIMEOUT_S))
             self.pg = make_group(store, 0, self.world_size, timeout_s)
         except Exception:
             _stop_workers(None, self.procs, 0, {"broken": True})
@@ -150,6 +157,10 @@ class AFDRunner(ModelRunner):
         """Until every worker has loaded its share; a worker that exits first fails at once, not at the timeout."""
         deadline = time.monotonic() + timeout_s
         while not store.check([ready_key(r) for r in range(1, self.world_size)]):
+            for r in range(1, self.world_size):
+                if store.check([error_key(r)]):
+                    _stop_workers(None, self.procs, 0, {"broken": True})
+                    raise AFDWorkerLost(f"AFD start-up failed: FFN worker rank {r}: {store.get(error_key(r)).decode()}")
             dead = [(r, p.returncode) for r, p in enumerate(self.procs, start=1) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 _stop_workers(None, self.procs, 0, {"broken": True})
@@ -184,17 +195,24 @@ class AFDRunner(ModelRunner):
 
     # ---- messages ----
     def _check(self, fn):
+        """Run a conversation with the workers; any failure in it leaves the two sides out of step, so the
+        deployment is marked broken (and the message says which side failed)."""
         if self.broken is not None:
             raise self.broken
         try:
             return fn()
-        except RuntimeError as e:
-            time.sleep(0.2)                    # a worker that crashed: let its exit code arrive
-            dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
-                    if p.poll() is not None]
+        except BaseException as e:
             self._state["broken"] = True
-            self._broken = AFDWorkerLost(f"an FFN worker is gone{': ' + ', '.join(dead) if dead else ''} ({e}); "
-                                        f"the AFD deployment cannot continue: restart it")
+            transport = isinstance(e, RuntimeError) and any(w in str(e) for w in ("Connection", "gloo", "Timed out"))
+            if transport:
+                time.sleep(0.2)                    # a worker that crashed: let its exit code arrive
+                dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
+                        if p.poll() is not None]
+                why = f"an FFN worker is gone{': ' + ', '.join(dead) if dead else ''} ({e})"
+            else:
+                why = f"a forward failed on the attention side mid-conversation ({type(e).__name__}: {e}), so the " \
+                      f"FFN workers are out of step"
+            self._broken = AFDWorkerLost(f"{why}; the AFD deployment cannot continue: restart it")
             raise self._broken from e
 
     def _broadcast_header(self, h: torch.Tensor) -> None:
@@ -241,13 +259,13 @@ class AFDRunner(ModelRunner):
     def _run(self, batch, ids, logits_rows):
         model = self.model
         groups = split_batch(batch, self.micro_batches)
-        self._broadcast_header(header(FORWARD, len(groups), sizes=[e - s for _, s, e in groups]))
-        metas = [self.backend.prepare_metadata(sub, self.kv) for sub, _, _ in groups]
-        xs, rope = [], []
+        metas = [self.backend.prepare_metadata(sub, self.kv) for sub, _, _ in groups]   # what can fail locally,
+        xs, rope = [], []                                                               # before the workers hear
         for sub, s, e in groups:
             pos = sub.positions
             rope.append((model.rope_cos[pos].unsqueeze(-2).to(self.dtype), model.rope_sin[pos].unsqueeze(-2).to(self.dtype)))
             xs.append(model.model.embed_tokens(ids[s:e]))                                    # (n_i, hidden)
+        self._broadcast_header(header(FORWARD, len(groups), sizes=[e - s for _, s, e in groups]))
         tables = (model.rope_cos, model.rope_sin)
         pending: list = [None] * len(groups)
         sends = []
@@ -288,6 +306,7 @@ class AFDRunner(ModelRunner):
         for _, work in pending:
             work.wait()
         self.wait_s[layer] += time.perf_counter() - t0
-        for buf, _ in pending:
-            x = x + buf.to(x.device)
-        return x
+        partial = pending[0][0]
+        for buf, _ in pending[1:]:
+            partial = partial + buf
+        return x + partial.to(x.device)

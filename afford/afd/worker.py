@@ -4,14 +4,32 @@ AFDRunner starts it on this host as `python -m afford.afd.worker ...` (a fresh i
 caller's script is re-imported); `afford afd-worker` starts the same loop on another host."""
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from afford.afd.protocol import FORWARD, HEADER_LEN, PING, STATS, STOP, make_group, make_store, ready_key, shard, tag
+from afford.afd.protocol import (
+    FORWARD,
+    HEADER_LEN,
+    MODEL_KEY,
+    PING,
+    STATS,
+    STOP,
+    error_key,
+    make_group,
+    make_store,
+    model_signature,
+    ready_key,
+    shard,
+    tag,
+)
+from afford.config import ConfigError
 from afford.models.transformer import DUAL_LAYOUT_MAX_BYTES, MLP, MoE
+
+IDLE = datetime.timedelta(days=365)     # the wait for the next step's header (not the group's message timeout)
 
 
 @dataclass(frozen=True)
@@ -80,19 +98,20 @@ class FFNShard(nn.Module):
         return out
 
 
-def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.dtype]:
+def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.dtype, str]:
     """This worker's share of every layer, packed for inference as the single-process model packs it."""
     from afford.models.loader import load_model
     model = load_model(args.model, args.device, args.dtype)
     cfg = model.cfg
     shards = [FFNShard(layer.mlp, cfg, args.rank - 1, workers) for layer in model.model.layers]
     p = next(model.parameters())
+    signature = model_signature(cfg, p.dtype)
     del model
     dual = p.device.type == "cpu" and p.dtype == torch.float32 and \
         sum(q.numel() for s in shards for q in s.parameters()) * p.element_size() <= DUAL_LAYOUT_MAX_BYTES
     for s in shards:
         s.pack(dual)
-    return shards, p.dtype
+    return shards, p.dtype, signature
 
 
 def serve(args: WorkerArgs) -> None:
@@ -101,7 +120,15 @@ def serve(args: WorkerArgs) -> None:
         torch.set_num_threads(args.threads)
     workers = args.world_size - 1
     store = make_store(args.address, args.rank, args.world_size, args.timeout_s)
-    shards, dtype = build_shards(args, workers)
+    try:
+        shards, dtype, mine = build_shards(args, workers)
+        theirs = store.get(MODEL_KEY).decode()
+        if theirs != mine:
+            raise ConfigError(f"FFN worker rank {args.rank} loaded {args.model} as {mine}, but the attention worker "
+                              f"runs {theirs}: give every worker the same model, --device and --dtype")
+    except Exception as e:
+        store.set(error_key(args.rank), f"{type(e).__name__}: {e}")
+        raise
     store.set(ready_key(args.rank), "1")
     pg = make_group(store, args.rank, args.world_size, args.timeout_s)
     hidden = shards[0].hidden
@@ -109,7 +136,7 @@ def serve(args: WorkerArgs) -> None:
     head = torch.zeros(HEADER_LEN, dtype=torch.long)
     with torch.inference_mode():
         while True:
-            pg.recv([head], 0, 0).wait()
+            pg.recv([head], 0, 0).wait(IDLE)             # an idle deployment waits as long as it must
             op, a, b, c = head[:4].tolist()
             if op == STOP:
                 return
@@ -153,7 +180,6 @@ def add_args(p) -> None:
 
 def run(a) -> int:
     """Serve until STOP or until rank 0 goes away (then exit quietly: there is nobody left to answer)."""
-    from afford.config import ConfigError
     if not 1 <= a.rank < a.world_size:
         raise ConfigError(f"--rank must be in 1..{a.world_size - 1} (rank 0 is the attention worker)")
     args = WorkerArgs(a.model, a.address, a.rank, a.world_size, a.device, a.dtype, a.threads, a.timeout)

@@ -63,9 +63,9 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
       a(b)  attention   max(core FLOPs / F, KV bytes / BW) + max(linear FLOPs / F, projection weights / BW)
       f(b)  ffn         max(FLOPs / F, weights read / BW) per FFN worker (each holds 1/M of the columns/experts)
       x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker
-    With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), and
-    a micro-batch's round trip a + x + f must end before its next layer's attention, so a layer takes
-    max(m*a, m*f, a + x + f); m = 1 is the sequential a + x + f. Embeddings and the LM head are left out."""
+    With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), the
+    link m*x(b), and a micro-batch's round trip a + x + f must end before its next layer's attention, so a
+    layer takes max(m*a, m*f, m*x, a + x + f); m = 1 is the sequential a + x + f. Embeddings and the LM head are left out."""
     if batch < 1 or micro_batches < 1 or ffn_workers < 1:
         raise ConfigError("batch, micro-batches and FFN workers must be >= 1")
     L, H = spec.layers, spec.hidden
@@ -80,9 +80,9 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
         ffn = max(ffn_flops / ffn_workers / hw.flops, ffn_read / ffn_workers / hw.mem_bw)
         return attn, ffn_workers * b * (2 * H + 2 * k) * act_bytes / net, ffn
 
-    m = micro_batches
+    m = min(micro_batches, batch)              # the runner never makes more micro-batches than sequences
     a, x, f = stages(batch / m)
-    layer = max(m * a, m * f, a + x + f)
+    layer = max(m * a, m * f, m * x, a + x + f)
     seq = sum(stages(batch))
     return {"model": spec.name, "hardware": hw.key, "batch": batch, "context": context, "micro_batches": m,
             "ffn_workers": ffn_workers, "attention_us": m * a * 1e6, "ffn_us": m * f * 1e6, "transfer_us": m * x * 1e6,
