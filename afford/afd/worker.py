@@ -44,37 +44,25 @@ class WorkerArgs:
     timeout_s: float = 120.0
 
 
-def mlp_shard(mlp: MLP, cols: range, cfg) -> MLP:
-    """The intermediate columns `cols` of a dense MLP: gate/up rows and down columns (its partial output)."""
-    if len(cols) == mlp.gate_proj.out_features:
-        return mlp
-    part = MLP(cfg, len(cols)).to(mlp.gate_proj.weight.dtype)
-    sl = slice(cols.start, cols.stop)
-    with torch.no_grad():
-        part.gate_proj.weight.copy_(mlp.gate_proj.weight[sl])
-        part.up_proj.weight.copy_(mlp.up_proj.weight[sl])
-        part.down_proj.weight.copy_(mlp.down_proj.weight[:, sl])
-    return part
+MLP_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _mlp(cfg, inter: int, tensors: dict, prefix: str, device, dtype) -> MLP:
+    """An MLP of `inter` columns made from loaded tensors (built on the meta device: no throwaway init)."""
+    with torch.device("meta"):
+        m = MLP(cfg, inter)
+    m.load_state_dict({f"{w}.weight": tensors[f"{prefix}{w}.weight"].to(device, dtype).contiguous()
+                       for w in MLP_WEIGHTS}, assign=True)
+    return m
 
 
 class FFNShard(nn.Module):
-    """One layer's FFN share: forward(payload (n, width)) -> partial output (n, hidden)."""
+    """One layer's FFN share: forward(payload (n, width)) -> partial output (n, hidden). `owned`: the experts
+    of a MoE layer this worker runs (None: a dense layer's slice of columns)."""
 
-    def __init__(self, ffn: MLP | MoE, cfg, index: int, workers: int):
+    def __init__(self, ffn: MLP | MoE, owned: range | None, hidden: int):
         super().__init__()
-        self.hidden = cfg.hidden_size
-        if isinstance(ffn, MoE):
-            self.owned = shard(len(ffn.experts), index, workers)
-            for e in range(len(ffn.experts)):
-                if e not in self.owned:
-                    ffn.experts[e] = nn.Identity()                  # not ours: free its weights
-            if index != 0:
-                ffn.shared_expert = ffn.shared_expert_gate = None   # worker 0 runs the shared expert
-            del ffn.gate                                            # routing happens on the attention side
-            self.ffn = ffn
-        else:
-            self.owned = None
-            self.ffn = mlp_shard(ffn, shard(cfg.intermediate_size, index, workers), cfg)
+        self.ffn, self.owned, self.hidden = ffn, owned, hidden
 
     def pack(self, one_row_copy: bool) -> None:
         if self.owned is None:
@@ -99,19 +87,58 @@ class FFNShard(nn.Module):
 
 
 def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.dtype, str]:
-    """This worker's share of every layer, packed for inference as the single-process model packs it."""
-    from afford.models.loader import load_model
-    model = load_model(args.model, args.device, args.dtype)
-    cfg = model.cfg
-    shards = [FFNShard(layer.mlp, cfg, args.rank - 1, workers) for layer in model.model.layers]
-    p = next(model.parameters())
-    signature = model_signature(cfg, p.dtype)
-    del model
-    dual = p.device.type == "cpu" and p.dtype == torch.float32 and \
-        sum(q.numel() for s in shards for q in s.parameters()) * p.element_size() <= DUAL_LAYOUT_MAX_BYTES
+    """This worker's share of every layer -- a contiguous slice of each dense MLP's intermediate columns, or
+    of each MoE's experts (worker 0 also the shared expert) -- read alone from the checkpoint (safetensors
+    slices), then packed for inference as the single-process model packs it."""
+    from afford.config import ModelConfig
+    from afford.models.loader import load_tensors, resolve_device, resolve_dtype
+    cfg = ModelConfig.from_dir(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, cfg, device)
+    index, everything = args.rank - 1, slice(None)
+    names: dict[str, tuple | None] = {}
+    for layer in range(cfg.num_layers):
+        pre = f"model.layers.{layer}.mlp."
+        if cfg.is_moe_layer(layer):
+            names.update({f"{pre}experts.{e}.{w}.weight": None for e in shard(cfg.num_experts, index, workers)
+                          for w in MLP_WEIGHTS})
+            if index == 0 and cfg.shared_expert_intermediate_size:
+                names.update({f"{pre}shared_expert.{w}.weight": None for w in MLP_WEIGHTS})
+                names[f"{pre}shared_expert_gate.weight"] = None
+        else:
+            cols = shard(cfg.intermediate_size, index, workers)
+            part = slice(cols.start, cols.stop)
+            names.update({f"{pre}gate_proj.weight": (part, everything), f"{pre}up_proj.weight": (part, everything),
+                          f"{pre}down_proj.weight": (everything, part)})
+    tensors = load_tensors(args.model, cfg, names)
+    shards = []
+    for layer in range(cfg.num_layers):
+        pre = f"model.layers.{layer}.mlp."
+        if not cfg.is_moe_layer(layer):
+            cols = shard(cfg.intermediate_size, index, workers)
+            shards.append(FFNShard(_mlp(cfg, len(cols), tensors, pre, device, dtype), None, cfg.hidden_size))
+            continue
+        with torch.device("meta"):
+            moe = MoE(cfg)
+        owned = shard(cfg.num_experts, index, workers)
+        moe.experts = nn.ModuleList(_mlp(cfg, cfg.moe_intermediate_size, tensors, f"{pre}experts.{e}.", device, dtype)
+                                    if e in owned else nn.Identity() for e in range(cfg.num_experts))
+        if index == 0 and cfg.shared_expert_intermediate_size:
+            moe.shared_expert = _mlp(cfg, cfg.shared_expert_intermediate_size, tensors, f"{pre}shared_expert.",
+                                     device, dtype)
+            gate = nn.Linear(cfg.hidden_size, 1, bias=False, device="meta")
+            gate.load_state_dict({"weight": tensors[f"{pre}shared_expert_gate.weight"].to(device, dtype)}, assign=True)
+            moe.shared_expert_gate = gate
+        else:
+            moe.shared_expert = moe.shared_expert_gate = None
+        del moe.gate                                                # routing happens on the attention side
+        shards.append(FFNShard(moe, owned, cfg.hidden_size))
+    del tensors
+    dual = device.type == "cpu" and dtype == torch.float32 and \
+        sum(q.numel() for s in shards for q in s.parameters()) * dtype.itemsize <= DUAL_LAYOUT_MAX_BYTES
     for s in shards:
         s.pack(dual)
-    return shards, p.dtype, signature
+    return shards, dtype, model_signature(cfg, dtype)
 
 
 def serve(args: WorkerArgs) -> None:

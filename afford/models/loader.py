@@ -97,6 +97,22 @@ def rename_weights(state: dict, cfg: ModelConfig, to_hf: bool = False) -> dict:
     return out
 
 
+def load_tensors(path: Path, cfg: ModelConfig, names: dict[str, tuple | None]) -> dict[str, torch.Tensor]:
+    """Only the named weights (afford's names), each whole (None) or a slice (a tuple of slices), read through
+    safetensors' safe_open: a process that holds part of a model (an AFD FFN worker) reads only that part."""
+    from safetensors import safe_open
+    out = {}
+    for f in _weight_files(Path(path)):
+        with safe_open(str(f), "pt") as fh:
+            for ours, theirs in rename_weights({k: k for k in fh.keys()}, cfg).items():    # afford name -> file's
+                if ours in names:
+                    out[ours] = fh.get_tensor(theirs) if names[ours] is None else fh.get_slice(theirs)[names[ours]]
+    missing = set(names) - set(out)
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    return out
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):

@@ -56,8 +56,12 @@ def native_module():
             try:
                 from torch.utils.cpp_extension import load
                 log.info("building afford's native forward (once per machine, about a minute)")
-                _module = load(name="afford_native_decode", sources=[str(_SOURCE)], extra_cflags=["-O3"],
-                               build_directory=str(_build_dir()), verbose=False)
+                build = _build_dir()
+                src = build / _SOURCE.name             # compiled from a copy there: the same path for every
+                if not src.exists() or src.read_bytes() != _SOURCE.read_bytes():   # checkout, so none rebuilds
+                    src.write_bytes(_SOURCE.read_bytes())
+                _module = load(name="afford_native_decode", sources=[str(src)], extra_cflags=["-O3"],
+                               build_directory=str(build), verbose=False)
             except Exception as e:                    # no compiler, no headers: the Python path runs
                 _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("afford's native forward could not be built (%s); forwards run the Python path "
