@@ -294,9 +294,6 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be >= 1")
         if self.decode_token_budget is not None and self.decode_token_budget < 1:
             raise ConfigError("decode_token_budget must be >= 1")
-        if self.afd is not None and self.quantization:
-            raise ConfigError("afd with quantization is not implemented: the FFN workers load full-precision "
-                              "weights; drop one of them")
         if self.afd is None and self.afd_address is not None:
             raise ConfigError("afd_address is for afd deployments: give afd='attention=1,ffn=M' too")
 

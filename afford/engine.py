@@ -97,9 +97,9 @@ class Engine:
         if dev.type != "cpu":
             raise ConfigError(f"afd runs its messages over gloo on the CPU in this build; the model is on {dev}: use "
                               f"--device cpu (NCCL on GPUs is not implemented)")
-        if quant_settings(self.model):
-            raise ConfigError("afd with a quantized checkpoint is not implemented: the FFN workers load "
-                              "full-precision weights; give the full-precision model")
+        if quant_settings(self.model):                 # quantization= or a quantized checkpoint
+            raise ConfigError("afd with quantization is not implemented: the FFN workers load full-precision "
+                              "weights; drop quantization= or give the full-precision model")
         if lossy is not None and lossy.grad is not None:
             raise ConfigError("afd with grad_corpus is not implemented (GRAD runs the whole model on its documents "
                               "in this process); drop one of them")

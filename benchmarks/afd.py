@@ -24,13 +24,12 @@ hide cannot be read off this run; the raw wait and transfer times are in the res
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, save
+from common import ROOT, copy_tokenizer, save
 
 SHAPE = dict(layers=4, hidden=1024, heads=8, kv_heads=2)
 ARMS = [(None, 1), ("attention=1,ffn=1", 1), ("attention=1,ffn=1", 2), ("attention=1,ffn=1", 3),
@@ -53,9 +52,7 @@ def make_model(out: Path, moe: bool) -> Path:
     model = Transformer(cfg)
     init_weights(model)
     save_model(model, out, dtype=torch.float32)
-    for f in tok.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, out / f.name)
+    copy_tokenizer(out, tok)
     return out
 
 

@@ -74,12 +74,17 @@ def random_llama(out: Path, size: str, tokenizer_dir: Path | None = None) -> Pat
                       num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
                       max_position_embeddings=2048, eos_token_id=0, bos_token_id=0, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(out)
-    tok = tokenizer_dir or ROOT / "afford" / "assets" / "default" / "target"
+    copy_tokenizer(out, tokenizer_dir)
+    return out
+
+
+def copy_tokenizer(out: Path, tokenizer_dir: Path | None = None) -> None:
+    """The tokenizer files of `tokenizer_dir` (default: the bundled target's) into a model folder."""
     import shutil
+    tok = tokenizer_dir or ROOT / "afford" / "assets" / "default" / "target"
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tok / f).exists():
             shutil.copy(tok / f, out / f)
-    return out
 
 
 def save(name: str, payload: dict) -> Path:

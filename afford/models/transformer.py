@@ -267,9 +267,11 @@ class MoE(nn.Module):
         for m in self._mlps():
             m.fuse_quantized()
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, hidden) -> routing weights (N, k) in x's dtype and expert indices (N, k)."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)                          # (N, E)
+    def route(self, x: torch.Tensor, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> routing weights (N, k) in x's dtype and expert indices (N, k); `probs`: the router's
+        softmax (N, E) when the caller has it already."""
+        if probs is None:
+            probs = F.softmax(self.gate(x).float(), dim=-1)                      # (N, E)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)                     # (N, k)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -296,9 +298,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])                                        # (N, hidden)
-        weights, idx = self.route(flat)
+        probs = F.softmax(self.gate(flat).float(), dim=-1)                       # (N, E)
+        weights, idx = self.route(flat, probs)
         if self.training:            # Switch-style load balancing: E * sum_e (share of tokens to e) * (mean prob of e)
-            probs = F.softmax(self.gate(flat).float(), dim=-1)                   # (N, E)
             share = F.one_hot(idx, len(self.experts)).float().sum(1).mean(0) / self.top_k   # (E,)
             self.aux_loss = len(self.experts) * (share * probs.mean(0)).sum()
         out = self.experts_forward(flat, weights, idx)
