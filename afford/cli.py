@@ -175,8 +175,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "quantization": "weight-only quantization on load (lossy)",
     "attention": "attention backend: auto (cpu_paged on the CPU, paged on CUDA), paged, cpu_paged or sdpa",
     "enforce_eager": "on CUDA, run every forward eagerly: no CUDA graphs for decode, verify and draft steps",
-    "native": "run CPU fp32 forwards as one C++ call (the same operators and results as the Python path; "
-              "built once per machine, ~1 minute)",
+    "native": "run CPU fp32 forwards as one C++ call on afford's batch-invariant kernels (a token's logits "
+              "the same in any batch or verify; built once per machine, ~1 minute)",
     "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",
     "draft": "speculative decoding: a draft model folder, 'default' (the bundled draft) or 'ngram' (prompt "
              "lookup); lossless",

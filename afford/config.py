@@ -260,7 +260,7 @@ class EngineConfig:
     quantization: str | None = None      # "int8" | "int4": weight-only, quantized on load (FineQuant)
     quant_group: str = "auto"            # auto | per-channel | 32 | 64 | 128 ...
     attention: str = "auto"              # attention backend: auto | paged | cpu_paged | sdpa (afford/attention/)
-    native: bool = True                  # CPU fp32 forwards as one C++ call, same results (afford/models/native.py)
+    native: bool = True                  # CPU fp32 forwards as one C++ call, batch-invariant (afford/models/native.py)
     enforce_eager: bool = False          # CUDA: no CUDA graphs (afford/core/graphs.py); the CPU never captures
     sparse_budget: int = 16              # attention="sparse" (lossy past the budget): KV blocks per decode query
     sparse_locality: float = 0.25        # ... share of the budget chosen by past attention mass (steps overlap)

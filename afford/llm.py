@@ -38,7 +38,7 @@ class LLM:
         first and long prompts are split over steps, and while sequences decode a step feeds at most
         decode_token_budget tokens (None: 64 on a CPU, which bounds their time per token). enable_prefix_caching reuses the KV of cached leading
         prompt blocks (exact: the same tokens, the same positions). native: on the CPU in fp32, each forward is
-        one C++ call running the Python path's operators (bitwise the same logits, less time per step).
+        one C++ call on afford's own kernels (a token's logits bitwise the same in any batch and in a verify).
 
         LOSSY levers (off by default; each changes the output, see afford/levers/):
         cascade="entropy" with large=PATH: EAD -- this model is the small one, the large model takes over while

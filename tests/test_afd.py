@@ -62,7 +62,7 @@ def test_split_batch_is_contiguous_and_balanced():
                                               ("qwen2_moe", "attention=1,ffn=2", 3)])
 def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_dir, qwen_moe_dir):
     path = str({"dense": llama_dir, "mixtral": mixtral_dir, "qwen2_moe": qwen_moe_dir}[which])
-    want = [o.token_ids for o in LLM(path, dtype="float32").generate(PROMPTS, GREEDY)]
+    want = [o.token_ids for o in LLM(path, dtype="float32", native=False).generate(PROMPTS, GREEDY)]
     with LLM(path, dtype="float32", afd=spec, micro_batches=micro, max_num_batched_tokens=16) as llm:
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
         t = llm.engine.runner.timings()
@@ -116,7 +116,7 @@ def test_an_idle_deployment_outlives_the_message_timeout(llama_dir):
     from afford.core.runner import ModelRunner
     from afford.kv.paged import BlockPool
     from afford.models.loader import load_for_inference
-    ref = ModelRunner(load_for_inference(llama_dir, "cpu", "float32"), BlockPool(8, 16))
+    ref = ModelRunner(load_for_inference(llama_dir, "cpu", "float32"), BlockPool(8, 16), native=False)
     afd = AFDRunner(load_for_inference(llama_dir, "cpu", "float32"), BlockPool(8, 16), str(llama_dir),
                     AFDSpec(1, 1), 2, timeout_s=2.0)
     try:
@@ -144,7 +144,7 @@ def test_workers_started_by_hand_join_by_address(llama_dir):
                                "--address", f"127.0.0.1:{port}", "--rank", "1", "--world-size", "2",
                                "--threads", "1"])
     try:
-        want = [o.token_ids for o in LLM(str(llama_dir), dtype="float32").generate(PROMPTS[:3], GREEDY)]
+        want = [o.token_ids for o in LLM(str(llama_dir), dtype="float32", native=False).generate(PROMPTS[:3], GREEDY)]
         with LLM(str(llama_dir), dtype="float32", afd="attention=1,ffn=1", afd_address=f"127.0.0.1:{port}") as llm:
             assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == want
         assert worker.wait(timeout=20) == 0                   # STOP: a clean exit

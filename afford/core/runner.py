@@ -88,7 +88,7 @@ class ModelRunner:
         if hasattr(self.backend, "max_ctx"):                   # the paged backend splits contexts up to this
             self.backend.max_ctx = pool.block_size * min(pool.num_blocks, -(-(model.max_len + max_q) // pool.block_size))
         self.buffers = StepBuffers(self.device)
-        # every forward as one C++ call, bitwise equal to the Python path (afford/models/native.py)
+        # every forward as one C++ call on afford's batch-invariant kernels (afford/models/native.py)
         self.native = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) if native else None
         self.graphs = None
         if graphs and self.device.type == "cuda" and self.backend.name == "paged":
@@ -144,12 +144,11 @@ class ModelRunner:
             if logits is not None:
                 return logits
         self.buffers.upload()                                                      # eager: inputs to the device
-        meta = self.backend.prepare_metadata(batch, self.kv)
         rows = None if logits_rows is None else torch.tensor(logits_rows or [0], device=self.device)
-        if self.native is not None:                                                # one C++ call, same ops
-            logits = self.native.step(ids, meta, rows)                            # (R, V); [] -> one row
-            if logits is not None:
-                return logits if logits_rows != [] else logits[:0]
+        if self.native is not None and not batch.padded:                           # one C++ call
+            logits = self.native.step(ids, batch, rows)                           # (R, V); [] -> one row
+            return logits if logits_rows != [] else logits[:0]
+        meta = self.backend.prepare_metadata(batch, self.kv)
         h = self.model.hidden(ids, batch.positions, meta)                          # (N, hidden)
         if logits_rows == []:                                                      # prompt chunks only
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)

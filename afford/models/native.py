@@ -1,12 +1,14 @@
-"""The native forward (native_decode.cpp): a forward of a packed CPU fp32 model -- prefill, decode or
-verify, over the cpu_paged backend's metadata -- as one C++ call that runs the same ATen operators as the
-Python path, in the same order, so the logits are bitwise equal (tests/test_native.py) and only Python's
-per-operator cost goes away.
+"""The native forward (native_decode.cpp): a whole forward of a CPU fp32 model -- prefill, decode, verify,
+a prompt chunk -- as one C++ call on afford's own kernels (tiled matrix-vector products, fused norm / RoPE /
+SiLU, paged attention reading blocks in place). Each output element is computed in an order that depends
+only on its own inputs, so a token's logits are bitwise the same alone, in any batch and in a speculative
+verify (tests/test_native.py); against the Python path (torch operators, the reference) they agree to
+fp32 rounding.
 
 It is built once per machine by torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~1
-minute, cached under ~/.cache/torch_extensions). AFFORD_NATIVE=0 or `native=False` turns it off. Where it
-cannot be built or does not apply (a GPU, bf16, int8/int4 weights, MFA, another attention backend) the
-Python path runs, which is the reference.
+minute, cached under ~/.cache/torch_extensions), for this CPU's instruction set. AFFORD_NATIVE=0 or
+`native=False` turns it off. Where it cannot be built or does not apply (a GPU, bf16, int8/int4 weights,
+MFA, MoE, another attention backend) the Python path runs.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ _module: object | None = None
 _error: str | None = None
 
 
+# AVX2 + FMA kernels where the CPU has them (a portable path otherwise); OpenMP so that at::parallel_for
+# runs on torch's threads (without it the header falls back to one thread)
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
 STALE_LOCK_S = 600        # a build takes about a minute; a lock this old belongs to a build that was killed
 
 
@@ -36,7 +41,7 @@ def _build_dir() -> Path:
     import time
 
     from torch.utils.cpp_extension import _get_build_directory
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
     path = Path(_get_build_directory("afford_native_decode", verbose=False)).with_name(f"afford_native_decode_{digest}")
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"
@@ -60,7 +65,7 @@ def native_module():
                 src = build / _SOURCE.name             # compiled from a copy there: the same path for every
                 if not src.exists() or src.read_bytes() != _SOURCE.read_bytes():   # checkout, so none rebuilds
                     src.write_bytes(_SOURCE.read_bytes())
-                _module = load(name="afford_native_decode", sources=[str(src)], extra_cflags=["-O3"],
+                _module = load(name="afford_native_decode", sources=[str(src)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(build), verbose=False)
             except Exception as e:                    # no compiler, no headers: the Python path runs
                 _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -74,8 +79,13 @@ def native_error() -> str | None:
 
 
 def _linear_tensors(lin) -> list[torch.Tensor]:
-    bias = lin.bias if lin.bias is not None else torch.empty(0)
-    return [lin.weight_t, lin.packed, bias, lin.weight.detach()]
+    bias = lin.bias.detach() if lin.bias is not None else torch.empty(0)
+    return [lin.weight.detach(), bias]
+
+
+def _linears(model) -> list:
+    return [model.lm_head] + [m for layer in model.model.layers
+                              for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
 
 
 def unsupported(model, backend_name: str) -> str | None:
@@ -90,12 +100,8 @@ def unsupported(model, backend_name: str) -> str | None:
         return "does not implement MFA attention"
     if model.cfg.num_experts:
         return "does not implement mixture-of-experts layers"
-    lins = [model.lm_head] + [m for layer in model.model.layers
-                              for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
-    if not all(isinstance(m, PackedLinear) and m.weight_t is not None and m.packed is not None for m in lins):
-        return "needs the packed fp32 layouts (quantized or too large for the dual layout)"
-    if any(m.weight_t.shape[0] != 2 for m in lins):
-        return "needs even output widths (two halves)"
+    if not all(isinstance(m, PackedLinear) for m in _linears(model)):
+        return "needs plain fp32 weights (this model is quantized)"
     return None
 
 
@@ -112,9 +118,10 @@ class NativeDecoder:
                            *_linear_tensors(m.down_proj), k_pool, v_pool])
         self.impl = module.NativeDecoder(model.model.embed_tokens.weight.detach(), model.rope_cos, model.rope_sin,
                                          model.model.norm.weight.detach(), _linear_tensors(model.lm_head), layers,
-                                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size,
-                                         model.lm_head.mm_rows)
+                                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
         self._empty = torch.empty(0)
+        for lin in _linears(model):              # the native forward packed its own copy of each weight
+            lin.drop_fast_copies()
 
     @classmethod
     def build(cls, model, kv, block_size: int, backend_name: str) -> "NativeDecoder | None":
@@ -125,22 +132,8 @@ class NativeDecoder:
         module = native_module()
         return None if module is None else cls(module, model, kv, block_size)
 
-    def step(self, ids: torch.Tensor, meta, rows: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits (R, V) of the forward described by cpu_paged metadata, for the flat token indices `rows`
-        (None: all); None when the metadata has a case the native step does not take (padding rows), so the
-        caller runs the Python path."""
-        if meta.write_rows is not None:
-            return None
-        b, e = meta.batch, self._empty
-        rows = e if rows is None else rows
-        if "batched" in meta.extra:
-            blocks, keep = meta.extra["batched"]
-            return self.impl.step(ids, b.positions, meta.slots, True, [], [], [], [blocks], [], keep, rows)
-        q_lens, ctx_lens, starts, blocks, masks = [], [], [], [], []
-        for _off, t, n, (kind, where), mask in meta.extra["plan"]:
-            q_lens.append(t)
-            ctx_lens.append(n)
-            starts.append(where if kind == "view" else -1 if kind == "blocks" else -2)
-            blocks.append(where if kind == "blocks" else e)
-            masks.append(e if mask is None else mask)
-        return self.impl.step(ids, b.positions, meta.slots, False, q_lens, ctx_lens, starts, blocks, masks, e, rows)
+    def step(self, ids: torch.Tensor, batch, rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits (R, V) of the forward a ForwardBatch describes, for the flat token indices `rows` (None:
+        all). The batch must have no padding rows (CUDA graph buckets only)."""
+        return self.impl.step(ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables,
+                              self._empty if rows is None else rows)

@@ -1,140 +1,404 @@
-// afford's native forward: a forward of a packed CPU fp32 Llama-family model (prefill, decode or verify,
-// over the cpu_paged backend's plan) as ONE call from Python. It calls exactly the ATen operators the
-// Python path calls (afford/models/transformer.py, afford/attention/paged_cpu.py), in the same order on
-// the same layouts, so its logits are bitwise those of the Python path; what it removes is the per-operator cost of
-// Python (argument parsing, nn.Module dispatch, attribute lookups): ~30 operators per layer, each a few
-// microseconds, which is most of a small model's decode step (benchmarks/forward_overhead.py).
-// Built on first use by torch.utils.cpp_extension (afford/models/native.py); the Python path stays the
-// reference and the fallback.
+// afford's native forward: a whole forward of a CPU fp32 Llama-family model (prefill, decode, verify, a
+// prompt chunk) as ONE call from Python, on afford's own kernels: a tiled matrix-vector product, RMSNorm,
+// RoPE, SiLU x up, and paged attention that reads each sequence's K/V in place through its block table.
+//
+// Exact by construction. Every output element is computed by one routine whose order of operations
+// depends only on that element's own inputs -- never on how many rows the forward feeds, which rows sit
+// beside it, which thread runs it, or where a sequence's blocks lie in the pool. A token's logits are
+// therefore bitwise the same whether it decodes alone, in a batch of 8, or as one row of a speculative
+// verify (tests/test_native.py). Library GEMMs cannot promise that: they pick kernels and blockings by
+// the number of rows. Against the Python path (torch's operators, the reference and the fallback) the
+// logits agree to fp32 rounding, not bitwise.
+//
+// Why it is faster: no per-operator dispatch or allocation (a small model's decode step was ~50 ATen
+// calls), attention without gathers or a strided pool view, elementwise work fused into the producing
+// loop (bias, residual add, SiLU x up), and each weight row read once per tile of rows.
+// Built on first use by torch.utils.cpp_extension (afford/models/native.py).
 #include <torch/extension.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-// oneDNN's pre-packed product, as PackedLinear calls it for 2+ rows (torch.ops.mkldnn._linear_pointwise)
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
-  static auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
-                        c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
+// ---- 8 floats at a time: AVX2 + FMA where the compiler targets them, else the same lanes in C++ ----
+#if defined(__AVX2__) && defined(__FMA__)
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float a) { return _mm256_set1_ps(a); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V n) {                                    // 2^n for integral n in [-126, 127]
+  __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(i, 23));
+}
+#else
+struct V { float l[8]; };
+#define AFFORD_LANES(expr) V r; for (int i = 0; i < 8; ++i) r.l[i] = (expr); return r
+inline V vzero() { AFFORD_LANES(0.f); }
+inline V vset(float a) { AFFORD_LANES(a); }
+inline V vload(const float* p) { AFFORD_LANES(p[i]); }
+inline void vstore(float* p, V a) { for (int i = 0; i < 8; ++i) p[i] = a.l[i]; }
+inline V vfma(V a, V b, V c) { AFFORD_LANES(std::fma(a.l[i], b.l[i], c.l[i])); }
+inline V vadd(V a, V b) { AFFORD_LANES(a.l[i] + b.l[i]); }
+inline V vsub(V a, V b) { AFFORD_LANES(a.l[i] - b.l[i]); }
+inline V vmul(V a, V b) { AFFORD_LANES(a.l[i] * b.l[i]); }
+inline V vdiv(V a, V b) { AFFORD_LANES(a.l[i] / b.l[i]); }
+inline V vmax(V a, V b) { AFFORD_LANES(a.l[i] > b.l[i] ? a.l[i] : b.l[i]); }
+inline V vmin(V a, V b) { AFFORD_LANES(a.l[i] < b.l[i] ? a.l[i] : b.l[i]); }
+inline V vround(V a) { AFFORD_LANES(std::nearbyint(a.l[i])); }
+inline V vpow2i(V n) { AFFORD_LANES(std::ldexp(1.f, static_cast<int>(n.l[i]))); }
+#undef AFFORD_LANES
+#endif
+
+inline float hsum(V a) {
+  float t[8];
+  vstore(t, a);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
-// One PackedLinear: W^T in two halves (parts, in, out/parts) for one row; up to mm_rows rows MKL's
-// (W @ x^T)^T on W (out, in); more rows oneDNN's packed W.
-struct Linear {
-  at::Tensor weight_t, packed, bias, weight;  // bias: undefined when the layer has none
-  int64_t mm_rows;
+// e^x, 8 lanes (Cephes' range reduction and degree-5 polynomial, ~2 ulp); x clamped to [-87, 88]
+inline V vexp(V x) {
+  x = vmax(vset(-87.f), x);
+  x = vmin(vset(88.f), x);
+  V n = vround(vmul(x, vset(1.44269504088896341f)));
+  V r = vsub(vsub(x, vmul(n, vset(0.693359375f))), vmul(n, vset(-2.12194440e-4f)));
+  V p = vset(1.9875691500E-4f);
+  p = vfma(p, r, vset(1.3981999507E-3f));
+  p = vfma(p, r, vset(8.3334519073E-3f));
+  p = vfma(p, r, vset(4.1665795894E-2f));
+  p = vfma(p, r, vset(1.6666665459E-1f));
+  p = vfma(p, r, vset(5.0000001201E-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.f)));
+  return vmul(p, vpow2i(n));
+}
 
-  at::Tensor operator()(const at::Tensor& x) const {      // x (N, in) -> (N, out)
-    at::Tensor y;
-    if (x.numel() == x.size(-1)) {
-      y = at::matmul(x.reshape({1, 1, -1}), weight_t);    // (parts, 1, out/parts)
-      y = y.transpose(0, 1).reshape({x.size(0), -1});     // (1, out)
-    } else if (x.size(0) > mm_rows) {
-      y = onednn_linear(x, packed);                       // (N, out)
-    } else {
-      y = at::mm(weight, x.t()).t().contiguous();         // (N, out)
+// The dot products of one weight row w with R rows x[r] (n floats each), in afford's fixed order: four
+// 8-lane accumulators over 32-float steps, then 8-float steps into the first, the accumulators summed
+// pairwise, the lanes pairwise, then the scalar tail. Row r's order does not depend on R or on the others.
+template <int R>
+inline void dots(const float* w, const float* const* x, int64_t n, float* out) {
+  V a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = vzero();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const V w0 = vload(w + i), w1 = vload(w + i + 8), w2 = vload(w + i + 16), w3 = vload(w + i + 24);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = vfma(w0, vload(x[r] + i), a[r][0]);
+      a[r][1] = vfma(w1, vload(x[r] + i + 8), a[r][1]);
+      a[r][2] = vfma(w2, vload(x[r] + i + 16), a[r][2]);
+      a[r][3] = vfma(w3, vload(x[r] + i + 24), a[r][3]);
     }
-    return bias.defined() ? y + bias : y;
+  }
+  for (; i + 8 <= n; i += 8) {
+    const V w0 = vload(w + i);
+    for (int r = 0; r < R; ++r) a[r][0] = vfma(w0, vload(x[r] + i), a[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(vadd(vadd(a[r][0], a[r][1]), vadd(a[r][2], a[r][3])));
+    for (int64_t j = i; j < n; ++j) s = std::fma(w[j], x[r][j], s);
+    out[r] = s;
+  }
+}
+
+// w . x[r] for any number of rows, three at a time (what fits the 16 vector registers)
+inline void dots_any(const float* w, const float* const* x, int64_t rows, int64_t n, float* out) {
+  int64_t r = 0;
+  for (; r + 3 <= rows; r += 3) dots<3>(w, x + r, n, out + r);
+  if (rows - r == 2) dots<2>(w, x + r, n, out + r);
+  else if (rows - r == 1) dots<1>(w, x + r, n, out + r);
+}
+
+// ---- the matrix product: y (N, out) = x (N, in) W^T, W stored as panels of 16 output columns ----
+// panels (P, in, 16): panel p holds columns 16p..16p+15 of W^T, so a panel streams contiguously. Every
+// output is ONE chain of fused multiply-adds over k = 0..in-1, whatever tile computes it: the tiles below
+// differ only in how many chains they run side by side (rows x columns), never in any chain's order.
+constexpr int64_t CW = 16;
+
+at::Tensor pack_panels(const at::Tensor& w) {                         // (out, in) -> (ceil(out/16), in, 16)
+  const int64_t out = w.size(0), np = (out + CW - 1) / CW;
+  at::Tensor padded = at::zeros({np * CW, w.size(1)}, w.options());
+  padded.slice(0, 0, out).copy_(w);
+  return padded.view({np, CW, w.size(1)}).transpose(1, 2).contiguous();
+}
+
+// RT rows x NP panels of chains; results into acc (RT, NP * 16)
+template <int RT, int NP>
+inline void tile(const float* const* x, int64_t in, const float* panel, int64_t pstride, float* acc) {
+  V a[RT][2 * NP];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < 2 * NP; ++c) a[r][c] = vzero();
+  for (int64_t k = 0; k < in; ++k) {
+    V w[2 * NP];
+    for (int p = 0; p < NP; ++p) {
+      w[2 * p] = vload(panel + p * pstride + k * CW);
+      w[2 * p + 1] = vload(panel + p * pstride + k * CW + 8);
+    }
+    for (int r = 0; r < RT; ++r) {
+      const V xb = vset(x[r][k]);
+      for (int c = 0; c < 2 * NP; ++c) a[r][c] = vfma(xb, w[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < 2 * NP; ++c) vstore(acc + r * NP * CW + c * 8, a[r][c]);
+}
+
+// y = x W^T (+ bias) (+ y when accumulate: the residual add). Threads split the panels; each thread takes
+// its panels in chunks that stay in L2 and runs every row tile over a chunk, so W streams from memory
+// once per forward and each x tile stays in L1.
+void linear(const float* x, int64_t N, int64_t in, const float* P, int64_t out, const float* bias, float* y,
+            bool accumulate) {
+  const int64_t np = (out + CW - 1) / CW, pstride = in * CW;
+  const int64_t chunk = std::max<int64_t>(4, (256 << 10) / (pstride * 4));      // panels per L2 chunk
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (pstride * 4));       // >= 64 KiB of W per task
+  at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+    float acc[6 * 4 * CW];
+    for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
+      const int64_t c1 = std::min(p1, c0 + chunk);
+      for (int64_t r0 = 0; r0 < N; r0 += 6) {
+        const int64_t R = std::min<int64_t>(6, N - r0);
+        const float* xs[6];
+        for (int64_t r = 0; r < 6; ++r) xs[r] = x + std::min(r0 + r, N - 1) * in;
+        for (int64_t p = c0; p < c1;) {
+          const float* pan = P + p * pstride;
+          int64_t n = 1;
+          if (R == 1 && p + 4 <= c1) { tile<1, 4>(xs, in, pan, pstride, acc); n = 4; }
+          else if (R == 2 && p + 2 <= c1) { tile<2, 2>(xs, in, pan, pstride, acc); n = 2; }
+          else switch (R) {
+            case 1: tile<1, 1>(xs, in, pan, pstride, acc); break;
+            case 2: tile<2, 1>(xs, in, pan, pstride, acc); break;
+            case 3: tile<3, 1>(xs, in, pan, pstride, acc); break;
+            case 4: tile<4, 1>(xs, in, pan, pstride, acc); break;
+            case 5: tile<5, 1>(xs, in, pan, pstride, acc); break;
+            default: tile<6, 1>(xs, in, pan, pstride, acc); break;
+          }
+          const int64_t j0 = p * CW, j1 = std::min(out, (p + n) * CW);
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = j0; j < j1; ++j) {
+              const float v = acc[r * n * CW + (j - j0)] + (bias ? bias[j] : 0.f);
+              float& dst = y[(r0 + r) * out + j];
+              dst = accumulate ? dst + v : v;
+            }
+          p += n;
+        }
+      }
+    }
+  });
+}
+
+// h = x / sqrt(mean(x^2) + eps) * w, per row
+void rms_norm(const float* x, int64_t N, int64_t n, const float* w, double eps, float* h) {
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * n;
+    float ss;
+    dots<1>(xr, &xr, n, &ss);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) h[r * n + i] = (xr[i] * inv) * w[i];
+  }
+}
+
+// a (N, I) = silu(gu[:, :I]) * gu[:, I:]
+void silu_mul(const float* gu, int64_t N, int64_t I, float* a) {
+  for (int64_t r = 0; r < N; ++r) {
+    const float* g = gu + r * 2 * I;
+    const float* u = g + I;
+    float* o = a + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const V gv = vload(g + i);
+      vstore(o + i, vmul(vdiv(gv, vadd(vset(1.f), vexp(vsub(vzero(), gv)))), vload(u + i)));
+    }
+    for (; i < I; ++i) {
+      float e[8] = {-g[i]};
+      vstore(e, vexp(vload(e)));
+      o[i] = g[i] / (1.f + e[0]) * u[i];
+    }
+  }
+}
+
+// RoPE (HF's rotate-half) in place on the first `heads` heads of each row of qkv (N, stride)
+void rope(float* qkv, int64_t N, int64_t stride, int64_t heads, int64_t D, const float* cos, const float* sin,
+          const int64_t* pos) {
+  const int64_t half = D / 2;
+  for (int64_t r = 0; r < N; ++r) {
+    const float* c = cos + pos[r] * D;
+    const float* s = sin + pos[r] * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = qkv + r * stride + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
+struct Linear {
+  at::Tensor panels, bias;   // pack_panels(W); bias (out,) or undefined
+  int64_t out_ = 0;
+  int64_t out() const { return out_; }
+  int64_t in() const { return panels.size(1); }
+  void operator()(const float* x, int64_t N, float* y, bool accumulate = false) const {
+    linear(x, N, in(), panels.data_ptr<float>(), out_, bias.defined() ? bias.data_ptr<float>() : nullptr, y,
+           accumulate);
   }
 };
 
 struct Layer {
   at::Tensor norm1, norm2;
   Linear qkv, o, gate_up, down;
-  at::Tensor k_pool, v_pool;                // (slots, KV, D)
+  at::Tensor k_pool, v_pool;   // (slots, KV, D)
 };
 
 class NativeDecoder {
  public:
   NativeDecoder(at::Tensor embed, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor final_norm,
-                std::vector<at::Tensor> head, std::vector<std::vector<at::Tensor>> layers,
-                int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, int64_t block_size, int64_t mm_rows)
+                std::vector<at::Tensor> head, std::vector<std::vector<at::Tensor>> layers, int64_t heads,
+                int64_t kv_heads, int64_t head_dim, double eps, int64_t block_size)
       : embed_(std::move(embed)), cos_(std::move(rope_cos)), sin_(std::move(rope_sin)),
-        final_norm_(std::move(final_norm)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(eps), bs_(block_size),
-        mm_rows_(mm_rows) {
-    head_ = linear(head, 0);
+        final_norm_(std::move(final_norm)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(eps), bs_(block_size) {
+    head_ = linear_of(head, 0);
     for (auto& t : layers) {
-      // norm1, norm2, then 4 tensors (weight_t, packed, bias, weight) for each of qkv, o, gate_up, down,
-      // then k_pool, v_pool
-      TORCH_CHECK(t.size() == 20, "a layer is 20 tensors, got ", t.size());
-      layers_.push_back(Layer{t[0], t[1], linear(t, 2), linear(t, 6), linear(t, 10), linear(t, 14), t[18], t[19]});
+      // norm1, norm2, (weight, bias) for each of qkv, o, gate_up, down, then k_pool, v_pool
+      TORCH_CHECK(t.size() == 12, "a layer is 12 tensors, got ", t.size());
+      layers_.push_back(Layer{t[0], t[1], linear_of(t, 2), linear_of(t, 4), linear_of(t, 6), linear_of(t, 8),
+                              t[10], t[11]});
     }
+    TORCH_CHECK(KV_ > 0 && H_ % KV_ == 0 && H_ / KV_ <= 64, "native forward: 1 to 64 query heads per K/V head");
+    for (const auto* t : {&embed_, &cos_, &sin_, &final_norm_})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "native forward: fp32 contiguous tensors");
   }
 
-  // One forward over N flattened tokens: ids, positions, slots (N,) long. Attention either per sequence
-  // (batched=false; sequence i feeds q_lens[i] tokens and attends to ctx_lens[i] positions: view_starts[i]
-  // >= 0 -> its context is pool[view_starts[i] : + ctx_lens[i]]; -1 -> gather its blocks[i]; -2 -> a
-  // prefill from position 0, causal over the K/V fed now; masks[i] (T, n) bool or empty) or for all at once
-  // (batched=true, one token each: blocks[0] (B * nblk,) block ids, keep (B, 1, 1, L) key mask).
-  // rows: the flat token indices that need logits (empty: all). Returns logits (R, V) float32.
-  at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots, bool batched,
-                  const std::vector<int64_t>& q_lens, const std::vector<int64_t>& ctx_lens,
-                  const std::vector<int64_t>& view_starts, const std::vector<at::Tensor>& blocks,
-                  const std::vector<at::Tensor>& masks, const at::Tensor& keep, const at::Tensor& rows) {
+  // One forward over N flattened tokens (ids, positions, slots: (N,) long): sequence i feeds q_lens[i]
+  // tokens and its block table is tables[i]; each token attends to its sequence's positions 0..its own
+  // (the K/V of every fed token is written to its slot first). rows: the flat token indices that need
+  // logits (empty: all). Returns logits (R, V) float32.
+  at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                  const std::vector<int64_t>& q_lens, const std::vector<std::vector<int64_t>>& tables,
+                  const at::Tensor& rows) {
     c10::InferenceMode guard;
-    const int64_t N = ids.size(0), hidden = embed_.size(1);
-    const bool gqa = KV_ != H_;
-    at::Tensor x = at::embedding(embed_, ids);                              // (N, hidden)
-    at::Tensor cos = cos_.index_select(0, positions).unsqueeze(-2);         // (N, 1, D)
-    at::Tensor sin = sin_.index_select(0, positions).unsqueeze(-2);
-    const int64_t half = D_ / 2;
+    const int64_t N = ids.size(0), hidden = embed_.size(1), V = head_.out();
+    const int64_t qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    std::vector<const int64_t*> tok_table(N);
+    int64_t t = 0;
+    for (size_t s = 0; s < q_lens.size(); ++s)
+      for (int64_t j = 0; j < q_lens[s]; ++j) tok_table[t++] = tables[s].data();
+    TORCH_CHECK(t == N, "native forward: query lengths sum to ", t, ", ", N, " tokens fed");
+
+    std::vector<float> x(N * hidden), h(N * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
+    const float* E = embed_.data_ptr<float>();
+    for (int64_t r = 0; r < N; ++r) std::memcpy(&x[r * hidden], E + id[r] * hidden, hidden * sizeof(float));
     for (const Layer& L : layers_) {
-      at::Tensor h = at::rms_norm(x, {hidden}, L.norm1, eps_);
-      at::Tensor qkv = L.qkv(h).view({N, H_ + 2 * KV_, D_});               // (N, H + 2KV, D)
-      at::Tensor qk0 = qkv.slice(1, 0, H_ + KV_);                           // (N, H + KV, D)
-      at::Tensor rot = at::cat({-qk0.slice(-1, half), qk0.slice(-1, 0, half)}, -1);
-      at::Tensor qk = qk0 * cos + rot * sin;                                // RoPE on q|k
-      at::Tensor q = qk.slice(1, 0, H_), k = qk.slice(1, H_), v = qkv.slice(1, H_ + KV_);
-      L.k_pool.index_copy_(0, slots, k);
-      L.v_pool.index_copy_(0, slots, v);
-      at::Tensor o;
-      if (batched) {
-        at::Tensor kc = L.k_pool.view({-1, bs_, KV_, D_}).index_select(0, blocks[0]).view({N, -1, KV_, D_}).transpose(1, 2);
-        at::Tensor vc = L.v_pool.view({-1, bs_, KV_, D_}).index_select(0, blocks[0]).view({N, -1, KV_, D_}).transpose(1, 2);
-        o = at::scaled_dot_product_attention(q.unsqueeze(2), kc, vc, keep, 0.0, false, std::nullopt, gqa).squeeze(2);
-      } else {
-        std::vector<at::Tensor> outs;
-        int64_t off = 0;
-        for (size_t i = 0; i < q_lens.size(); ++i) {
-          const int64_t t = q_lens[i], n = ctx_lens[i], s = view_starts[i];
-          at::Tensor qi = q.slice(0, off, off + t).transpose(0, 1).unsqueeze(0);      // (1, H, T, D)
-          at::Tensor kc, vc;
-          if (s == -2) {
-            kc = k.slice(0, off, off + t);                                             // (T, KV, D)
-            vc = v.slice(0, off, off + t);
-          } else if (s >= 0) {
-            kc = L.k_pool.slice(0, s, s + n);                                          // (n, KV, D), no copy
-            vc = L.v_pool.slice(0, s, s + n);
-          } else {
-            kc = L.k_pool.view({-1, bs_, KV_, D_}).index_select(0, blocks[i]).view({-1, KV_, D_}).slice(0, 0, n);
-            vc = L.v_pool.view({-1, bs_, KV_, D_}).index_select(0, blocks[i]).view({-1, KV_, D_}).slice(0, 0, n);
-          }
-          kc = kc.transpose(0, 1).unsqueeze(0);                                        // (1, KV, n, D)
-          vc = vc.transpose(0, 1).unsqueeze(0);
-          std::optional<at::Tensor> mask;
-          if (masks[i].numel()) mask = masks[i];
-          at::Tensor oi = at::scaled_dot_product_attention(qi, kc, vc, mask, 0.0, s == -2 && t > 1, std::nullopt, gqa);
-          outs.push_back(oi[0].transpose(0, 1));                                      // (T, H, D)
-          off += t;
-        }
-        o = outs.size() == 1 ? outs[0] : at::cat(outs);                               // (N, H, D)
+      rms_norm(x.data(), N, hidden, L.norm1.data_ptr<float>(), eps_, h.data());
+      L.qkv(h.data(), N, qkv.data());
+      rope(qkv.data(), N, qkv_w, H_ + KV_, D_, cos_.data_ptr<float>(), sin_.data_ptr<float>(), pos);
+      float* kp = L.k_pool.data_ptr<float>();
+      float* vp = L.v_pool.data_ptr<float>();
+      for (int64_t r = 0; r < N; ++r) {
+        std::memcpy(kp + slot[r] * KV_ * D_, &qkv[r * qkv_w + H_ * D_], KV_ * D_ * sizeof(float));
+        std::memcpy(vp + slot[r] * KV_ * D_, &qkv[r * qkv_w + (H_ + KV_) * D_], KV_ * D_ * sizeof(float));
       }
-      x = x + L.o(o.reshape({-1, H_ * D_}));
-      h = at::rms_norm(x, {hidden}, L.norm2, eps_);
-      auto gu = L.gate_up(h).chunk(2, -1);
-      x = x + L.down(at::silu(gu[0]) * gu[1]);
+      attention(qkv.data(), qkv_w, N, pos, tok_table, kp, vp, att.data());
+      L.o(att.data(), N, x.data(), /*accumulate=*/true);                       // x += o(att)
+      rms_norm(x.data(), N, hidden, L.norm2.data_ptr<float>(), eps_, h.data());
+      L.gate_up(h.data(), N, gu.data());
+      silu_mul(gu.data(), N, I, act.data());
+      L.down(act.data(), N, x.data(), /*accumulate=*/true);                    // x += down(act)
     }
-    x = at::rms_norm(x, {hidden}, final_norm_, eps_);
-    if (rows.numel()) x = x.index_select(0, rows);                                   // (R, hidden)
-    return head_(x);                                                                  // (R, V)
+    const int64_t R = rows.numel() ? rows.size(0) : N;
+    const int64_t* sel = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t src = sel ? sel[r] : r;
+      TORCH_CHECK(src >= 0 && src < N, "native forward: logits row ", src, " of ", N);
+      rms_norm(&x[src * hidden], 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
+    }
+    at::Tensor logits = at::empty({R, V}, at::kFloat);
+    head_(h.data(), R, logits.data_ptr<float>());
+    return logits;
   }
 
  private:
-  // (weight_t, packed, bias, weight) at t[at..at+4); an empty bias tensor means none
-  Linear linear(const std::vector<at::Tensor>& t, size_t at) const {
-    return Linear{t[at], t[at + 1], t[at + 2].numel() ? t[at + 2] : at::Tensor(), t[at + 3], mm_rows_};
+  // softmax(q k^T / sqrt(D)) v per token and head, reading K/V rows through the token's block table; the
+  // heads that share a K/V head go together (each K row read once for the group)
+  void attention(const float* qkv, int64_t qkv_w, int64_t N, const int64_t* pos,
+                 const std::vector<const int64_t*>& tok_table, const float* kp, const float* vp, float* out) const {
+    const int64_t G = H_ / KV_, KVD = KV_ * D_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D_));
+    at::parallel_for(0, N * KV_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> sc, acc(G * D_);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t r = task / KV_, g = task % KV_, n = pos[r] + 1;
+        const int64_t* table = tok_table[r];
+        sc.resize(G * n);
+        const float* q[64];
+        for (int64_t j = 0; j < G; ++j) q[j] = qkv + r * qkv_w + (g * G + j) * D_;
+        float s[64];
+        for (int64_t p = 0; p < n; ++p) {
+          const float* k = kp + (table[p / bs_] * bs_ + p % bs_) * KVD + g * D_;
+          dots_any(k, q, G, D_, s);
+          for (int64_t j = 0; j < G; ++j) sc[j * n + p] = s[j] * scale;
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        std::vector<float> inv(G);
+        for (int64_t j = 0; j < G; ++j) {                                    // softmax of head j's row
+          float* e = &sc[j * n];
+          float m = -INFINITY;
+          for (int64_t p = 0; p < n; ++p) m = std::max(m, e[p]);
+          V sum = vzero();
+          int64_t p = 0;
+          for (; p + 8 <= n; p += 8) {
+            const V v = vexp(vsub(vload(e + p), vset(m)));
+            vstore(e + p, v);
+            sum = vadd(sum, v);
+          }
+          float tail = 0.f;
+          for (; p < n; ++p) {
+            float one[8] = {e[p] - m};
+            vstore(one, vexp(vload(one)));
+            e[p] = one[0];
+            tail += one[0];
+          }
+          inv[j] = 1.f / (hsum(sum) + tail);
+        }
+        for (int64_t p = 0; p < n; ++p) {                                     // sum_p e_p v_p
+          const float* v = vp + (table[p / bs_] * bs_ + p % bs_) * KVD + g * D_;
+          for (int64_t j = 0; j < G; ++j) {
+            const float e = sc[j * n + p];
+            float* a = &acc[j * D_];
+            int64_t d = 0;
+            for (; d + 8 <= D_; d += 8) vstore(a + d, vfma(vset(e), vload(v + d), vload(a + d)));
+            for (; d < D_; ++d) a[d] = std::fma(e, v[d], a[d]);
+          }
+        }
+        for (int64_t j = 0; j < G; ++j)
+          for (int64_t d = 0; d < D_; ++d) out[(r * H_ + g * G + j) * D_ + d] = acc[j * D_ + d] * inv[j];
+      }
+    });
+  }
+
+  static Linear linear_of(const std::vector<at::Tensor>& t, size_t at) {
+    TORCH_CHECK(t[at].dim() == 2 && t[at].scalar_type() == at::kFloat, "native forward: fp32 weights");
+    return Linear{pack_panels(t[at]), t[at + 1].numel() ? t[at + 1].contiguous() : at::Tensor(), t[at].size(0)};
   }
 
   at::Tensor embed_, cos_, sin_, final_norm_;
@@ -142,15 +406,30 @@ class NativeDecoder {
   std::vector<Layer> layers_;
   int64_t H_, KV_, D_;
   double eps_;
-  int64_t bs_, mm_rows_;
+  int64_t bs_;
 };
+
+// x (N, in) W^T (+ bias) with the forward's kernel, W as pack_panels(W) of `out` columns: for tests and
+// benchmarks/matmul_micro.py
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& panels, int64_t out, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == CW && x.size(1) == panels.size(1) &&
+              out <= panels.size(0) * CW, "linear: x (N, in), panels (ceil(out / 16), in, 16)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "linear: fp32 tensors");
+  at::Tensor xc = x.contiguous(), y = at::empty({x.size(0), out}, at::kFloat);
+  const Linear lin{panels.contiguous(), bias.has_value() ? bias->contiguous() : at::Tensor(), out};
+  pybind11::gil_scoped_release release;
+  lin(xc.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  return y;
+}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<NativeDecoder>(m, "NativeDecoder")
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                          std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t,
-                          int64_t>())
+                          std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t>())
       .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("pack_panels", &pack_panels);
+  m.def("linear", &linear_op, pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("out"),
+        pybind11::arg("bias") = pybind11::none());
 }

@@ -103,6 +103,10 @@ class PackedLinear(nn.Module):
             if one_row_copy and torch.backends.mkldnn.is_available() else None
         self.mm_rows = 0          # up to this many rows MKL's (W @ x^T)^T instead (a cache-resident model)
 
+    def drop_fast_copies(self) -> None:
+        """Free the two extra CPU layouts (the native forward packs its own); forwards take torch.mm."""
+        self.weight_t, self.packed = None, None
+
     def forward(self, x):
         if self.weight_t is not None and x.numel() == x.shape[-1]:
             y = torch.matmul(x.reshape(1, 1, -1), self.weight_t)                 # one row: (parts, 1, out/parts)
