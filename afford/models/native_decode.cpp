@@ -43,6 +43,9 @@ inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
 inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
 inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// keeps a loaded vector in a register (GCC otherwise folds the load into every FMA that uses it, which
+// makes the matrix tiles load-bound)
+inline void in_register(V& a) { __asm__("" : "+x"(a)); }
 inline V vpow2i(V n) {                                    // 2^n for integral n in [-126, 127]
   __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   return _mm256_castsi256_ps(_mm256_slli_epi32(i, 23));
@@ -63,6 +66,7 @@ inline V vmax(V a, V b) { AFFORD_LANES(a.l[i] > b.l[i] ? a.l[i] : b.l[i]); }
 inline V vmin(V a, V b) { AFFORD_LANES(a.l[i] < b.l[i] ? a.l[i] : b.l[i]); }
 inline V vround(V a) { AFFORD_LANES(std::nearbyint(a.l[i])); }
 inline V vpow2i(V n) { AFFORD_LANES(std::ldexp(1.f, static_cast<int>(n.l[i]))); }
+inline void in_register(V&) {}
 #undef AFFORD_LANES
 #endif
 
@@ -149,6 +153,8 @@ inline void tile(const float* const* x, int64_t in, const float* panel, int64_t 
     for (int p = 0; p < NP; ++p) {
       w[2 * p] = vload(panel + p * pstride + k * CW);
       w[2 * p + 1] = vload(panel + p * pstride + k * CW + 8);
+      in_register(w[2 * p]);
+      in_register(w[2 * p + 1]);
     }
     for (int r = 0; r < RT; ++r) {
       const V xb = vset(x[r][k]);
