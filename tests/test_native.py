@@ -171,3 +171,28 @@ def test_native_stays_off_where_it_does_not_apply(tokenizer_dir, tmp_path):
     assert "cpu_paged" in unsupported(load_for_inference(path, "cpu", "float32"), "sdpa")
     assert "quantized" in unsupported(load_for_inference(path, "cpu", "float32", quantization="int8"), "cpu_paged")
     assert LLM(str(path), attention="sdpa").engine.runner.native is None
+
+
+def test_a_greedy_draft_in_one_call_equals_forward_by_forward(built):
+    """The proposer's native draft loop (argmax and feed-back inside one call) drafts the tokens and
+    writes the K/V that k separate forwards do, per-sequence k included."""
+    model = load_for_inference(resolve_model_path("default", "draft"), "cpu", "float32")
+    g = torch.Generator().manual_seed(2)
+    feeds = [torch.randint(2, 4096, (n,), generator=g).tolist() for n in (17, 1, 40)]
+    ks = [4, 3, 1]
+    runners = [ModelRunner(model, shuffled_pool(), native=True) for _ in range(2)]
+    for r in runners:
+        for s, (f, k) in enumerate(zip(feeds, ks)):
+            r.copy_blocks(r.pool.prepare_write(s, len(f) + k - 1))
+    got = runners[0].draft_greedy([0, 1, 2], [0, 0, 0], feeds, ks)
+    r, want = runners[1], [[] for _ in feeds]
+    logits = r.forward([0, 1, 2], [0, 0, 0], feeds)
+    for j in range(max(ks)):
+        cur = [i for i in range(3) if ks[i] > j]
+        if j:
+            logits = r.forward(cur, [len(feeds[i]) - 1 + j for i in cur], [[want[i][-1]] for i in cur])
+        for row, i in zip(logits.argmax(-1).tolist(), cur):
+            want[i].append(row)
+    assert got == want and [len(t) for t in got] == ks
+    for (k0, v0), (k1, v1) in zip(runners[0].kv, runners[1].kv):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)

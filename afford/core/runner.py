@@ -156,15 +156,28 @@ class ModelRunner:
             h = h.index_select(0, rows)                                            # (R, hidden)
         return self.model.lm_head(h).float()                                      # (R, V)
 
+    def prepare(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]]) -> tuple[ForwardBatch, torch.Tensor]:
+        if all(len(t) == 1 for t in tokens):
+            return self.prepare_decode(seq_ids, starts, [t[0] for t in tokens])
+        return self.prepare_ragged(seq_ids, starts, tokens)
+
+    @torch.inference_mode()
+    def draft_greedy(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],
+                     ks: list[int]) -> list[list[int]] | None:
+        """Greedy drafting as one native call: feed tokens[i] at starts[i].., take the argmax, feed it back,
+        ks[i] tokens in all (every block those forwards write allocated first). None where there is no
+        native forward (the caller then drafts forward by forward)."""
+        if self.native is None:
+            return None
+        batch, ids = self.prepare(seq_ids, starts, tokens)
+        return self.native.draft_greedy(ids, batch, ks)
+
     def forward(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],
                 logits_rows: list[list[int]] | None = None) -> torch.Tensor:
         """Feed tokens[i] at positions starts[i].. of sequence seq_ids[i]; their K/V are written into the
         pool (whose blocks must already be allocated). logits_rows[i]: which of sequence i's fed tokens need
         logits (default: its last). Returns logits (sum of len(logits_rows[i]), V) in float32, in order."""
-        if all(len(t) == 1 for t in tokens):
-            batch, ids = self.prepare_decode(seq_ids, starts, [t[0] for t in tokens])
-        else:
-            batch, ids = self.prepare_ragged(seq_ids, starts, tokens)
+        batch, ids = self.prepare(seq_ids, starts, tokens)
         at, flat = 0, []
         for i, toks in enumerate(tokens):
             flat.extend(at + r for r in (logits_rows[i] if logits_rows else [len(toks) - 1]))

@@ -119,7 +119,7 @@ class NativeDecoder:
         self.impl = module.NativeDecoder(model.model.embed_tokens.weight.detach(), model.rope_cos, model.rope_sin,
                                          model.model.norm.weight.detach(), _linear_tensors(model.lm_head), layers,
                                          cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
-        self._empty = torch.empty(0)
+        self._empty = torch.empty(0, dtype=torch.long)
         for lin in _linears(model):              # the native forward packed its own copy of each weight
             lin.drop_fast_copies()
 
@@ -137,3 +137,9 @@ class NativeDecoder:
         all). The batch must have no padding rows (CUDA graph buckets only)."""
         return self.impl.step(ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables,
                               self._empty if rows is None else rows)
+
+    def draft_greedy(self, ids: torch.Tensor, batch, ks: list[int]) -> list[list[int]]:
+        """Greedy drafts of ks[i] tokens per sequence in one call: the forward `batch` describes (each
+        sequence's last fed token predicts its first draft), then the k - 1 one-token forwards that feed
+        each draft back (their blocks allocated by the caller)."""
+        return self.impl.draft_greedy(ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables, ks)

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -300,20 +301,88 @@ class NativeDecoder {
                   const std::vector<int64_t>& q_lens, const std::vector<std::vector<int64_t>>& tables,
                   const at::Tensor& rows) {
     c10::InferenceMode guard;
-    const int64_t N = ids.size(0), hidden = embed_.size(1), V = head_.out();
-    const int64_t qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
-    const int64_t* id = ids.data_ptr<int64_t>();
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t N = ids.size(0);
     std::vector<const int64_t*> tok_table(N);
     int64_t t = 0;
     for (size_t s = 0; s < q_lens.size(); ++s)
-      for (int64_t j = 0; j < q_lens[s]; ++j) tok_table[t++] = tables[s].data();
-    TORCH_CHECK(t == N, "native forward: query lengths sum to ", t, ", ", N, " tokens fed");
+      for (int64_t j = 0; j < q_lens[s] && t < N; ++j) tok_table[t++] = tables[s].data();
+    TORCH_CHECK(t == N && std::accumulate(q_lens.begin(), q_lens.end(), int64_t{0}) == N,
+                "native forward: the query lengths do not sum to the ", N, " tokens fed");
+    std::vector<int64_t> sel(rows.data_ptr<int64_t>(), rows.data_ptr<int64_t>() + rows.numel());
+    if (sel.empty())
+      for (int64_t r = 0; r < N; ++r) sel.push_back(r);
+    at::Tensor logits = at::empty({static_cast<int64_t>(sel.size()), head_.out()}, at::kFloat);
+    forward(ids.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), N, tok_table, sel,
+            logits.data_ptr<float>());
+    return logits;
+  }
 
-    std::vector<float> x(N * hidden), h(N * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
+  // A greedy draft of ks[i] tokens per sequence in one call: forward 0 is `step` (sequence i feeds
+  // q_lens[i] tokens, the last at position p_i) and gives each sequence its first token (the argmax); then
+  // forward j feeds sequence i's token j - 1 at position p_i + j (slot from its table, whose blocks the
+  // caller allocated), while j < ks[i]. Returns the drafted tokens per sequence.
+  std::vector<std::vector<int64_t>> draft_greedy(const at::Tensor& ids, const at::Tensor& positions,
+                                                 const at::Tensor& slots, const std::vector<int64_t>& q_lens,
+                                                 const std::vector<std::vector<int64_t>>& tables,
+                                                 const std::vector<int64_t>& ks) {
+    c10::InferenceMode guard;
+    const int64_t B = static_cast<int64_t>(q_lens.size()), V = head_.out();
+    TORCH_CHECK(static_cast<int64_t>(ks.size()) == B, "draft_greedy: one k per sequence");
+    std::vector<int64_t> last(B);                                  // flat index of each sequence's last token
+    int64_t at_ = 0;
+    for (int64_t i = 0; i < B; ++i) last[i] = (at_ += q_lens[i]) - 1;
+    at::Tensor first = step(ids, positions, slots, q_lens, tables, at::tensor(last));
+    std::vector<std::vector<int64_t>> out(B);
+    std::vector<int64_t> id, pos, slot, base(B);
+    const int64_t* p0 = positions.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      base[i] = p0[last[i]];
+      if (ks[i] > 0) out[i].push_back(argmax(first.data_ptr<float>() + i * V, V));
+    }
+    std::vector<float> logits;
+    std::vector<const int64_t*> tok_table;
+    std::vector<int64_t> who, sel;
+    for (int64_t j = 1;; ++j) {
+      id.clear(), pos.clear(), slot.clear(), tok_table.clear(), who.clear(), sel.clear();
+      for (int64_t i = 0; i < B; ++i) {
+        if (ks[i] <= j) continue;
+        const int64_t p = base[i] + j;
+        TORCH_CHECK(p / bs_ < static_cast<int64_t>(tables[i].size()), "draft_greedy: position ", p,
+                    " has no block (allocate the blocks of all k forwards first)");
+        id.push_back(out[i].back()), pos.push_back(p), slot.push_back(tables[i][p / bs_] * bs_ + p % bs_);
+        tok_table.push_back(tables[i].data()), who.push_back(i), sel.push_back(static_cast<int64_t>(sel.size()));
+      }
+      if (who.empty()) break;
+      const int64_t n = static_cast<int64_t>(who.size());
+      logits.resize(n * V);
+      forward(id.data(), pos.data(), slot.data(), n, tok_table, sel, logits.data());
+      for (int64_t r = 0; r < n; ++r) out[who[r]].push_back(argmax(&logits[r * V], V));
+    }
+    return out;
+  }
+
+ private:
+  // the index of the largest value (the first of equal ones; a NaN counts as largest, as torch.argmax)
+  static int64_t argmax(const float* x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; ++i)
+      if (!std::isnan(x[best]) && (x[i] > x[best] || std::isnan(x[i]))) best = i;
+    return best;
+  }
+
+  // the forward itself over raw inputs; logits of the flat rows `sel` into out (|sel|, V)
+  void forward(const int64_t* id, const int64_t* pos, const int64_t* slot, int64_t N,
+               const std::vector<const int64_t*>& tok_table, const std::vector<int64_t>& sel, float* out) {
+    const int64_t hidden = embed_.size(1), qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
+    const int64_t R = static_cast<int64_t>(sel.size());
+    std::vector<float> x(N * hidden), h(std::max(N, R) * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
     const float* E = embed_.data_ptr<float>();
-    for (int64_t r = 0; r < N; ++r) std::memcpy(&x[r * hidden], E + id[r] * hidden, hidden * sizeof(float));
+    const int64_t vocab = embed_.size(0), max_pos = cos_.size(0);
+    for (int64_t r = 0; r < N; ++r) {
+      TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "native forward: token id ", id[r], " outside the vocabulary");
+      TORCH_CHECK(pos[r] >= 0 && pos[r] < max_pos, "native forward: position ", pos[r], " beyond the RoPE table");
+      std::memcpy(&x[r * hidden], E + id[r] * hidden, hidden * sizeof(float));
+    }
     for (const Layer& L : layers_) {
       rms_norm(x.data(), N, hidden, L.norm1.data_ptr<float>(), eps_, h.data());
       L.qkv(h.data(), N, qkv.data());
@@ -331,19 +400,13 @@ class NativeDecoder {
       silu_mul(gu.data(), N, I, act.data());
       L.down(act.data(), N, x.data(), /*accumulate=*/true);                    // x += down(act)
     }
-    const int64_t R = rows.numel() ? rows.size(0) : N;
-    const int64_t* sel = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t src = sel ? sel[r] : r;
-      TORCH_CHECK(src >= 0 && src < N, "native forward: logits row ", src, " of ", N);
-      rms_norm(&x[src * hidden], 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
+      TORCH_CHECK(sel[r] >= 0 && sel[r] < N, "native forward: logits row ", sel[r], " of ", N);
+      rms_norm(&x[sel[r] * hidden], 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
     }
-    at::Tensor logits = at::empty({R, V}, at::kFloat);
-    head_(h.data(), R, logits.data_ptr<float>());
-    return logits;
+    head_(h.data(), R, out);
   }
 
- private:
   // softmax(q k^T / sqrt(D)) v per token and head, reading K/V rows through the token's block table; the
   // heads that share a K/V head go together (each K row read once for the group)
   void attention(const float* qkv, int64_t qkv_w, int64_t N, const int64_t* pos,
@@ -434,7 +497,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<NativeDecoder>(m, "NativeDecoder")
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
                           std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t>())
-      .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("draft_greedy", &NativeDecoder::draft_greedy, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("pack_panels", &pack_panels);
   m.def("linear", &linear_op, pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("out"),
         pybind11::arg("bias") = pybind11::none());

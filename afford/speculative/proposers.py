@@ -127,6 +127,14 @@ class DraftModelProposer(Proposer):
             self.runner.copy_blocks(self.pool.prepare_write(s.seq_id, len(s.token_ids) + ks[i] - 1))
         cur = active
         starts = [self.computed.get(seqs[i].seq_id, 0) for i in cur]
+        if all(seqs[i].params.greedy for i in cur):        # all k forwards in one native call, argmax inside
+            toks = self.runner.draft_greedy([seqs[i].seq_id for i in cur], starts,
+                                            [seqs[i].token_ids[st:] for i, st in zip(cur, starts)], [ks[i] for i in cur])
+            if toks is not None:
+                for i, t in zip(cur, toks):
+                    drafts[i].tokens.extend(t)
+                    self.computed[seqs[i].seq_id] = len(seqs[i].token_ids) + ks[i] - 1
+                return drafts
         logits = self.runner.forward([seqs[i].seq_id for i in cur], starts,
                                      [seqs[i].token_ids[st:] for i, st in zip(cur, starts)])    # (b, V)
         rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
