@@ -5,6 +5,7 @@ here imports torch, so the cost planner and the CLI can use it cheaply.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ class ModelConfig:
         """Bytes of K/V one token holds in the cache, all layers."""
         return self.num_layers * self.kv_values_per_token * bytes_per_value
 
-    @property
+    @functools.cached_property                 # read every engine step (FLOP counts); the config is frozen
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
         attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
@@ -136,7 +137,7 @@ class ModelConfig:
         shared = 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_intermediate_size else 0)
         return h * self.num_experts + experts * 3 * h * self.moe_intermediate_size + shared
 
-    @property
+    @functools.cached_property
     def active_parameters(self) -> int:
         """Parameters one decoded token runs through (MoE: top-k experts only; dense: all of them)."""
         return self.num_parameters - sum(self.ffn_parameters(i) - self.ffn_parameters(i, active=True)
