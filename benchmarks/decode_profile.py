@@ -5,7 +5,9 @@ script profiles an older checkout for a before/after comparison (run it from tha
     python benchmarks/decode_profile.py [--out NAME]
 
 Writes benchmarks/results/NAME.json (default decode_profile): per batch, wall ms per step, the
-profiled self-CPU ms per step by operator (top 12) and the matmul share.
+profiled self-CPU ms per step by operator (top 12) and the matmul share; where the native forward runs
+(its kernels are not torch operators), its own split of each step: matmul, attention, elementwise (norms,
+RoPE, K/V writes, SiLU), LM head, and the rest of the step outside it (Python: scheduling, sampling, stats).
 """
 from __future__ import annotations
 
@@ -39,6 +41,17 @@ def main():
         t = time.perf_counter()
         llm.generate([prompt] * batch, sp)
         wall = (time.perf_counter() - t) / a.new_tokens
+        native = getattr(llm.engine.runner, "native", None)
+        split = None
+        if native is not None:
+            native.impl.set_profiling(True)
+            t = time.perf_counter()
+            llm.generate([prompt] * batch, sp)
+            wall_p = (time.perf_counter() - t) / a.new_tokens
+            native.impl.set_profiling(False)
+            parts = native.impl.take_profile()
+            split = {k: round(1e3 * v / a.new_tokens, 3) for k, v in parts.items() if k != "forwards"}
+            split["outside_native_forward"] = round(1e3 * wall_p - sum(split.values()), 3)
         with profile() as prof:
             llm.generate([prompt] * batch, sp)
         ka = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
@@ -48,7 +61,8 @@ def main():
             "wall_ms_per_step": round(1e3 * wall, 2), "profiled_ms_per_step": round(total, 2),
             "mm_ms_per_step": round(mm / a.new_tokens, 2),
             "top_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / a.new_tokens, 3) for e in ka[:12]},
-            "calls_per_step": {e.key: round(e.count / a.new_tokens, 1) for e in ka[:12]}}
+            "calls_per_step": {e.key: round(e.count / a.new_tokens, 1) for e in ka[:12]},
+            "native_ms_per_step": split}
         print(batch, result[f"batch{batch}"], flush=True)
     print(f"wrote {save(a.out, result)}")
 

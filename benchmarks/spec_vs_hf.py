@@ -6,12 +6,16 @@ without speculation on GSM8K.
     python benchmarks/spec_vs_hf.py [--per-category 5] [--new-tokens 128]
 
 Writes benchmarks/results/spec_vs_hf.json; every arm's tokens/s is also given as a ratio to
-transformers plain on the same prompts.
+transformers plain on the same prompts. The per-category table runs its arms one after another, so on a
+shared machine whose speed drifts it mixes drift into the ratios; the GSM8K goals are therefore also
+measured interleaved (`--rounds`): each round runs every afford arm once, in a rotated order, and the
+ratio to plain is taken within the round (median over rounds).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import defaultdict
 
@@ -49,6 +53,17 @@ def afford_arm(llm, prompts, new_tokens, batch=1):
             "accepted": llm.stats.accepted - s0[1]}
 
 
+def interleaved(llms: dict, names: list[str], prompts: list[str], new_tokens: int, batch: int, rounds: int) -> dict:
+    """Each arm's tok/s over / plain's tok/s in the same round, per round (arms in a rotated order)."""
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        tps = {n: afford_arm(llms[n], prompts, new_tokens, batch)["tok_s"] for n in order}
+        for n in names:
+            ratios[n].append(round(tps[n] / tps["afford plain"], 3))
+    return ratios
+
+
 def hf_arm(model, tok, prompts, new_tokens, **kw):
     n = 0
     t = time.perf_counter()
@@ -65,6 +80,7 @@ def main():
     ap.add_argument("--per-category", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the GSM8K goals")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +128,15 @@ def main():
         r = afford_arm(llms[name], gsm, a.new_tokens, batch=8)
         batch_rows.append({"arm": name, "batch": 8, **{k: round(v, 3) for k, v in r.items()}})
         print(f"batch 8 GSM8K {name}: {r['tok_s']:.1f} tok/s", flush=True)
-    out = save("spec_vs_hf", {"settings": vars(a), "rows": rows, "batch8": batch_rows, "skipped_categories": skipped})
+    arms = ["afford plain", "afford draft k=2", "afford draft k=4", "afford goodput k<=4"]
+    inter = {}
+    for batch, prompts in ((1, work["gsm8k"]), (8, gsm)):
+        ratios = interleaved(llms, arms, prompts, a.new_tokens, batch, a.rounds)
+        inter[f"batch{batch}"] = {n: {"rounds": v, "median": statistics.median(v)} for n, v in ratios.items()}
+        print(f"interleaved GSM8K batch {batch}, median over {a.rounds} rounds of tok/s / plain's in the round: "
+              + ", ".join(f"{n} {statistics.median(v):.2f}x" for n, v in ratios.items()), flush=True)
+    out = save("spec_vs_hf", {"settings": vars(a), "rows": rows, "batch8": batch_rows, "skipped_categories": skipped,
+                              "interleaved_gsm8k": inter})
     print(f"wrote {out}")
 
 

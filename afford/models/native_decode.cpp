@@ -18,9 +18,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -150,16 +154,27 @@ inline void tile(const float* const* x, int64_t in, const float* panel, int64_t 
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < 2 * NP; ++c) a[r][c] = vzero();
   for (int64_t k = 0; k < in; ++k) {
-    V w[2 * NP];
-    for (int p = 0; p < NP; ++p) {
-      w[2 * p] = vload(panel + p * pstride + k * CW);
-      w[2 * p + 1] = vload(panel + p * pstride + k * CW + 8);
-      in_register(w[2 * p]);
-      in_register(w[2 * p + 1]);
-    }
-    for (int r = 0; r < RT; ++r) {
-      const V xb = vset(x[r][k]);
-      for (int c = 0; c < 2 * NP; ++c) a[r][c] = vfma(xb, w[c], a[r][c]);
+    if constexpr (NP == 1) {                 // two named registers: an array would be kept on the stack too
+      V w0 = vload(panel + k * CW), w1 = vload(panel + k * CW + 8);
+      in_register(w0);
+      in_register(w1);
+      for (int r = 0; r < RT; ++r) {
+        const V xb = vset(x[r][k]);
+        a[r][0] = vfma(xb, w0, a[r][0]);
+        a[r][1] = vfma(xb, w1, a[r][1]);
+      }
+    } else {
+      V w[2 * NP];
+      for (int p = 0; p < NP; ++p) {
+        w[2 * p] = vload(panel + p * pstride + k * CW);
+        w[2 * p + 1] = vload(panel + p * pstride + k * CW + 8);
+        in_register(w[2 * p]);
+        in_register(w[2 * p + 1]);
+      }
+      for (int r = 0; r < RT; ++r) {
+        const V xb = vset(x[r][k]);
+        for (int c = 0; c < 2 * NP; ++c) a[r][c] = vfma(xb, w[c], a[r][c]);
+      }
     }
   }
   for (int r = 0; r < RT; ++r)
@@ -256,6 +271,23 @@ void rope(float* qkv, int64_t N, int64_t stride, int64_t heads, int64_t D, const
     }
   }
 }
+
+// Wall time per kind of work inside the forward, when switched on (benchmarks/decode_profile.py)
+enum Part { MATMUL, ATTENTION, ELEMENTWISE, HEAD, NPARTS };
+struct Profile {
+  bool on = false;
+  std::array<double, NPARTS> seconds{};
+  int64_t forwards = 0;
+};
+struct Timed {                    // adds the scope's wall time to one part of the profile
+  Profile& p;
+  Part part;
+  std::chrono::steady_clock::time_point t0;
+  Timed(Profile& p_, Part part_) : p(p_), part(part_) { if (p.on) t0 = std::chrono::steady_clock::now(); }
+  ~Timed() {
+    if (p.on) p.seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
 
 struct Linear {
   at::Tensor panels, bias;   // pack_panels(W); bias (out,) or undefined
@@ -383,29 +415,48 @@ class NativeDecoder {
       TORCH_CHECK(pos[r] >= 0 && pos[r] < max_pos, "native forward: position ", pos[r], " beyond the RoPE table");
       std::memcpy(&x[r * hidden], E + id[r] * hidden, hidden * sizeof(float));
     }
+    prof_.forwards += prof_.on;
     for (const Layer& L : layers_) {
-      rms_norm(x.data(), N, hidden, L.norm1.data_ptr<float>(), eps_, h.data());
-      L.qkv(h.data(), N, qkv.data());
-      rope(qkv.data(), N, qkv_w, H_ + KV_, D_, cos_.data_ptr<float>(), sin_.data_ptr<float>(), pos);
+      { Timed t(prof_, ELEMENTWISE); rms_norm(x.data(), N, hidden, L.norm1.data_ptr<float>(), eps_, h.data()); }
+      { Timed t(prof_, MATMUL); L.qkv(h.data(), N, qkv.data()); }
       float* kp = L.k_pool.data_ptr<float>();
       float* vp = L.v_pool.data_ptr<float>();
-      for (int64_t r = 0; r < N; ++r) {
-        std::memcpy(kp + slot[r] * KV_ * D_, &qkv[r * qkv_w + H_ * D_], KV_ * D_ * sizeof(float));
-        std::memcpy(vp + slot[r] * KV_ * D_, &qkv[r * qkv_w + (H_ + KV_) * D_], KV_ * D_ * sizeof(float));
+      {
+        Timed t(prof_, ELEMENTWISE);
+        rope(qkv.data(), N, qkv_w, H_ + KV_, D_, cos_.data_ptr<float>(), sin_.data_ptr<float>(), pos);
+        for (int64_t r = 0; r < N; ++r) {
+          std::memcpy(kp + slot[r] * KV_ * D_, &qkv[r * qkv_w + H_ * D_], KV_ * D_ * sizeof(float));
+          std::memcpy(vp + slot[r] * KV_ * D_, &qkv[r * qkv_w + (H_ + KV_) * D_], KV_ * D_ * sizeof(float));
+        }
       }
-      attention(qkv.data(), qkv_w, N, pos, tok_table, kp, vp, att.data());
-      L.o(att.data(), N, x.data(), /*accumulate=*/true);                       // x += o(att)
-      rms_norm(x.data(), N, hidden, L.norm2.data_ptr<float>(), eps_, h.data());
-      L.gate_up(h.data(), N, gu.data());
-      silu_mul(gu.data(), N, I, act.data());
-      L.down(act.data(), N, x.data(), /*accumulate=*/true);                    // x += down(act)
+      { Timed t(prof_, ATTENTION); attention(qkv.data(), qkv_w, N, pos, tok_table, kp, vp, att.data()); }
+      { Timed t(prof_, MATMUL); L.o(att.data(), N, x.data(), /*accumulate=*/true); }        // x += o(att)
+      { Timed t(prof_, ELEMENTWISE); rms_norm(x.data(), N, hidden, L.norm2.data_ptr<float>(), eps_, h.data()); }
+      { Timed t(prof_, MATMUL); L.gate_up(h.data(), N, gu.data()); }
+      { Timed t(prof_, ELEMENTWISE); silu_mul(gu.data(), N, I, act.data()); }
+      { Timed t(prof_, MATMUL); L.down(act.data(), N, x.data(), /*accumulate=*/true); }     // x += down(act)
     }
+    Timed t(prof_, HEAD);
     for (int64_t r = 0; r < R; ++r) {
       TORCH_CHECK(sel[r] >= 0 && sel[r] < N, "native forward: logits row ", sel[r], " of ", N);
       rms_norm(&x[sel[r] * hidden], 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
     }
     head_(h.data(), R, out);
   }
+
+ public:
+  // per-part wall seconds since profiling was switched on (and the forwards counted), then reset
+  std::map<std::string, double> take_profile() {
+    std::map<std::string, double> out{{"matmul", prof_.seconds[MATMUL]}, {"attention", prof_.seconds[ATTENTION]},
+                                      {"elementwise", prof_.seconds[ELEMENTWISE]}, {"head", prof_.seconds[HEAD]},
+                                      {"forwards", static_cast<double>(prof_.forwards)}};
+    prof_.seconds.fill(0.0);
+    prof_.forwards = 0;
+    return out;
+  }
+  void set_profiling(bool on) { prof_.on = on; }
+
+ private:
 
   // softmax(q k^T / sqrt(D)) v per token and head, reading K/V rows through the token's block table; the
   // heads that share a K/V head go together (each K row read once for the group)
@@ -414,21 +465,21 @@ class NativeDecoder {
     const int64_t G = H_ / KV_, KVD = KV_ * D_;
     const float scale = 1.f / std::sqrt(static_cast<float>(D_));
     at::parallel_for(0, N * KV_, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> sc, acc(G * D_);
+      std::vector<float> sc;
+      std::vector<int64_t> row;                        // each position's K/V row offset in the pool
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t r = task / KV_, g = task % KV_, n = pos[r] + 1;
         const int64_t* table = tok_table[r];
         sc.resize(G * n);
+        row.resize(n);
+        for (int64_t p = 0; p < n; ++p) row[p] = (table[p / bs_] * bs_ + p % bs_) * KVD + g * D_;
         const float* q[64];
         for (int64_t j = 0; j < G; ++j) q[j] = qkv + r * qkv_w + (g * G + j) * D_;
         float s[64];
         for (int64_t p = 0; p < n; ++p) {
-          const float* k = kp + (table[p / bs_] * bs_ + p % bs_) * KVD + g * D_;
-          dots_any(k, q, G, D_, s);
+          dots_any(kp + row[p], q, G, D_, s);
           for (int64_t j = 0; j < G; ++j) sc[j * n + p] = s[j] * scale;
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        std::vector<float> inv(G);
         for (int64_t j = 0; j < G; ++j) {                                    // softmax of head j's row
           float* e = &sc[j * n];
           float m = -INFINITY;
@@ -447,20 +498,31 @@ class NativeDecoder {
             e[p] = one[0];
             tail += one[0];
           }
-          inv[j] = 1.f / (hsum(sum) + tail);
-        }
-        for (int64_t p = 0; p < n; ++p) {                                     // sum_p e_p v_p
-          const float* v = vp + (table[p / bs_] * bs_ + p % bs_) * KVD + g * D_;
-          for (int64_t j = 0; j < G; ++j) {
-            const float e = sc[j * n + p];
-            float* a = &acc[j * D_];
-            int64_t d = 0;
-            for (; d + 8 <= D_; d += 8) vstore(a + d, vfma(vset(e), vload(v + d), vload(a + d)));
-            for (; d < D_; ++d) a[d] = std::fma(e, v[d], a[d]);
+          const float inv = 1.f / (hsum(sum) + tail);
+          // out = inv * sum_p e_p v_p, 64 dims at a time in registers (one FMA chain per element, p ascending)
+          float* o = out + (r * H_ + g * G + j) * D_;
+          int64_t d0 = 0;
+          for (; d0 + 64 <= D_; d0 += 64) {
+            V a[8];
+            for (int c = 0; c < 8; ++c) a[c] = vzero();
+            for (int64_t p2 = 0; p2 < n; ++p2) {
+              const V ev = vset(e[p2]);
+              const float* v = vp + row[p2] + d0;
+              for (int c = 0; c < 8; ++c) a[c] = vfma(ev, vload(v + 8 * c), a[c]);
+            }
+            for (int c = 0; c < 8; ++c) vstore(o + d0 + 8 * c, vmul(a[c], vset(inv)));
+          }
+          for (; d0 + 8 <= D_; d0 += 8) {
+            V a = vzero();
+            for (int64_t p2 = 0; p2 < n; ++p2) a = vfma(vset(e[p2]), vload(vp + row[p2] + d0), a);
+            vstore(o + d0, vmul(a, vset(inv)));
+          }
+          for (; d0 < D_; ++d0) {
+            float a = 0.f;
+            for (int64_t p2 = 0; p2 < n; ++p2) a = std::fma(e[p2], vp[row[p2] + d0], a);
+            o[d0] = a * inv;
           }
         }
-        for (int64_t j = 0; j < G; ++j)
-          for (int64_t d = 0; d < D_; ++d) out[(r * H_ + g * G + j) * D_ + d] = acc[j * D_ + d] * inv[j];
       }
     });
   }
@@ -476,6 +538,7 @@ class NativeDecoder {
   int64_t H_, KV_, D_;
   double eps_;
   int64_t bs_;
+  Profile prof_;
 };
 
 // x (N, in) W^T (+ bias) with the forward's kernel, W as pack_panels(W) of `out` columns: for tests and
@@ -498,7 +561,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
                           std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t>())
       .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("draft_greedy", &NativeDecoder::draft_greedy, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("draft_greedy", &NativeDecoder::draft_greedy, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("set_profiling", &NativeDecoder::set_profiling)
+      .def("take_profile", &NativeDecoder::take_profile);
   m.def("pack_panels", &pack_panels);
   m.def("linear", &linear_op, pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("out"),
         pybind11::arg("bias") = pybind11::none());
