@@ -43,7 +43,7 @@ def main():
         wall = (time.perf_counter() - t) / a.new_tokens
         native = getattr(llm.engine.runner, "native", None)
         split = None
-        if native is not None:
+        if native is not None and hasattr(native.impl, "set_profiling"):     # older checkouts: no split
             native.impl.set_profiling(True)
             t = time.perf_counter()
             llm.generate([prompt] * batch, sp)
