@@ -57,12 +57,18 @@ def main():
                 ops = ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in list(x["top_ops_ms_per_step"].items())[:8])
                 print(f"- {b}: {x['wall_ms_per_step']} ms/step wall, {x['profiled_ms_per_step']} ms profiled, "
                       f"matmul {x['mm_ms_per_step']} ms; top ops (ms/step): {ops}")
+                if x.get("native_ms_per_step"):
+                    print(f"  - native forward's own split (ms/step): "
+                          + ", ".join(f"{k} {v}" for k, v in x["native_ms_per_step"].items()))
     r = load("verify_rows")
     if r:
         print("\n## verify_rows\n" + machine(r) + "\n")
-        print(table(["model", "weights MB", "rows", "oneDNN packed ms", "MKL (W @ x^T)^T ms", "MKL / oneDNN"],
-                    [[x["model"], x["weight_MB"], x["rows"], x["onednn_ms"], x["mkl_ms"], x["mkl_over_onednn"]]
-                     for x in r["rows"]]))
+        def split(d):
+            return ", ".join(f"{k} {v}" for k, v in d.items())
+        print(table(["model", "weights MB", "rows", "1 row ms", "rows ms", "rows / 1 row (median of rounds)",
+                     "1 row: native split ms", "rows: native split ms"],
+                    [[x["model"], x["weight_MB"], x["rows"], x["one_row_ms"], x["rows_ms"], x["ratio_median"],
+                      split(x["split_one_row_ms"]), split(x["split_rows_ms"])] for x in r["rows"]]))
     r = load("cot")
     if r:
         print("\n## cot\n" + machine(r) + "\n")
@@ -125,6 +131,10 @@ def main():
             rows.append(row)
         print(table(["category"] + arms, rows))
         print("\nbatch 8, GSM8K: " + "; ".join(f"{x['arm']} {x['tok_s']:.1f} tok/s" for x in r["batch8"]))
+        for b, arms in r.get("interleaved_gsm8k", {}).items():
+            print(f"\nGSM8K {b}, interleaved ({len(next(iter(arms.values()))['rounds'])} rounds; tok/s over plain's in "
+                  "the same round, median [per round]): " + "; ".join(
+                      f"{n} {v['median']:.2f}x {v['rounds']}" for n, v in arms.items() if n != "afford plain"))
     r = load("quant")
     if r:
         print("\n## quant\n" + machine(r) + "\n")
