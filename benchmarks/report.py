@@ -58,7 +58,7 @@ def main():
                 print(f"- {b}: {x['wall_ms_per_step']} ms/step wall, {x['profiled_ms_per_step']} ms profiled, "
                       f"matmul {x['mm_ms_per_step']} ms; top ops (ms/step): {ops}")
                 if x.get("native_ms_per_step"):
-                    print(f"  - native forward's own split (ms/step): "
+                    print("  - native forward's own split (ms/step): "
                           + ", ".join(f"{k} {v}" for k, v in x["native_ms_per_step"].items()))
     r = load("verify_rows")
     if r:
