@@ -472,7 +472,8 @@ class NativeDecoder {
         const int64_t* table = tok_table[r];
         sc.resize(G * n);
         row.resize(n);
-        for (int64_t p = 0; p < n; ++p) row[p] = (table[p / bs_] * bs_ + p % bs_) * KVD + g * D_;
+        for (int64_t b = 0, p = 0; p < n; ++b)                 // block by block: no division per position
+          for (int64_t o = 0, base = table[b] * bs_; o < bs_ && p < n; ++o, ++p) row[p] = (base + o) * KVD + g * D_;
         const float* q[64];
         for (int64_t j = 0; j < G; ++j) q[j] = qkv + r * qkv_w + (g * G + j) * D_;
         float s[64];
