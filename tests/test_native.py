@@ -196,3 +196,23 @@ def test_a_greedy_draft_in_one_call_equals_forward_by_forward(built):
     assert got == want and [len(t) for t in got] == ks
     for (k0, v0), (k1, v1) in zip(runners[0].kv, runners[1].kv):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_bad_inputs_raise_before_anything_is_written(built):
+    """A slot outside the pool, a position its table does not cover, a logits row past the tokens fed: a
+    clear error, and the pool is untouched."""
+    model = load_for_inference(resolve_model_path("default", "draft"), "cpu", "float32")
+    r = ModelRunner(model, BlockPool(8, 16))
+    r.copy_blocks(r.pool.prepare_write(0, 5))
+    batch, ids = r.prepare_decode([0], [4], [7])
+    before = [k.clone() for k, _ in r.kv]
+    none = torch.empty(0, dtype=torch.long)
+    cases = [((ids, batch.positions, torch.tensor([10 ** 6]), [1], batch.tables, none), "outside the K/V pool"),
+             ((ids, torch.tensor([900]), batch.slot_mapping, [1], batch.tables, none), "has no block"),
+             ((ids, batch.positions, batch.slot_mapping, [1], batch.tables, torch.tensor([3])), "logits row 3"),
+             ((ids, batch.positions, batch.slot_mapping, [2], batch.tables, none), "do not sum"),
+             ((ids, batch.positions, batch.slot_mapping, [1], [[10 ** 6]], none), "block 1000000")]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            r.native.impl.step(*args)
+    assert all(torch.equal(a, k) for a, (k, _) in zip(before, r.kv))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -29,8 +30,18 @@ _error: str | None = None
 
 # AVX2 + FMA kernels where the CPU has them (a portable path otherwise); OpenMP so that at::parallel_for
 # runs on torch's threads (without it the header falls back to one thread)
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# (-ffp-contract=off: no multiply-add the source does not write, so no result depends on how the compiler
+# split a loop into vector body and scalar tail)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 STALE_LOCK_S = 600        # a build takes about a minute; a lock this old belongs to a build that was killed
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def _build_dir() -> Path:
@@ -41,7 +52,10 @@ def _build_dir() -> Path:
     import time
 
     from torch.utils.cpp_extension import _get_build_directory
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    # the build targets this CPU (-march=native): its capability is part of the key, so a cache shared
+    # between machines never loads code for another instruction set
+    cpu = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {_cpu_flags()}"
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(FLAGS).encode() + cpu.encode()).hexdigest()[:12]
     path = Path(_get_build_directory("afford_native_decode", verbose=False)).with_name(f"afford_native_decode_{digest}")
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"
@@ -90,7 +104,7 @@ def _linears(model) -> list:
 
 def unsupported(model, backend_name: str) -> str | None:
     """Why the native forward does not apply to this model / backend (None: it does)."""
-    from afford.models.transformer import PackedLinear
+    from afford.models.transformer import DUAL_LAYOUT_MAX_BYTES, PackedLinear
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:
         return f"runs on CPU fp32 models only (this one: {p.device.type} {p.dtype})"
@@ -102,6 +116,10 @@ def unsupported(model, backend_name: str) -> str | None:
         return "does not implement mixture-of-experts layers"
     if not all(isinstance(m, PackedLinear) for m in _linears(model)):
         return "needs plain fp32 weights (this model is quantized)"
+    size = sum(q.numel() for q in model.parameters()) * 4
+    if size > DUAL_LAYOUT_MAX_BYTES:
+        return (f"keeps a packed copy of the weights, and this model's {size / 2**30:.1f} GiB is above "
+                f"{DUAL_LAYOUT_MAX_BYTES / 2**30:.0f} GiB (the limit on duplicated CPU layouts)")
     return None
 
 

@@ -283,9 +283,10 @@ struct Timed {                    // adds the scope's wall time to one part of t
   Profile& p;
   Part part;
   std::chrono::steady_clock::time_point t0;
-  Timed(Profile& p_, Part part_) : p(p_), part(part_) { if (p.on) t0 = std::chrono::steady_clock::now(); }
+  bool on;
+  Timed(Profile& p_, Part part_) : p(p_), part(part_), on(p_.on) { if (on) t0 = std::chrono::steady_clock::now(); }
   ~Timed() {
-    if (p.on) p.seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (on) p.seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 };
 
@@ -321,6 +322,23 @@ class NativeDecoder {
                               t[10], t[11]});
     }
     TORCH_CHECK(KV_ > 0 && H_ % KV_ == 0 && H_ / KV_ <= 64, "native forward: 1 to 64 query heads per K/V head");
+    TORCH_CHECK(D_ % 2 == 0 && cos_.dim() == 2 && cos_.size(1) == D_ && sin_.sizes() == cos_.sizes(),
+                "native forward: RoPE tables (positions, head_dim) with an even head_dim");
+    TORCH_CHECK(!layers_.empty(), "native forward: a model with no layers");
+    slots_ = layers_[0].k_pool.size(0);
+    const int64_t hidden = embed_.size(1);
+    for (const Layer& L : layers_) {
+      TORCH_CHECK(L.qkv.out() == (H_ + 2 * KV_) * D_ && L.qkv.in() == hidden && L.o.in() == H_ * D_ &&
+                  L.o.out() == hidden && L.gate_up.in() == hidden && L.gate_up.out() == 2 * layers_[0].down.in() &&
+                  L.down.out() == hidden, "native forward: a layer's weight shapes do not fit the config");
+      for (const at::Tensor* pool : {&L.k_pool, &L.v_pool})
+        TORCH_CHECK(pool->scalar_type() == at::kFloat && pool->is_contiguous() && pool->dim() == 3 &&
+                    pool->size(0) == slots_ && pool->size(1) == KV_ && pool->size(2) == D_ && slots_ % bs_ == 0,
+                    "native forward: K/V pools (slots, kv_heads, head_dim), fp32, contiguous, whole blocks");
+      for (const Linear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down})
+        TORCH_CHECK(!lin->bias.defined() || lin->bias.numel() == lin->out(), "native forward: a bias of the wrong size");
+    }
+    TORCH_CHECK(head_.in() == hidden && final_norm_.numel() == hidden, "native forward: LM head / final norm shapes");
     for (const auto* t : {&embed_, &cos_, &sin_, &final_norm_})
       TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "native forward: fp32 contiguous tensors");
   }
@@ -333,16 +351,31 @@ class NativeDecoder {
                   const std::vector<int64_t>& q_lens, const std::vector<std::vector<int64_t>>& tables,
                   const at::Tensor& rows) {
     c10::InferenceMode guard;
-    const int64_t N = ids.size(0);
-    std::vector<const int64_t*> tok_table(N);
-    int64_t t = 0;
-    for (size_t s = 0; s < q_lens.size(); ++s)
-      for (int64_t j = 0; j < q_lens[s] && t < N; ++j) tok_table[t++] = tables[s].data();
-    TORCH_CHECK(t == N && std::accumulate(q_lens.begin(), q_lens.end(), int64_t{0}) == N,
+    const int64_t N = ids.numel();
+    for (const at::Tensor* x : {&ids, &positions, &slots, &rows})
+      TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->dim() == 1,
+                  "native forward: ids, positions, slots and rows are contiguous 1-D long tensors");
+    TORCH_CHECK(positions.numel() == N && slots.numel() == N, "native forward: ", N, " ids but ",
+                positions.numel(), " positions and ", slots.numel(), " slots");
+    TORCH_CHECK(tables.size() == q_lens.size(), "native forward: one block table per sequence");
+    TORCH_CHECK(std::accumulate(q_lens.begin(), q_lens.end(), int64_t{0}) == N,
                 "native forward: the query lengths do not sum to the ", N, " tokens fed");
+    std::vector<const int64_t*> tok_table(N);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    int64_t t = 0;
+    for (size_t s = 0; s < q_lens.size(); ++s) {
+      TORCH_CHECK(q_lens[s] >= 0, "native forward: a negative query length");
+      check_table(tables[s]);
+      for (int64_t j = 0; j < q_lens[s]; ++j, ++t) {
+        TORCH_CHECK(pos[t] >= 0 && pos[t] / bs_ < static_cast<int64_t>(tables[s].size()), "native forward: position ",
+                    pos[t], " of sequence ", s, " has no block in its table (allocate blocks before the forward)");
+        tok_table[t] = tables[s].data();
+      }
+    }
     std::vector<int64_t> sel(rows.data_ptr<int64_t>(), rows.data_ptr<int64_t>() + rows.numel());
     if (sel.empty())
       for (int64_t r = 0; r < N; ++r) sel.push_back(r);
+    for (int64_t r : sel) TORCH_CHECK(r >= 0 && r < N, "native forward: logits row ", r, " of ", N, " tokens");
     at::Tensor logits = at::empty({static_cast<int64_t>(sel.size()), head_.out()}, at::kFloat);
     forward(ids.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), N, tok_table, sel,
             logits.data_ptr<float>());
@@ -360,6 +393,7 @@ class NativeDecoder {
     c10::InferenceMode guard;
     const int64_t B = static_cast<int64_t>(q_lens.size()), V = head_.out();
     TORCH_CHECK(static_cast<int64_t>(ks.size()) == B, "draft_greedy: one k per sequence");
+    for (int64_t q : q_lens) TORCH_CHECK(q >= 1, "draft_greedy: every sequence feeds at least one token");
     std::vector<int64_t> last(B);                                  // flat index of each sequence's last token
     int64_t at_ = 0;
     for (int64_t i = 0; i < B; ++i) last[i] = (at_ += q_lens[i]) - 1;
@@ -394,6 +428,11 @@ class NativeDecoder {
   }
 
  private:
+  void check_table(const std::vector<int64_t>& table) const {
+    for (int64_t b : table)
+      TORCH_CHECK(b >= 0 && b < slots_ / bs_, "native forward: block ", b, " outside the K/V pool");
+  }
+
   // the index of the largest value (the first of equal ones; a NaN counts as largest, as torch.argmax)
   static int64_t argmax(const float* x, int64_t n) {
     int64_t best = 0;
@@ -407,12 +446,14 @@ class NativeDecoder {
                const std::vector<const int64_t*>& tok_table, const std::vector<int64_t>& sel, float* out) {
     const int64_t hidden = embed_.size(1), qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
     const int64_t R = static_cast<int64_t>(sel.size());
+    for (int64_t r : sel) TORCH_CHECK(r >= 0 && r < N, "native forward: logits row ", r, " of ", N, " tokens");
     std::vector<float> x(N * hidden), h(std::max(N, R) * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
     const float* E = embed_.data_ptr<float>();
     const int64_t vocab = embed_.size(0), max_pos = cos_.size(0);
     for (int64_t r = 0; r < N; ++r) {
       TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "native forward: token id ", id[r], " outside the vocabulary");
       TORCH_CHECK(pos[r] >= 0 && pos[r] < max_pos, "native forward: position ", pos[r], " beyond the RoPE table");
+      TORCH_CHECK(slot[r] >= 0 && slot[r] < slots_, "native forward: slot ", slot[r], " outside the K/V pool");
       std::memcpy(&x[r * hidden], E + id[r] * hidden, hidden * sizeof(float));
     }
     prof_.forwards += prof_.on;
@@ -438,7 +479,6 @@ class NativeDecoder {
     }
     Timed t(prof_, HEAD);
     for (int64_t r = 0; r < R; ++r) {
-      TORCH_CHECK(sel[r] >= 0 && sel[r] < N, "native forward: logits row ", sel[r], " of ", N);
       rms_norm(&x[sel[r] * hidden], 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
     }
     head_(h.data(), R, out);
@@ -539,6 +579,7 @@ class NativeDecoder {
   int64_t H_, KV_, D_;
   double eps_;
   int64_t bs_;
+  int64_t slots_ = 0;
   Profile prof_;
 };
 
