@@ -124,7 +124,8 @@ def unsupported(model, backend_name: str) -> str | None:
 
 
 class NativeDecoder:
-    """Holds the C++ decoder over the model's weights and the runner's K/V pool tensors (no copies)."""
+    """Holds the C++ decoder: its own panel-packed copy of the weights (the Python path's extra layouts are
+    freed), and views of the runner's K/V pool tensors."""
 
     def __init__(self, module, model, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         cfg = model.cfg
