@@ -375,7 +375,6 @@ class NativeDecoder {
     std::vector<int64_t> sel(rows.data_ptr<int64_t>(), rows.data_ptr<int64_t>() + rows.numel());
     if (sel.empty())
       for (int64_t r = 0; r < N; ++r) sel.push_back(r);
-    for (int64_t r : sel) TORCH_CHECK(r >= 0 && r < N, "native forward: logits row ", r, " of ", N, " tokens");
     at::Tensor logits = at::empty({static_cast<int64_t>(sel.size()), head_.out()}, at::kFloat);
     forward(ids.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), N, tok_table, sel,
             logits.data_ptr<float>());
@@ -583,8 +582,7 @@ class NativeDecoder {
   Profile prof_;
 };
 
-// x (N, in) W^T (+ bias) with the forward's kernel, W as pack_panels(W) of `out` columns: for tests and
-// benchmarks/matmul_micro.py
+// x (N, in) W^T (+ bias) with the forward's kernel, W as pack_panels(W) of `out` columns (for the tests)
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& panels, int64_t out, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == CW && x.size(1) == panels.size(1) &&
               out <= panels.size(0) * CW, "linear: x (N, in), panels (ceil(out / 16), in, 16)");
