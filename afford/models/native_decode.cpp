@@ -128,12 +128,35 @@ inline void dots(const float* w, const float* const* x, int64_t n, float* out) {
   }
 }
 
-// w . x[r] for any number of rows, three at a time (what fits the 16 vector registers)
-inline void dots_any(const float* w, const float* const* x, int64_t rows, int64_t n, float* out) {
-  int64_t r = 0;
-  for (; r + 3 <= rows; r += 3) dots<3>(w, x + r, n, out + r);
-  if (rows - r == 2) dots<2>(w, x + r, n, out + r);
-  else if (rows - r == 1) dots<1>(w, x + r, n, out + r);
+// q . k[j] for 8 rows k[0..7] of n floats: one 8-lane FMA chain per row over the 8-float steps, the
+// lanes summed pairwise (the same tree for every lane of the result), then the scalar tail. Score j's
+// order depends only on q and k[j], never on the other seven rows (a missing row can be any readable
+// row; its score is ignored).
+inline void scores8(const float* q, const float* const* k, int64_t n, float* out) {
+  V a[8];
+  for (int j = 0; j < 8; ++j) a[j] = vzero();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    V qv = vload(q + i);
+    in_register(qv);
+    for (int j = 0; j < 8; ++j) a[j] = vfma(qv, vload(k[j] + i), a[j]);
+  }
+#if defined(__AVX2__) && defined(__FMA__)
+  // lane j of the result: ((a_j[0] + a_j[1]) + (a_j[2] + a_j[3])) + ((a_j[4] + a_j[5]) + (a_j[6] + a_j[7]))
+  const V h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const V h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const V h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  // h0123 = [s0lo s1lo s2lo s3lo | s0hi s1hi s2hi s3hi], h4567 likewise for rows 4..7
+  const V lo = _mm256_permute2f128_ps(h0123, h4567, 0x20), hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+  vstore(out, vadd(lo, hi));
+#else
+  for (int j = 0; j < 8; ++j) {
+    const float* t = a[j].l;
+    out[j] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  }
+#endif
+  for (int j = 0; j < 8; ++j)
+    for (int64_t d = i; d < n; ++d) out[j] = std::fma(q[d], k[j][d], out[j]);
 }
 
 // ---- the matrix product: y (N, out) = x (N, in) W^T, W stored as panels of 16 output columns ----
@@ -507,42 +530,64 @@ class NativeDecoder {
 
  private:
 
-  // softmax(q k^T / sqrt(D)) v per token and head, reading K/V rows through the token's block table; the
-  // heads that share a K/V head go together (each K row read once for the group)
+  // softmax(q k^T / sqrt(D)) v per token and head, reading K/V rows through the token's block table. A
+  // task is up to GROUP consecutive tokens of one sequence (a verify, a prompt chunk) and one K/V head:
+  // the G query heads of each of its tokens score each 8-row block of K together (the block read once
+  // for all of them). A token's scores, softmax and output are computed the same way whatever tokens
+  // share its task.
+  static constexpr int64_t GROUP = 8;
   void attention(const float* qkv, int64_t qkv_w, int64_t N, const int64_t* pos,
                  const std::vector<const int64_t*>& tok_table, const float* kp, const float* vp, float* out) const {
     const int64_t G = H_ / KV_, KVD = KV_ * D_;
     const float scale = 1.f / std::sqrt(static_cast<float>(D_));
-    at::parallel_for(0, N * KV_, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> sc;
+    std::vector<int64_t> first{0};                     // task groups: [first[i], first[i + 1])
+    for (int64_t r = 1; r < N; ++r)
+      if (tok_table[r] != tok_table[r - 1] || r - first.back() == GROUP) first.push_back(r);
+    first.push_back(N);
+    const int64_t groups = static_cast<int64_t>(first.size()) - 1;
+    at::parallel_for(0, groups * KV_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> sc, zero(D_, 0.f);
       std::vector<int64_t> row;                        // each position's K/V row offset in the pool
+      std::vector<const float*> q;
+      std::vector<int64_t> qn;                         // each query's number of positions (its token's pos + 1)
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t r = task / KV_, g = task % KV_, n = pos[r] + 1;
-        const int64_t* table = tok_table[r];
-        sc.resize(G * n);
+        const int64_t gi = task / KV_, g = task % KV_, r0 = first[gi], r1 = first[gi + 1];
+        const int64_t* table = tok_table[r0];
+        int64_t n = 0;
+        q.clear(), qn.clear();
+        for (int64_t r = r0; r < r1; ++r) {
+          n = std::max(n, pos[r] + 1);
+          for (int64_t j = 0; j < G; ++j) q.push_back(qkv + r * qkv_w + (g * G + j) * D_), qn.push_back(pos[r] + 1);
+        }
+        const int64_t Q = static_cast<int64_t>(q.size());
+        sc.resize(Q * n);
         row.resize(n);
         for (int64_t b = 0, p = 0; p < n; ++b)                 // block by block: no division per position
           for (int64_t o = 0, base = table[b] * bs_; o < bs_ && p < n; ++o, ++p) row[p] = (base + o) * KVD + g * D_;
-        const float* q[64];
-        for (int64_t j = 0; j < G; ++j) q[j] = qkv + r * qkv_w + (g * G + j) * D_;
-        float s[64];
-        for (int64_t p = 0; p < n; ++p) {
-          dots_any(kp + row[p], q, G, D_, s);
-          for (int64_t j = 0; j < G; ++j) sc[j * n + p] = s[j] * scale;
+        for (int64_t p0 = 0; p0 < n; p0 += 8) {               // scores, 8 positions at a time
+          const float* k[8];
+          for (int j = 0; j < 8; ++j) k[j] = p0 + j < n ? kp + row[p0 + j] : zero.data();
+          float s8[8];
+          for (int64_t i = 0; i < Q; ++i) {
+            if (qn[i] <= p0) continue;
+            scores8(q[i], k, D_, s8);
+            for (int64_t j = 0; j < 8 && p0 + j < qn[i]; ++j) sc[i * n + p0 + j] = s8[j] * scale;
+          }
         }
-        for (int64_t j = 0; j < G; ++j) {                                    // softmax of head j's row
-          float* e = &sc[j * n];
+        for (int64_t i = 0; i < Q; ++i) {
+          const int64_t r = r0 + i / G, h = g * G + i % G, m_n = qn[i];
+          float* e = &sc[i * n];                                   // softmax of query i's row
           float m = -INFINITY;
-          for (int64_t p = 0; p < n; ++p) m = std::max(m, e[p]);
+          for (int64_t p = 0; p < m_n; ++p) m = std::max(m, e[p]);
           V sum = vzero();
           int64_t p = 0;
-          for (; p + 8 <= n; p += 8) {
+          for (; p + 8 <= m_n; p += 8) {
             const V v = vexp(vsub(vload(e + p), vset(m)));
             vstore(e + p, v);
             sum = vadd(sum, v);
           }
           float tail = 0.f;
-          for (; p < n; ++p) {
+          for (; p < m_n; ++p) {
             float one[8] = {e[p] - m};
             vstore(one, vexp(vload(one)));
             e[p] = one[0];
@@ -550,12 +595,12 @@ class NativeDecoder {
           }
           const float inv = 1.f / (hsum(sum) + tail);
           // out = inv * sum_p e_p v_p, 64 dims at a time in registers (one FMA chain per element, p ascending)
-          float* o = out + (r * H_ + g * G + j) * D_;
+          float* o = out + (r * H_ + h) * D_;
           int64_t d0 = 0;
           for (; d0 + 64 <= D_; d0 += 64) {
             V a[8];
             for (int c = 0; c < 8; ++c) a[c] = vzero();
-            for (int64_t p2 = 0; p2 < n; ++p2) {
+            for (int64_t p2 = 0; p2 < m_n; ++p2) {
               const V ev = vset(e[p2]);
               const float* v = vp + row[p2] + d0;
               for (int c = 0; c < 8; ++c) a[c] = vfma(ev, vload(v + 8 * c), a[c]);
@@ -564,12 +609,12 @@ class NativeDecoder {
           }
           for (; d0 + 8 <= D_; d0 += 8) {
             V a = vzero();
-            for (int64_t p2 = 0; p2 < n; ++p2) a = vfma(vset(e[p2]), vload(vp + row[p2] + d0), a);
+            for (int64_t p2 = 0; p2 < m_n; ++p2) a = vfma(vset(e[p2]), vload(vp + row[p2] + d0), a);
             vstore(o + d0, vmul(a, vset(inv)));
           }
           for (; d0 < D_; ++d0) {
             float a = 0.f;
-            for (int64_t p2 = 0; p2 < n; ++p2) a = std::fma(e[p2], vp[row[p2] + d0], a);
+            for (int64_t p2 = 0; p2 < m_n; ++p2) a = std::fma(e[p2], vp[row[p2] + d0], a);
             o[d0] = a * inv;
           }
         }
