@@ -156,6 +156,26 @@ def test_the_matrix_kernel_computes_each_row_alone(built):
                 assert torch.equal(built.linear(x[at:at + rows], panels, out, bias), full[at:at + rows])
 
 
+def test_argmax_rows_is_torchs_argmax(built):
+    """The greedy pick the engine uses: torch's argmax (the first of tied maxima, a NaN counts as the
+    largest), for contiguous and strided logits; wrong inputs fall back to torch or raise."""
+    from afford.models.native import argmax_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4096, generator=g)
+    x[1, 7] = x[1, 900] = x[1].max() + 1                    # a tie: the first one
+    x[2, 3], x[2, 50] = float("nan"), float("nan")           # NaN wins, the first NaN
+    x[3] = float("-inf")
+    x[4, 4095] = float("inf")
+    short = torch.randn(4, 13, generator=g)
+    short[0, 12] = 9.0                                       # the maximum in the tail past the 8-wide steps
+    short[1, 11] = float("nan")
+    for t in (x, x[::2], x[:, ::3], x.t().contiguous().t(), short, short[:, :5]):
+        assert argmax_rows(t) == t.argmax(-1).tolist()
+    assert argmax_rows(x.double()) == x.double().argmax(-1).tolist()          # not fp32: torch's
+    with pytest.raises(RuntimeError, match="argmax_rows"):
+        built.argmax_rows(torch.zeros(3, 0))
+
+
 def test_engine_text_is_the_same_with_and_without(built):
     ps = ["Natalia sold clips to 48 of her friends in April", "The capital of France is", "def add(a, b):"]
     sp = SamplingParams(max_tokens=24, temperature=0)

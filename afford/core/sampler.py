@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from afford.core.params import SamplingParams
+from afford.models.native import argmax_rows
 
 
 def filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -40,7 +41,7 @@ class Sampler:
                  generators: list[torch.Generator]) -> list[int]:
         """logits: (B, V) -> one token per row."""
         if all(p.greedy for p in params):
-            return logits.argmax(-1).tolist()
+            return argmax_rows(logits)
         out = []
         for row, p, g in zip(logits.float().cpu(), params, generators):   # generators live on the CPU
             if p.greedy:

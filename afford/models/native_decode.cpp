@@ -305,6 +305,49 @@ void rope(float* qkv, int64_t N, int64_t stride, int64_t heads, int64_t D, const
   }
 }
 
+// the index of the largest value (the first of equal ones; a NaN counts as largest, as torch.argmax)
+int64_t argmax(const float* x, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n >= 8) {                          // the maximum 8 lanes at a time, then its first index; NaNs: below
+    V m = vload(x), nan = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+    int64_t i = 8;
+    for (; i + 8 <= n; i += 8) {
+      const V v = vload(x + i);
+      m = vmax(m, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float t[8], top;
+    vstore(t, m);
+    top = *std::max_element(t, t + 8);
+    bool any_nan = _mm256_movemask_ps(nan) != 0;
+    for (; i < n; ++i) any_nan |= std::isnan(x[i]), top = std::max(top, x[i]);
+    if (!any_nan) {
+      const V tv = vset(top);
+      for (i = 0; i + 8 <= n; i += 8)
+        if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(vload(x + i), tv, _CMP_EQ_OQ)))
+          return i + __builtin_ctz(hit);
+      for (; i < n; ++i)
+        if (x[i] == top) return i;
+    }
+  }
+#endif
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (!std::isnan(x[best]) && (x[i] > x[best] || std::isnan(x[i]))) best = i;
+  return best;
+}
+
+// logits.argmax(-1).tolist() for (R, V) fp32 logits, without torch's reduction machinery (~50 us for
+// 5 x 4096 on this CPU, a tenth of a speculative step's Python)
+std::vector<int64_t> argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0 && logits.device().is_cpu(),
+              "argmax_rows: (R, V) float32 CPU logits with V > 0");
+  const at::Tensor x = logits.contiguous();
+  std::vector<int64_t> out(x.size(0));
+  for (int64_t r = 0; r < x.size(0); ++r) out[r] = argmax(x.data_ptr<float>() + r * x.size(1), x.size(1));
+  return out;
+}
+
 // Wall time per kind of work inside the forward, when switched on (benchmarks/decode_profile.py)
 enum Part { MATMUL, ATTENTION, ELEMENTWISE, HEAD, NPARTS };
 struct Profile {
@@ -463,14 +506,6 @@ class NativeDecoder {
   void check_table(const std::vector<int64_t>& table) const {
     for (int64_t b : table)
       TORCH_CHECK(b >= 0 && b < slots_ / bs_, "native forward: block ", b, " outside the K/V pool");
-  }
-
-  // the index of the largest value (the first of equal ones; a NaN counts as largest, as torch.argmax)
-  static int64_t argmax(const float* x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; ++i)
-      if (!std::isnan(x[best]) && (x[i] > x[best] || std::isnan(x[i]))) best = i;
-    return best;
   }
 
   // the forward itself over raw inputs; logits of the flat rows `sel` into out (|sel|, V)
@@ -660,6 +695,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_profiling", &NativeDecoder::set_profiling)
       .def("take_profile", &NativeDecoder::take_profile);
   m.def("pack_panels", &pack_panels);
+  m.def("argmax_rows", &argmax_rows);
   m.def("linear", &linear_op, pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("out"),
         pybind11::arg("bias") = pybind11::none());
 }

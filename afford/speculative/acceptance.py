@@ -11,6 +11,7 @@ import torch
 
 from afford.core.params import SamplingParams
 from afford.core.sampler import probs as sampling_probs
+from afford.models.native import argmax_rows
 from afford.registry import registry
 from afford.speculative.proposers import Draft
 
@@ -32,7 +33,7 @@ class GreedyAcceptance(AcceptancePolicy):
     greedy requests (the engine uses it for every temperature-0 request)."""
 
     def accept(self, target_logits, draft, params, generator):
-        best = target_logits.argmax(-1).tolist()                        # (k+1,)
+        best = argmax_rows(target_logits)                               # (k+1,)
         n = 0
         while n < len(draft.tokens) and draft.tokens[n] == best[n]:
             n += 1

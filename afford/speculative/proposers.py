@@ -20,6 +20,7 @@ from afford.core.sampler import probs as sampling_probs
 from afford.core.sequence import Sequence
 from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference, load_tokenizer, resolve_model_path
+from afford.models.native import argmax_rows
 from afford.registry import registry
 
 PROPOSERS, register = registry()
@@ -166,7 +167,7 @@ class DraftModelProposer(Proposer):
 
     @staticmethod
     def _sample(logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft], rows: list[list]) -> None:
-        top = logits.argmax(-1).tolist()                                                 # one op for all rows
+        top = argmax_rows(logits)                                                        # one call for all rows
         for row, best, s, d, r in zip(logits, top, seqs, drafts, rows):
             if s.params.greedy:
                 d.tokens.append(best)
