@@ -132,7 +132,9 @@ def main():
         print(table(["category"] + arms, rows))
         print("\nbatch 8, GSM8K: " + "; ".join(f"{x['arm']} {x['tok_s']:.1f} tok/s" for x in r["batch8"]))
         for b, arms in r.get("interleaved_gsm8k", {}).items():
-            print(f"\nGSM8K {b}, interleaved ({len(next(iter(arms.values()))['rounds'])} rounds; tok/s over plain's in "
+            arms = {n: v for n, v in arms.items() if isinstance(v, dict) and "rounds" in v}
+            what = "mixed workload (math, summarization, QA, translation), batch1" if b == "mixed_batch1" else f"GSM8K {b}"
+            print(f"\n{what}, interleaved ({len(next(iter(arms.values()))['rounds'])} rounds; tok/s over plain's in "
                   "the same round, median [per round]): " + "; ".join(
                       f"{n} {v['median']:.2f}x {v['rounds']}" for n, v in arms.items() if n != "afford plain"))
     r = load("quant")
