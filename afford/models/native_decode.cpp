@@ -175,8 +175,9 @@ at::Tensor pack_panels(const at::Tensor& w) {                         // (out, i
 // Each k step reads one 64-byte line of each of the NP panels. The hardware prefetcher alone leaves the
 // tiles waiting on memory, most of all the multi-row ones (one line per 5 rows x 2 FMAs), so a tile asks
 // for the line PREFETCH_LINES / NP steps ahead: about 8 KiB in flight whatever the tile (measured: 0.5-4
-// KiB were slower, 12 KiB no faster; a verify's products cost ~1.1-1.3x one row's instead of ~1.6-1.8x; see
-// BENCHMARKS.md). A prefetch past the end of the matrix is a hint, never a fault.
+// KiB were slower, 12 KiB no faster; the target's 5-row verify products now cost 1.1-1.4x one row's
+// instead of 1.65-2x; BENCHMARKS.md, issue #12). A prefetch past the end of the matrix is a hint, never a
+// fault.
 constexpr int64_t PREFETCH_LINES = 128;
 
 // RT rows x NP panels of chains; results into acc (RT, NP * 16)
