@@ -2,8 +2,7 @@
 native kernels: one sequence with a 128-token context feeds T tokens per forward (logits for all T), 24
 forwards per measurement, T = 1 and each T interleaved in rounds (this machine's speed drifts), with the
 kernels' own split (matmul, attention, elementwise, LM head) of each. Speculation pays only when a verify
-costs little more than a decode step: that is the case for a memory-bound model, not for one that sits
-in the last-level cache.
+costs little more than a decode step (BENCHMARKS.md, issue #12).
 
     python benchmarks/verify_rows.py [--rounds 7] [--rows 2 3 5 8]
 

@@ -99,33 +99,17 @@ inline V vexp(V x) {
   return vmul(p, vpow2i(n));
 }
 
-// The dot products of one weight row w with R rows x[r] (n floats each), in afford's fixed order: four
-// 8-lane accumulators over 32-float steps, then 8-float steps into the first, the accumulators summed
-// pairwise, the lanes pairwise, then the scalar tail. Row r's order does not depend on R or on the others.
-template <int R>
-inline void dots(const float* w, const float* const* x, int64_t n, float* out) {
-  V a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) a[r][c] = vzero();
+// w . x over n floats in a fixed order: four 8-lane accumulators over 32-float steps, then 8-float steps
+// into the first, the accumulators summed pairwise, the lanes pairwise, then the scalar tail
+inline float dot(const float* w, const float* x, int64_t n) {
+  V a[4] = {vzero(), vzero(), vzero(), vzero()};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const V w0 = vload(w + i), w1 = vload(w + i + 8), w2 = vload(w + i + 16), w3 = vload(w + i + 24);
-    for (int r = 0; r < R; ++r) {
-      a[r][0] = vfma(w0, vload(x[r] + i), a[r][0]);
-      a[r][1] = vfma(w1, vload(x[r] + i + 8), a[r][1]);
-      a[r][2] = vfma(w2, vload(x[r] + i + 16), a[r][2]);
-      a[r][3] = vfma(w3, vload(x[r] + i + 24), a[r][3]);
-    }
-  }
-  for (; i + 8 <= n; i += 8) {
-    const V w0 = vload(w + i);
-    for (int r = 0; r < R; ++r) a[r][0] = vfma(w0, vload(x[r] + i), a[r][0]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float s = hsum(vadd(vadd(a[r][0], a[r][1]), vadd(a[r][2], a[r][3])));
-    for (int64_t j = i; j < n; ++j) s = std::fma(w[j], x[r][j], s);
-    out[r] = s;
-  }
+  for (; i + 32 <= n; i += 32)
+    for (int c = 0; c < 4; ++c) a[c] = vfma(vload(w + i + 8 * c), vload(x + i + 8 * c), a[c]);
+  for (; i + 8 <= n; i += 8) a[0] = vfma(vload(w + i), vload(x + i), a[0]);
+  float s = hsum(vadd(vadd(a[0], a[1]), vadd(a[2], a[3])));
+  for (; i < n; ++i) s = std::fma(w[i], x[i], s);
+  return s;
 }
 
 // q . k[j] for 8 rows k[0..7] of n floats: one 8-lane FMA chain per row over the 8-float steps, the
@@ -262,8 +246,7 @@ void linear(const float* x, int64_t N, int64_t in, const float* P, int64_t out, 
 void rms_norm(const float* x, int64_t N, int64_t n, const float* w, double eps, float* h) {
   for (int64_t r = 0; r < N; ++r) {
     const float* xr = x + r * n;
-    float ss;
-    dots<1>(xr, &xr, n, &ss);
+    const float ss = dot(xr, xr, n);
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
     for (int64_t i = 0; i < n; ++i) h[r * n + i] = (xr[i] * inv) * w[i];
   }
