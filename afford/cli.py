@@ -59,7 +59,11 @@ def _zoo(sub):
                            help="C3oT: each .jsonl record (question, answer[, short_answer]) twice, under the long "
                                 "and the short condition prefix; decode with afford.zoo.cot.prompt(question)")
         else:
-            p.add_argument("--teacher", required=True, help="HF folder of the teacher (its tokenizer is used)")
+            p.add_argument("--teacher", required=True, action="append",
+                           help="HF folder of a teacher (repeat for several targets sharing one tokenizer; the first's "
+                                "tokenizer is used)")
+            p.add_argument("--teacher-mix", default="average", choices=["average", "alternate"],
+                           help="several teachers: distil on their averaged distributions, or one teacher per batch")
             p.add_argument("--student-preset", default="draft")
             p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--layers", type=int, default=6)
@@ -70,6 +74,8 @@ def _zoo(sub):
         p.add_argument("--q-rank", type=int, default=0, help="> 0: MFA attention with this query rank (kv-heads 1)")
         p.add_argument("--moe", metavar="E,K", help="a Mixtral-style mixture of E experts, K per token "
                                                      "(--intermediate per expert)")
+        p.add_argument("--exits", help="S2D multi-exit model: layer counts after which the shared norm and head "
+                                       "also predict, e.g. 1,2,4 (the last = the layer count); the loss averages them")
         p.add_argument("--seq-len", type=int, default=256)
         p.add_argument("--max-positions", type=int, default=1024, help="the model's positions (>= --seq-len)")
         p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base (longer contexts: larger)")
@@ -133,8 +139,13 @@ def cmd_zoo(a) -> int:
             shape["experts"], shape["experts_per_tok"] = (int(v) for v in a.moe.split(","))
         except ValueError:
             raise ConfigError(f"--moe takes E,K (experts, experts per token), e.g. 4,2; got {a.moe!r}") from None
-    tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher,
-                     teacher=a.teacher if a.zoo_cmd == "distill" else None,
+    try:
+        exits = tuple(int(e) for e in a.exits.split(",")) if a.exits else ()
+    except ValueError:
+        raise ConfigError(f"--exits takes layer counts separated by commas, e.g. 1,2,4; got {a.exits!r}") from None
+    tc = TrainConfig(out=a.out, data=tuple(a.data), tokenizer=a.tokenizer if a.zoo_cmd == "train" else a.teacher[0],
+                     teachers=tuple(a.teacher) if a.zoo_cmd == "distill" else (), exits=exits,
+                     teacher_mix=getattr(a, "teacher_mix", "average"),
                      temperature=getattr(a, "temperature", 1.0), seq_len=a.seq_len, batch_size=a.batch_size,
                      max_position_embeddings=a.max_positions, rope_theta=a.rope_theta,
                      lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
@@ -187,6 +198,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "ngram_min": "shortest n-gram matched in the prompt (--draft ngram)",
     "draft_dtype": "the draft model's dtype: auto (chosen as --dtype auto chooses), float32, bfloat16 or float16",
     "draft_quantization": "weight-only quantization of the draft on load (the output stays lossless)",
+    "draft_exit": "a multi-exit (S2D) draft: 'auto' (confidence thresholds calibrated on this target), an exit's "
+                  "layer count (always draft there) or thresholds 't1,t2' (one per exit before the last)",
 }
 ENGINE_FLAGS = {"num_speculative_tokens": ("--k", "--num-speculative-tokens"),   # names other than --field-name
                 "controller": ("--speculation",)}

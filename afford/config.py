@@ -106,6 +106,15 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True          # renormalize the top-k routing weights to sum to 1 (Mixtral: always)
     dense_layers: tuple[int, ...] = ()   # MoE models: layers that keep a dense MLP (Qwen2-MoE mlp_only_layers)
+    # S2D multi-exit model: after each of these layer counts the final norm and the LM head give logits too
+    # (strictly increasing, the last = num_layers); () is an ordinary single-exit model
+    exits: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.exits and (list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1
+                           or self.exits[-1] != self.num_layers):
+            raise ConfigError(f"exits {list(self.exits)} must be strictly increasing layer counts from >= 1 to the "
+                              f"model's {self.num_layers} layers (the last exit is the whole model)")
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -179,6 +188,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             attention=cfg.get("attention", "gqa"), q_rank=cfg.get("q_rank", 0), **_moe_fields(arch, cfg),
+            exits=tuple(int(e) for e in cfg.get("exits") or ()),
         )
 
     def to_hf(self, dtype: str = "float32") -> dict:
@@ -198,6 +208,7 @@ class ModelConfig:
             "dtype": dtype,
             **({"attention": "mfa", "q_rank": self.q_rank} if self.attention == "mfa" else {}),
             **self._moe_hf(),
+            **({"exits": list(self.exits)} if self.exits else {}),
         }
 
     def _moe_hf(self) -> dict:
@@ -310,6 +321,7 @@ class SpeculativeConfig:
     ngram_min: int = 1
     draft_dtype: str = "auto"
     draft_quantization: str | None = None
+    draft_exit: str = "auto"            # a multi-exit (S2D) draft: "auto" thresholds, an exit's layers, or "t1,t2"
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:

@@ -293,6 +293,9 @@ class Engine:
         self.stats.add(st)
         if self.speculator:
             self.speculator.controller.observe(st)
+            if st.drafted:
+                self.speculator.proposer.observe(st)
+                self.stats.draft = self.speculator.proposer.counters()
         if self.cost_spec is not None and kind == "decode":
             self.stats.modeled_usd_per_1m = self.modeled_usd_per_1m(st.context_tokens // st.num_seqs)
             self.stats.cost_hardware = self.cost_hw.key

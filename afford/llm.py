@@ -16,6 +16,7 @@ class LLM:
                  max_model_len: int | None = None, kv_blocks: int | None = None, seed: int = 0,
                  block_size: int | None = None, max_num_seqs: int = 64, draft: str | None = None,
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
+                 draft_exit: str | int = "auto",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
                  draft_quantization: str | None = None, attention: str = "auto",
                  max_num_batched_tokens: int | None = None, decode_token_budget: int | None = None,
@@ -28,7 +29,9 @@ class LLM:
                  sparse_fast_blocks: int | None = None, sparse_dense_below: int | None = None,
                  afd: str | None = None, micro_batches: int = 3, afd_address: str | None = None):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
-        lossless speculative decoding with num_speculative_tokens drafted per step. cost_hardware (e.g. "h100")
+        lossless speculative decoding with num_speculative_tokens drafted per step. A multi-exit (S2D) draft
+        stops each drafted token at its first confident exit: draft_exit="auto" calibrates the thresholds on
+        this target, an exit's layer count always drafts from that exit, "t1,t2" fixes the thresholds. cost_hardware (e.g. "h100")
         adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
         attention: the attention backend (afford/attention/): "auto", "paged", "cpu_paged" or "sdpa".
@@ -58,7 +61,8 @@ class LLM:
             block_size = 64 if attention == "sparse" else 16
         speculative = (SpeculativeConfig(draft=str(draft), num_speculative_tokens=num_speculative_tokens,
                                          controller=speculation, acceptance=acceptance,
-                                         draft_quantization=draft_quantization) if draft is not None else None)
+                                         draft_quantization=draft_quantization, draft_exit=str(draft_exit))
+                       if draft is not None else None)
         self._attach(Engine(EngineConfig(model=str(model), device=device, dtype=dtype, max_model_len=max_model_len,
                                          kv_blocks=kv_blocks, seed=seed, block_size=block_size,
                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,

@@ -64,7 +64,7 @@ def test_resume_continues_from_saved_step(tmp_path, corpus, tokenizer_dir):
 
 def test_distillation_lowers_kl_to_teacher(tmp_path, corpus, tokenizer_dir):
     train(tiny(tmp_path / "t", corpus, tokenizer_dir, steps=40), log=lambda *_: None)
-    kw = dict(teacher=str(tmp_path / "t"))
+    kw = dict(teachers=(str(tmp_path / "t"),))
     def cfg(out, steps):
         return from_preset("tiny", out=str(out), data=tuple(corpus), tokenizer=str(tmp_path / "t"), steps=steps,
                            seq_len=64, batch_size=8, eval_every=10 ** 6, warmup_steps=5, lr=3e-3, **kw)
@@ -82,6 +82,45 @@ def test_distillation_lowers_kl_to_teacher(tmp_path, corpus, tokenizer_dir):
         kl = [float(loss_fn(load_model(tmp_path / s, "cpu", "float32"), x, y, teacher, cfg(tmp_path / s, 1)))
               for s in ("s0", "s")]
     assert kl[1] < 0.7 * kl[0]
+
+
+def test_multi_exit_training_lowers_every_exits_loss(tmp_path, corpus, tokenizer_dir):
+    from afford.config import ModelConfig
+    first = train(tiny(tmp_path / "m0", corpus, tokenizer_dir, steps=1, exits=(1, 2)), log=lambda *_: None)
+    res = train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=60, exits=(1, 2)), log=lambda *_: None)
+    assert set(res["exit_val_loss"]) == {1, 2}
+    for e in (1, 2):
+        assert res["exit_val_loss"][e] < first["exit_val_loss"][e] - 0.5
+    assert res["exit_val_loss"][2] == pytest.approx(res["val_loss"])
+    assert ModelConfig.from_dir(tmp_path / "m").exits == (1, 2)
+    with pytest.raises(ConfigError, match="--exits"):
+        tiny(tmp_path / "x", corpus, tokenizer_dir, steps=1, exits=(1, 3))
+
+
+def test_several_teachers_average_or_alternate(tmp_path, corpus, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from afford.models.loader import load_model
+    from afford.zoo.train import batches, encode_corpus, loss_fn
+    train(tiny(tmp_path / "t1", corpus, tokenizer_dir, steps=10), log=lambda *_: None)
+    train(tiny(tmp_path / "t2", corpus, tokenizer_dir, steps=10, seed=1), log=lambda *_: None)
+    t1, t2 = (load_model(tmp_path / t, "cpu", "float32") for t in ("t1", "t2"))
+    student = load_model(tmp_path / "t1", "cpu", "float32")
+    stream = encode_corpus(AutoTokenizer.from_pretrained(tokenizer_dir), [open(corpus[0]).read()[-5000:]])
+    x, y = next(batches(stream, 4, 64, torch.Generator().manual_seed(0)))
+    avg = tiny(tmp_path / "s", corpus, tokenizer_dir, steps=1, teachers=("a", "b"))
+    alt = tiny(tmp_path / "s", corpus, tokenizer_dir, steps=1, teachers=("a", "b"), teacher_mix="alternate")
+    with torch.no_grad():
+        one = [float(loss_fn(student, x, y, [t], avg)) for t in (t1, t2)]
+        assert one[0] == pytest.approx(0.0, abs=1e-5) and one[1] > 0.01      # KL to itself, to another model
+        assert float(loss_fn(student, x, y, [t1, t1], avg)) == pytest.approx(0.0, abs=1e-5)   # a mixture of one
+        mixed = float(loss_fn(student, x, y, [t1, t2], avg))
+        assert 0.0 < mixed < one[1]
+        assert [float(loss_fn(student, x, y, [t1, t2], alt, step)) for step in (0, 1)] == pytest.approx(one, abs=1e-5)
+    assert cli(["zoo", "distill", "--teacher", str(tmp_path / "t1"), "--teacher", str(tmp_path / "t2"),
+                "--teacher-mix", "alternate", "--student-preset", "tiny", "--exits", "1,2", "--data", *corpus,
+                "--out", str(tmp_path / "d"), "--steps", "2", "--seq-len", "64", "--batch-size", "4"]) == 0
+    assert LLM(str(tmp_path / "t2"), draft=str(tmp_path / "d")).generate([5, 6], SamplingParams(max_tokens=4))[0].token_ids
 
 
 def test_export_writes_16_bit_without_checkpoint(tmp_path, corpus, tokenizer_dir):

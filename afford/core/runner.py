@@ -162,6 +162,29 @@ class ModelRunner:
         return self.prepare_ragged(seq_ids, starts, tokens)
 
     @torch.inference_mode()
+    def segment(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]], lo: int, hi: int,
+                x: torch.Tensor | None = None, logits_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A multi-exit model's layers lo..hi-1 (S2D): feed sequence i's len(tokens[i]) positions from
+        starts[i], entering as the residual stream x (N, hidden) -- or, when lo == 0, as the embeddings of
+        `tokens` (otherwise only their lengths count). Their K/V at those layers is written (blocks allocated
+        first, as for `forward`). Returns the residual stream after layer hi - 1 (N, hidden) and the logits
+        (R, V) float32 at the flat rows `logits_rows` through the shared final norm and head (None: none)."""
+        if lo > 0 and (x is None or x.shape[0] != sum(len(t) for t in tokens)):
+            raise ValueError("segment: layers past the first continue from x, one residual row per fed token")
+        batch, ids = self.prepare(seq_ids, starts, tokens)
+        self.buffers.upload()
+        rows = torch.tensor(logits_rows or [], dtype=torch.long)
+        if self.native is not None:
+            return self.native.segment(ids, None if lo == 0 else x.contiguous(), batch, lo, hi, rows)
+        meta = self.backend.prepare_metadata(batch, self.kv)
+        h = self.model.model.embed_tokens(ids) if lo == 0 else x.to(self.dtype)          # (N, hidden)
+        h = self.model.run_layers(h, batch.positions, meta, lo, hi)
+        if not logits_rows:
+            return h, torch.empty(0, self.model.cfg.vocab_size)
+        rows = rows.to(self.device)
+        return h, self.model.lm_head(self.model.model.norm(h.index_select(0, rows))).float()   # (R, V)
+
+    @torch.inference_mode()
     def draft_greedy(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],
                      ks: list[int]) -> list[list[int]] | None:
         """Greedy drafting as one native call: feed tokens[i] at starts[i].., take the argmax, feed it back,

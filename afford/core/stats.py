@@ -80,6 +80,7 @@ class EngineStats:
     catchup_tokens: int = 0         # EAD: catch-up tokens fed by either model
     switches: int = 0               # EAD: model switches
     sparse: dict | None = None      # attention="sparse": the backend's counters (bytes read vs dense, fast tier)
+    draft: dict | None = None       # the proposer's own counters (a sorted draft: tokens per exit, thresholds)
     prefix_hit_tokens: int = 0      # prompt tokens whose KV came from the prefix cache (the engine copies
     last: StepStats | None = None   # the pool's count here after each step)
 
@@ -148,6 +149,10 @@ class EngineStats:
             s += (f" | sparse attention: K/V read {sp['read_bytes'] / sp['dense_bytes']:.0%} of dense, "
                   f"fast tier hit rate {sp['hits'] / max(sp['hits'] + sp['misses'], 1):.0%}, "
                   f"{sp['moved_bytes'] / 1e6:.1f} MB moved")
+        if self.draft and "exit_tokens" in self.draft:
+            d = self.draft
+            s += (" | draft exits " + ", ".join(f"{e}L {n}" for e, n in zip(d["exits"], d["exit_tokens"])) +
+                  (f" (thresholds {', '.join(f'{t:g}' for t in d['thresholds'])})" if d["thresholds"] else ""))
         if self.preemptions:
             s += f" | {self.preemptions} preemptions"
         if self.prefix_hit_tokens:

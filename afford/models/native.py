@@ -148,6 +148,7 @@ class NativeDecoder:
                                          model.model.norm.weight.detach(), _linear_tensors(model.lm_head), layers,
                                          cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
         self._empty = torch.empty(0, dtype=torch.long)
+        self._empty_f = torch.empty(0, 0)
         for lin in _linears(model):              # the native forward packed its own copy of each weight
             lin.drop_fast_copies()
 
@@ -165,6 +166,15 @@ class NativeDecoder:
         all). The batch must have no padding rows (CUDA graph buckets only)."""
         return self.impl.step(ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables,
                               self._empty if rows is None else rows)
+
+    def segment(self, ids: torch.Tensor, x: torch.Tensor | None, batch, lo: int, hi: int,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A multi-exit model's layers lo..hi-1 over the batch's tokens, entering as the residual stream x
+        (N, hidden), or embedded from ids when lo == 0: the stream after layer hi - 1 and the logits (R, V)
+        of the flat rows `rows` (final norm + head; R may be 0)."""
+        x_out, logits = self.impl.segment(ids, self._empty_f if x is None else x, batch.positions, batch.slot_mapping,
+                                          batch.query_lens, batch.tables, lo, hi, rows)
+        return x_out, logits
 
     def draft_greedy(self, ids: torch.Tensor, batch, ks: list[int]) -> list[list[int]]:
         """Greedy drafts of ks[i] tokens per sequence in one call: the forward `batch` describes (each

@@ -412,26 +412,7 @@ class NativeDecoder {
                   const at::Tensor& rows) {
     c10::InferenceMode guard;
     const int64_t N = ids.numel();
-    for (const at::Tensor* x : {&ids, &positions, &slots, &rows})
-      TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->dim() == 1,
-                  "native forward: ids, positions, slots and rows are contiguous 1-D long tensors");
-    TORCH_CHECK(positions.numel() == N && slots.numel() == N, "native forward: ", N, " ids but ",
-                positions.numel(), " positions and ", slots.numel(), " slots");
-    TORCH_CHECK(tables.size() == q_lens.size(), "native forward: one block table per sequence");
-    TORCH_CHECK(std::accumulate(q_lens.begin(), q_lens.end(), int64_t{0}) == N,
-                "native forward: the query lengths do not sum to the ", N, " tokens fed");
-    std::vector<const int64_t*> tok_table(N);
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    int64_t t = 0;
-    for (size_t s = 0; s < q_lens.size(); ++s) {
-      TORCH_CHECK(q_lens[s] >= 0, "native forward: a negative query length");
-      check_table(tables[s]);
-      for (int64_t j = 0; j < q_lens[s]; ++j, ++t) {
-        TORCH_CHECK(pos[t] >= 0 && pos[t] / bs_ < static_cast<int64_t>(tables[s].size()), "native forward: position ",
-                    pos[t], " of sequence ", s, " has no block in its table (allocate blocks before the forward)");
-        tok_table[t] = tables[s].data();
-      }
-    }
+    const std::vector<const int64_t*> tok_table = token_tables(ids, positions, slots, q_lens, tables, rows);
     std::vector<int64_t> sel(rows.data_ptr<int64_t>(), rows.data_ptr<int64_t>() + rows.numel());
     if (sel.empty())
       for (int64_t r = 0; r < N; ++r) sel.push_back(r);
@@ -439,6 +420,38 @@ class NativeDecoder {
     forward(ids.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), N, tok_table, sel,
             logits.data_ptr<float>());
     return logits;
+  }
+
+  // A multi-exit model's partial forward (S2D): layers [lo, hi) over the N tokens a ForwardBatch describes,
+  // their residual stream entering as x (N, hidden) -- or, with lo == 0, embedded from ids. Returns the
+  // residual stream after layer hi - 1 (N, hidden) and the logits (R, V) of the flat rows `rows` through
+  // the final norm and head (R = 0: none). A token's values are those of the whole forward's.
+  std::vector<at::Tensor> segment(const at::Tensor& ids, const at::Tensor& x_in, const at::Tensor& positions,
+                                  const at::Tensor& slots, const std::vector<int64_t>& q_lens,
+                                  const std::vector<std::vector<int64_t>>& tables, int64_t lo, int64_t hi,
+                                  const at::Tensor& rows) {
+    c10::InferenceMode guard;
+    const int64_t N = ids.numel(), hidden = embed_.size(1), L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(0 <= lo && lo <= hi && hi <= L, "segment: layers [", lo, ", ", hi, ") of ", L);
+    const std::vector<const int64_t*> tok_table = token_tables(ids, positions, slots, q_lens, tables, rows);
+    at::Tensor x = at::empty({N, hidden}, at::kFloat);
+    if (lo == 0) {
+      embed(ids.data_ptr<int64_t>(), N, x.data_ptr<float>());
+    } else {
+      TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(0) == N && x_in.size(1) == hidden,
+                  "segment: x is the (N, hidden) fp32 residual stream of the fed tokens");
+      x.copy_(x_in);
+    }
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    for (int64_t r = 0; r < N; ++r)
+      TORCH_CHECK(pos[r] < cos_.size(0) && slot[r] >= 0 && slot[r] < slots_, "segment: position ", pos[r], " / slot ", slot[r],
+                  " outside the RoPE table / K/V pool");
+    run_layers(x.data_ptr<float>(), N, pos, slot, tok_table, lo, hi);
+    std::vector<int64_t> sel(rows.data_ptr<int64_t>(), rows.data_ptr<int64_t>() + rows.numel());
+    at::Tensor logits = at::empty({static_cast<int64_t>(sel.size()), head_.out()}, at::kFloat);
+    if (!sel.empty()) head(x.data_ptr<float>(), N, sel, logits.data_ptr<float>());
+    return {x, logits};
   }
 
   // A greedy draft of ks[i] tokens per sequence in one call: forward 0 is `step` (sequence i feeds
@@ -492,24 +505,70 @@ class NativeDecoder {
       TORCH_CHECK(b >= 0 && b < slots_ / bs_, "native forward: block ", b, " outside the K/V pool");
   }
 
+  // ids, positions, slots (N,), the per-sequence query lengths and tables checked; each token's block table
+  std::vector<const int64_t*> token_tables(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                                           const std::vector<int64_t>& q_lens,
+                                           const std::vector<std::vector<int64_t>>& tables, const at::Tensor& rows) const {
+    const int64_t N = ids.numel();
+    for (const at::Tensor* x : {&ids, &positions, &slots, &rows})
+      TORCH_CHECK(x->scalar_type() == at::kLong && x->is_contiguous() && x->dim() == 1,
+                  "native forward: ids, positions, slots and rows are contiguous 1-D long tensors");
+    TORCH_CHECK(positions.numel() == N && slots.numel() == N, "native forward: ", N, " ids but ",
+                positions.numel(), " positions and ", slots.numel(), " slots");
+    TORCH_CHECK(tables.size() == q_lens.size(), "native forward: one block table per sequence");
+    TORCH_CHECK(std::accumulate(q_lens.begin(), q_lens.end(), int64_t{0}) == N,
+                "native forward: the query lengths do not sum to the ", N, " tokens fed");
+    std::vector<const int64_t*> tok_table(N);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    int64_t t = 0;
+    for (size_t s = 0; s < q_lens.size(); ++s) {
+      TORCH_CHECK(q_lens[s] >= 0, "native forward: a negative query length");
+      check_table(tables[s]);
+      for (int64_t j = 0; j < q_lens[s]; ++j, ++t) {
+        TORCH_CHECK(pos[t] >= 0 && pos[t] / bs_ < static_cast<int64_t>(tables[s].size()), "native forward: position ",
+                    pos[t], " of sequence ", s, " has no block in its table (allocate blocks before the forward)");
+        tok_table[t] = tables[s].data();
+      }
+    }
+    const int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < N, "native forward: logits row ", r[i], " of ", N, " tokens");
+    return tok_table;
+  }
+
+  void embed(const int64_t* id, int64_t N, float* x) const {
+    const int64_t hidden = embed_.size(1), vocab = embed_.size(0);
+    const float* E = embed_.data_ptr<float>();
+    for (int64_t r = 0; r < N; ++r) {
+      TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "native forward: token id ", id[r], " outside the vocabulary");
+      std::memcpy(x + r * hidden, E + id[r] * hidden, hidden * sizeof(float));
+    }
+  }
+
   // the forward itself over raw inputs; logits of the flat rows `sel` into out (|sel|, V)
   void forward(const int64_t* id, const int64_t* pos, const int64_t* slot, int64_t N,
                const std::vector<const int64_t*>& tok_table, const std::vector<int64_t>& sel, float* out) {
-    const int64_t hidden = embed_.size(1), qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
-    const int64_t R = static_cast<int64_t>(sel.size());
+    const int64_t hidden = embed_.size(1), max_pos = cos_.size(0);
     for (int64_t r : sel) TORCH_CHECK(r >= 0 && r < N, "native forward: logits row ", r, " of ", N, " tokens");
-    std::vector<float> x(N * hidden), h(std::max(N, R) * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
-    const float* E = embed_.data_ptr<float>();
-    const int64_t vocab = embed_.size(0), max_pos = cos_.size(0);
     for (int64_t r = 0; r < N; ++r) {
-      TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "native forward: token id ", id[r], " outside the vocabulary");
       TORCH_CHECK(pos[r] >= 0 && pos[r] < max_pos, "native forward: position ", pos[r], " beyond the RoPE table");
       TORCH_CHECK(slot[r] >= 0 && slot[r] < slots_, "native forward: slot ", slot[r], " outside the K/V pool");
-      std::memcpy(&x[r * hidden], E + id[r] * hidden, hidden * sizeof(float));
     }
+    std::vector<float> x(N * hidden);
+    embed(id, N, x.data());
     prof_.forwards += prof_.on;
-    for (const Layer& L : layers_) {
-      { Timed t(prof_, ELEMENTWISE); rms_norm(x.data(), N, hidden, L.norm1.data_ptr<float>(), eps_, h.data()); }
+    run_layers(x.data(), N, pos, slot, tok_table, 0, static_cast<int64_t>(layers_.size()));
+    head(x.data(), N, sel, out);
+  }
+
+  // layers [lo, hi) on the residual stream x (N, hidden), in place; every fed token's K/V written to its slot
+  void run_layers(float* xp, int64_t N, const int64_t* pos, const int64_t* slot,
+                  const std::vector<const int64_t*>& tok_table, int64_t lo, int64_t hi) {
+    const int64_t hidden = embed_.size(1), qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
+    std::vector<float> h(N * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
+    for (int64_t li = lo; li < hi; ++li) {
+      const Layer& L = layers_[li];
+      { Timed t(prof_, ELEMENTWISE); rms_norm(xp, N, hidden, L.norm1.data_ptr<float>(), eps_, h.data()); }
       { Timed t(prof_, MATMUL); L.qkv(h.data(), N, qkv.data()); }
       float* kp = L.k_pool.data_ptr<float>();
       float* vp = L.v_pool.data_ptr<float>();
@@ -522,15 +581,22 @@ class NativeDecoder {
         }
       }
       { Timed t(prof_, ATTENTION); attention(qkv.data(), qkv_w, N, pos, tok_table, kp, vp, att.data()); }
-      { Timed t(prof_, MATMUL); L.o(att.data(), N, x.data(), /*accumulate=*/true); }        // x += o(att)
-      { Timed t(prof_, ELEMENTWISE); rms_norm(x.data(), N, hidden, L.norm2.data_ptr<float>(), eps_, h.data()); }
+      { Timed t(prof_, MATMUL); L.o(att.data(), N, xp, /*accumulate=*/true); }        // x += o(att)
+      { Timed t(prof_, ELEMENTWISE); rms_norm(xp, N, hidden, L.norm2.data_ptr<float>(), eps_, h.data()); }
       { Timed t(prof_, MATMUL); L.gate_up(h.data(), N, gu.data()); }
       { Timed t(prof_, ELEMENTWISE); silu_mul(gu.data(), N, I, act.data()); }
-      { Timed t(prof_, MATMUL); L.down(act.data(), N, x.data(), /*accumulate=*/true); }     // x += down(act)
+      { Timed t(prof_, MATMUL); L.down(act.data(), N, xp, /*accumulate=*/true); }     // x += down(act)
     }
+  }
+
+  // the final norm and the LM head on the rows `sel` of the residual stream x (N, hidden): out (|sel|, V)
+  void head(const float* x, int64_t N, const std::vector<int64_t>& sel, float* out) {
+    const int64_t hidden = embed_.size(1), R = static_cast<int64_t>(sel.size());
+    for (int64_t r : sel) TORCH_CHECK(r >= 0 && r < N, "native forward: logits row ", r, " of ", N, " tokens");
+    std::vector<float> h(R * hidden);
     Timed t(prof_, HEAD);
     for (int64_t r = 0; r < R; ++r) {
-      rms_norm(&x[sel[r] * hidden], 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
+      rms_norm(x + sel[r] * hidden, 1, hidden, final_norm_.data_ptr<float>(), eps_, &h[r * hidden]);
     }
     head_(h.data(), R, out);
   }
@@ -676,6 +742,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<std::vector<at::Tensor>>, int64_t, int64_t, int64_t, double, int64_t>())
       .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("draft_greedy", &NativeDecoder::draft_greedy, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("segment", &NativeDecoder::segment, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_profiling", &NativeDecoder::set_profiling)
       .def("take_profile", &NativeDecoder::take_profile);
   m.def("pack_panels", &pack_panels);

@@ -389,16 +389,36 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
         x = self.model.embed_tokens(ids)                                   # (..., hidden)
-        cos = self.rope_cos[positions].unsqueeze(-2).to(x.dtype)           # (..., 1, D)
-        sin = self.rope_sin[positions].unsqueeze(-2).to(x.dtype)
-        tables = (self.rope_cos, self.rope_sin)
         if meta is not None and x.is_cuda and self.fused_cuda and x.dim() == 2:
             from afford.models import triton_ops
             if triton_ops.available():
-                return self._hidden_fused(x, cos, sin, meta, tables, triton_ops.add_rmsnorm)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, i, tables)
-        return self.model.norm(x)
+                cos, sin = self._rope_at(positions, x.dtype)
+                return self._hidden_fused(x, cos, sin, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
+        return self.model.norm(self.run_layers(x, positions, meta, 0, len(self.model.layers)))
+
+    def _rope_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.rope_cos[positions].unsqueeze(-2).to(dtype)             # (..., 1, D)
+        return cos, self.rope_sin[positions].unsqueeze(-2).to(dtype)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata | None,
+                   lo: int, hi: int) -> torch.Tensor:
+        """Layers lo..hi-1 on the residual stream x (..., hidden) -> the residual stream after layer hi - 1
+        (not normed). A multi-exit model stops here at an exit and continues later from the same x."""
+        cos, sin = self._rope_at(positions, x.dtype)
+        tables = (self.rope_cos, self.rope_sin)
+        for i in range(lo, hi):
+            x = self.model.layers[i](x, cos, sin, meta, i, tables)
+        return x
+
+    def exit_logits(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Dense, for training a multi-exit model: ids (B, T) -> logits (B, T, V) at every exit (cfg.exits,
+        or the last layer alone), each through the shared final norm and LM head."""
+        positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        x, lo, out = self.model.embed_tokens(ids), 0, []                   # (B, T, hidden)
+        for e in self.cfg.exits or (len(self.model.layers),):
+            x, lo = self.run_layers(x, positions, None, lo, e), e
+            out.append(self.lm_head(self.model.norm(x)))                    # (B, T, V)
+        return out
 
     def _hidden_fused(self, x, cos, sin, meta, tables, add_rmsnorm):
         """The paged layers with each residual add fused into the RMSNorm that follows it."""

@@ -49,6 +49,13 @@ class Proposer(ABC):
         """Tokens this proposer must feed for seq before it can draft, beyond the usual one."""
         return 0
 
+    def observe(self, st) -> None:
+        """The StepStats of a step it drafted for (its time, the draft's part of it)."""
+
+    def counters(self) -> dict | None:
+        """What this proposer reports into the engine's stats and /metrics (None: nothing)."""
+        return None
+
 
 @register("ngram")
 class NgramProposer(Proposer):

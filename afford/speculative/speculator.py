@@ -1,12 +1,14 @@
 """Speculator: the proposer, the acceptance policies and the controller, built from one SpeculativeConfig."""
 from __future__ import annotations
 
-from afford.config import ConfigError, SpeculativeConfig
+from afford.config import ConfigError, ModelConfig, SpeculativeConfig
 from afford.core.sequence import Sequence
+from afford.models.loader import resolve_model_path
 from afford.speculative import goodput  # noqa: F401  (registers the goodput controller)
 from afford.speculative.acceptance import POLICIES, GreedyAcceptance
 from afford.speculative.control import CONTROLLERS
 from afford.speculative.proposers import DraftModelProposer, NgramProposer, Proposer
+from afford.speculative.sorted import SortedDraftProposer
 
 
 class Speculator:
@@ -25,17 +27,23 @@ class Speculator:
     @staticmethod
     def build(cfg: SpeculativeConfig, engine) -> "Speculator":
         if cfg.draft == "ngram":
-            proposer = NgramProposer(cfg.ngram_max, cfg.ngram_min)
-        else:
-            e = engine.cfg
-            proposer = DraftModelProposer(cfg.draft, engine.tokenizer, engine.max_model_len, engine.pool.num_blocks,
-                                          engine.pool.block_size, e.device, cfg.draft_dtype,
-                                          vocab_size=engine.model_config.vocab_size,
-                                          quantization=cfg.draft_quantization, attention=e.attention,
-                                          prefix_caching=e.enable_prefix_caching, native=e.native,
-                                          graphs=not e.enforce_eager, max_batch=e.max_num_seqs,
-                                          max_q=1 + cfg.num_speculative_tokens,
-                                          attention_options=e.attention_options)
+            if str(cfg.draft_exit) != "auto":
+                raise ConfigError("draft_exit is for a multi-exit draft model, not draft='ngram'")
+            return Speculator(cfg, NgramProposer(cfg.ngram_max, cfg.ngram_min))
+        e = engine.cfg
+        path = resolve_model_path(cfg.draft, role="draft")
+        multi_exit = bool(ModelConfig.from_dir(path).exits)
+        if not multi_exit and str(cfg.draft_exit) != "auto":
+            raise ConfigError(f"draft_exit={cfg.draft_exit!r} needs a multi-exit draft (config.json 'exits'); this "
+                              f"draft has one exit (train one with `afford zoo distill --exits ...`)")
+        kw = dict(vocab_size=engine.model_config.vocab_size, quantization=cfg.draft_quantization, attention=e.attention,
+                  prefix_caching=e.enable_prefix_caching, native=e.native, graphs=not e.enforce_eager,
+                  max_batch=e.max_num_seqs, max_q=1 + cfg.num_speculative_tokens, attention_options=e.attention_options)
+        if multi_exit:                           # S2D: confidence exits over one sorted draft
+            kw["draft_exit"] = cfg.draft_exit
+        cls = SortedDraftProposer if multi_exit else DraftModelProposer
+        proposer = cls(str(path), engine.tokenizer, engine.max_model_len, engine.pool.num_blocks,
+                       engine.pool.block_size, e.device, cfg.draft_dtype, **kw)
         return Speculator(cfg, proposer)
 
     def ks(self, seqs: list[Sequence], max_model_len: int) -> tuple[list[int], list[int]]:

@@ -24,6 +24,8 @@ from afford.models.transformer import MoE, Transformer
 PRESETS = {
     "target": (6, 256, 4, 2, 704),
     "draft": (2, 128, 2, 1, 352),
+    "target-large": (6, 384, 6, 2, 1056),     # 2.05x the target's parameters, the same tokenizer (S2D's second target)
+    "sorted-draft": (4, 128, 2, 1, 352),      # S2D: with --exits 1,2,4, one draft for both targets
     "tiny": (2, 64, 4, 2, 128),
     # equal-parameter pair for the MFA vs GQA comparison (benchmarks/mfa_vs_gqa.py)
     "small-gqa": (4, 192, 6, 2, 512),
@@ -57,8 +59,10 @@ class TrainConfig:
     val_fraction: float = 0.05
     seed: int = 0
     device: str = "auto"
-    teacher: str | None = None      # distillation: KL to this model's softmax
+    teachers: tuple[str, ...] = ()  # distillation: KL to these models' softmax (one or several targets)
+    teacher_mix: str = "average"    # several teachers: "average" their distributions, or "alternate" per batch
     temperature: float = 1.0        # distillation temperature
+    exits: tuple[int, ...] = ()     # S2D multi-exit: the loss is the mean over these exits (the last = layers)
     threads: int | None = None
     q_rank: int = 0                 # > 0: MFA attention (low-rank query, one shared K/V head)
     experts: int = 0                # > 0: a Mixtral-style MoE, `intermediate` per expert
@@ -78,6 +82,12 @@ class TrainConfig:
             raise ConfigError(f"--moe E,K needs 0 < K <= E, got {self.experts},{self.experts_per_tok}")
         if self.experts and self.q_rank:
             raise ConfigError("--moe with --q-rank (an MFA MoE) has no Hugging Face architecture to save as; pick one")
+        if self.teacher_mix not in ("average", "alternate"):
+            raise ConfigError(f"teacher mix must be 'average' or 'alternate', got {self.teacher_mix!r}")
+        if self.exits and (list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1
+                           or self.exits[-1] != self.layers):
+            raise ConfigError(f"--exits {','.join(map(str, self.exits))} must be increasing layer counts ending at "
+                              f"the model's {self.layers} layers (e.g. --exits 1,2,{self.layers})")
         if self.seq_len > self.max_position_embeddings:
             raise ConfigError(f"seq_len {self.seq_len} exceeds the model's {self.max_position_embeddings} positions: "
                               f"raise --max-positions")
@@ -95,7 +105,8 @@ def model_config(tc: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
         max_position_embeddings=tc.max_position_embeddings, rms_norm_eps=1e-5, rope=RopeConfig(theta=tc.rope_theta),
         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_ids=(eos_id,), torch_dtype="float32",
         attention="mfa" if mfa else "gqa", q_rank=tc.q_rank, num_experts=tc.experts,
-        num_experts_per_tok=tc.experts_per_tok if tc.experts else 0, moe_intermediate_size=tc.intermediate if tc.experts else 0)
+        num_experts_per_tok=tc.experts_per_tok if tc.experts else 0, moe_intermediate_size=tc.intermediate if tc.experts else 0,
+        exits=tc.exits)
 
 
 def encode_corpus(tok, docs: list[str]) -> torch.Tensor:
@@ -123,36 +134,47 @@ def use_bf16(tc: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
-def loss_fn(model: Transformer, x, y, teacher: Transformer | None, tc: TrainConfig) -> torch.Tensor:
+def loss_fn(model: Transformer, x, y, teachers: list[Transformer] | Transformer | None, tc: TrainConfig,
+            step: int = 0) -> torch.Tensor:
+    """Cross-entropy, or with teachers the KL to their softmax (averaged, or one teacher per batch in turn);
+    a multi-exit model's loss is the mean over its exits (S2D's sorted training: every exit shares the
+    final norm and LM head)."""
+    teachers = [] if teachers is None else [teachers] if isinstance(teachers, Transformer) else list(teachers)
+    temperature = tc.temperature
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16(tc, x.device)):
-        logits = model(x).float()                                                 # (B, T, V)
+        exits = [lg.float() for lg in model.exit_logits(x)]                      # each (B, T, V)
         aux = tc.router_aux_coef * sum(m.aux_loss for m in model.modules() if isinstance(m, MoE)) \
             if tc.experts else 0.0
-        if teacher is None:
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten()) + aux
+        if not teachers:
+            return sum(F.cross_entropy(lg.flatten(0, 1), y.flatten()) for lg in exits) / len(exits) + aux
         with torch.no_grad():
-            t_logits = teacher(x).float()                                         # (B, T, V)
-    temperature = tc.temperature
-    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
-    s_logp = F.log_softmax(logits / temperature, dim=-1)
-    return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True,
-                    reduction="batchmean") * temperature ** 2 + aux
+            used = [teachers[step % len(teachers)]] if tc.teacher_mix == "alternate" else teachers
+            t_logp = [F.log_softmax(t(x).float() / temperature, dim=-1) for t in used]      # each (B, T, V)
+            # the mixture's log-probabilities: log(mean_t p_t)
+            t_logp = t_logp[0] if len(t_logp) == 1 else \
+                torch.logsumexp(torch.stack(t_logp), dim=0) - math.log(len(t_logp))
+    kl = [F.kl_div(F.log_softmax(lg / temperature, dim=-1).flatten(0, 1), t_logp.flatten(0, 1), log_target=True,
+                   reduction="batchmean") for lg in exits]
+    return sum(kl) / len(kl) * temperature ** 2 + aux
 
 
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, tc: TrainConfig, device) -> float:
-    """Mean next-token cross-entropy over the first eval_batches windows of the held-out stream."""
+def evaluate(model, val: torch.Tensor, tc: TrainConfig, device, per_exit: bool = False):
+    """Mean next-token cross-entropy over the first eval_batches windows of the held-out stream (of the last
+    exit; per_exit: a list, one per exit of a multi-exit model)."""
     model.eval()
     n = min(tc.eval_batches * tc.batch_size, (len(val) - 1) // tc.seq_len)
     if n < 1:
-        return float("nan")
+        return [float("nan")] * len(model.cfg.exits or (1,)) if per_exit else float("nan")
     win = val[: n * tc.seq_len + 1]
     x = win[:-1].view(n, tc.seq_len).to(device)                                   # (n, T)
     y = win[1:].view(n, tc.seq_len).to(device)
-    losses = [F.cross_entropy(model(x[i:i + tc.batch_size]).flatten(0, 1).float(), y[i:i + tc.batch_size].flatten())
-              for i in range(0, n, tc.batch_size)]
+    losses = [[F.cross_entropy(lg.flatten(0, 1).float(), y[i:i + tc.batch_size].flatten())
+               for lg in (model.exit_logits(x[i:i + tc.batch_size]) if per_exit else [model(x[i:i + tc.batch_size])])]
+              for i in range(0, n, tc.batch_size)]                            # (batches, exits)
     model.train()
-    return float(torch.stack(losses).mean())
+    means = [float(v) for v in torch.tensor(losses).mean(0)]
+    return means if per_exit else means[0]
 
 
 def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
@@ -185,9 +207,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
         raise ConfigError(f"cannot load a tokenizer from {tc.tokenizer!r} ({e}); make one with `afford zoo tokenizer`") from e
     split = split_documents(list(tc.data), tc.val_fraction, tc.conditioned, tc.seed)
     train_ids, val_ids = encode_corpus(tok, split.train), encode_corpus(tok, split.val)
-    teacher = load_model(tc.teacher, device=str(device), dtype="float32") if tc.teacher else None
-    if teacher is not None and teacher.cfg.vocab_size != len(tok):
-        raise ConfigError("the teacher's vocabulary differs from the tokenizer's; distil with the teacher's tokenizer")
+    teachers = [load_teacher(t, tok, device) for t in tc.teachers]
     mcfg = model_config(tc, len(tok), tok.eos_token_id)
     model = Transformer(mcfg).to(device)
     init_weights(model)
@@ -232,7 +252,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
             for g in opt.param_groups:
                 g["lr"] = lr_at(tc, step, progress)
             x, y = next(data)
-            loss = loss_fn(model, x.to(device), y.to(device), teacher, tc)
+            loss = loss_fn(model, x.to(device), y.to(device), teachers, tc, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -256,8 +276,22 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
     save("final")
     result = {"steps": step, "elapsed_s": round(elapsed, 1), "val_loss": vl, "val_ppl": math.exp(vl),
               "params": n_params, "history": history}
+    if mcfg.exits:
+        result["exit_val_loss"] = dict(zip(mcfg.exits, evaluate(model, val_ids, tc, device, per_exit=True)))
+        log("val loss per exit: " + ", ".join(f"{e} layers {v:.3f}" for e, v in result["exit_val_loss"].items()))
     log(f"done: {step} steps in {elapsed / 60:.1f} min, val loss {vl:.3f} (ppl {math.exp(vl):.1f})")
     return result
+
+
+def load_teacher(path: str, tok, device) -> Transformer:
+    """A teacher for distillation, checked to share the student's tokenizer."""
+    from afford.models.loader import load_tokenizer
+    teacher = load_model(path, device=str(device), dtype="float32")
+    teacher.eval()
+    if teacher.cfg.vocab_size != len(tok) or load_tokenizer(Path(path)).get_vocab() != tok.get_vocab():
+        raise ConfigError(f"teacher {path} has another tokenizer than the student's; distil from teachers that "
+                          f"share one tokenizer (the first teacher's is used)")
+    return teacher
 
 
 def init_weights(model: Transformer, std: float = 0.02) -> None:
