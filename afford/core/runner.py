@@ -185,6 +185,17 @@ class ModelRunner:
         return h, self.model.lm_head(self.model.model.norm(h.index_select(0, rows))).float()   # (R, V)
 
     @torch.inference_mode()
+    def draft_exits(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]], ks: list[int],
+                    fills: list[list[int]], bounds: list[int], thresholds: list[float], fixed: int, probe: bool,
+                    resid: torch.Tensor):
+        """A sorted draft's greedy drafts in one native call (see NativeDecoder.draft_exits); None without
+        the native forward."""
+        if self.native is None:
+            return None
+        batch, ids = self.prepare(seq_ids, starts, tokens)
+        return self.native.draft_exits(ids, batch, ks, fills, bounds, thresholds, fixed, probe, resid)
+
+    @torch.inference_mode()
     def draft_greedy(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],
                      ks: list[int]) -> list[list[int]] | None:
         """Greedy drafting as one native call: feed tokens[i] at starts[i].., take the argmax, feed it back,

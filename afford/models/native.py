@@ -176,6 +176,13 @@ class NativeDecoder:
                                           batch.query_lens, batch.tables, lo, hi, rows)
         return x_out, logits
 
+    def draft_exits(self, ids: torch.Tensor, batch, ks: list[int], fills: list[list[int]], bounds: list[int],
+                    thresholds: list[float], fixed: int, probe: bool, resid: torch.Tensor):
+        """A sorted (multi-exit) draft's greedy drafts with confidence exits and lazy fill in one call
+        (native_decode.cpp draft_exits): (drafts, each draft's exit, updated fills, probe records)."""
+        return self.impl.draft_exits(ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables, ks,
+                                     fills, bounds, thresholds, fixed, probe, resid)
+
     def draft_greedy(self, ids: torch.Tensor, batch, ks: list[int]) -> list[list[int]]:
         """Greedy drafts of ks[i] tokens per sequence in one call: the forward `batch` describes (each
         sequence's last fed token predicts its first draft), then the k - 1 one-token forwards that feed

@@ -25,6 +25,7 @@
 #include <map>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -332,6 +333,17 @@ std::vector<int64_t> argmax_rows(const at::Tensor& logits) {
   return out;
 }
 
+// softmax(x)[arg] where x[arg] is the maximum: 1 / sum_v exp(x_v - x_arg) (the exit test of a sorted draft)
+float top_prob(const float* x, int64_t n, int64_t arg) {
+  const float m = x[arg];
+  V acc = vzero();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = vadd(acc, vexp(vsub(vload(x + i), vset(m))));
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += std::exp(x[i] - m);
+  return 1.f / sum;
+}
+
 // Wall time per kind of work inside the forward, when switched on (benchmarks/decode_profile.py)
 enum Part { MATMUL, ATTENTION, ELEMENTWISE, HEAD, NPARTS };
 struct Profile {
@@ -497,6 +509,127 @@ class NativeDecoder {
       for (int64_t r = 0; r < n; ++r) out[who[r]].push_back(argmax(&logits[r * V], V));
     }
     return out;
+  }
+
+  // S2D: greedy drafts of ks[i] tokens per sequence from a multi-exit model whose segment s is layers
+  // bounds[s]..bounds[s + 1] - 1 (the final norm and head shared by every exit). Round 0 feeds the tokens
+  // the batch describes (sequence i's q_lens[i] tokens from position fills[i][0]), round j its draft j - 1.
+  // A token stops at the first segment s < S - 1 whose top probability exceeds thresholds[s], at `fixed`
+  // (>= 0), or at the last (probe: always at the last). Before segment s + 1 runs for a token, the
+  // positions of its sequence not yet through it (fills[i][s + 1]..) go with it, entering from `resid`
+  // (slots, hidden): each position's residual stream after the deepest segment it went through, at its
+  // slot. Returns the drafts, each draft's exit, the updated fills and (probe) per draft and segment it
+  // reached the argmax and the top probability.
+  std::tuple<std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>,
+             std::vector<std::vector<float>>>
+  draft_exits(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+              const std::vector<int64_t>& q_lens, const std::vector<std::vector<int64_t>>& tables,
+              const std::vector<int64_t>& ks, std::vector<std::vector<int64_t>> fills,
+              const std::vector<int64_t>& bounds, const std::vector<double>& thresholds, int64_t fixed, bool probe,
+              at::Tensor resid) {
+    c10::InferenceMode guard;
+    const int64_t B = static_cast<int64_t>(q_lens.size()), S = static_cast<int64_t>(bounds.size()) - 1;
+    const int64_t V = head_.out(), hidden = embed_.size(1), L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(S >= 1 && bounds[0] == 0 && bounds[S] == L, "draft_exits: bounds from 0 to the ", L, " layers");
+    for (int64_t s = 0; s < S; ++s) TORCH_CHECK(bounds[s] < bounds[s + 1], "draft_exits: increasing bounds");
+    TORCH_CHECK(static_cast<int64_t>(ks.size()) == B && static_cast<int64_t>(fills.size()) == B,
+                "draft_exits: one k and one fill vector per sequence");
+    TORCH_CHECK(static_cast<int64_t>(thresholds.size()) == S - 1 && fixed < S, "draft_exits: S - 1 thresholds");
+    TORCH_CHECK(resid.scalar_type() == at::kFloat && resid.is_contiguous() && resid.dim() == 2 &&
+                resid.size(0) == slots_ && resid.size(1) == hidden, "draft_exits: resid is (slots, hidden) fp32");
+    for (int64_t i = 0; i < B; ++i) {
+      TORCH_CHECK(ks[i] >= 1 && q_lens[i] >= 1 && static_cast<int64_t>(fills[i].size()) == S,
+                  "draft_exits: every sequence feeds a token, drafts one, and has S fills");
+      for (int64_t s = 1; s < S; ++s) TORCH_CHECK(fills[i][s] <= fills[i][s - 1], "draft_exits: fills not sorted");
+    }
+    const std::vector<const int64_t*> tt0 = token_tables(ids, positions, slots, q_lens, tables, at::empty({0}, at::kLong));
+    float* R = resid.data_ptr<float>();
+    const int64_t max_pos = cos_.size(0);
+    std::vector<std::vector<int64_t>> out(B), ex(B);
+    std::vector<std::vector<float>> info(B);
+    std::vector<int64_t> p(B);                                  // the position each sequence predicts from
+    std::vector<int64_t> id, pos, slot, who, sel;
+    std::vector<const int64_t*> tt;
+    std::vector<float> x, logits;
+    auto slot_of = [&](int64_t i, int64_t q) {
+      TORCH_CHECK(q >= 0 && q < max_pos && q / bs_ < static_cast<int64_t>(tables[i].size()), "draft_exits: position ",
+                  q, " has no block (allocate the blocks of all k forwards first)");
+      return tables[i][q / bs_] * bs_ + q % bs_;
+    };
+    for (int64_t j = 0;; ++j) {
+      id.clear(), pos.clear(), slot.clear(), tt.clear(), who.clear(), sel.clear();
+      if (j == 0) {
+        const int64_t N = ids.numel();
+        id.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + N);
+        pos.assign(positions.data_ptr<int64_t>(), positions.data_ptr<int64_t>() + N);
+        slot.assign(slots.data_ptr<int64_t>(), slots.data_ptr<int64_t>() + N);
+        tt = tt0;
+        for (int64_t i = 0, at_ = 0; i < B; ++i) {
+          at_ += q_lens[i];
+          who.push_back(i), sel.push_back(at_ - 1), p[i] = pos[at_ - 1];
+          TORCH_CHECK(pos[at_ - q_lens[i]] == fills[i][0], "draft_exits: sequence ", i, " feeds from position ",
+                      pos[at_ - q_lens[i]], " but its first layers hold ", fills[i][0]);
+        }
+      } else {
+        for (int64_t i = 0; i < B; ++i) {
+          if (ks[i] <= j) continue;
+          p[i] += 1;
+          id.push_back(out[i].back()), pos.push_back(p[i]), slot.push_back(slot_of(i, p[i]));
+          tt.push_back(tables[i].data()), who.push_back(i), sel.push_back(static_cast<int64_t>(sel.size()));
+        }
+      }
+      if (who.empty()) break;
+      int64_t N = static_cast<int64_t>(id.size());
+      for (int64_t r = 0; r < N; ++r)
+        TORCH_CHECK(pos[r] < max_pos && slot[r] >= 0 && slot[r] < slots_, "draft_exits: position / slot out of range");
+      x.resize(N * hidden);
+      embed(id.data(), N, x.data());
+      for (int64_t s = 0;; ++s) {
+        run_layers(x.data(), N, pos.data(), slot.data(), tt, bounds[s], bounds[s + 1]);
+        if (s < S - 1)                                          // the stream after segment s, at each slot
+          for (int64_t r = 0; r < N; ++r) std::memcpy(R + slot[r] * hidden, &x[r * hidden], hidden * sizeof(float));
+        for (int64_t i : who) fills[i][s] = p[i] + 1;
+        const int64_t b = static_cast<int64_t>(who.size());
+        // no head where no token can stop: before a fixed exit, or at a threshold of 1 (never cleared)
+        const bool decide = probe || s == S - 1 || s == fixed || (fixed < 0 && thresholds[s] < 1.0);
+        if (decide) {
+          logits.resize(b * V);
+          head(x.data(), N, sel, logits.data());
+        }
+        std::vector<int64_t> next;
+        for (int64_t r = 0; r < b && !decide; ++r) next.push_back(who[r]);
+        for (int64_t r = 0; r < b && decide; ++r) {
+          const int64_t i = who[r];
+          const float* l = &logits[r * V];
+          const int64_t top = argmax(l, V);
+          const bool last = s == S - 1 || s == fixed;
+          float conf = 0.f;
+          if (probe || (!last && fixed < 0)) conf = top_prob(l, V, top);
+          if (probe) {
+            if (s == 0) info[i].resize((out[i].size() + 1) * S * 2, -1.f);
+            info[i][out[i].size() * S * 2 + s * 2] = static_cast<float>(top);
+            info[i][out[i].size() * S * 2 + s * 2 + 1] = conf;
+          }
+          if (last || (!probe && fixed < 0 && conf > thresholds[s])) {
+            out[i].push_back(top), ex[i].push_back(s);
+          } else {
+            next.push_back(i);
+          }
+        }
+        if (next.empty()) break;
+        // segment s + 1 for the sequences going on: their positions not through it yet, from their residuals
+        id.clear(), pos.clear(), slot.clear(), tt.clear(), sel.clear();
+        for (int64_t i : next) {
+          for (int64_t q = fills[i][s + 1]; q <= p[i]; ++q) pos.push_back(q), slot.push_back(slot_of(i, q)), tt.push_back(tables[i].data());
+          sel.push_back(static_cast<int64_t>(pos.size()) - 1);
+        }
+        who = next;
+        N = static_cast<int64_t>(pos.size());
+        x.resize(N * hidden);
+        for (int64_t r = 0; r < N; ++r) std::memcpy(&x[r * hidden], R + slot[r] * hidden, hidden * sizeof(float));
+      }
+    }
+    return {out, ex, fills, info};
   }
 
  private:
@@ -743,6 +876,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("draft_greedy", &NativeDecoder::draft_greedy, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("segment", &NativeDecoder::segment, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("draft_exits", &NativeDecoder::draft_exits, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_profiling", &NativeDecoder::set_profiling)
       .def("take_profile", &NativeDecoder::take_profile);
   m.def("pack_panels", &pack_panels);

@@ -54,6 +54,18 @@ class _SpeculativeCollector:
                 yield CounterMetricFamily(f"afford_sparse_{key}", text, value=sparse[key])
             yield GaugeMetricFamily("afford_sparse_fast_tier_blocks", "blocks resident in the fast tier, all layers",
                                     value=sparse["fast_blocks"])
+        draft = st.draft
+        if draft and "exit_tokens" in draft:         # a sorted (S2D) draft: where its tokens stopped, its thresholds
+            ex = CounterMetricFamily("afford_draft_exit_tokens", "drafted tokens by the exit (layers) they stopped at",
+                                     labels=["exit"])
+            th = GaugeMetricFamily("afford_draft_exit_threshold", "top-probability threshold of each exit before "
+                                   "the last (absent while calibrating)", labels=["exit"])
+            for i, (e, n) in enumerate(zip(draft["exits"], draft["exit_tokens"])):
+                ex.add_metric([str(e)], n)
+                if draft["thresholds"] and i < len(draft["thresholds"]):
+                    th.add_metric([str(e)], draft["thresholds"][i])
+            yield ex
+            yield th
         if self.engine.levers is not None:          # the lossy levers (afford/levers/)
             yield CounterMetricFamily("afford_side_model_tokens", "tokens fed through the second model (EAD's "
                                       "large model, the re-ranker's guide)", value=st.side_tokens)

@@ -59,16 +59,18 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def fit_thresholds(top: np.ndarray, conf: np.ndarray, target: np.ndarray, seg_seconds: list[float],
-                   verify_seconds: float, k: int) -> tuple[list[float], float]:
+def fit_thresholds(top: np.ndarray, conf: np.ndarray, target: np.ndarray, layer_seconds: list[float],
+                   head_seconds: float, verify_seconds: float, k: int) -> tuple[list[float], float]:
     """The thresholds (one per exit before the last, from GRID) that maximize expected tokens per second
     over calibration records -- top (n, S) each exit's argmax, conf (n, S) its probability, target (n,) the
-    token the target kept there -- and the acceptance they predict."""
+    token the target kept there -- and the acceptance they predict. A token that stops at exit e cost the
+    layers of segments 0..e and one head per exit it was tested at (an exit with threshold 1 is not)."""
     S = top.shape[1]
-    cost = np.cumsum(seg_seconds)                               # (S,) time to reach each exit
+    layers = np.cumsum(layer_seconds)                           # (S,) layers' time to reach each exit
     match = top == target[:, None]                              # (n, S)
     best, best_value, best_alpha = [1.0] * (S - 1), -1.0, 0.0
     for taus in itertools.product(GRID, repeat=S - 1):
+        cost = layers + head_seconds * np.array([sum(t < 1.0 for t in taus[:e]) + 1 for e in range(S)])   # (S,)
         stop = np.concatenate([conf[:, :-1] > np.array(taus), np.ones((len(top), 1), bool)], axis=1)   # (n, S)
         e = stop.argmax(1)                                      # the first exit that clears its threshold
         alpha = float(match[np.arange(len(top)), e].mean())
@@ -80,7 +82,9 @@ def fit_thresholds(top: np.ndarray, conf: np.ndarray, target: np.ndarray, seg_se
 
 @register("sorted")
 class SortedDraftProposer(DraftModelProposer):
-    """A multi-exit draft with confidence exits; see the module docstring."""
+    """A multi-exit draft with confidence exits; see the module docstring. State per sequence: `fill[sid][s]`,
+    the positions whose K/V segment s holds (non-increasing in s), and in `resid` (slots, hidden) the residual
+    stream of each position after the deepest segment it went through, at its K/V slot."""
 
     def __init__(self, path: str, *args, draft_exit="auto", calibration_tokens: int = 192, **kw):
         kw["prefix_caching"] = False       # its blocks can hold the shallow layers only: never shared
@@ -94,15 +98,20 @@ class SortedDraftProposer(DraftModelProposer):
         self.auto = self.fixed is None and self.thresholds is None
         self.calibration_tokens = calibration_tokens
         S = len(self.exits)
-        self.fill: dict[int, list[int]] = {}                     # sid -> positions with K/V, per segment
-        self.resid: dict[int, dict[int, torch.Tensor]] = {}      # sid -> position -> residual at its depth
+        k_pool = self.runner.kv[0][0]
+        self.resid = torch.zeros(k_pool.shape[0], self.cfg.hidden_size, dtype=k_pool.dtype, device=k_pool.device)
+        self.fill: dict[int, list[int]] = {}
         self.probes: dict[int, dict[int, tuple[list[int], list[float]]]] = {}   # sid -> drafted position -> exits
         self.records: list[tuple[list[int], list[float], int]] = []
-        self.seg_seconds: list[float | None] = [None] * S
+        self.token_seconds: float | None = None                 # per drafted token while probing (every exit)
         self.verify_seconds: float | None = None
         self.mean_k = 1.0
         self.exit_tokens = [0] * S
         self.predicted_acceptance: float | None = None
+
+    @property
+    def probing(self) -> bool:
+        return self.auto and self.thresholds is None
 
     # ---- drafting ----
     def propose(self, seqs, ks):
@@ -116,87 +125,126 @@ class SortedDraftProposer(DraftModelProposer):
         for i in active:
             s = seqs[i]
             self.runner.copy_blocks(self.pool.prepare_write(s.seq_id, len(s.token_ids) + ks[i] - 1))
-            if s.seq_id not in self.fill:
-                self.fill[s.seq_id], self.resid[s.seq_id] = [0] * len(self.exits), {}
-        rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
-        for j in range(max(ks[i] for i in active)):
-            cur = [i for i in active if ks[i] > j]
-            feeds = [seqs[i].token_ids[self.fill[seqs[i].seq_id][0]:] if j == 0 else [drafts[i].tokens[-1]] for i in cur]
-            self._draft_token([seqs[i] for i in cur], feeds, [drafts[i] for i in cur], [rows[i] for i in cur])
+            self.fill.setdefault(s.seq_id, [0] * len(self.exits))
+        self.mean_k = float(np.mean([ks[i] for i in active]))
+        probing, t0 = self.probing, time.perf_counter()
+        catchup = sum(len(seqs[i].token_ids) - self.fill[seqs[i].seq_id][0] for i in active)
+        if all(seqs[i].params.greedy for i in active) and self.runner.native is not None:
+            self._native([seqs[i] for i in active], [ks[i] for i in active], [drafts[i] for i in active])
+        else:
+            rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+            for j in range(max(ks[i] for i in active)):
+                cur = [i for i in active if ks[i] > j]
+                feeds = [seqs[i].token_ids[self.fill[seqs[i].seq_id][0]:] if j == 0 else [drafts[i].tokens[-1]]
+                         for i in cur]
+                self._draft_token([seqs[i] for i in cur], feeds, [drafts[i] for i in cur], [rows[i] for i in cur])
+            for i in active:
+                if rows[i]:
+                    drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
         for i in active:
             self.computed[seqs[i].seq_id] = self.fill[seqs[i].seq_id][0]
-            if rows[i]:
-                drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
-        self.mean_k = float(np.mean([ks[i] for i in active]))
+        if probing and catchup <= 2 * len(active):   # a catch-up of many positions says little of a token's cost
+            dt = (time.perf_counter() - t0) / sum(ks[i] for i in active)
+            self.token_seconds = dt if self.token_seconds is None else (1 - EMA) * self.token_seconds + EMA * dt
         return drafts
 
+    def _native(self, seqs: list[Sequence], ks: list[int], drafts: list[Draft]) -> None:
+        """All of a greedy batch's k tokens, exits and lazy fill in one native call."""
+        sids = [s.seq_id for s in seqs]
+        fills = [self.fill[sid] for sid in sids]
+        tokens = [s.token_ids[f[0]:] for s, f in zip(seqs, fills)]
+        probe = self.probing
+        taus = self.thresholds or [1.0] * (len(self.exits) - 1)
+        out, exits, fills, info = self.runner.draft_exits(sids, [f[0] for f in fills], tokens, ks, fills, self.bounds,
+                                                          taus, -1 if self.fixed is None else self.fixed, probe,
+                                                          self.resid)
+        S = len(self.exits)
+        for s, sid, d, toks, ex, f, inf in zip(seqs, sids, drafts, out, exits, fills, info):
+            d.tokens.extend(toks)
+            self.fill[sid] = list(f)
+            for e in ex:
+                self.exit_tokens[e] += 1
+            if probe:
+                base = len(s.token_ids)
+                for j in range(len(toks)):
+                    rec = inf[j * S * 2:(j + 1) * S * 2]
+                    self.probes.setdefault(sid, {})[base + j] = ([int(v) for v in rec[0::2]], list(rec[1::2]))
+
+    def _slots(self, sid: int, a: int, b: int) -> torch.Tensor:
+        bs = self.pool.block_size
+        table = self.pool.tables[sid]
+        return torch.tensor([table[p // bs] * bs + p % bs for p in range(a, b + 1)], dtype=torch.long)
+
     def _draft_token(self, seqs: list[Sequence], feeds: list[list[int]], drafts: list[Draft], rows: list[list]) -> None:
-        """Feed each sequence's new tokens, go exit by exit until each one's next token stops, and append it."""
+        """The Python path, one token per sequence: feed its new tokens, go exit by exit until its next token
+        stops, and append it (sampled requests draw from the exit's distribution and keep it for acceptance)."""
         S = len(self.exits)
         sids = [s.seq_id for s in seqs]
         starts = [self.fill[sid][0] for sid in sids]
         ends = [st + len(f) - 1 for st, f in zip(starts, feeds)]             # the position that predicts
-        probing = self.auto and self.thresholds is None
+        probing = self.probing
         seen: dict[int, tuple[list[int], list[float]]] = {n: ([], []) for n in range(len(seqs))}
         going = list(range(len(seqs)))
-        x, logits = self._segment(0, [sids[n] for n in going], [starts[n] for n in going], [feeds[n] for n in going])
-        self._keep(0, [sids[n] for n in going], [starts[n] for n in going], [ends[n] for n in going], x)
+        x, logits = self._segment(0, sids, starts, feeds, head=self._decides(0))
+        self._keep(0, sids, starts, ends, x)
         for s in range(S):
-            conf, top = torch.softmax(logits, dim=-1).max(dim=-1)                          # (b,), (b,)
-            stop, rest = [], []
-            for r, n in enumerate(going):
-                seen[n][0].append(int(top[r]))
-                seen[n][1].append(float(conf[r]))
-                last = s == S - 1 or s == self.fixed
-                ok = last or (not probing and self.fixed is None and float(conf[r]) > self.thresholds[s])
-                (stop if ok else rest).append((r, n))
-            for r, n in stop:
-                seq = seqs[n]
-                if seq.params.greedy:
-                    drafts[n].tokens.append(int(top[r]))
-                else:
-                    q = sampling_probs(logits[r].cpu(), seq.params)
-                    drafts[n].tokens.append(int(torch.multinomial(q, 1, generator=seq.generator)))
-                    rows[n].append(q)
-                self.exit_tokens[s] += 1
-                if probing:
-                    self.probes.setdefault(sids[n], {})[ends[n] + 1] = seen[n]
+            if not self._decides(s):                      # nobody can stop here: no head, on to the next segment
+                rest = [(r, n) for r, n in enumerate(going)]
+            else:
+                conf, top = torch.softmax(logits, dim=-1).max(dim=-1)                      # (b,), (b,)
+                rest = self._stop(s, going, conf, top, logits, seqs, sids, ends, seen, drafts, rows)
             if not rest:
                 return
             going = [n for _, n in rest]
             gs = [sids[n] for n in going]
             lo = [self.fill[sid][s + 1] for sid in gs]                       # positions not through segment s + 1
-            x_in = torch.stack([self.resid[sid][p] for sid, a, n in zip(gs, lo, going) for p in range(a, ends[n] + 1)])
-            x, logits = self._segment(s + 1, gs, lo, [[0] * (ends[n] + 1 - a) for a, n in zip(lo, going)], x_in)
+            x_in = self.resid[torch.cat([self._slots(sid, a, ends[n]) for sid, a, n in zip(gs, lo, going)])]
+            x, logits = self._segment(s + 1, gs, lo, [[0] * (ends[n] + 1 - a) for a, n in zip(lo, going)], x_in,
+                                      head=self._decides(s + 1))
             self._keep(s + 1, gs, lo, [ends[n] for n in going], x)
 
+    def _decides(self, s: int) -> bool:
+        """Whether a token can stop at segment s (else its head is not even computed)."""
+        return self.probing or s == len(self.exits) - 1 or s == self.fixed or \
+            (self.fixed is None and self.thresholds[s] < 1.0)
+
+    def _stop(self, s, going, conf, top, logits, seqs, sids, ends, seen, drafts, rows) -> list[tuple[int, int]]:
+        """The tokens that stop at segment s take their draft; returns (row, sequence) of the others."""
+        S, probing = len(self.exits), self.probing
+        stop, rest = [], []
+        for r, n in enumerate(going):
+            seen[n][0].append(int(top[r]))
+            seen[n][1].append(float(conf[r]))
+            last = s == S - 1 or s == self.fixed
+            ok = last or (not probing and self.fixed is None and float(conf[r]) > self.thresholds[s])
+            (stop if ok else rest).append((r, n))
+        for r, n in stop:
+            seq = seqs[n]
+            if seq.params.greedy:
+                drafts[n].tokens.append(int(top[r]))
+            else:
+                q = sampling_probs(logits[r].cpu(), seq.params)
+                drafts[n].tokens.append(int(torch.multinomial(q, 1, generator=seq.generator)))
+                rows[n].append(q)
+            self.exit_tokens[s] += 1
+            if probing:
+                self.probes.setdefault(sids[n], {})[ends[n] + 1] = seen[n]
+        return rest
+
     def _segment(self, s: int, sids: list[int], starts: list[int], tokens: list[list[int]],
-                 x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Segment s of the draft over the fed positions, logits at each sequence's last; its time measured."""
+                 x: torch.Tensor | None = None, head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment s of the draft over the fed positions, logits at each sequence's last (head=False: none)."""
         at, last = 0, []
         for t in tokens:
             at += len(t)
             last.append(at - 1)
-        t0 = time.perf_counter()
-        out = self.runner.segment(sids, starts, tokens, self.bounds[s], self.bounds[s + 1], x, last)
-        dt = time.perf_counter() - t0
-        if at <= 2 * len(sids):                     # a catch-up of many positions says little of a token's cost
-            old = self.seg_seconds[s]
-            self.seg_seconds[s] = dt if old is None else (1 - EMA) * old + EMA * dt
-        return out
+        return self.runner.segment(sids, starts, tokens, self.bounds[s], self.bounds[s + 1], x, last if head else None)
 
     def _keep(self, s: int, sids: list[int], starts: list[int], ends: list[int], x: torch.Tensor) -> None:
-        """Positions starts[i]..ends[i] are through segment s: store their residual for the next segment."""
-        at = 0
-        deepest = s == len(self.exits) - 1
-        for sid, a, b in zip(sids, starts, ends):
-            res = self.resid[sid]
-            for p in range(a, b + 1):
-                if deepest:
-                    res.pop(p, None)
-                else:
-                    res[p] = x[at]
-                at += 1
+        """Positions starts[i]..ends[i] went through segment s: their residual stream into `resid`."""
+        if s < len(self.exits) - 1:
+            self.resid[torch.cat([self._slots(sid, a, b) for sid, a, b in zip(sids, starts, ends)])] = x
+        for sid, b in zip(sids, ends):
             self.fill[sid][s] = b + 1
 
     # ---- calibration (draft_exit="auto") ----
@@ -209,16 +257,29 @@ class SortedDraftProposer(DraftModelProposer):
         for p in [p for p in pending if p < n]:
             top, conf = pending.pop(p)
             self.records.append((top, conf, seq.token_ids[p]))
-        if self.auto and self.thresholds is None and len(self.records) >= self.calibration_tokens \
-                and None not in self.seg_seconds and self.verify_seconds is not None:
+        if self.probing and len(self.records) >= self.calibration_tokens and self.verify_seconds is not None \
+                and self.token_seconds is not None:
             self._fit()
+
+    def _costs(self) -> tuple[list[float], float] | None:
+        """Seconds per drafted token of each segment's layers and of one exit's head: the measured time of a
+        probed token (every layer, every exit's head) split in proportion to their weights."""
+        if self.token_seconds is None:
+            return None
+        c = self.cfg
+        layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * \
+            c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+        head = c.vocab_size * c.hidden_size
+        unit = self.token_seconds / (layer * self.bounds[-1] + head * len(self.exits))
+        return [unit * layer * (b - a) for a, b in zip(self.bounds, self.bounds[1:])], unit * head
 
     def _fit(self) -> None:
         top = np.array([r[0] for r in self.records])
         conf = np.array([r[1] for r in self.records])
         target = np.array([r[2] for r in self.records])
         k = max(1, round(self.mean_k))
-        self.thresholds, self.predicted_acceptance = fit_thresholds(top, conf, target, self.seg_seconds,
+        layer_s, head_s = self._costs()
+        self.thresholds, self.predicted_acceptance = fit_thresholds(top, conf, target, layer_s, head_s,
                                                                     self.verify_seconds, k)
         self.probes.clear()
 
@@ -229,12 +290,14 @@ class SortedDraftProposer(DraftModelProposer):
 
     def counters(self) -> dict:
         """What the exits did (the engine's stats and /metrics read this)."""
+        costs = self._costs()
         return {"exits": list(self.exits), "exit_tokens": list(self.exit_tokens),
                 "thresholds": None if self.thresholds is None else list(self.thresholds),
                 "policy": "fixed" if self.fixed is not None else "auto" if self.auto else "thresholds",
                 "calibrated": self.thresholds is not None and self.auto,
                 "calibration_records": len(self.records), "predicted_acceptance": self.predicted_acceptance,
-                "segment_ms": [None if t is None else round(t * 1e3, 4) for t in self.seg_seconds]}
+                "segment_ms": None if costs is None else [round(t * 1e3, 4) for t in costs[0]],
+                "head_ms": None if costs is None else round(costs[1] * 1e3, 4)}
 
     # ---- state ----
     def rollback(self, seq, n_valid):
@@ -246,15 +309,12 @@ class SortedDraftProposer(DraftModelProposer):
             self.pool.truncate(sid, n_valid)
         self.fill[sid] = [min(f, n_valid) for f in fill]
         self.computed[sid] = self.fill[sid][0]
-        res = self.resid[sid]
-        for p in [p for p in res if p >= n_valid]:
-            del res[p]
         probes = self.probes.get(sid, {})
         for p in [p for p in probes if p > n_valid]:            # drafts past the first rejection: never decided
             del probes[p]
 
     def free(self, seq):
         self._resolve(seq)
-        for d in (self.fill, self.resid, self.probes):
+        for d in (self.fill, self.probes):
             d.pop(seq.seq_id, None)
         super().free(seq)
