@@ -182,7 +182,6 @@ class SortedDraftProposer(DraftModelProposer):
         sids = [s.seq_id for s in seqs]
         starts = [self.fill[sid][0] for sid in sids]
         ends = [st + len(f) - 1 for st, f in zip(starts, feeds)]             # the position that predicts
-        probing = self.probing
         seen: dict[int, tuple[list[int], list[float]]] = {n: ([], []) for n in range(len(seqs))}
         going = list(range(len(seqs)))
         x, logits = self._segment(0, sids, starts, feeds, head=self._decides(0))
