@@ -243,6 +243,30 @@ def main():
     r = load("afd")
     if r:
         afd(r)
+    r = load("s2d")
+    if r:
+        s2d(r)
+
+
+def s2d(r) -> None:
+    """benchmarks/s2d.py: one sorted multi-exit draft against fixed exits and per-target drafts."""
+    st = r["settings"]
+    print("\n## s2d\n" + machine(r) + "\n")
+    print(f"Sorted draft exits {r['sorted_exits']}, trained {r['sorted_train_minutes']} min; greedy, batch 1, "
+          f"k = {st['k']}, {st['questions']} GSM8K test questions x {st['new_tokens']} tokens, speed as the median "
+          f"over {st['rounds']} interleaved rounds of the ratio to plain in the round.\n")
+    for target, t in r["targets"].items():
+        print(f"\n### target {target} ({t['target_params'] / 1e6:.1f} M parameters); separate draft "
+              f"{t['separate_draft']} trained {t['separate_train_minutes']} min\n")
+        rows = [[n, f"{v['speedup_median']:.2f}x", v["acceptance"], v["accepted_per_step"], v["tok_s_median"]]
+                for n, v in t["gsm8k"].items()]
+        print(table(["arm", "speed vs plain", "acceptance", "accepted per step", "tok/s"], rows))
+        c = t["confidence_exits"]
+        print(f"\nConfidence exits: thresholds {c['thresholds']} (calibrated: {c['calibrated']}, "
+              f"{c['calibration_records']} records, predicted acceptance {c['predicted_acceptance']}), tokens per "
+              f"exit {dict(zip(c['exits'], c['exit_tokens']))}.\n")
+        arms = list(next(iter(t["categories"].values())))
+        print(table(["category"] + arms, [[cat] + [v[a]["acceptance"] for a in arms] for cat, v in t["categories"].items()]))
 
 
 def afd(r) -> None:

@@ -97,6 +97,25 @@ def test_multi_exit_training_lowers_every_exits_loss(tmp_path, corpus, tokenizer
         tiny(tmp_path / "x", corpus, tokenizer_dir, steps=1, exits=(1, 3))
 
 
+def test_init_grows_a_shallower_model_with_identity_layers(tmp_path, corpus, tokenizer_dir):
+    from afford.models.loader import load_model
+    from afford.models.transformer import Transformer
+    from afford.zoo.train import init_from, model_config
+    train(tiny(tmp_path / "m", corpus, tokenizer_dir, steps=3), log=lambda *_: None)
+    start = load_model(tmp_path / "m", "cpu", "float32")
+    cfg = TrainConfig(out=str(tmp_path / "g"), data=tuple(corpus), tokenizer=str(tokenizer_dir), steps=1, layers=4,
+                      hidden=64, heads=4, kv_heads=2, intermediate=128, exits=(2, 3, 4))
+    grown = Transformer(model_config(cfg, start.cfg.vocab_size, 0))
+    init_from(grown, start, "m")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        want = start(ids)
+        for lg in grown.exit_logits(ids):                 # every exit computes what the 2-layer model does
+            torch.testing.assert_close(lg, want)
+    with pytest.raises(ConfigError, match="same width"):
+        init_from(start, grown, "g")
+
+
 def test_several_teachers_average_or_alternate(tmp_path, corpus, tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -212,10 +212,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
     model = Transformer(mcfg).to(device)
     init_weights(model)
     if tc.init and not resume:
-        start = load_model(tc.init, device=str(device), dtype="float32")
-        if start.cfg.hidden_size != mcfg.hidden_size or start.cfg.num_layers != mcfg.num_layers:
-            raise ConfigError(f"--init {tc.init} has another shape than the model being trained")
-        model.load_state_dict(start.state_dict())
+        init_from(model, load_model(tc.init, device=str(device), dtype="float32"), tc.init)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     step, elapsed = 0, 0.0
     if resume:
@@ -281,6 +278,25 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
         log("val loss per exit: " + ", ".join(f"{e} layers {v:.3f}" for e, v in result["exit_val_loss"].items()))
     log(f"done: {step} steps in {elapsed / 60:.1f} min, val loss {vl:.3f} (ppl {math.exp(vl):.1f})")
     return result
+
+
+def init_from(model: Transformer, start: Transformer, name: str) -> None:
+    """Start from `start`'s weights: the same shape, or a shallower model of the same width, which grows:
+    its layers first, each new layer starting as the identity (attention and MLP outputs zero), so the grown
+    model computes what `start` does until training moves it (e.g. a sorted draft grown from a draft)."""
+    a, b = start.cfg, model.cfg
+    same_width = (a.hidden_size, a.num_heads, a.num_kv_heads, a.intermediate_size, a.vocab_size) == \
+        (b.hidden_size, b.num_heads, b.num_kv_heads, b.intermediate_size, b.vocab_size)
+    if not same_width or a.num_layers > b.num_layers or (b.num_experts and a.num_layers != b.num_layers):
+        raise ConfigError(f"--init {name} has another shape than the model being trained (it needs the same width "
+                          f"and at most {b.num_layers} layers)")
+    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+    if unexpected:
+        raise ConfigError(f"--init {name}: weights the model being trained has no place for: {unexpected[:3]}")
+    with torch.no_grad():
+        for layer in model.model.layers[a.num_layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
 
 
 def load_teacher(path: str, tok, device) -> Transformer:
