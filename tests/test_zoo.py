@@ -176,6 +176,20 @@ def test_bundled_pair_loads_shares_vocabulary_and_generates():
     assert draft_llm.stats.accepted > 0
 
 
+def test_bundled_sorted_draft_serves_both_bundled_targets():
+    from afford.config import ModelConfig
+    from afford.models.loader import resolve_model_path
+    small, large = (ModelConfig.from_dir(resolve_model_path(m)) for m in ("default", "default-large"))
+    assert large.num_parameters >= 2 * small.num_parameters and large.vocab_size == small.vocab_size
+    assert ModelConfig.from_dir(resolve_model_path("default-sorted")).exits
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    prompt = "Natalia sold clips to 48 of her friends in April"
+    for target in ("default", "default-large"):
+        llm = LLM(target, draft="default-sorted", num_speculative_tokens=4)
+        assert llm.generate(prompt, sp)[0].token_ids == LLM(target).generate(prompt, sp)[0].token_ids
+        assert llm.stats.accepted > 0
+
+
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, corpus, tokenizer_dir):
     import signal
     import subprocess

@@ -20,9 +20,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def resolve_model_path(name: str | Path, role: str = "target") -> Path:
     """'default' means the bundled pair (this role's half of it); 'default-target' and 'default-draft' name
     one half whatever the role (a cascade runs the bundled draft as its small model), 'default-large' the
-    bundled second target (2x the parameters, the same tokenizer and draft); anything else is a local HF
-    folder."""
-    if str(name) in ("default", "default-target", "default-draft", "default-large"):
+    bundled second target (2x the parameters, the same tokenizer) and 'default-sorted' the multi-exit (S2D)
+    draft distilled from both targets; anything else is a local HF folder."""
+    if str(name) in ("default", "default-target", "default-draft", "default-large", "default-sorted"):
         role = role if str(name) == "default" else str(name).split("-", 1)[1]
         path = ASSETS / "default" / role
         if not (path / "config.json").is_file():

@@ -217,7 +217,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
     step, elapsed = 0, 0.0
     if resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["model_config"] != asdict(mcfg):
+        if not same_shape(ck["model_config"], mcfg):
             raise ConfigError(f"{ckpt_path} was trained with another model shape; resume with the same flags")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
@@ -278,6 +278,15 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
         log("val loss per exit: " + ", ".join(f"{e} layers {v:.3f}" for e, v in result["exit_val_loss"].items()))
     log(f"done: {step} steps in {elapsed / 60:.1f} min, val loss {vl:.3f} (ppl {math.exp(vl):.1f})")
     return result
+
+
+def same_shape(saved: dict, mcfg: ModelConfig) -> bool:
+    """A checkpoint's model config is this one (fields added to ModelConfig since it was written count as
+    their defaults)."""
+    from dataclasses import MISSING, fields
+    now = asdict(mcfg)
+    return all(saved.get(f.name, f.default) == now[f.name] and (f.name in saved or f.default is not MISSING)
+               for f in fields(ModelConfig))
 
 
 def init_from(model: Transformer, start: Transformer, name: str) -> None:
