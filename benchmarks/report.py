@@ -263,7 +263,7 @@ def s2d(r) -> None:
         print(table(["arm", "speed vs plain", "acceptance", "accepted per step", "tok/s"], rows))
         c = t["confidence_exits"]
         print(f"\nConfidence exits: thresholds {c['thresholds']} (calibrated: {c['calibrated']}, "
-              f"{c['calibration_records']} records, predicted acceptance {c['predicted_acceptance']}), tokens per "
+              f"{c['calibration_records']} records, their per-token match rate {c['predicted_acceptance']:.2f}), tokens per "
               f"exit {dict(zip(c['exits'], c['exit_tokens']))}.\n")
         arms = list(next(iter(t["categories"].values())))
         print(table(["category"] + arms, [[cat] + [v[a]["acceptance"] for a in arms] for cat, v in t["categories"].items()]))

@@ -74,7 +74,7 @@ def main():
     from afford.config import ModelConfig
     from afford.models.loader import resolve_model_path
     given = {k: float(v) for k, v in (t.split("=") for t in a.train_minutes)}
-    exits = ModelConfig.from_dir(a.sorted).exits
+    exits = ModelConfig.from_dir(resolve_model_path(a.sorted, "draft")).exits
     gsm = [json.loads(line)["question"] + "\n" for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][: a.questions]
     result = {"settings": vars(a), "sorted_exits": list(exits),
               "sorted_train_minutes": train_minutes(a.sorted, given), "targets": {}}
