@@ -1,0 +1,50 @@
+"""Teacher-forced agreement of drafts with a target: on GSM8K test questions with their reference answers,
+the share of positions where a draft's argmax (at each of its exits) equals the target's. A quick,
+decoding-free proxy for acceptance, used to see whether a multi-exit draft's deeper exits learned more.
+
+    python benchmarks/draft_agreement.py --target default --draft default-draft --draft default-sorted
+
+Writes benchmarks/results/draft_agreement.json (draft_agreement_<target>.json for another target).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import ROOT, save
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--draft", action="append", required=True, help="a draft folder or bundled name (repeat)")
+    ap.add_argument("--questions", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from afford.models.loader import load_model, load_tokenizer, resolve_model_path
+    tpath = resolve_model_path(a.target)
+    tok = load_tokenizer(tpath)
+    target = load_model(tpath, "cpu", "float32").eval()
+    recs = [json.loads(line) for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][: a.questions]
+    ids = [torch.tensor([tok(r["question"] + "\n" + r["answer"])["input_ids"]]) for r in recs]
+    out = {"settings": vars(a), "drafts": {}}
+    with torch.no_grad():
+        want = [target(x).argmax(-1) for x in ids]
+        n = sum(x.numel() for x in ids)
+        for name in a.draft:
+            d = load_model(resolve_model_path(name, "draft"), "cpu", "float32").eval()
+            exits = d.cfg.exits or (d.cfg.num_layers,)
+            agree = [0] * len(exits)
+            for x, w in zip(ids, want):
+                for i, lg in enumerate(d.exit_logits(x)):
+                    agree[i] += int((lg.argmax(-1) == w).sum())
+            out["drafts"][name] = {str(e): round(c / n, 4) for e, c in zip(exits, agree)}
+            print(f"{name}: " + ", ".join(f"exit {e}: {c / n:.3f}" for e, c in zip(exits, agree)))
+    slug = "" if a.target == "default" else "_" + "".join(c if c.isalnum() else "_" for c in a.target)
+    print(f"wrote {save('draft_agreement' + slug, out)}")
+
+
+if __name__ == "__main__":
+    main()
