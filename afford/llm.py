@@ -31,8 +31,9 @@ class LLM:
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. A multi-exit (S2D) draft
         stops each drafted token at its first confident exit: draft_exit="auto" calibrates the thresholds on
-        this target, an exit's layer count always drafts from that exit, "t1,t2" fixes the thresholds. cost_hardware (e.g. "h100")
-        adds the Step-3 cost model's USD per 1M tokens of this model on that hardware to metrics and stats.
+        this target, an exit's layer count always drafts from that exit, "t1,t2" fixes the thresholds.
+        cost_hardware (e.g. "h100") adds the Step-3 cost model's USD per 1M tokens of this model on that
+        hardware to metrics and stats.
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
         attention: the attention backend (afford/attention/): "auto", "paged", "cpu_paged" or "sdpa".
         enforce_eager: on CUDA, no CUDA graphs (decode, verify and draft steps are captured by default).
