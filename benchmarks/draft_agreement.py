@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--draft", action="append", required=True, help="a draft folder or bundled name (repeat)")
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="draft_agreement", help="results file name (a suffix per target is added)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from afford.models.loader import load_model, load_tokenizer, resolve_model_path
@@ -43,7 +44,7 @@ def main():
             out["drafts"][name] = {str(e): round(c / n, 4) for e, c in zip(exits, agree)}
             print(f"{name}: " + ", ".join(f"exit {e}: {c / n:.3f}" for e, c in zip(exits, agree)))
     slug = "" if a.target == "default" else "_" + "".join(c if c.isalnum() else "_" for c in a.target)
-    print(f"wrote {save('draft_agreement' + slug, out)}")
+    print(f"wrote {save(a.name + slug, out)}")
 
 
 if __name__ == "__main__":
