@@ -122,17 +122,11 @@ class DraftModelProposer(Proposer):
                 self.pool.count_admitted(len(s.token_ids), self.computed[sid])
             elif sid in self.computed:                    # what it computed is verified (rolled back past drafts)
                 self.pool.register(sid, s.token_ids, min(self.computed[sid], len(s.token_ids)))
-        ks = self._fit_pool(seqs, ks)
-        active = [i for i, k in enumerate(ks) if k > 0]
-        drafts = [Draft([], None) for _ in seqs]
+        ks, active, drafts = self._reserve(seqs, ks)
         if not active:
             return drafts
-        # this proposer schedules its own pool: every block the k forwards write, allocated once up front.
         # Forward 0 feeds what the draft has not seen (usually the last token) and drafts token 0; forward j
         # feeds draft token j - 1 at position len - 1 + j (the last drafted token is never fed).
-        for i in active:
-            s = seqs[i]
-            self.runner.copy_blocks(self.pool.prepare_write(s.seq_id, len(s.token_ids) + ks[i] - 1))
         cur = active
         starts = [self.computed.get(seqs[i].seq_id, 0) for i in cur]
         if all(seqs[i].params.greedy for i in cur):        # all k forwards in one native call, argmax inside
@@ -160,6 +154,16 @@ class DraftModelProposer(Proposer):
             if rows[i]:
                 drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
         return drafts
+
+    def _reserve(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[int], list[int], list[Draft]]:
+        """This proposer schedules its own pool: ks shortened to what it holds, and every block the drafting
+        forwards write allocated once up front. Returns (ks, the indices that draft, an empty Draft each)."""
+        ks = self._fit_pool(seqs, ks)
+        active = [i for i, k in enumerate(ks) if k > 0]
+        for i in active:
+            s = seqs[i]
+            self.runner.copy_blocks(self.pool.prepare_write(s.seq_id, len(s.token_ids) + ks[i] - 1))
+        return ks, active, [Draft([], None) for _ in seqs]
 
     def _fit_pool(self, seqs: list[Sequence], ks: list[int]) -> list[int]:
         """Shorten drafts to what this proposer's own pool holds (it does not share forked prompts as the

@@ -117,15 +117,11 @@ class SortedDraftProposer(DraftModelProposer):
     def propose(self, seqs, ks):
         for s in seqs:
             self._resolve(s)
-        ks = self._fit_pool(seqs, ks)
-        active = [i for i, k in enumerate(ks) if k > 0]
-        drafts = [Draft([], None) for _ in seqs]
+        ks, active, drafts = self._reserve(seqs, ks)
         if not active:
             return drafts
         for i in active:
-            s = seqs[i]
-            self.runner.copy_blocks(self.pool.prepare_write(s.seq_id, len(s.token_ids) + ks[i] - 1))
-            self.fill.setdefault(s.seq_id, [0] * len(self.exits))
+            self.fill.setdefault(seqs[i].seq_id, [0] * len(self.exits))
         self.mean_k = float(np.mean([ks[i] for i in active]))
         probing, t0 = self.probing, time.perf_counter()
         catchup = sum(len(seqs[i].token_ids) - self.fill[seqs[i].seq_id][0] for i in active)
