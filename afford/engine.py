@@ -77,6 +77,8 @@ class Engine:
         self._ids = itertools.count()
         self.fault_hook = None           # tests only: called with each sequence as it takes its new tokens
         self.speculator = Speculator.build(speculative, self) if speculative is not None else None
+        if self.speculator is not None:
+            self.stats.draft_counters = self.speculator.proposer.counters
         self.levers = None
         if lossy is not None and lossy.any:
             from afford.levers import Levers
@@ -295,7 +297,6 @@ class Engine:
             self.speculator.controller.observe(st)
             if st.drafted:
                 self.speculator.proposer.observe(st)
-                self.stats.draft = self.speculator.proposer.counters()
         if self.cost_spec is not None and kind == "decode":
             self.stats.modeled_usd_per_1m = self.modeled_usd_per_1m(st.context_tokens // st.num_seqs)
             self.stats.cost_hardware = self.cost_hw.key

@@ -2,6 +2,7 @@
 /metrics and the bench all read this one record (and EngineStats, its running sum)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -80,7 +81,7 @@ class EngineStats:
     catchup_tokens: int = 0         # EAD: catch-up tokens fed by either model
     switches: int = 0               # EAD: model switches
     sparse: dict | None = None      # attention="sparse": the backend's counters (bytes read vs dense, fast tier)
-    draft: dict | None = None       # the proposer's own counters (a sorted draft: tokens per exit, thresholds)
+    draft_counters: Callable[[], dict | None] | None = None   # the proposer's own counters, read when asked
     prefix_hit_tokens: int = 0      # prompt tokens whose KV came from the prefix cache (the engine copies
     last: StepStats | None = None   # the pool's count here after each step)
 
@@ -118,6 +119,11 @@ class EngineStats:
             add_counts(self.k_histogram, hist)
 
     @property
+    def draft(self) -> dict | None:
+        """The proposer's counters (a sorted draft: tokens per exit, thresholds), None without one."""
+        return self.draft_counters() if self.draft_counters is not None else None
+
+    @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
@@ -149,8 +155,8 @@ class EngineStats:
             s += (f" | sparse attention: K/V read {sp['read_bytes'] / sp['dense_bytes']:.0%} of dense, "
                   f"fast tier hit rate {sp['hits'] / max(sp['hits'] + sp['misses'], 1):.0%}, "
                   f"{sp['moved_bytes'] / 1e6:.1f} MB moved")
-        if self.draft and "exit_tokens" in self.draft:
-            d = self.draft
+        d = self.draft
+        if d and "exit_tokens" in d:
             s += (" | draft exits " + ", ".join(f"{e}L {n}" for e, n in zip(d["exits"], d["exit_tokens"])) +
                   (f" (thresholds {', '.join(f'{t:g}' for t in d['thresholds'])})" if d["thresholds"] else ""))
         if self.preemptions:
