@@ -172,8 +172,8 @@ class NativeDecoder:
         """A multi-exit model's layers lo..hi-1 over the batch's tokens, entering as the residual stream x
         (N, hidden), or embedded from ids when lo == 0: the stream after layer hi - 1 and the logits (R, V)
         of the flat rows `rows` (final norm + head; R may be 0)."""
-        x_out, logits = self.impl.segment(ids, self._empty_f if x is None else x, batch.positions, batch.slot_mapping,
-                                          batch.query_lens, batch.tables, lo, hi, rows)
+        x_out, logits = self.impl.segment(ids, self._empty_f if x is None else x, batch.positions,
+                                          batch.slot_mapping, batch.query_lens, batch.tables, lo, hi, rows)
         return x_out, logits
 
     def draft_exits(self, ids: torch.Tensor, batch, ks: list[int], fills: list[list[int]], bounds: list[int],

@@ -10,8 +10,8 @@ writes, and a deep exit sees the same context a full forward would.
 
 Thresholds (`draft_exit`): "auto" calibrates them per target on live traffic -- the first
 `calibration_tokens` verified draft positions run every exit, and the thresholds that maximize the
-expected tokens per second (the measured acceptance of each exit's token, the measured time of each
-segment of layers and of the target's verify) are kept; an exit's layer count ("2") drafts from that exit
+expected tokens per second (how often each exit's token is the target's, the measured time of a drafted
+token split into its layers and heads by their weights, the measured time of the target's step) are kept; an exit's layer count ("2") drafts from that exit
 always (a fixed shallow-exit draft); "t1,t2,..." fixes one threshold per exit before the last.
 """
 from __future__ import annotations
@@ -25,10 +25,11 @@ import torch
 from afford.config import ConfigError
 from afford.core.sampler import probs as sampling_probs
 from afford.core.sequence import Sequence
+from afford.kv.paged import table_slots
 from afford.speculative.proposers import Draft, DraftModelProposer, register
 
 GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)   # candidate thresholds (0: always stop, 1: never)
-EMA = 0.2                   # weight of the newest measurement in the segment and verify times
+EMA = 0.2                   # weight of the newest measurement in the per-token draft and the step times
 
 
 def parse_exit_policy(spec, exits: tuple[int, ...]) -> tuple[int | None, list[float] | None]:
@@ -63,7 +64,7 @@ def fit_thresholds(top: np.ndarray, conf: np.ndarray, target: np.ndarray, layer_
                    head_seconds: float, verify_seconds: float, k: int) -> tuple[list[float], float]:
     """The thresholds (one per exit before the last, from GRID) that maximize expected tokens per second
     over calibration records -- top (n, S) each exit's argmax, conf (n, S) its probability, target (n,) the
-    token the target kept there -- and the acceptance they predict. A token that stops at exit e cost the
+    token the target kept there -- and the per-token match rate (alpha) they give on those records. A token that stops at exit e cost the
     layers of segments 0..e and one head per exit it was tested at (an exit with threshold 1 is not)."""
     S = top.shape[1]
     layers = np.cumsum(layer_seconds)                           # (S,) layers' time to reach each exit
@@ -137,8 +138,6 @@ class SortedDraftProposer(DraftModelProposer):
             for i in active:
                 if rows[i]:
                     drafts[i].probs = torch.stack(rows[i])                                   # (k, V)
-        for i in active:
-            self.computed[seqs[i].seq_id] = self.fill[seqs[i].seq_id][0]
         if probing and catchup <= 2 * len(active):   # a catch-up of many positions says little of a token's cost
             dt = (time.perf_counter() - t0) / sum(ks[i] for i in active)
             self.token_seconds = dt if self.token_seconds is None else (1 - EMA) * self.token_seconds + EMA * dt
@@ -167,9 +166,8 @@ class SortedDraftProposer(DraftModelProposer):
                     self.probes.setdefault(sid, {})[base + j] = ([int(v) for v in rec[0::2]], list(rec[1::2]))
 
     def _slots(self, sid: int, a: int, b: int) -> torch.Tensor:
-        bs = self.pool.block_size
-        table = self.pool.tables[sid]
-        return torch.tensor([table[p // bs] * bs + p % bs for p in range(a, b + 1)], dtype=torch.long)
+        """K/V slots of positions a..b (inclusive) of sequence sid: where their residual streams are kept."""
+        return torch.tensor(table_slots(self.pool.tables[sid], self.pool.block_size, a, b + 1), dtype=torch.long)
 
     def _draft_token(self, seqs: list[Sequence], feeds: list[list[int]], drafts: list[Draft], rows: list[list]) -> None:
         """The Python path, one token per sequence: feed its new tokens, go exit by exit until its next token
@@ -208,8 +206,9 @@ class SortedDraftProposer(DraftModelProposer):
         S, probing = len(self.exits), self.probing
         stop, rest = [], []
         for r, n in enumerate(going):
-            seen[n][0].append(int(top[r]))
-            seen[n][1].append(float(conf[r]))
+            if probing:                                   # every exit's argmax and top probability, for the fit
+                seen[n][0].append(int(top[r]))
+                seen[n][1].append(float(conf[r]))
             last = s == S - 1 or s == self.fixed
             ok = last or (not probing and self.fixed is None and float(conf[r]) > self.thresholds[s])
             (stop if ok else rest).append((r, n))
@@ -303,10 +302,12 @@ class SortedDraftProposer(DraftModelProposer):
         if fill[0] > n_valid:
             self.pool.truncate(sid, n_valid)
         self.fill[sid] = [min(f, n_valid) for f in fill]
-        self.computed[sid] = self.fill[sid][0]
         probes = self.probes.get(sid, {})
         for p in [p for p in probes if p > n_valid]:            # drafts past the first rejection: never decided
             del probes[p]
+
+    def catchup(self, seq):
+        return max(0, len(seq.token_ids) - self.fill.get(seq.seq_id, [0])[0] - 1)
 
     def free(self, seq):
         self._resolve(seq)
