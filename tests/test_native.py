@@ -156,6 +156,39 @@ def test_the_matrix_kernel_computes_each_row_alone(built):
                 assert torch.equal(built.linear(x[at:at + rows], panels, out, bias), full[at:at + rows])
 
 
+def test_bf16_panels_give_the_fp32_panels_products_bitwise(built):
+    """Weights that are bf16 values multiply the same from bf16 panels as from fp32 ones: every row, every
+    tile shape, with a bias and accumulating."""
+    g = torch.Generator().manual_seed(3)
+    for out, inn in [(37, 13), (160, 64), (1000, 259)]:
+        w, bias = torch.randn(out, inn, generator=g).bfloat16(), torch.randn(out, generator=g)
+        p32, p16 = built.pack_panels(w.float()), built.pack_panels(w)
+        assert p16.dtype == torch.bfloat16 and p16.element_size() * 2 == p32.element_size()
+        x = torch.randn(13, inn, generator=g)
+        for rows in (1, 2, 5, 13):
+            assert torch.equal(built.linear(x[:rows], p16, out, bias), built.linear(x[:rows], p32, out, bias))
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_a_bf16_checkpoint_runs_on_bf16_panels_with_the_same_logits(which, built, monkeypatch):
+    """The bundled models are stored in bf16: loaded as fp32 their panels stay bf16 (half the bytes per
+    forward) and every forward's logits are bitwise those of fp32 panels. A model with fp32 values keeps
+    fp32 panels."""
+    model = load_for_inference(resolve_model_path("default", which), "cpu", "float32")
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AFFORD_NATIVE_BF16", flag)
+        runner = ModelRunner(model, shuffled_pool(), native=True)
+        assert runner.native.bf16 == (flag == "1")
+        results.append(scenario(runner, torch.Generator().manual_seed(0)))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"forward {i}: max diff {(a - b).abs().max()}"
+    monkeypatch.setenv("AFFORD_NATIVE_BF16", "1")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-4                  # one value that bf16 cannot hold
+    assert not ModelRunner(model, shuffled_pool(), native=True).native.bf16
+
+
 def test_argmax_rows_is_torchs_argmax(built):
     """The greedy pick the engine uses: torch's argmax (the first of tied maxima, a NaN counts as the
     largest), for contiguous and strided logits; wrong inputs fall back to torch or raise."""

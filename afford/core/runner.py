@@ -95,6 +95,8 @@ class ModelRunner:
             from afford.core.graphs import GraphRunner
             self.graphs = GraphRunner(self, max_batch, max_q)
         self.weight_bytes = quant_bytes(model)     # bytes of weights one forward reads (low-bit counted as such)
+        if self.native is not None:                # ... bf16 panels: half of each matrix's fp32 bytes
+            self.weight_bytes -= self.native.bytes_saved
         self.kv_bytes_per_token = cfg.kv_bytes_per_token(self.kv[0][0].element_size())
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -3,7 +3,9 @@ a prompt chunk -- as one C++ call on afford's own kernels (tiled matrix-vector p
 SiLU, paged attention reading blocks in place). Each output element is computed in an order that depends
 only on its own inputs, so a token's logits are bitwise the same alone, in any batch and in a speculative
 verify (tests/test_native.py); against the Python path (torch operators, the reference) they agree to
-fp32 rounding.
+fp32 rounding. A model whose weights are all bf16 values (a bf16 checkpoint loaded as fp32, as the bundled
+models are) keeps its packed weights in bf16: the kernels widen them to fp32 in registers (exact), so
+the arithmetic and the logits are bitwise those of fp32 panels, with half the bytes streamed per forward.
 
 It is built once per machine by torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~1
 minute, cached under ~/.cache/torch_extensions), for this CPU's instruction set. AFFORD_NATIVE=0 or
@@ -101,9 +103,19 @@ def native_error() -> str | None:
     return _error
 
 
-def _linear_tensors(lin) -> list[torch.Tensor]:
+def _linear_tensors(lin, bf16: bool = False) -> list[torch.Tensor]:
     bias = lin.bias.detach() if lin.bias is not None else torch.empty(0)
-    return [lin.weight.detach(), bias]
+    w = lin.weight.detach()
+    return [w.bfloat16() if bf16 else w, bias]
+
+
+def bf16_exact(model) -> bool:
+    """Whether every matrix the native forward multiplies by holds bf16 values only (a checkpoint stored in
+    bf16 and loaded as fp32, as the bundled models are): then its panels are kept in bf16 -- half the bytes
+    per forward, the same fp32 products bitwise. AFFORD_NATIVE_BF16=0 keeps fp32 panels (for comparisons)."""
+    if os.environ.get("AFFORD_NATIVE_BF16", "1") == "0":
+        return False
+    return all(torch.equal(w, w.bfloat16().float()) for w in (m.weight.detach() for m in _linears(model)))
 
 
 def _linears(model) -> list:
@@ -138,15 +150,18 @@ class NativeDecoder:
 
     def __init__(self, module, model, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         cfg = model.cfg
+        self.bf16 = b = bf16_exact(model)
         layers = []
         for layer, (k_pool, v_pool) in zip(model.model.layers, kv):
             a, m = layer.self_attn, layer.mlp
             layers.append([layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                           *_linear_tensors(a.qkv), *_linear_tensors(a.o_proj), *_linear_tensors(m.gate_up),
-                           *_linear_tensors(m.down_proj), k_pool, v_pool])
+                           *_linear_tensors(a.qkv, b), *_linear_tensors(a.o_proj, b), *_linear_tensors(m.gate_up, b),
+                           *_linear_tensors(m.down_proj, b), k_pool, v_pool])
         self.impl = module.NativeDecoder(model.model.embed_tokens.weight.detach(), model.rope_cos, model.rope_sin,
-                                         model.model.norm.weight.detach(), _linear_tensors(model.lm_head), layers,
+                                         model.model.norm.weight.detach(), _linear_tensors(model.lm_head, b), layers,
                                          cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
+        # bytes one forward does not read thanks to bf16 panels (the LM head may be the tied embedding)
+        self.bytes_saved = sum(m.weight.numel() * 2 for m in _linears(model)) if b else 0
         self._empty = torch.empty(0, dtype=torch.long)
         self._empty_f = torch.empty(0, 0)
         for lin in _linears(model):              # the native forward packed its own copy of each weight

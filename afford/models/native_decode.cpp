@@ -21,6 +21,7 @@
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -165,16 +166,41 @@ at::Tensor pack_panels(const at::Tensor& w) {                         // (out, i
 // fault.
 constexpr int64_t PREFETCH_LINES = 128;
 
+// Weights as stored: fp32, or bf16 (the upper half of an fp32; widening it is exact). A model whose
+// weights are all bf16 values -- the bundled ones are stored in bf16 -- keeps its panels in bf16: half
+// the bytes to stream per forward, and every product is the same fp32 FMA chain over the same values, so
+// the logits are bitwise those of the fp32 panels (tests/test_native.py).
+using bf16 = uint16_t;
+inline V wload(const float* p) { return vload(p); }
+#if defined(__AVX2__) && defined(__FMA__)
+inline V wload(const bf16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+#else
+inline V wload(const bf16* p) {
+  V r;
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t b = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&r.l[i], &b, 4);
+  }
+  return r;
+}
+#endif
+
 // RT rows x NP panels of chains; results into acc (RT, NP * 16)
-template <int RT, int NP>
-inline void tile(const float* const* x, int64_t in, const float* panel, int64_t pstride, float* acc) {
+template <int RT, int NP, typename W>
+inline void tile(const float* const* x, int64_t in, const W* panel, int64_t pstride, float* acc) {
   V a[RT][2 * NP];
   for (int r = 0; r < RT; ++r)
     for (int c = 0; c < 2 * NP; ++c) a[r][c] = vzero();
   for (int64_t k = 0; k < in; ++k) {
-    for (int p = 0; p < NP; ++p) prefetch(panel + p * pstride + (k + PREFETCH_LINES / NP) * CW);
+    // the same bytes ahead whatever the weight type (a bf16 panel line is half as long)
+    if (sizeof(W) == 4 || k % 2 == 0)
+      for (int p = 0; p < NP; ++p)
+        prefetch(reinterpret_cast<const float*>(panel + p * pstride + (k + PREFETCH_LINES * 4 / sizeof(W) / NP) * CW));
     if constexpr (NP == 1) {                 // two named registers: an array would be kept on the stack too
-      V w0 = vload(panel + k * CW), w1 = vload(panel + k * CW + 8);
+      V w0 = wload(panel + k * CW), w1 = wload(panel + k * CW + 8);
       in_register(w0);
       in_register(w1);
       for (int r = 0; r < RT; ++r) {
@@ -185,8 +211,8 @@ inline void tile(const float* const* x, int64_t in, const float* panel, int64_t 
     } else {
       V w[2 * NP];
       for (int p = 0; p < NP; ++p) {
-        w[2 * p] = vload(panel + p * pstride + k * CW);
-        w[2 * p + 1] = vload(panel + p * pstride + k * CW + 8);
+        w[2 * p] = wload(panel + p * pstride + k * CW);
+        w[2 * p + 1] = wload(panel + p * pstride + k * CW + 8);
         in_register(w[2 * p]);
         in_register(w[2 * p + 1]);
       }
@@ -203,11 +229,12 @@ inline void tile(const float* const* x, int64_t in, const float* panel, int64_t 
 // y = x W^T (+ bias) (+ y when accumulate: the residual add). Threads split the panels; each thread takes
 // its panels in chunks that stay in L2 and runs every row tile over a chunk, so W streams from memory
 // once per forward and each x tile stays in L1.
-void linear(const float* x, int64_t N, int64_t in, const float* P, int64_t out, const float* bias, float* y,
+template <typename W>
+void linear(const float* x, int64_t N, int64_t in, const W* P, int64_t out, const float* bias, float* y,
             bool accumulate) {
-  const int64_t np = (out + CW - 1) / CW, pstride = in * CW;
-  const int64_t chunk = std::max<int64_t>(4, (256 << 10) / (pstride * 4));      // panels per L2 chunk
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (pstride * 4));       // >= 64 KiB of W per task
+  const int64_t np = (out + CW - 1) / CW, pstride = in * CW, bytes = pstride * static_cast<int64_t>(sizeof(W));
+  const int64_t chunk = std::max<int64_t>(4, (256 << 10) / bytes);      // panels per L2 chunk
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / bytes);       // >= 64 KiB of W per task
   at::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
     float acc[6 * 4 * CW];
     for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
@@ -217,7 +244,7 @@ void linear(const float* x, int64_t N, int64_t in, const float* P, int64_t out, 
         const float* xs[6];
         for (int64_t r = 0; r < 6; ++r) xs[r] = x + std::min(r0 + r, N - 1) * in;
         for (int64_t p = c0; p < c1;) {
-          const float* pan = P + p * pstride;
+          const W* pan = P + p * pstride;
           int64_t n = 1;
           if (R == 1 && p + 4 <= c1) { tile<1, 4>(xs, in, pan, pstride, acc); n = 4; }
           else if (R == 2 && p + 2 <= c1) { tile<2, 2>(xs, in, pan, pstride, acc); n = 2; }
@@ -363,13 +390,16 @@ struct Timed {                    // adds the scope's wall time to one part of t
 };
 
 struct Linear {
-  at::Tensor panels, bias;   // pack_panels(W); bias (out,) or undefined
+  at::Tensor panels, bias;   // pack_panels(W) in fp32 or bf16; bias (out,) fp32 or undefined
   int64_t out_ = 0;
   int64_t out() const { return out_; }
   int64_t in() const { return panels.size(1); }
   void operator()(const float* x, int64_t N, float* y, bool accumulate = false) const {
-    linear(x, N, in(), panels.data_ptr<float>(), out_, bias.defined() ? bias.data_ptr<float>() : nullptr, y,
-           accumulate);
+    const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (panels.scalar_type() == at::kBFloat16)
+      linear(x, N, in(), reinterpret_cast<const bf16*>(panels.data_ptr<at::BFloat16>()), out_, b, y, accumulate);
+    else
+      linear(x, N, in(), panels.data_ptr<float>(), out_, b, y, accumulate);
   }
 };
 
@@ -841,7 +871,9 @@ class NativeDecoder {
   }
 
   static Linear linear_of(const std::vector<at::Tensor>& t, size_t at) {
-    TORCH_CHECK(t[at].dim() == 2 && t[at].scalar_type() == at::kFloat, "native forward: fp32 weights");
+    TORCH_CHECK(t[at].dim() == 2 && (t[at].scalar_type() == at::kFloat || t[at].scalar_type() == at::kBFloat16),
+                "native forward: fp32 or bf16 weights");
+    TORCH_CHECK(!t[at + 1].numel() || t[at + 1].scalar_type() == at::kFloat, "native forward: fp32 biases");
     return Linear{pack_panels(t[at]), t[at + 1].numel() ? t[at + 1].contiguous() : at::Tensor(), t[at].size(0)};
   }
 
@@ -859,7 +891,8 @@ class NativeDecoder {
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& panels, int64_t out, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == CW && x.size(1) == panels.size(1) &&
               out <= panels.size(0) * CW, "linear: x (N, in), panels (ceil(out / 16), in, 16)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "linear: fp32 tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (panels.scalar_type() == at::kFloat || panels.scalar_type() == at::kBFloat16),
+              "linear: fp32 x, fp32 or bf16 panels");
   at::Tensor xc = x.contiguous(), y = at::empty({x.size(0), out}, at::kFloat);
   const Linear lin{panels.contiguous(), bias.has_value() ? bias->contiguous() : at::Tensor(), out};
   pybind11::gil_scoped_release release;
