@@ -246,6 +246,21 @@ def main():
     r = load("s2d")
     if r:
         s2d(r)
+    r = load("bf16_panels")
+    if r:
+        bf16_panels(r)
+
+
+def bf16_panels(r) -> None:
+    """benchmarks/bf16_panels.py: the bundled models on bf16 vs fp32 panels, interleaved."""
+    st = r["settings"]
+    print("\n## bf16_panels\n" + machine(r) + "\n")
+    print(f"{st['questions']} GSM8K test questions x {st['new_tokens']} tokens, greedy, batch 1; {st['rounds']} "
+          f"interleaved rounds, medians.\n")
+    print(table(["arm", "tok/s", "ms per token", "tokens per step"],
+                [[n, f"{a['tok_s_median']:,.0f}", f"{a['ms_per_token_median']:.3f}", f"{a['tokens_per_step']:.2f}"]
+                 for n, a in r["arms"].items()]))
+    print("\n" + "; ".join(f"{k} {v:.3f}" for k, v in r["ratios"].items()) + f"; same tokens: {r['same_tokens']}")
 
 
 def s2d(r) -> None:

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-../.venv/bin/python}
 mkdir -p results/logs
-for cmd in "default_pair.py" "matmul_micro.py" "forward_overhead.py" "decode_profile.py" "decode_vs_hf.py" \
+for cmd in "default_pair.py" "matmul_micro.py" "forward_overhead.py" "bf16_panels.py" "verify_rows.py" "decode_profile.py" "decode_vs_hf.py" \
            "spec_vs_hf.py --per-category 4" "batch_invariance.py" "compile_probe.py" "quant.py" \
            "mfa_vs_gqa.py --steps 300" "serve_load.py" "smartspec_load.py" "chunked.py --budgets 2048 512 256 128 64" \
            "prefix.py" "selfconsistency.py" "soak.py --minutes 10" "fidelity.py" "sparse_long.py"; do

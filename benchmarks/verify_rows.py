@@ -59,7 +59,7 @@ def main():
                 many.append(per_forward(t))
             med = lambda xs: statistics.median(x[0] for x in xs)  # noqa: E731
             ratios = [m[0] / o[0] for o, m in zip(one, many)]
-            r = {"model": name, "weight_MB": round(model.weight_bytes() / 1e6, 1), "rows": t,
+            r = {"model": name, "weight_MB": round(runner.weight_bytes / 1e6, 1), "rows": t,   # as read (bf16 panels: half)
                  "one_row_ms": round(1e3 * med(one), 3), "rows_ms": round(1e3 * med(many), 3),
                  "ratio_median": round(statistics.median(ratios), 2),
                  "split_one_row_ms": {k: round(1e3 * statistics.median(x[1][k] for x in one), 3) for k in one[0][1]},
