@@ -176,6 +176,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "sparse_fast_blocks": "attention sparse: fast-tier blocks per layer (default: budget x max-num-seqs)",
     "sparse_dense_below": "attention sparse: contexts up to this many tokens attend densely (default: budget x "
                           "block size)",
+    "kv_mmap_dir": "keep the KV pool (sparse attention's slow tier) in a memory-mapped file in this folder "
+                   "instead of RAM (CPU; the file is removed at once, nothing is left behind)",
     "afd": "attention-FFN disaggregation, e.g. attention=1,ffn=2: the MLPs / MoE experts run on FFN worker "
            "processes over torch.distributed (lossless)",
     "micro_batches": "afd: micro-batches per step, pipelined between the attention and FFN workers",

@@ -60,7 +60,7 @@ class Engine:
             self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
                                       max_batch=cfg.max_num_seqs,
                                       max_q=1 + speculative.num_speculative_tokens if speculative else 1,
-                                      attention_options=cfg.attention_options)
+                                      attention_options=cfg.attention_options, kv_mmap_dir=cfg.kv_mmap_dir)
         budget = self.step_token_budget(cfg, self.runner.device)
         decoding = cfg.decode_token_budget or (64 if self.runner.device.type == "cpu" else budget)
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, budget, self.max_model_len,
@@ -102,6 +102,9 @@ class Engine:
         if quant_settings(self.model):                 # quantization= or a quantized checkpoint
             raise ConfigError("afd with quantization is not implemented: the FFN workers load full-precision "
                               "weights; drop quantization= or give the full-precision model")
+        if self.cfg.kv_mmap_dir is not None:
+            raise ConfigError("afd with kv_mmap_dir is not implemented (the attention side allocates its KV pool in "
+                              "RAM); drop one of them")
         if lossy is not None and lossy.grad is not None:
             raise ConfigError("afd with grad_corpus is not implemented (GRAD runs the whole model on its documents "
                               "in this process); drop one of them")

@@ -88,3 +88,31 @@ def test_engine_with_sparse_attention(llama_dir):
     small.engine.pool.check()
     with pytest.raises(ConfigError, match="sparse_budget"):
         LLM(str(llama_dir), attention="sparse", sparse_budget=2)
+
+
+def test_the_slow_tier_on_a_memory_mapped_file_round_trips_and_leaves_nothing(tmp_path):
+    """kv_mmap_dir: the K/V pool (the slow tier) is one memory-mapped file, zeros at first, each layer's K and
+    V a separate contiguous view that keeps exactly the bytes written; the file is unlinked at once."""
+    from afford.core.runner import kv_pool_tensors
+    pools = kv_pool_tensors(3, 40, KV, D, torch.float32, torch.device("cpu"), str(tmp_path / "kv"))
+    assert list((tmp_path / "kv").iterdir()) == []
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(40, KV, D, generator=g), torch.randn(40, KV, D, generator=g)) for _ in range(3)]
+    for (k, v), (dk, dv) in zip(pools, data):
+        assert k.is_contiguous() and v.is_contiguous() and not k.any() and not v.any()
+        k.copy_(dk)
+        v.copy_(dv)
+    for (k, v), (dk, dv) in zip(pools, data):
+        assert torch.equal(k, dk) and torch.equal(v, dv)
+    with pytest.raises(ConfigError, match="kv_mmap_dir"):
+        kv_pool_tensors(1, 4, KV, D, torch.float32, torch.device("cpu"), "/proc/afford-kv")
+
+
+def test_sparse_attention_over_a_memory_mapped_slow_tier_equals_it_in_ram(llama_dir, tmp_path):
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompt = "The king said to the lords of the court that they would ride at dawn " * 6
+    kw = dict(attention="sparse", block_size=16, sparse_budget=4)
+    ram = LLM(str(llama_dir), **kw).generate(prompt, sp)[0]
+    mapped = LLM(str(llama_dir), kv_mmap_dir=str(tmp_path), **kw)
+    assert mapped.generate(prompt, sp)[0].token_ids == ram.token_ids
+    assert mapped.stats.sparse["moved_bytes"] > 0 and list(tmp_path.iterdir()) == []

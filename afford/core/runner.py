@@ -7,10 +7,15 @@ every block a forward writes and hands the copy-on-write copies to `copy_blocks`
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from afford.attention import ForwardBatch, get_backend
+from afford.config import ConfigError
 from afford.kv.paged import BlockPool, table_slots
 from afford.models.native import NativeDecoder
 from afford.models.quant import quant_bytes
@@ -68,21 +73,49 @@ class StepBuffers:
             self.copied.record()
 
 
+def kv_pool_tensors(layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device, mmap_dir: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The paged K/V pool: per layer (slots, KV, D) for K and for V, zeros. With mmap_dir, all of it is one
+    memory-mapped file in that folder -- the slow tier of sparse attention on disk, paged in by the OS as
+    blocks are read, not held in RAM -- unlinked at once, so nothing is left behind when the process
+    ends (the mapping keeps it until then)."""
+    if mmap_dir is None:
+        return [(torch.zeros(slots, kv_heads, head_dim, device=device, dtype=dtype),
+                 torch.zeros(slots, kv_heads, head_dim, device=device, dtype=dtype)) for _ in range(layers)]
+    if device.type != "cpu":
+        raise ConfigError(f"kv_mmap_dir maps the KV pool into host memory; the model is on {device}: use it on "
+                          f"the CPU")
+    folder = Path(mmap_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="afford-kv-", suffix=".bin", dir=folder)
+    except OSError as e:
+        raise ConfigError(f"kv_mmap_dir {str(folder)!r}: cannot create the KV file there ({e.strerror}); give a "
+                          f"writable folder") from e
+    os.close(fd)
+    try:
+        flat = torch.from_file(name, shared=True, size=layers * 2 * slots * kv_heads * head_dim, dtype=dtype)
+    finally:
+        os.unlink(name)
+    pools = flat.view(layers, 2, slots, kv_heads, head_dim)
+    return [(pools[i, 0], pools[i, 1]) for i in range(layers)]
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, pool: BlockPool, attention: str = "auto", native: bool = True,
-                 graphs: bool = True, max_batch: int = 64, max_q: int = 1, attention_options: dict | None = None):
+                 graphs: bool = True, max_batch: int = 64, max_q: int = 1, attention_options: dict | None = None,
+                 kv_mmap_dir: str | None = None):
         """graphs: on CUDA with the paged backend, forwards of up to max_batch sequences feeding up to max_q
-        tokens each replay CUDA graphs (afford/core/graphs.py); elsewhere they run eagerly."""
+        tokens each replay CUDA graphs (afford/core/graphs.py); elsewhere they run eagerly. kv_mmap_dir: the
+        K/V pool lives in a memory-mapped file there instead of anonymous memory (kv_pool_tensors)."""
         self.model = model
         self.pool = pool
         cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         n_slots = (pool.num_blocks + 1) * pool.block_size        # + one scratch block: graph padding writes there
-        # per layer: (num_slots, KV, D) for K and for V
-        self.kv = [(torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype),
-                    torch.zeros(n_slots, cfg.num_kv_heads, cfg.head_dim, device=self.device, dtype=self.dtype))
-                   for _ in range(cfg.num_layers)]
+        self.kv = kv_pool_tensors(cfg.num_layers, n_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+                                  kv_mmap_dir)
         self.backend = get_backend(default_attention(self.device) if attention == "auto" else attention,
                                    **(attention_options or {}))
         if hasattr(self.backend, "max_ctx"):                   # the paged backend splits contexts up to this
