@@ -6,9 +6,11 @@ the end of the filler and the question "What is the pass key? The pass key is" -
 at a time, and the answer is decoded greedily, so every query that has to find the key runs through the
 decode attention under test (afford's sparse backend is sparse in decoding; prefill is dense). A document
 counts when the answer starts with its key. Also: K/V bytes decode attention read vs dense, fast-tier hit
-rate and bytes moved per decoded token.
+rate and bytes moved per decoded token -- over the question and answer steps (the fast tier starts cold
+after the dense prefill, so its first step misses every block it selects) and, apart, over
+`--continue-tokens` greedy tokens decoded past the answer (its steady state).
 
-    python benchmarks/passkey_long.py --model runs/long4k      # -> results/passkey_long.json
+    python benchmarks/passkey_long.py --model runs/pk2      # -> results/passkey_long.json
 """
 from __future__ import annotations
 
@@ -25,13 +27,20 @@ from afford.zoo.passkey import make  # noqa: E402
 QUESTION_TOKENS = 12
 
 
+def counters(llm) -> dict | None:
+    backend = llm.engine.runner.backend
+    return backend.counters() if hasattr(backend, "counters") else None
+
+
 @torch.inference_mode()
-def retrieve(llm, ids: list[int], new: int = 4) -> list[int]:
+def retrieve(llm, ids: list[int], new: int = 4, more: int = 0) -> tuple[list[int], dict | None]:
+    """The answer's `new` tokens, then `more` tokens of greedy continuation (decoding on past the answer,
+    where the fast tier's steady state shows); returns the answer and the sparse counters between the two."""
     eng = llm.engine
     pool, runner = eng.pool, eng.runner
     sid = 10 ** 6
     cut = len(ids) - QUESTION_TOKENS
-    pool.prepare_write(sid, len(ids) + new)
+    pool.prepare_write(sid, len(ids) + new + more)
     try:
         runner.forward([sid], [0], [ids[:cut]])                                   # dense prefill of the context
         for p in range(cut, len(ids)):
@@ -40,9 +49,21 @@ def retrieve(llm, ids: list[int], new: int = 4) -> list[int]:
         for p in range(len(ids), len(ids) + new):
             out.append(int(logits[0].argmax()))
             logits = runner.forward([sid], [p], [[out[-1]]])
-        return out
+        mid = counters(llm)
+        for p in range(len(ids) + new, len(ids) + new + more):
+            logits = runner.forward([sid], [p], [[int(logits[0].argmax())]])
+        return out, mid
     finally:
         pool.free(sid)
+
+
+def diff(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in ("read_bytes", "dense_bytes", "moved_bytes", "hits", "misses")}
+
+
+def sparse_row(d: dict, tokens: int) -> dict:
+    return {"kv_read_vs_dense": d["read_bytes"] / d["dense_bytes"],
+            "hit_rate": d["hits"] / max(d["hits"] + d["misses"], 1), "moved_bytes_per_token": d["moved_bytes"] / tokens}
 
 
 def main() -> None:
@@ -50,6 +71,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--lengths", default="1800:2000,3600:3900", help="token ranges of the documents")
+    ap.add_argument("--continue-tokens", type=int, default=128,
+                    help="greedy tokens decoded past the answer: the fast tier's steady state, reported apart")
     a = ap.parse_args()
     arms = {"dense": dict(attention="cpu_paged", block_size=64)}
     for b in (8, 16):
@@ -59,26 +82,29 @@ def main() -> None:
     results = {"settings": vars(a), "rows": []}
     for name, kw in arms.items():
         llm = LLM(a.model, **kw)
-        tok, limit = llm.tokenizer, llm.engine.max_model_len - 8
+        tok, limit = llm.tokenizer, llm.engine.max_model_len - 8 - a.continue_tokens
         for span in a.lengths.split(","):
             lo, hi = (int(x) for x in span.split(":"))
             docs = [d for d in make(filler, tok, 3 * a.n, lo, hi, seed=12345)
                     if len(tok(d["prompt"], add_special_tokens=False)["input_ids"]) < limit][:a.n]
-            backend = llm.engine.runner.backend
-            before = backend.counters() if hasattr(backend, "counters") else None
             hits, ctx = 0, 0
+            answer = cont = None
             for d in docs:
                 ids = tok(d["prompt"], add_special_tokens=False)["input_ids"]
                 ctx += len(ids)
-                hits += tok.decode(retrieve(llm, ids)).strip().startswith(d["key"])
+                before = counters(llm)
+                out, mid = retrieve(llm, ids, more=a.continue_tokens)
+                hits += tok.decode(out).strip().startswith(d["key"])
+                if before is not None:
+                    one, two = diff(before, mid), diff(mid, counters(llm))
+                    answer = one if answer is None else {k: answer[k] + one[k] for k in one}
+                    cont = two if cont is None else {k: cont[k] + two[k] for k in two}
             row = {"arm": name, "context_tokens_mean": ctx / len(docs), "documents": len(docs),
                    "accuracy": hits / len(docs)}
-            if before is not None:
-                c = backend.counters()
-                d = {k: c[k] - before[k] for k in ("read_bytes", "dense_bytes", "moved_bytes", "hits", "misses")}
-                row.update(kv_read_vs_dense=d["read_bytes"] / d["dense_bytes"],
-                           hit_rate=d["hits"] / max(d["hits"] + d["misses"], 1),
-                           moved_bytes_per_token=d["moved_bytes"] / (len(docs) * (QUESTION_TOKENS + 4)))
+            if answer is not None:               # the question and answer steps, from a cold fast tier
+                row.update(sparse_row(answer, len(docs) * (QUESTION_TOKENS + 4)))
+                if a.continue_tokens:
+                    row["continuation"] = sparse_row(cont, len(docs) * a.continue_tokens)
             results["rows"].append(row)
             print(row, flush=True)
     print(f"wrote {save('passkey_long', results)}")

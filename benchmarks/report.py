@@ -249,6 +249,27 @@ def main():
     r = load("bf16_panels")
     if r:
         bf16_panels(r)
+    r = load("passkey_long")
+    if r:
+        passkey_long(r)
+
+
+def passkey_long(r) -> None:
+    """benchmarks/passkey_long.py: passkey retrieval, dense vs sparse decode attention, and the fast tier."""
+    print("\n## passkey_long\n" + machine(r) + "\n")
+    print(f"Model {r['settings']['model']}, {r['settings']['n']} documents per length.\n")
+    rows = []
+    for x in r["rows"]:
+        c = x.get("continuation") or {}
+        rows.append([x["arm"], f"{x['context_tokens_mean']:,.0f}", x["documents"], f"{100 * x['accuracy']:.0f} %",
+                     f"{x['kv_read_vs_dense']:.2f}" if "kv_read_vs_dense" in x else "1.00",
+                     f"{100 * x['hit_rate']:.0f} %" if "hit_rate" in x else "-",
+                     f"{x['moved_bytes_per_token'] / 1e6:.2f} MB" if "moved_bytes_per_token" in x else "-",
+                     f"{c['kv_read_vs_dense']:.2f}" if c else "-", f"{100 * c['hit_rate']:.1f} %" if c else "-",
+                     f"{c['moved_bytes_per_token'] / 1e6:.3f} MB" if c else "-"])
+    print(table(["arm", "context (mean tokens)", "documents", "retrieval", "K/V read vs dense (question + answer)",
+                 "fast-tier hit rate (question + answer)", "moved per token", "K/V read vs dense (continuation)",
+                 "hit rate (continuation)", "moved per token (continuation)"], rows))
 
 
 def bf16_panels(r) -> None:
