@@ -176,6 +176,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "sparse_fast_blocks": "attention sparse: fast-tier blocks per layer (default: budget x max-num-seqs)",
     "sparse_dense_below": "attention sparse: contexts up to this many tokens attend densely (default: budget x "
                           "block size)",
+    "sparse_score": "attention sparse: how a query picks blocks: mean (q . mean-pooled key) or bound (Quest's "
+                    "per-channel min/max bound on q . k)",
     "kv_mmap_dir": "keep the KV pool (sparse attention's slow tier) in a memory-mapped file in this folder "
                    "instead of RAM (CPU; the file is removed at once, nothing is left behind)",
     "afd": "attention-FFN disaggregation, e.g. attention=1,ffn=2: the MLPs / MoE experts run on FFN worker "
@@ -207,7 +209,7 @@ ENGINE_HELP = {                      # config field -> help text (the default is
 ENGINE_FLAGS = {"num_speculative_tokens": ("--k", "--num-speculative-tokens"),   # names other than --field-name
                 "controller": ("--speculation",)}
 ENGINE_CHOICES = {"quantization": ("int8", "int4"), "draft_quantization": ("int8", "int4"),
-                  "controller": ("fixed", "off", "goodput")}
+                  "controller": ("fixed", "off", "goodput"), "sparse_score": ("mean", "bound")}
 REQUIRED_DEFAULTS = {"model": "default", "draft": None}   # fields without a default: --draft absent = no speculation
 # The one place a command departs from a field's default: the server adapts k by goodput (SmartSpec), as
 # README.md documents ("the server's default with a draft"), and reports the planner's modeled cost on an H100

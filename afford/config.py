@@ -279,6 +279,8 @@ class EngineConfig:
     sparse_fast_blocks: int | None = None    # ... fast-tier blocks per layer (None: budget x max_num_seqs)
     sparse_dense_below: int | None = None    # ... contexts of at most this many tokens attend densely
                                              #     (None: budget x block_size, when every block fits)
+    sparse_score: str = "mean"           # ... how the query picks blocks: "mean" (q . mean-pooled key, InfLLM-V2)
+                                         #     or "bound" (Quest's per-channel min / max bound on q . k)
     kv_mmap_dir: str | None = None       # the K/V pool (sparse attention's slow tier) in a memory-mapped file in
                                          # this folder instead of RAM (CPU); the file is unlinked at once
     afd: str | None = None               # attention-FFN disaggregation "attention=1,ffn=M": the MLPs / experts
@@ -293,7 +295,7 @@ class EngineConfig:
         if self.attention != "sparse":
             return {}
         return {"budget": self.sparse_budget, "locality": self.sparse_locality, "fast_blocks": self.sparse_fast_blocks,
-                "dense_below": self.sparse_dense_below, "max_seqs": self.max_num_seqs}
+                "dense_below": self.sparse_dense_below, "max_seqs": self.max_num_seqs, "score": self.sparse_score}
 
     def __post_init__(self):
         if self.block_size < 1:

@@ -27,7 +27,7 @@ class LLM:
                  counterfactual=None, grad_corpus: str | None = None, grad_weight: float = 16.0,
                  grad_top_docs: int = 1, sparse_budget: int = 16, sparse_locality: float = 0.25,
                  sparse_fast_blocks: int | None = None, sparse_dense_below: int | None = None,
-                 kv_mmap_dir: str | None = None, afd: str | None = None, micro_batches: int = 3, afd_address: str | None = None):
+                 sparse_score: str = "mean", kv_mmap_dir: str | None = None, afd: str | None = None, micro_batches: int = 3, afd_address: str | None = None):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. A multi-exit (S2D) draft
         stops each drafted token at its first confident exit: draft_exit="auto" calibrates the thresholds on
@@ -52,7 +52,8 @@ class LLM:
         counterfactual prompt. grad_corpus=FOLDER: GRAD -- logits fused (grad_weight) with a token graph of the
         grad_top_docs documents BM25 retrieves for each prompt. attention="sparse": NOSA-style block-sparse decode
         attention (lossy once a context has more than sparse_budget blocks; block_size defaults to 64 with it)
-        over a two-tier KV store whose fast tier holds sparse_fast_blocks blocks per layer. kv_mmap_dir=FOLDER
+        over a two-tier KV store whose fast tier holds sparse_fast_blocks blocks per layer; sparse_score="bound"
+        picks the query's blocks by Quest's min / max bound instead of the mean-pooled key. kv_mmap_dir=FOLDER
         keeps the KV pool (the slow tier) in a memory-mapped file there instead of RAM (CPU; removed at once).
 
         afd="attention=1,ffn=M": attention-FFN disaggregation (lossless) -- the MLPs (a MoE's experts, split
@@ -75,7 +76,8 @@ class LLM:
                                          enable_prefix_caching=enable_prefix_caching, native=native,
                                          enforce_eager=enforce_eager, sparse_budget=sparse_budget,
                                          sparse_locality=sparse_locality, sparse_fast_blocks=sparse_fast_blocks,
-                                         sparse_dense_below=sparse_dense_below, kv_mmap_dir=kv_mmap_dir, afd=afd,
+                                         sparse_dense_below=sparse_dense_below, sparse_score=sparse_score,
+                                         kv_mmap_dir=kv_mmap_dir, afd=afd,
                                          micro_batches=micro_batches, afd_address=afd_address), speculative,
                             lossy_config(cascade, large, tau, window, dwell, rerank, alpha, rerank_top_k,
                                          counterfactual, grad_corpus, grad_weight, grad_top_docs)))

@@ -71,13 +71,17 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--lengths", default="1800:2000,3600:3900", help="token ranges of the documents")
+    ap.add_argument("--scores", nargs="+", default=["mean", "bound"], choices=["mean", "bound"],
+                    help="how sparse queries pick blocks (sparse_score): one arm per budget and score")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--continue-tokens", type=int, default=128,
                     help="greedy tokens decoded past the answer: the fast tier's steady state, reported apart")
     a = ap.parse_args()
     arms = {"dense": dict(attention="cpu_paged", block_size=64)}
-    for b in (8, 16):
-        arms[f"sparse b={b}, locality 0.5"] = dict(attention="sparse", sparse_budget=b, sparse_locality=0.5,
-                                                   sparse_fast_blocks=b)
+    for score in a.scores:
+        for b in a.budgets:
+            arms[f"sparse b={b}, locality 0.5, {score}"] = dict(attention="sparse", sparse_budget=b, sparse_locality=0.5,
+                                                                sparse_fast_blocks=b, sparse_score=score)
     filler = (ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()
     results = {"settings": vars(a), "rows": []}
     for name, kw in arms.items():

@@ -8,7 +8,7 @@ from afford import LLM, SamplingParams
 from afford.attention import get_backend
 from afford.config import ConfigError
 from afford.kv.offload import FastTier
-from tests.test_fastpath import BS, KV, D, Truth
+from tests.test_fastpath import BS, KV, D, H, Truth
 
 
 def test_full_budget_equals_dense_attention_through_both_tiers():
@@ -116,3 +116,32 @@ def test_sparse_attention_over_a_memory_mapped_slow_tier_equals_it_in_ram(llama_
     mapped = LLM(str(llama_dir), kv_mmap_dir=str(tmp_path), **kw)
     assert mapped.generate(prompt, sp)[0].token_ids == ram.token_ids
     assert mapped.stats.sparse["moved_bytes"] > 0 and list(tmp_path.iterdir()) == []
+
+
+def test_the_bound_score_finds_a_block_that_one_key_matches():
+    """score="bound" (Quest): a block holding one key along the query (and three against it) is picked by the
+    per-channel min / max bound, while its mean-pooled key points away; with a budget covering every block
+    both scores equal dense attention."""
+    g = torch.Generator().manual_seed(4)
+    for score in ("mean", "bound"):
+        backend, t = get_backend("sparse", budget=64, dense_below=0, score=score), Truth()
+        t.step(backend, [0, 1], [0, 0], [30, 17], g)
+        for _ in range(5):
+            out, ref = t.step(backend, [0, 1], [len(t.k[0]), len(t.k[1])], [1, 1], g)
+            assert (out - ref).abs().max() <= 1e-5, score
+    picked = {}
+    for score in ("mean", "bound"):
+        backend, t = get_backend("sparse", budget=4, locality=0.0, dense_below=0, score=score), Truth(128)
+        t.step(backend, [0], [0], [64], torch.Generator().manual_seed(5))            # 16 full blocks of 4
+        table, qv = t.pool.tables[0], torch.randn(D, generator=g)
+        keys = torch.randn(16, BS, KV, D, generator=g) * 0.5
+        keys[9] = -3.0 * qv / qv.norm()
+        keys[9, 2] = 8.0 * qv / qv.norm()
+        phys = torch.tensor(table)
+        backend.kmean[0, phys] = keys.mean(1)
+        if score == "bound":
+            backend.kmin[0, phys], backend.kmax[0, phys] = keys.amin(1), keys.amax(1)
+        picked[score] = backend.select(0, table, 64, qv.expand(H, D), torch.arange(H) // (H // KV))
+    assert 9 in picked["bound"] and 9 not in picked["mean"]
+    with pytest.raises(ValueError, match="sparse_score"):
+        get_backend("sparse", score="max")

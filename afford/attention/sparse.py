@@ -8,7 +8,10 @@ key, the mean of its keys, computed once when the block fills. A decode query of
 - of the rest, a `locality` share by a query-independent score -- the attention mass each block received
   when it was last attended (an exponential moving average) -- so consecutive steps select mostly the same
   blocks;
-- the remaining budget by q . compressed key, summed over the heads.
+- the remaining budget by q . compressed key, summed over the heads (`score="mean"`, InfLLM-V2's mean-pooled
+  key), or by an upper bound of q . k over the block's keys (`score="bound"`, Quest: per channel the
+  block's min and max key, sum_d max(q_d min_d, q_d max_d) -- a block holding one key that matches the
+  query is not averaged away among 63 that do not).
 Full selected blocks are read through the fast tier (kv/offload.py): only those not already resident move.
 Prefill and verification rows attend densely (the cpu_paged path). With a budget that covers every
 block the output equals dense attention.
@@ -30,16 +33,18 @@ class SparseBackend(PagedCPUBackend):
     sink, local, decay = 1, 2, 0.9
 
     def __init__(self, budget: int = 16, locality: float = 0.25, dense_below: int | None = None,
-                 fast_blocks: int | None = None, max_seqs: int = 1):
+                 fast_blocks: int | None = None, max_seqs: int = 1, score: str = "mean"):
         if budget < self.sink + self.local + 1:
             raise ValueError(f"sparse_budget must be >= {self.sink + self.local + 1} blocks (sink + local window + 1)")
         if not 0.0 <= locality <= 1.0:
             raise ValueError(f"sparse_locality must be in [0, 1], got {locality}")
+        if score not in ("mean", "bound"):
+            raise ValueError(f"sparse_score must be 'mean' or 'bound', got {score!r}")
         if fast_blocks is not None and fast_blocks < budget:
             raise ValueError(f"sparse_fast_blocks ({fast_blocks}) must hold one query's sparse_budget ({budget})")
-        self.budget, self.locality, self.dense_below = budget, locality, dense_below
+        self.budget, self.locality, self.dense_below, self.score = budget, locality, dense_below, score
         self.fast_blocks = fast_blocks or budget * max(max_seqs, 1)
-        self.kmean = self.mass = self.tier = None
+        self.kmean = self.kmin = self.kmax = self.mass = self.tier = None
         self.read_bytes = self.dense_bytes = 0          # K/V bytes decode attention read / dense would have read
 
     def _alloc(self, kv) -> None:
@@ -47,6 +52,8 @@ class SparseBackend(PagedCPUBackend):
         n, KV, D = k_pool.shape
         blocks = n // self._bs
         self.kmean = torch.zeros(len(kv), blocks, KV, D, dtype=k_pool.dtype, device=k_pool.device)
+        if self.score == "bound":
+            self.kmin, self.kmax = torch.zeros_like(self.kmean), torch.zeros_like(self.kmean)
         self.mass = torch.zeros(len(kv), blocks, dtype=torch.float32, device=k_pool.device)
         # never larger than the pool it caches; its buffers are allocated at the first sparse query
         self.tier = FastTier(min(self.fast_blocks, blocks), len(kv), self._bs, KV, D, k_pool.dtype, k_pool.device,
@@ -80,7 +87,10 @@ class SparseBackend(PagedCPUBackend):
         done = meta.extra["completed"]
         if len(done):
             k_pool = meta.kv[layer][0]
-            self.kmean[layer, done] = k_pool.view(-1, self._bs, *k_pool.shape[1:]).index_select(0, done).mean(1)
+            keys = k_pool.view(-1, self._bs, *k_pool.shape[1:]).index_select(0, done)        # (blocks, bs, KV, D)
+            self.kmean[layer, done] = keys.mean(1)
+            if self.kmin is not None:
+                self.kmin[layer, done], self.kmax[layer, done] = keys.amin(1), keys.amax(1)
         return o
 
     def select(self, layer: int, table: list[int], n: int, q: torch.Tensor, kv_of_head: torch.Tensor) -> list[int]:
@@ -99,8 +109,15 @@ class SparseBackend(PagedCPUBackend):
             keep |= {middle[i] for i in top}
         rest = [i for i, b in enumerate(middle) if b not in keep]
         if room - n_loc > 0 and rest:
-            keys = self.kmean[layer].index_select(0, phys[rest])[:, kv_of_head]           # (m, H, D)
-            score = torch.einsum("hd,mhd->m", q.to(keys.dtype), keys)                       # (m,)
+            pick = phys[rest]
+            if self.kmin is None:
+                keys = self.kmean[layer].index_select(0, pick)[:, kv_of_head]               # (m, H, D)
+                score = torch.einsum("hd,mhd->m", q.to(keys.dtype), keys)                   # (m,)
+            else:                                        # Quest's bound on max_k q . k, summed over the heads
+                qd = q.to(self.kmin.dtype)
+                lo = self.kmin[layer].index_select(0, pick)[:, kv_of_head] * qd             # (m, H, D)
+                hi = self.kmax[layer].index_select(0, pick)[:, kv_of_head] * qd
+                score = torch.maximum(lo, hi).sum((1, 2))
             top = torch.topk(score, min(room - n_loc, len(rest))).indices.tolist()
             keep |= {middle[rest[i]] for i in top}
         return sorted(keep)
@@ -146,6 +163,8 @@ class SparseBackend(PagedCPUBackend):
         src = torch.tensor([s for s, _ in copies], device=self.kmean.device)
         dst = torch.tensor([d for _, d in copies], device=self.kmean.device)
         self.kmean[:, dst] = self.kmean[:, src]
+        if self.kmin is not None:
+            self.kmin[:, dst], self.kmax[:, dst] = self.kmin[:, src], self.kmax[:, src]
         self.mass[:, dst] = self.mass[:, src]
         self.tier.invalidate(dst.tolist())
 
