@@ -74,14 +74,20 @@ def main() -> None:
     ap.add_argument("--scores", nargs="+", default=["mean", "bound"], choices=["mean", "bound"],
                     help="how sparse queries pick blocks (sparse_score): one arm per budget and score")
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--locality", type=float, default=0.5)
+    ap.add_argument("--fast-factor", type=int, default=1, help="fast-tier blocks per layer = factor x budget")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense arm (a sparse-only comparison)")
+    ap.add_argument("--name", default="passkey_long", help="results/NAME.json")
     ap.add_argument("--continue-tokens", type=int, default=128,
                     help="greedy tokens decoded past the answer: the fast tier's steady state, reported apart")
     a = ap.parse_args()
-    arms = {"dense": dict(attention="cpu_paged", block_size=64)}
+    arms = {} if a.no_dense else {"dense": dict(attention="cpu_paged", block_size=64)}
     for score in a.scores:
         for b in a.budgets:
-            arms[f"sparse b={b}, locality 0.5, {score}"] = dict(attention="sparse", sparse_budget=b, sparse_locality=0.5,
-                                                                sparse_fast_blocks=b, sparse_score=score)
+            fast = a.fast_factor * b
+            arms[f"sparse b={b}, locality {a.locality}, {score}" + (f", fast tier {fast}" if a.fast_factor > 1 else "")] = \
+                dict(attention="sparse", sparse_budget=b, sparse_locality=a.locality, sparse_fast_blocks=fast,
+                     sparse_score=score)
     filler = (ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()
     results = {"settings": vars(a), "rows": []}
     for name, kw in arms.items():
@@ -111,7 +117,7 @@ def main() -> None:
                     row["continuation"] = sparse_row(cont, len(docs) * a.continue_tokens)
             results["rows"].append(row)
             print(row, flush=True)
-    print(f"wrote {save('passkey_long', results)}")
+    print(f"wrote {save(a.name, results)}")
 
 
 if __name__ == "__main__":

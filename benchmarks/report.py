@@ -249,14 +249,15 @@ def main():
     r = load("bf16_panels")
     if r:
         bf16_panels(r)
-    r = load("passkey_long")
-    if r:
-        passkey_long(r)
+    for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast"):
+        r = load(name)
+        if r:
+            passkey_long(r, name)
 
 
-def passkey_long(r) -> None:
+def passkey_long(r, name: str = "passkey_long") -> None:
     """benchmarks/passkey_long.py: passkey retrieval, dense vs sparse decode attention, and the fast tier."""
-    print("\n## passkey_long\n" + machine(r) + "\n")
+    print(f"\n## {name}\n" + machine(r) + "\n")
     print(f"Model {r['settings']['model']}, {r['settings']['n']} documents per length.\n")
     rows = []
     for x in r["rows"]:
