@@ -279,8 +279,8 @@ class EngineConfig:
     sparse_fast_blocks: int | None = None    # ... fast-tier blocks per layer (None: budget x max_num_seqs)
     sparse_dense_below: int | None = None    # ... contexts of at most this many tokens attend densely
                                              #     (None: budget x block_size, when every block fits)
-    sparse_score: str = "mean"           # ... how the query picks blocks: "mean" (q . mean-pooled key, InfLLM-V2)
-                                         #     or "bound" (Quest's per-channel min / max bound on q . k)
+    sparse_score: str = "bound"          # ... how the query picks blocks: "bound" (Quest's per-channel min / max
+                                         #     bound on q . k) or "mean" (q . mean-pooled key, InfLLM-V2)
     kv_mmap_dir: str | None = None       # the K/V pool (sparse attention's slow tier) in a memory-mapped file in
                                          # this folder instead of RAM (CPU); the file is unlinked at once
     afd: str | None = None               # attention-FFN disaggregation "attention=1,ffn=M": the MLPs / experts

@@ -27,7 +27,7 @@ class LLM:
                  counterfactual=None, grad_corpus: str | None = None, grad_weight: float = 16.0,
                  grad_top_docs: int = 1, sparse_budget: int = 16, sparse_locality: float = 0.25,
                  sparse_fast_blocks: int | None = None, sparse_dense_below: int | None = None,
-                 sparse_score: str = "mean", kv_mmap_dir: str | None = None, afd: str | None = None, micro_batches: int = 3, afd_address: str | None = None):
+                 sparse_score: str = "bound", kv_mmap_dir: str | None = None, afd: str | None = None, micro_batches: int = 3, afd_address: str | None = None):
         """draft: a draft model folder, "default" (the bundled draft) or "ngram" (prompt lookup) turns on
         lossless speculative decoding with num_speculative_tokens drafted per step. A multi-exit (S2D) draft
         stops each drafted token at its first confident exit: draft_exit="auto" calibrates the thresholds on
@@ -53,7 +53,7 @@ class LLM:
         grad_top_docs documents BM25 retrieves for each prompt. attention="sparse": NOSA-style block-sparse decode
         attention (lossy once a context has more than sparse_budget blocks; block_size defaults to 64 with it)
         over a two-tier KV store whose fast tier holds sparse_fast_blocks blocks per layer; sparse_score="bound"
-        picks the query's blocks by Quest's min / max bound instead of the mean-pooled key. kv_mmap_dir=FOLDER
+        (the default) picks the query's blocks by Quest's min / max bound on q . k, "mean" by the mean-pooled key. kv_mmap_dir=FOLDER
         keeps the KV pool (the slow tier) in a memory-mapped file there instead of RAM (CPU; removed at once).
 
         afd="attention=1,ffn=M": attention-FFN disaggregation (lossless) -- the MLPs (a MoE's experts, split

@@ -8,10 +8,11 @@ key, the mean of its keys, computed once when the block fills. A decode query of
 - of the rest, a `locality` share by a query-independent score -- the attention mass each block received
   when it was last attended (an exponential moving average) -- so consecutive steps select mostly the same
   blocks;
-- the remaining budget by q . compressed key, summed over the heads (`score="mean"`, InfLLM-V2's mean-pooled
-  key), or by an upper bound of q . k over the block's keys (`score="bound"`, Quest: per channel the
-  block's min and max key, sum_d max(q_d min_d, q_d max_d) -- a block holding one key that matches the
-  query is not averaged away among 63 that do not).
+- the remaining budget by an upper bound of q . k over the block's keys, summed over the heads
+  (`score="bound"`, the default, after Quest: per channel the block's min and max key, sum_d max(q_d min_d,
+  q_d max_d) -- a block holding one key that matches the query is not averaged away among 63 that do not),
+  or by q . its compressed key (`score="mean"`, InfLLM-V2's mean-pooled key: it lost a pass key 4K tokens
+  back that the bound keeps, BENCHMARKS.md).
 Full selected blocks are read through the fast tier (kv/offload.py): only those not already resident move.
 Prefill and verification rows attend densely (the cpu_paged path). With a budget that covers every
 block the output equals dense attention.
@@ -33,7 +34,7 @@ class SparseBackend(PagedCPUBackend):
     sink, local, decay = 1, 2, 0.9
 
     def __init__(self, budget: int = 16, locality: float = 0.25, dense_below: int | None = None,
-                 fast_blocks: int | None = None, max_seqs: int = 1, score: str = "mean"):
+                 fast_blocks: int | None = None, max_seqs: int = 1, score: str = "bound"):
         if budget < self.sink + self.local + 1:
             raise ValueError(f"sparse_budget must be >= {self.sink + self.local + 1} blocks (sink + local window + 1)")
         if not 0.0 <= locality <= 1.0:
