@@ -79,6 +79,10 @@ def _zoo(sub):
         p.add_argument("--seq-len", type=int, default=256)
         p.add_argument("--max-positions", type=int, default=1024, help="the model's positions (>= --seq-len)")
         p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base (longer contexts: larger)")
+        p.add_argument("--sparse-budget", type=int, default=0,
+                       help="> 0: sparse fine-tuning -- attention in the block pattern attention='sparse' decodes "
+                            "with (this many blocks per query: first, last two, the rest by Quest's bound)")
+        p.add_argument("--sparse-block", type=int, default=64, help="the sparse pattern's block size in tokens")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--lr", type=float, default=2e-3)
         p.add_argument("--minutes", type=float)
@@ -151,7 +155,8 @@ def cmd_zoo(a) -> int:
                      max_position_embeddings=a.max_positions, rope_theta=a.rope_theta,
                      lr=a.lr, minutes=a.minutes, steps=a.steps, eval_every=a.eval_every, seed=a.seed,
                      threads=a.threads, bf16=False if a.fp32 else None, init=a.init,
-                     conditioned=getattr(a, "conditioned", False), **shape)
+                     conditioned=getattr(a, "conditioned", False), sparse_budget=a.sparse_budget,
+                     sparse_block=a.sparse_block, **shape)
     res = train(tc, resume=a.resume, overwrite=a.overwrite)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0

@@ -145,3 +145,27 @@ def test_the_bound_score_finds_a_block_that_one_key_matches():
     assert 9 in picked["bound"] and 9 not in picked["mean"]
     with pytest.raises(ValueError, match="sparse_score"):
         get_backend("sparse", score="max")
+
+
+def test_sparse_fine_tuning_trains_in_the_pattern_the_backend_decodes_with():
+    """sparse_train_mask (afford zoo train --sparse-budget): causal, every query keeps the first block and the
+    last two, at most `budget` blocks; with a budget covering every block it is the causal mask; and for a
+    query at the end of a context it picks the blocks the sparse backend's decode query picks (bound score,
+    no locality share)."""
+    from afford.models.transformer import sparse_train_mask
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(1, 50, H, D, generator=g), torch.randn(1, 50, KV, D, generator=g)
+    assert torch.equal(sparse_train_mask(q, k, 100, BS)[0, 0], torch.ones(50, 50, dtype=torch.bool).tril())
+    m = sparse_train_mask(q, k, 6, BS)[0, 0]
+    for t in range(50):
+        blocks = {s // BS for s in range(t + 1) if m[t, s]}
+        assert not m[t, t + 1:].any() and m[t, t] and len(blocks) <= 6 and {0, t // BS, max(t // BS - 1, 0)} <= blocks
+    backend, t = get_backend("sparse", budget=6, locality=0.0, dense_below=0, score="bound"), Truth(128)
+    t.step(backend, [0], [0], [60], g)                     # 15 full blocks of 4, out of order in the pool
+    keys = t.k[0]                                          # (60, KV, D)
+    qv = torch.randn(H, D, generator=g)
+    picked = backend.select(0, t.pool.tables[0], 61, qv, torch.arange(H) // (H // KV))
+    kk = torch.cat([keys, torch.randn(1, KV, D, generator=g)])[None]      # the query's own key at position 60
+    qq = torch.cat([torch.randn(60, H, D, generator=g), qv[None]])[None]
+    row = sparse_train_mask(qq, kk, 6, BS)[0, 0, 60]
+    assert sorted({s // BS for s in range(61) if row[s]}) == picked

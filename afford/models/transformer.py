@@ -140,6 +140,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+@torch.no_grad()
+def sparse_train_mask(q: torch.Tensor, k: torch.Tensor, budget: int, block: int) -> torch.Tensor:
+    """The block-sparse pattern the `sparse` attention backend decodes with, for every query of a training
+    window at once (NOSA-style sparse fine-tuning): query t (context t + 1 tokens) attends to the first
+    block, the last two (its own among them) and, of the blocks between, the budget - 3 with the largest
+    Quest bound on q . k (afford/attention/sparse.py, score "bound"; the locality share needs decoding's
+    history and is not modelled); all of them when they fit the budget. q (B, T, H, D), k (B, T, KV, D) ->
+    a boolean mask (B, 1, T, T), True where a query may attend, causal."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    nb = -(-T // block)
+    pad = nb * block - T
+    kb = F.pad(k, (0, 0, 0, 0, 0, pad)).view(B, nb, block, KV, D)
+    valid = (torch.arange(nb * block, device=q.device) < T).view(1, nb, block, 1, 1)
+    kmax = kb.masked_fill(~valid, float("-inf")).amax(2).repeat_interleave(H // KV, 2)      # (B, nb, H, D)
+    kmin = kb.masked_fill(~valid, float("inf")).amin(2).repeat_interleave(H // KV, 2)
+    qf = q.float()
+    score = (torch.einsum("bthd,bjhd->btj", qf.clamp(min=0), kmax.float().nan_to_num(0.0))
+             - torch.einsum("bthd,bjhd->btj", (-qf).clamp(min=0), kmin.float().nan_to_num(0.0)))  # (B, T, nb)
+    own = torch.arange(T, device=q.device) // block                                     # (T,) query's block
+    j = torch.arange(nb, device=q.device)
+    middle = (j[None, :] >= 1) & (j[None, :] <= own[:, None] - 2)                         # (T, nb)
+    room = budget - 3
+    picked = torch.zeros(B, T, nb, dtype=torch.bool, device=q.device)
+    if room > 0:
+        top = score.masked_fill(~middle, float("-inf")).topk(min(room, nb), dim=-1).indices   # (B, T, room)
+        picked.scatter_(2, top, True)
+        picked &= middle
+    fits = middle.sum(1) <= room                                                         # (T,): all of them
+    blocks = picked | (middle & fits[:, None]) | (j[None, :] == 0) | (j[None, :] >= own[:, None] - 1)
+    tok = blocks.repeat_interleave(block, 2)[:, :, :T]                                   # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return (tok & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """GQA/MQA/MHA, or MFA (Step-3): the query goes through a low-rank bottleneck
     (q_a_proj: hidden -> q_rank, RMSNorm, q_b_proj: q_rank -> heads * head_dim) and all heads share ONE
@@ -160,6 +195,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.qkv: PackedLinear | None = None
+        self.train_sparse: tuple[int, int] | None = None    # (budget, block): dense forwards take sparse_train_mask
 
     def fuse_quantized(self) -> None:
         """q|k|v as one low-bit matrix (afford/models/quant.py fuse_quantized), where their formats allow."""
@@ -206,8 +242,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv_rope(x, cos, sin)
         if meta is None:
             B, T = x.shape[:2]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=self.kvh != self.h)   # (B, H, T, D)
+            mask = sparse_train_mask(q, k, *self.train_sparse) if self.train_sparse else None
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=self.kvh != self.h)   # (B, H, T, D)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, self.h * self.d))          # (B, T, hidden)
         o = meta.backend.forward(q, k, v, layer, meta)                                    # (N, H, D)
         return self.o_proj(o.reshape(-1, self.h * self.d))                                 # (N, hidden)

@@ -72,6 +72,8 @@ class TrainConfig:
     bf16: bool | None = None        # bf16 autocast (weights stay fp32); None: where bf16 matmuls are fast
                                     # (CUDA, AVX-512 CPUs: ~2x); on an AVX2-only CPU they are >10x slower
     conditioned: bool = False       # C3oT: .jsonl records twice, long and short chain under condition prefixes
+    sparse_budget: int = 0          # > 0: attention in the sparse backend's block pattern (sparse fine-tuning)
+    sparse_block: int = 64          # ... its block size in tokens
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -88,6 +90,9 @@ class TrainConfig:
                            or self.exits[-1] != self.layers):
             raise ConfigError(f"--exits {','.join(map(str, self.exits))} must be increasing layer counts ending at "
                               f"the model's {self.layers} layers (e.g. --exits 1,2,{self.layers})")
+        if self.sparse_budget and (self.sparse_budget < 4 or self.sparse_block < 1 or self.q_rank):
+            raise ConfigError("--sparse-budget needs >= 4 blocks (sink + 2 local + 1) of --sparse-block >= 1 tokens, "
+                              "and GQA attention (not --q-rank)")
         if self.seq_len > self.max_position_embeddings:
             raise ConfigError(f"seq_len {self.seq_len} exceeds the model's {self.max_position_embeddings} positions: "
                               f"raise --max-positions")
@@ -211,6 +216,10 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False, log=pr
     mcfg = model_config(tc, len(tok), tok.eos_token_id)
     model = Transformer(mcfg).to(device)
     init_weights(model)
+    if tc.sparse_budget:                  # train in the pattern the sparse backend decodes with
+        for m in model.modules():
+            if hasattr(m, "train_sparse"):
+                m.train_sparse = (tc.sparse_budget, tc.sparse_block)
     if tc.init and not resume:
         init_from(model, load_model(tc.init, device=str(device), dtype="float32"), tc.init)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
