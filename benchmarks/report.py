@@ -249,7 +249,7 @@ def main():
     r = load("bf16_panels")
     if r:
         bf16_panels(r)
-    for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast", "passkey_long_noloc"):
+    for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast", "passkey_long_noloc", "passkey_long_sparse_ft"):
         r = load(name)
         if r:
             passkey_long(r, name)
