@@ -15,7 +15,9 @@ after the dense prefill, so its first step misses every block it selects) and, a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 
 import torch
 from common import ROOT, save
@@ -57,6 +59,26 @@ def retrieve(llm, ids: list[int], new: int = 4, more: int = 0) -> tuple[list[int
         pool.free(sid)
 
 
+@torch.inference_mode()
+def tail_perplexity(llm, ids: list[int], tail: int) -> tuple[float, float]:
+    """Teacher-forced: the context prefilled up to its last `tail` tokens, each of those fed as a decode step
+    through the attention under test. Returns (summed NLL of the tail tokens, seconds of those steps)."""
+    eng = llm.engine
+    pool, runner = eng.pool, eng.runner
+    sid = 10 ** 6 + 1
+    cut = len(ids) - tail
+    pool.prepare_write(sid, len(ids))
+    try:
+        logits = runner.forward([sid], [0], [ids[:cut]])
+        nll, t = 0.0, time.perf_counter()
+        for p in range(cut, len(ids)):
+            nll -= float(torch.log_softmax(logits[0].float(), -1)[ids[p]])
+            logits = runner.forward([sid], [p], [[ids[p]]])
+        return nll, time.perf_counter() - t
+    finally:
+        pool.free(sid)
+
+
 def diff(a: dict, b: dict) -> dict:
     return {k: b[k] - a[k] for k in ("read_bytes", "dense_bytes", "moved_bytes", "hits", "misses")}
 
@@ -78,6 +100,10 @@ def main() -> None:
     ap.add_argument("--fast-factor", type=int, default=1, help="fast-tier blocks per layer = factor x budget")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense arm (a sparse-only comparison)")
     ap.add_argument("--name", default="passkey_long", help="results/NAME.json")
+    ap.add_argument("--ppl-docs", type=int, default=0,
+                    help="documents per length whose filler's last --ppl-tokens tokens are also scored teacher-forced "
+                         "through decode steps: perplexity and decode tokens/s at that context")
+    ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--continue-tokens", type=int, default=128,
                     help="greedy tokens decoded past the answer: the fast tier's steady state, reported apart")
     a = ap.parse_args()
@@ -99,7 +125,8 @@ def main() -> None:
                     if len(tok(d["prompt"], add_special_tokens=False)["input_ids"]) < limit][:a.n]
             hits, ctx = 0, 0
             answer = cont = None
-            for d in docs:
+            nll = secs = 0.0
+            for i, d in enumerate(docs):
                 ids = tok(d["prompt"], add_special_tokens=False)["input_ids"]
                 ctx += len(ids)
                 before = counters(llm)
@@ -109,8 +136,14 @@ def main() -> None:
                     one, two = diff(before, mid), diff(mid, counters(llm))
                     answer = one if answer is None else {k: answer[k] + one[k] for k in one}
                     cont = two if cont is None else {k: cont[k] + two[k] for k in two}
+                if i < a.ppl_docs:                 # after the counters: these steps are not in the hit rates
+                    n, s = tail_perplexity(llm, ids[:-QUESTION_TOKENS], a.ppl_tokens)
+                    nll, secs = nll + n, secs + s
             row = {"arm": name, "context_tokens_mean": ctx / len(docs), "documents": len(docs),
                    "accuracy": hits / len(docs)}
+            if a.ppl_docs:
+                scored = min(a.ppl_docs, len(docs)) * a.ppl_tokens
+                row.update(perplexity_tail=math.exp(nll / scored), decode_tok_s=scored / secs)
             if answer is not None:               # the question and answer steps, from a cold fast tier
                 row.update(sparse_row(answer, len(docs) * (QUESTION_TOKENS + 4)))
                 if a.continue_tokens:

@@ -249,7 +249,8 @@ def main():
     r = load("bf16_panels")
     if r:
         bf16_panels(r)
-    for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast", "passkey_long_noloc", "passkey_long_sparse_ft"):
+    for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast", "passkey_long_noloc", "passkey_long_sparse_ft",
+                 "passkey_long_ppl"):
         r = load(name)
         if r:
             passkey_long(r, name)
@@ -263,12 +264,15 @@ def passkey_long(r, name: str = "passkey_long") -> None:
     for x in r["rows"]:
         c = x.get("continuation") or {}
         rows.append([x["arm"], f"{x['context_tokens_mean']:,.0f}", x["documents"], f"{100 * x['accuracy']:.0f} %",
+                     f"{x['perplexity_tail']:.2f}" if "perplexity_tail" in x else "-",
+                     f"{x['decode_tok_s']:.0f}" if "decode_tok_s" in x else "-",
                      f"{x['kv_read_vs_dense']:.2f}" if "kv_read_vs_dense" in x else "1.00",
                      f"{100 * x['hit_rate']:.0f} %" if "hit_rate" in x else "-",
                      f"{x['moved_bytes_per_token'] / 1e6:.2f} MB" if "moved_bytes_per_token" in x else "-",
                      f"{c['kv_read_vs_dense']:.2f}" if c else "-", f"{100 * c['hit_rate']:.1f} %" if c else "-",
                      f"{c['moved_bytes_per_token'] / 1e6:.3f} MB" if c else "-"])
-    print(table(["arm", "context (mean tokens)", "documents", "retrieval", "K/V read vs dense (question + answer)",
+    print(table(["arm", "context (mean tokens)", "documents", "retrieval", "perplexity, last 128 filler tokens",
+                 "decode tok/s", "K/V read vs dense (question + answer)",
                  "fast-tier hit rate (question + answer)", "moved per token", "K/V read vs dense (continuation)",
                  "hit rate (continuation)", "moved per token (continuation)"], rows))
 
