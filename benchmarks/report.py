@@ -250,7 +250,7 @@ def main():
     if r:
         bf16_panels(r)
     for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast", "passkey_long_noloc", "passkey_long_sparse_ft",
-                 "passkey_long_ppl"):
+                 "passkey_long_ppl", "passkey_long_ppl_noloc"):
         r = load(name)
         if r:
             passkey_long(r, name)
