@@ -52,9 +52,12 @@ class SparseBackend(PagedCPUBackend):
         k_pool = kv[0][0]
         n, KV, D = k_pool.shape
         blocks = n // self._bs
-        self.kmean = torch.zeros(len(kv), blocks, KV, D, dtype=k_pool.dtype, device=k_pool.device)
+        shape = (len(kv), blocks, KV, D)                     # a block's compressed key(s): what its score reads
         if self.score == "bound":
-            self.kmin, self.kmax = torch.zeros_like(self.kmean), torch.zeros_like(self.kmean)
+            self.kmin = torch.zeros(shape, dtype=k_pool.dtype, device=k_pool.device)
+            self.kmax = torch.zeros_like(self.kmin)
+        else:
+            self.kmean = torch.zeros(shape, dtype=k_pool.dtype, device=k_pool.device)
         self.mass = torch.zeros(len(kv), blocks, dtype=torch.float32, device=k_pool.device)
         # never larger than the pool it caches; its buffers are allocated at the first sparse query
         self.tier = FastTier(min(self.fast_blocks, blocks), len(kv), self._bs, KV, D, k_pool.dtype, k_pool.device,
@@ -89,9 +92,10 @@ class SparseBackend(PagedCPUBackend):
         if len(done):
             k_pool = meta.kv[layer][0]
             keys = k_pool.view(-1, self._bs, *k_pool.shape[1:]).index_select(0, done)        # (blocks, bs, KV, D)
-            self.kmean[layer, done] = keys.mean(1)
             if self.kmin is not None:
                 self.kmin[layer, done], self.kmax[layer, done] = keys.amin(1), keys.amax(1)
+            else:
+                self.kmean[layer, done] = keys.mean(1)
         return o
 
     def select(self, layer: int, table: list[int], n: int, q: torch.Tensor, kv_of_head: torch.Tensor) -> list[int]:
@@ -159,13 +163,13 @@ class SparseBackend(PagedCPUBackend):
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """A copy-on-write copy carries its block's compressed key and attention mass."""
-        if self.kmean is None or not copies:
+        if self.mass is None or not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.kmean.device)
-        dst = torch.tensor([d for _, d in copies], device=self.kmean.device)
-        self.kmean[:, dst] = self.kmean[:, src]
-        if self.kmin is not None:
-            self.kmin[:, dst], self.kmax[:, dst] = self.kmin[:, src], self.kmax[:, src]
+        src = torch.tensor([s for s, _ in copies], device=self.mass.device)
+        dst = torch.tensor([d for _, d in copies], device=self.mass.device)
+        for keys in (self.kmean, self.kmin, self.kmax):
+            if keys is not None:
+                keys[:, dst] = keys[:, src]
         self.mass[:, dst] = self.mass[:, src]
         self.tier.invalidate(dst.tolist())
 

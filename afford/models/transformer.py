@@ -151,14 +151,14 @@ def sparse_train_mask(q: torch.Tensor, k: torch.Tensor, budget: int, block: int)
     B, T, H, D = q.shape
     KV = k.shape[2]
     nb = -(-T // block)
-    pad = nb * block - T
-    kb = F.pad(k, (0, 0, 0, 0, 0, pad)).view(B, nb, block, KV, D)
-    valid = (torch.arange(nb * block, device=q.device) < T).view(1, nb, block, 1, 1)
-    kmax = kb.masked_fill(~valid, float("-inf")).amax(2).repeat_interleave(H // KV, 2)      # (B, nb, H, D)
-    kmin = kb.masked_fill(~valid, float("inf")).amin(2).repeat_interleave(H // KV, 2)
-    qf = q.float()
-    score = (torch.einsum("bthd,bjhd->btj", qf.clamp(min=0), kmax.float().nan_to_num(0.0))
-             - torch.einsum("bthd,bjhd->btj", (-qf).clamp(min=0), kmin.float().nan_to_num(0.0)))  # (B, T, nb)
+    # zero padding of a partial last block cannot change a choice: only blocks two or more before a query's
+    # own are scored, and those are full
+    kb = F.pad(k, (0, 0, 0, 0, 0, nb * block - T)).view(B, nb, block, KV, D)
+    kmax = kb.amax(2).repeat_interleave(H // KV, 2).float()                               # (B, nb, H, D)
+    kmin = kb.amin(2).repeat_interleave(H // KV, 2).float()
+    qf = q.float()          # Quest's bound sum_d max(q_d min_d, q_d max_d), as two products
+    score = (torch.einsum("bthd,bjhd->btj", qf.clamp(min=0), kmax)
+             - torch.einsum("bthd,bjhd->btj", (-qf).clamp(min=0), kmin))                   # (B, T, nb)
     own = torch.arange(T, device=q.device) // block                                     # (T,) query's block
     j = torch.arange(nb, device=q.device)
     middle = (j[None, :] >= 1) & (j[None, :] <= own[:, None] - 2)                         # (T, nb)
