@@ -1,6 +1,12 @@
 """AsyncLLM: the engine's step loop in its own thread, requests in through a bounded queue, tokens out
 as an async stream per request. The event loop never runs a forward.
 
+The engine is BUILT on that thread too (`AsyncLLM.from_config`): GNU OpenMP keeps one worker team per
+thread that ever ran a parallel region, and once there are more such threads than cores it stops
+spinning between regions (its throttled spin count) -- every parallel region then waits ~40 us for a
+futex wake-up. A model loaded on the main thread and stepped on another made the bundled target's batch-1
+step 3.7x slower on a 2-core machine (benchmarks/serve_overhead.py measures it).
+
     async for out in llm.generate(prompt, params, request_id):   # RequestOutput per step (n > 1: per choice)
         ...
 Cancelling the consumer (a client that disconnects) aborts the request: its blocks are free by the next step.
@@ -12,6 +18,7 @@ import queue
 import threading
 import time
 import traceback
+from typing import Callable
 
 from afford.config import ConfigError, EngineConfig, LossyConfig, SpeculativeConfig
 from afford.core.outputs import RequestOutput
@@ -38,8 +45,10 @@ class _Stream:
 
 
 class AsyncLLM:
-    def __init__(self, engine: Engine, max_queue: int = 256):
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int = 256):
+        """`engine`: an Engine, or a function that builds one -- called on the engine thread, so that every
+        torch parallel region runs on one thread's OpenMP team (see the module's docstring); its
+        exception, if any, is raised here."""
         self.max_queue = max_queue
         self.cmds: queue.Queue = queue.Queue()
         self.streams: dict[str, _Stream] = {}
@@ -47,13 +56,30 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.step_errors = 0
-        self.thread = threading.Thread(target=self._loop, name="afford-engine", daemon=True)
+        built = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.engine = engine() if callable(engine) else engine
+            except BaseException as e:           # raised to the caller below
+                failed.append(e)
+                return
+            finally:
+                built.set()
+            self._loop()
+
+        self.thread = threading.Thread(target=run, name="afford-engine", daemon=True)
         self.thread.start()
+        built.wait()
+        if failed:
+            self.thread.join()
+            raise failed[0]
 
     @staticmethod
     def from_config(cfg: EngineConfig, speculative: SpeculativeConfig | None = None, max_queue: int = 256,
                     lossy: LossyConfig | None = None) -> "AsyncLLM":
-        return AsyncLLM(Engine(cfg, speculative, lossy), max_queue)
+        return AsyncLLM(lambda: Engine(cfg, speculative, lossy), max_queue)
 
     # ---- the engine thread ----
     def _loop(self) -> None:
