@@ -357,19 +357,11 @@ def _serve(sub):
     s.add_argument("--shutdown-timeout", type=number_arg(float, 0), default=10.0,
                    help="seconds in-flight requests may finish")
     s.add_argument("--threads", type=number_arg(int, 1),
-                   help="torch threads of the engine (default: the cores this process may use minus one, at "
-                        "least 1: one core stays with the HTTP front end, as vLLM's CPU backend reserves one)")
+                   help="torch threads of the engine (default: torch's, one per core). Fewer leave cores to the "
+                        "HTTP front end, as vLLM's CPU backend reserves one; on a 2-core machine that was slower "
+                        "(benchmarks/serve_overhead.py)")
     add_engine_args(s, "serve")
     add_lossy_args(s)
-
-
-def serve_threads() -> int:
-    """The engine's torch threads when serving: every core this process may run on but one, which the HTTP
-    front end (and on a shared box, the clients) needs for its per-token work: with every core given to
-    the engine, each wake-up of the front end preempts an OpenMP worker in the middle of a parallel region
-    (vLLM's CPU backend reserves a core for its API server the same way). benchmarks/serve_overhead.py
-    measures both settings."""
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) - 1)
 
 
 def cmd_serve(a) -> int:
@@ -378,7 +370,8 @@ def cmd_serve(a) -> int:
 
     from afford.async_engine import AsyncLLM
     from afford.serve.app import DrainingServer, create_app
-    torch.set_num_threads(a.threads or serve_threads())
+    if a.threads:
+        torch.set_num_threads(a.threads)
     llm = AsyncLLM.from_config(*engine_configs(a), max_queue=a.max_queue, lossy=lossy_from_args(a))
     app = create_app(llm, a.served_model_name or a.model, a.api_key, a.max_body_bytes, a.shutdown_timeout)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="info",

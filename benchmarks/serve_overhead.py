@@ -2,8 +2,8 @@
 64 new tokens) decoded (1) by `LLM.generate` on the main thread -- the engine alone; (2) through AsyncLLM
 in-process (the engine's own thread, no HTTP), with the engine built on the main thread and stepped on
 its thread (how AsyncLLM worked before), built on its thread, and with 1 or all torch threads; (3)
-through `afford serve` over loopback with a streaming client (benchmarks/serve_load.py's), with all cores
-or the default (all but one). Each arm is a fresh process (an OpenMP team, once created, stays for the
+through `afford serve` over loopback with a streaming client (benchmarks/serve_load.py's), with torch's
+default threads (one per core) or one core left to the front end and the client. Each arm is a fresh process (an OpenMP team, once created, stays for the
 life of the process), arms interleaved over `--rounds` rounds; medians reported. "sequential": 12
 requests one after another; "burst": all 48 at once.
 
@@ -107,8 +107,8 @@ def arms(cores: int) -> list[tuple[str, list[str]]]:
         (f"AsyncLLM, engine built on the main thread (before), {cores} threads", ["async-main", str(cores)]),
         (f"AsyncLLM, engine built on its thread, {cores} threads", ["async", str(cores)]),
         (f"AsyncLLM, engine built on its thread, {one_less} thread(s)", ["async", str(one_less)]),
-        (f"afford serve --threads {cores} (all cores)", ["http", str(cores)]),
-        (f"afford serve (default: {one_less} thread(s))", ["http", "0"]),
+        (f"afford serve (default: {cores} threads)", ["http", "0"]),
+        (f"afford serve --threads {one_less} (a core left to the front end)", ["http", str(one_less)]),
     ]
 
 
