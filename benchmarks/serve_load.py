@@ -2,12 +2,13 @@
 several rates, streaming completions; throughput, TTFT and TPOT p50/p99 for plain decoding with
 chunked prefill (the default), plain decoding without it (a step prefills whole prompts while the
 decodes wait) and speculation (goodput controller, bundled draft); and the same model at batch 1 (one
-request at a time) through the same server. `tpot_p99_over_light` is each row's TPOT p99 over the
+request at a time) through the same server; plain arms capped at --max-num-seqs N (rate 1 and the burst)
+show what bounding the decode batch does at saturation. `tpot_p99_over_light` is each row's TPOT p99 over the
 arm's at rate 1 (light load). Prefix caching is off in every arm: each rate replays the same prompts,
 which a cache would serve from the second rate on (benchmarks/prefix.py measures the cache). Bounded
 in requests and time.
 
-    python benchmarks/serve_load.py [--requests 48] [--max-tokens 64]
+    python benchmarks/serve_load.py [--requests 48] [--max-tokens 64] [--max-num-seqs 4 8 16]
 """
 from __future__ import annotations
 
@@ -93,12 +94,17 @@ def main():
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rates", nargs="+", type=float, default=[1, 2, 4, 8, 1000])
+    ap.add_argument("--max-num-seqs", nargs="*", type=int, default=[4, 8, 16],
+                    help="extra plain arms with this cap on running sequences, at rate 1 and the burst only: "
+                         "what bounding the decode batch buys TPOT at saturation and costs TTFT")
     a = ap.parse_args()
     ps = prompts(a.requests)
     rows = []
     arms = (("plain", []), ("plain, no chunked prefill", ["--no-enable-chunked-prefill"]),
             ("spec goodput", ["--draft", "default", "--k", "4"]))
-    for arm, extra in arms:
+    arms = [(arm, extra, a.rates) for arm, extra in arms]
+    arms += [(f"plain, max_num_seqs={n}", ["--max-num-seqs", str(n)], [1, 1000]) for n in a.max_num_seqs]
+    for arm, extra, rates in arms:
         proc, url = serve(extra + ["--no-enable-prefix-caching"])
         light = None
         try:
@@ -106,7 +112,7 @@ def main():
             r = asyncio.run(load(url, ps[:12], 0, a.max_tokens))
             rows.append({"arm": arm, "rate": "batch 1 (sequential)", **r})
             print(rows[-1], flush=True)
-            for rate in a.rates:
+            for rate in rates:
                 r = asyncio.run(load(url, ps, rate, a.max_tokens))
                 light = r["tpot_p99_s"] if light is None else light
                 rows.append({"arm": arm, "rate": rate, **r, "tpot_p99_over_light": round(r["tpot_p99_s"] / light, 2)})
