@@ -21,6 +21,9 @@ from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference, load_tokenizer, resolve_model_path
 from afford.speculative.speculator import Speculator
 
+AFD_QUANTIZED = ("afd with quantization is not implemented: the FFN workers load full-precision weights; drop "
+                 "quantization= or give the full-precision model")
+
 
 class Engine:
     def __init__(self, cfg: EngineConfig, speculative: SpeculativeConfig | None = None,
@@ -37,8 +40,12 @@ class Engine:
         if cfg.max_model_len is not None and cfg.max_model_len > model_max:
             raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's {model_max} positions")
         self.max_model_len = cfg.max_model_len or model_max
+        if cfg.afd is not None and (cfg.quantization or (path / "quantization.json").is_file()):
+            raise ConfigError(AFD_QUANTIZED)
+        # an AFD attention side never reads the FFN / expert weights: its workers load those
         self.model = load_for_inference(path, cfg.device, cfg.dtype, max_len=self.max_model_len,
-                                        quantization=cfg.quantization, quant_group=cfg.quant_group)
+                                        quantization=cfg.quantization, quant_group=cfg.quant_group,
+                                        ffn=cfg.afd is None)
         self.model_config = mcfg
         per_token = mcfg.kv_bytes_per_token(next(self.model.parameters()).element_size())
         bs = cfg.block_size
@@ -55,7 +62,7 @@ class Engine:
             from afford.afd.runner import AFDRunner
             self.runner = AFDRunner(self.model, self.pool, str(path), AFDSpec.parse(cfg.afd), cfg.micro_batches,
                                     cfg.attention, cfg.afd_address, str(next(self.model.parameters()).device), cfg.dtype,
-                                    attention_options=cfg.attention_options)
+                                    attention_options=cfg.attention_options, native=cfg.native)
         else:
             self.runner = ModelRunner(self.model, self.pool, cfg.attention, cfg.native, graphs=not cfg.enforce_eager,
                                       max_batch=cfg.max_num_seqs,
@@ -100,8 +107,7 @@ class Engine:
             raise ConfigError(f"afd runs its messages over gloo on the CPU in this build; the model is on {dev}: use "
                               f"--device cpu (NCCL on GPUs is not implemented)")
         if quant_settings(self.model):                 # quantization= or a quantized checkpoint
-            raise ConfigError("afd with quantization is not implemented: the FFN workers load full-precision "
-                              "weights; drop quantization= or give the full-precision model")
+            raise ConfigError(AFD_QUANTIZED)
         if self.cfg.kv_mmap_dir is not None:
             raise ConfigError("afd with kv_mmap_dir is not implemented (the attention side allocates its KV pool in "
                               "RAM); drop one of them")

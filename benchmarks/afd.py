@@ -79,6 +79,37 @@ def machine_as_hardware() -> dict:
     return {"flops": flops, "bw": bw}
 
 
+ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
+
+
+def ffn_flops_by_rows(cfg, intermediate: int) -> list[tuple[int, float]]:
+    """One core's FLOP/s of the FFN workers' own product (afford's MLP packed as a worker packs it: oneDNN's
+    pre-packed fp32 linear, gate|up then down) by the number of rows it multiplies: the planner's
+    calibration table (Hardware.flops_by_rows)."""
+    from afford.models.transformer import MLP
+    from afford.zoo.train import init_weights
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mlp = MLP(cfg, intermediate)
+    init_weights(mlp)
+    mlp.pack(True)
+    table = []
+    with torch.inference_mode():
+        for r in ROWS:
+            x = torch.randn(r, cfg.hidden_size)
+            mlp(x)
+            reps = max(3, 256 // r)
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    mlp(x)
+                best = min(best, (time.perf_counter() - t) / reps)
+            table.append((r, 2 * r * 3 * cfg.hidden_size * intermediate / best))
+    torch.set_num_threads(threads)
+    return table
+
+
 def decode(llm, prompts, tokens: int) -> dict:
     """Run the prompts; time the steps after every sequence has its first token."""
     from afford import SamplingParams
@@ -118,6 +149,8 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
     spec = spec_from_model_config(cfg, 4)
     res, ref = [], None
     k = cfg.num_experts_per_tok
+    table = ffn_flops_by_rows(cfg, cfg.moe_intermediate_size if moe else cfg.intermediate_size)
+    print("  FFN product, one core, GFLOP/s by rows: " + ", ".join(f"{r}: {f / 1e9:.1f}" for r, f in table), flush=True)
     for afd, m in ARMS:
         threads = torch.get_num_threads()
         if afd:
@@ -143,13 +176,18 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
                 big = runner.ping(1024, 4096, repeats=5)
                 hw["net_bps"] = 2 * 1024 * 4096 * 4 / big
                 hw["latency_us"] = runner.ping(1, 16, repeats=50) / 2 * 1e6
-            machine = custom_hardware(f"cpu:flops={hw['flops']},bw={hw['bw']},net={hw['net_bps'] * 8 / 1e9}")
-            plan = pipeline(spec, machine, args.batch, args.context + args.tokens // 2, m, workers, 4.0, 4.0)
-            arm["planner_us"] = {key: plan[f"{key}_us"] for key in ("attention", "ffn", "transfer", "layer", "bubble")}
+            base = f"cpu:flops={hw['flops']},bw={hw['bw']},net={hw['net_bps'] * 8 / 1e9}"
+            calibrated = base + "".join(f",flops@{r}={f}" for r, f in table)
             p, A, F = arm["per_layer_us"], arm["per_layer_us"]["attention"], arm["per_layer_us"]["ffn"]
             p["bubble"] = p["layer"] - max(A, F)
             p["overlap"] = A + F - p["layer"]
-            arm["planner_error"] = {key: arm["planner_us"][key] / p[key] - 1 for key in ("attention", "ffn", "layer")}
+            # the planner with one peak FLOP/s, and with the measured FLOP/s by rows (--custom-hardware flops@R=)
+            for name, text in (("planner", base), ("planner_calibrated", calibrated)):
+                plan = pipeline(spec, custom_hardware(text), args.batch, args.context + args.tokens // 2, m, workers,
+                                4.0, 4.0)
+                arm[f"{name}_us"] = {key: plan[f"{key}_us"] for key in ("attention", "ffn", "transfer", "layer", "bubble")}
+                arm[f"{name}_error"] = {key: arm[f"{name}_us"][key] / p[key] - 1 for key in ("attention", "ffn", "layer")}
+            arm["custom_hardware"] = calibrated
         llm.close()
         torch.set_num_threads(threads)
         res.append(arm)
@@ -157,9 +195,12 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
               + (f"  per layer A {A:.0f} / wait {p['wait']:.0f} / F {F:.0f} / X {p['transfer']:.0f} us, planner "
                  f"A {arm['planner_us']['attention']:.0f} F {arm['planner_us']['ffn']:.0f} X "
                  f"{arm['planner_us']['transfer']:.0f} layer {arm['planner_us']['layer']:.0f} vs {p['layer']:.0f}, "
+                 f"calibrated A {arm['planner_calibrated_us']['attention']:.0f} F "
+                 f"{arm['planner_calibrated_us']['ffn']:.0f} layer {arm['planner_calibrated_us']['layer']:.0f}, "
                  f"overlap {p['overlap']:.0f}" if afd else ""), flush=True)
     return {"model": "moe" if moe else "dense", "config": {**SHAPE, "intermediate": cfg.intermediate_size,
-            "experts": cfg.num_experts, "top_k": k, "vocab": cfg.vocab_size}, "arms": res}
+            "experts": cfg.num_experts, "top_k": k, "vocab": cfg.vocab_size}, "arms": res,
+            "ffn_flops_by_rows": table}
 
 
 def main() -> None:

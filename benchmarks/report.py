@@ -249,6 +249,9 @@ def main():
     r = load("bf16_panels")
     if r:
         bf16_panels(r)
+    r = load("serve_overhead")
+    if r:
+        serve_overhead(r)
     for name in ("passkey_long", "passkey_long_bound", "passkey_long_fast", "passkey_long_noloc", "passkey_long_sparse_ft",
                  "passkey_long_ppl", "passkey_long_ppl_noloc"):
         r = load(name)
@@ -275,6 +278,22 @@ def passkey_long(r, name: str = "passkey_long") -> None:
                  "decode tok/s", "K/V read vs dense (question + answer)",
                  "fast-tier hit rate (question + answer)", "moved per token", "K/V read vs dense (continuation)",
                  "hit rate (continuation)", "moved per token (continuation)"], rows))
+
+
+def serve_overhead(r) -> None:
+    """benchmarks/serve_overhead.py: the engine alone, through AsyncLLM, and through the HTTP server."""
+    st = r["settings"]
+    print("\n## serve_overhead\n" + machine(r) + "\n")
+    print(f"{st['sequential']} requests one after another / {st['burst']} at once, up to {st['max_tokens']} "
+          f"tokens, {st['dtype']}; medians of {st['rounds']} interleaved rounds, each arm a fresh process.\n")
+
+    def ms(x, k):
+        return f"{x[k]:.2f}" if k in x else "-"
+    print(table(["arm", "sequential tok/s", "vs engine", "burst tok/s", "vs engine", "batch-1 step (ms)",
+                 "TPOT p50 sequential (ms)", "TPOT p99 burst (ms)"],
+                [[x["arm"], f"{x['sequential_tok_s']:,.0f}", f"{x['sequential_vs_engine']:.2f}",
+                  f"{x['burst_tok_s']:,.0f}", f"{x['burst_vs_engine']:.2f}", ms(x, "batch1_step_ms"),
+                  ms(x, "sequential_tpot_p50_ms"), ms(x, "burst_tpot_p99_ms")] for x in r["rows"]]))
 
 
 def bf16_panels(r) -> None:

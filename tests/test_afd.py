@@ -67,9 +67,27 @@ def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_di
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
         t = llm.engine.runner.timings()
         procs = llm.engine.runner.procs
+        names = [n for n, _ in llm.engine.model.named_parameters()]
+        native = llm.engine.runner.native_attn is not None          # attention halves as native calls
     assert got == want
+    assert native
+    # the attention side never loaded an FFN / expert weight (its workers hold them); MoE routers it keeps
+    assert not [n for n in names if ".mlp." in n and not n.endswith(".mlp.gate.weight")]
+    assert any(n.endswith(".mlp.gate.weight") for n in names) == (which != "dense")
     assert t["steps"] > 0 and all(a > 0 for a in t["attention_s"]) and all(f > 0 for f in t["ffn_s"])
     assert len(procs) == AFDSpec.parse(spec).ffn and exited(procs)
+
+
+def test_loading_without_the_ffn_reads_only_the_rest(qwen_moe_dir):
+    from afford.models.loader import load_model
+    full = load_model(qwen_moe_dir, device="cpu", dtype="float32")
+    part = load_model(qwen_moe_dir, device="cpu", dtype="float32", ffn=False)
+    kept = dict(part.named_parameters())
+    assert kept and all(".mlp." not in n or n.endswith(".mlp.gate.weight") for n in kept)
+    for n, p in full.named_parameters():                    # what it kept is what the full load has
+        if n in kept:
+            assert torch.equal(kept[n], p)
+    assert sum(p.numel() for p in kept.values()) < sum(p.numel() for p in full.parameters()) / 2
 
 
 def test_a_dead_worker_fails_requests_clearly_and_nothing_is_left(llama_dir):
@@ -118,7 +136,7 @@ def test_an_idle_deployment_outlives_the_message_timeout(llama_dir):
     from afford.models.loader import load_for_inference
     ref = ModelRunner(load_for_inference(llama_dir, "cpu", "float32"), BlockPool(8, 16), native=False)
     afd = AFDRunner(load_for_inference(llama_dir, "cpu", "float32"), BlockPool(8, 16), str(llama_dir),
-                    AFDSpec(1, 1), 2, timeout_s=2.0)
+                    AFDSpec(1, 1), 2, timeout_s=2.0, native=False)          # the Python path: bitwise equal
     try:
         time.sleep(3.0)                                        # longer than the group's timeout
         for r in (ref, afd):

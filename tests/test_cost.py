@@ -140,3 +140,26 @@ def test_live_cost_in_metrics_and_stats(llama_dir):
     assert "modeled $" in llm.stats.line() and "h100" in llm.stats.line()
     with pytest.raises(ConfigError, match="known"):
         LLM(str(llama_dir), cost_hardware="tpu9")
+
+
+def test_a_measured_flops_table_calibrates_the_afd_pipeline():
+    """--custom-hardware flops@ROWS=F: products of few rows at their measured FLOP/s, interpolated in
+    log(rows) and flat beyond the table; a table at the peak everywhere changes nothing."""
+    from afford.cost.afd import pipeline
+    from afford.cost.hardware import custom_hardware
+    flat = custom_hardware("cpu:flops=1e11,bw=1e10,net=20")
+    table = custom_hardware("cpu:flops=1e11,bw=1e10,net=20,flops@64=8e10,flops@4=2e10,flops@256=1e11")
+    assert table.flops_by_rows == ((4.0, 2e10), (64.0, 8e10), (256.0, 1e11))            # sorted by rows
+    assert table.flops_at(1) == 2e10 and table.flops_at(4) == 2e10 and table.flops_at(1000) == 1e11
+    assert table.flops_at(16) == pytest.approx(5e10)                                      # halfway in log(rows)
+    assert flat.flops_at(3) == 1e11
+    same = custom_hardware("cpu:flops=1e11,bw=1e10,net=20,flops@1=1e11,flops@512=1e11")
+    spec = PRESETS["qwen3-32b"]
+    for m in (1, 3):
+        assert pipeline(spec, same, 96, 128, m) == pytest.approx(pipeline(spec, flat, 96, 128, m))
+        slow, fast = pipeline(spec, table, 96, 128, m), pipeline(spec, flat, 96, 128, m)
+        assert slow["ffn_us"] > fast["ffn_us"] and slow["attention_us"] > fast["attention_us"]
+    for bad in ("cpu:flops=1e11,bw=1e10,flops@0=1e9", "cpu:flops=1e11,bw=1e10,flops@x=1e9",
+                "cpu:flops=1e11,bw=1e10,flops@8=-1"):
+        with pytest.raises(ConfigError, match="flops@ROWS"):
+            custom_hardware(bad)

@@ -44,6 +44,7 @@ from afford.afd.protocol import (
 from afford.attention.backend import ForwardBatch
 from afford.config import ConfigError
 from afford.core.runner import ModelRunner
+from afford.models.native import NativeDecoder
 from afford.models.transformer import MoE
 
 START_TIMEOUT_S = 120.0     # for workers to start and load their share (a message's timeout is timeout_s)
@@ -114,7 +115,7 @@ def _watchdog(procs: list[subprocess.Popen], state: dict, every_s: float = 0.2) 
 class AFDRunner(ModelRunner):
     def __init__(self, model, pool, model_path: str, spec: AFDSpec, micro_batches: int = 3,
                  attention: str = "auto", address: str | None = None, device: str = "cpu", dtype: str = "auto",
-                 timeout_s: float = 120.0, attention_options: dict | None = None):
+                 timeout_s: float = 120.0, attention_options: dict | None = None, native: bool = True):
         """address None: spawn spec.ffn workers on this host; "host:port": wait there for workers started
         with `afford afd-worker` (ranks 1..ffn)."""
         if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
@@ -148,7 +149,12 @@ class AFDRunner(ModelRunner):
             threading.Thread(target=_watchdog, args=(self.procs, self._state), daemon=True,
                              name="afford-afd-watchdog").start()
         self.moe = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
-        self._strip_ffn(model)
+        model.drop_ffn()                                  # the workers hold the FFN weights (a no-op when the
+                                                          # engine loaded the model without them)
+        # each layer's attention half as one C++ call on the native forward's kernels (paged attention that
+        # reads the blocks in place) where it applies; the Python path otherwise
+        self.native_attn = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) \
+            if native else None
         L = len(self.moe)
         self.attn_s, self.wait_s = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
         self.steps = 0
@@ -168,16 +174,6 @@ class AFDRunner(ModelRunner):
                     f"not every FFN worker joined {self.address} within {timeout_s:.0f} s"
                 raise AFDWorkerLost(f"AFD start-up failed: {why}")
             time.sleep(0.05)
-
-    @staticmethod
-    def _strip_ffn(model) -> None:
-        """The workers hold the FFN weights: keep only the routers here."""
-        for layer in model.model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.experts = torch.nn.ModuleList()
-                layer.mlp.shared_expert = layer.mlp.shared_expert_gate = None
-            else:
-                layer.mlp = None
 
     @property
     def broken(self) -> AFDWorkerLost | None:
@@ -274,8 +270,12 @@ class AFDRunner(ModelRunner):
                 if pending[i] is not None:
                     xs[i] = self._collect(xs[i], pending[i], li - 1)
                 t0 = time.perf_counter()
-                x = xs[i] + layer.self_attn(layer.input_layernorm(xs[i]), *rope[i], meta, li, tables)
-                h = layer.post_attention_layernorm(x)                                        # (n_i, hidden)
+                if self.native_attn is not None:
+                    x = xs[i]
+                    h = self.native_attn.attn_half(x, groups[i][0], li)       # x += attention, in place; (n_i, hidden)
+                else:
+                    x = xs[i] + layer.self_attn(layer.input_layernorm(xs[i]), *rope[i], meta, li, tables)
+                    h = layer.post_attention_layernorm(x)                                    # (n_i, hidden)
                 if self.moe[li]:
                     w, idx = layer.mlp.route(h)                                              # (n_i, k) each
                     payload = torch.cat([h.float(), w.float(), idx.float()], dim=-1)        # (n_i, hidden + 2k)

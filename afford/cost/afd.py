@@ -74,10 +74,13 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
     net = (network_gbps or hw.net_gbps) * 1e9 / 8
 
     def stages(b: float) -> tuple[float, float, float]:
+        # weight products of b rows at the machine's FLOP/s for b rows (Hardware.flops_at: its calibration
+        # table, else the peak); a MoE expert sees b * k / E rows of them
         attn = max(b * w["attention_flops"] / L / hw.flops, b * w["kv_bytes"] / L / hw.mem_bw) + \
-            max(b * w["linear_flops"] / L / hw.flops, w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
+            max(b * w["linear_flops"] / L / hw.flops_at(b), w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
         ffn_flops, ffn_read = _ffn_layer(spec, max(1, round(b)), weight_bytes)
-        ffn = max(ffn_flops / ffn_workers / hw.flops, ffn_read / ffn_workers / hw.mem_bw)
+        expert_rows = b * k / max(f.experts for f in spec.ffn if f.is_moe) if k else b
+        ffn = max(ffn_flops / ffn_workers / hw.flops_at(expert_rows), ffn_read / ffn_workers / hw.mem_bw)
         return attn, ffn_workers * b * (2 * H + 2 * k) * act_bytes / net, ffn
 
     m = min(micro_batches, batch)              # the runner never makes more micro-batches than sequences

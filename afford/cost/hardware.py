@@ -5,6 +5,7 @@ KV have FP8's bytes on cards without FP8). Prices are USD per card-hour and can 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from afford.config import ConfigError
@@ -20,10 +21,28 @@ class Hardware:
     mem_bw: float               # bytes / s
     net_gbps: float             # per 8-card server, the paper's network assumption
     source: str
+    # measured FLOP/s of a weight product by the number of rows (tokens) it multiplies, ((rows, flops), ...):
+    # a product of few rows runs below the peak on a CPU (and on a GPU below its tensor-core tile).
+    # Empty: every product at `flops`.
+    flops_by_rows: tuple[tuple[float, float], ...] = ()
 
     @property
     def flops(self) -> float:
         return self.fp8_flops or self.bf16_flops
+
+    def flops_at(self, rows: float) -> float:
+        """FLOP/s of a product of `rows` rows: the calibration table interpolated linearly in log(rows),
+        flat beyond its ends; the peak without a table."""
+        t = self.flops_by_rows
+        if not t:
+            return self.flops
+        if rows <= t[0][0]:
+            return t[0][1]
+        for (r0, f0), (r1, f1) in zip(t, t[1:]):
+            if rows <= r1:
+                w = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
+                return f0 + w * (f1 - f0)
+        return t[-1][1]
 
     @property
     def usd_per_flop(self) -> float:
@@ -62,22 +81,29 @@ HARDWARE: dict[str, Hardware] = {h.key: h for h in (
 
 
 def custom_hardware(text: str) -> Hardware:
-    """'KEY:flops=F,bw=B[,net=GBPS][,price=USD]' -- a machine you measured (FLOP/s, bytes/s of memory
-    bandwidth, network Gbit/s, USD per hour), e.g. `cpu:flops=4.1e10,bw=1.2e10,net=80`."""
+    """'KEY:flops=F,bw=B[,net=GBPS][,price=USD][,flops@R=F_R ...]' -- a machine you measured (FLOP/s,
+    bytes/s of memory bandwidth, network Gbit/s, USD per hour, and optionally the FLOP/s of a product of R
+    rows, a calibration table), e.g. `cpu:flops=4.1e10,bw=1.2e10,net=80,flops@1=8e9,flops@32=3e10`."""
     key, _, rest = text.partition(":")
-    vals = {}
+    vals, by_rows = {}, {}
     for item in rest.split(","):
         k, _, v = item.partition("=")
+        k = k.strip()
         try:
-            vals[k.strip()] = float(v)
+            if k.startswith("flops@"):
+                by_rows[float(k[6:])] = float(v)
+            else:
+                vals[k] = float(v)
         except ValueError:
-            raise ConfigError(f"--custom-hardware {text!r}: {item!r} is not NAME=NUMBER") from None
+            raise ConfigError(f"--custom-hardware {text!r}: {item!r} is not NAME=NUMBER (or flops@ROWS=NUMBER)") from None
     unknown = set(vals) - {"flops", "bw", "net", "price"}
-    if not key.strip() or unknown or not {"flops", "bw"} <= set(vals) or any(v <= 0 for v in vals.values()):
-        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,price=USD] with positive "
-                          f"numbers, got {text!r}")
+    if not key.strip() or unknown or not {"flops", "bw"} <= set(vals) or \
+            any(v <= 0 for v in [*vals.values(), *by_rows, *by_rows.values()]):
+        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,price=USD][,flops@ROWS=F ...] with "
+                          f"positive numbers, got {text!r}")
     return Hardware(key.strip().lower(), f"custom {key.strip()}", vals.get("price", 1.0), vals["flops"], None,
-                    vals["bw"], vals.get("net", 100.0), "measured by the user (--custom-hardware)")
+                    vals["bw"], vals.get("net", 100.0), "measured by the user (--custom-hardware)",
+                    tuple(sorted(by_rows.items())))
 
 
 def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] | None = None,

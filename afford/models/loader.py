@@ -125,13 +125,22 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
-               max_len: int | None = None) -> Transformer:
+               max_len: int | None = None, ffn: bool = True) -> Transformer:
+    """ffn=False: without the FFN / expert weights (Transformer.drop_ffn), which are then never read from the
+    checkpoint -- an AFD attention side holds no copy of what its FFN workers hold."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     dev = resolve_device(device)
-    state = rename_weights(load_state_dict(path), cfg)
     with torch.device("meta"):
         model = Transformer(cfg, max_len=max_len)
+    if not ffn:
+        if (path / "quantization.json").is_file():
+            raise ConfigError(f"{path} is quantized; loading it without its FFN weights (afd) is not implemented")
+        model.drop_ffn()
+        wanted = {k: None for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        state = load_tensors(path, cfg, wanted)
+    else:
+        state = rename_weights(load_state_dict(path), cfg)
     model = model.to_empty(device="cpu")
     model.rope_cos, model.rope_sin = Transformer.rope_tables(cfg, model.max_len)  # buffers were on meta
     if (path / "quantization.json").is_file():
@@ -160,11 +169,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
 
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto",
                        max_len: int | None = None, quantization: str | None = None,
-                       quant_group: str = "auto") -> Transformer:
+                       quant_group: str = "auto", ffn: bool = True) -> Transformer:
     """load_model, then either quantize it (quantization="int8"|"int4", weight-only, FineQuant-style)
     or fuse and pre-transpose its matrices for fast full-precision decoding."""
     with torch.no_grad():
-        model = load_model(path, device, dtype, max_len)
+        model = load_model(path, device, dtype, max_len, ffn=ffn)
         done = quant_settings(model)
         if done and quantization:                               # a quantized checkpoint
             raise ConfigError(f"{path} is already quantized ({done['bits']}-bit); drop quantization=")

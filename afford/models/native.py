@@ -118,13 +118,23 @@ def bf16_exact(model) -> bool:
     return all(torch.equal(w, w.bfloat16().float()) for w in (m.weight.detach() for m in _linears(model)))
 
 
+def _attention_only(model) -> bool:
+    """A model whose FFN weights live elsewhere (Transformer.drop_ffn: an AFD attention side)."""
+    from afford.models.transformer import MoE
+    return all(layer.mlp is None or (isinstance(layer.mlp, MoE) and not len(layer.mlp.experts))
+               for layer in model.model.layers)
+
+
 def _linears(model) -> list:
+    ffn = not _attention_only(model)
     return [model.lm_head] + [m for layer in model.model.layers
-                              for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+                              for m in (layer.self_attn.qkv, layer.self_attn.o_proj,
+                                        *((layer.mlp.gate_up, layer.mlp.down_proj) if ffn else ()))]
 
 
 def unsupported(model, backend_name: str) -> str | None:
-    """Why the native forward does not apply to this model / backend (None: it does)."""
+    """Why the native forward does not apply to this model / backend (None: it does). A model without its
+    FFN weights (an AFD attention side) gets attention halves only (NativeDecoder.attn_half)."""
     from afford.models.transformer import DUAL_LAYOUT_MAX_BYTES, PackedLinear
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:
@@ -133,7 +143,7 @@ def unsupported(model, backend_name: str) -> str | None:
         return f"implements the cpu_paged attention backend, not {backend_name}"
     if model.cfg.attention == "mfa":
         return "does not implement MFA attention"
-    if model.cfg.num_experts:
+    if model.cfg.num_experts and not _attention_only(model):
         return "does not implement mixture-of-experts layers"
     if not all(isinstance(m, PackedLinear) for m in _linears(model)):
         return "needs plain fp32 weights (this model is quantized)"
@@ -151,12 +161,14 @@ class NativeDecoder:
     def __init__(self, module, model, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         cfg = model.cfg
         self.bf16 = b = bf16_exact(model)
+        self.attention_only = _attention_only(model)
+        none = [torch.empty(0, 0), torch.empty(0)]                  # no FFN weights: attention halves only
         layers = []
         for layer, (k_pool, v_pool) in zip(model.model.layers, kv):
             a, m = layer.self_attn, layer.mlp
+            ffn = none * 2 if self.attention_only else [*_linear_tensors(m.gate_up, b), *_linear_tensors(m.down_proj, b)]
             layers.append([layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                           *_linear_tensors(a.qkv, b), *_linear_tensors(a.o_proj, b), *_linear_tensors(m.gate_up, b),
-                           *_linear_tensors(m.down_proj, b), k_pool, v_pool])
+                           *_linear_tensors(a.qkv, b), *_linear_tensors(a.o_proj, b), *ffn, k_pool, v_pool])
         self.impl = module.NativeDecoder(model.model.embed_tokens.weight.detach(), model.rope_cos, model.rope_sin,
                                          model.model.norm.weight.detach(), _linear_tensors(model.lm_head, b), layers,
                                          cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, block_size)
@@ -181,6 +193,12 @@ class NativeDecoder:
         all). The batch must have no padding rows (CUDA graph buckets only)."""
         return self.impl.step(ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables,
                               self._empty if rows is None else rows)
+
+    def attn_half(self, x: torch.Tensor, batch, layer: int) -> torch.Tensor:
+        """Attention-FFN disaggregation: layer `layer`'s attention half over the batch's tokens. x (N, hidden),
+        the residual stream entering the layer, becomes x + attention output in place; returns the
+        post-attention norm of it (N, hidden), what the FFN workers take."""
+        return self.impl.attn_half(x, batch.positions, batch.slot_mapping, batch.query_lens, batch.tables, layer)
 
     def segment(self, ids: torch.Tensor, x: torch.Tensor | None, batch, lo: int, hi: int,
                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -418,10 +418,14 @@ class NativeDecoder {
         final_norm_(std::move(final_norm)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(eps), bs_(block_size) {
     head_ = linear_of(head, 0);
     for (auto& t : layers) {
-      // norm1, norm2, (weight, bias) for each of qkv, o, gate_up, down, then k_pool, v_pool
+      // norm1, norm2, (weight, bias) for each of qkv, o, gate_up, down, then k_pool, v_pool; gate_up and down
+      // empty in every layer: attention halves only (attn_half; the FFN runs elsewhere, afford/afd/)
       TORCH_CHECK(t.size() == 12, "a layer is 12 tensors, got ", t.size());
-      layers_.push_back(Layer{t[0], t[1], linear_of(t, 2), linear_of(t, 4), linear_of(t, 6), linear_of(t, 8),
-                              t[10], t[11]});
+      const bool has_ffn = t[6].numel() > 0;
+      TORCH_CHECK(layers_.empty() || has_ffn == ffn_, "native forward: every layer has its FFN or none does");
+      ffn_ = has_ffn;
+      layers_.push_back(Layer{t[0], t[1], linear_of(t, 2), linear_of(t, 4), has_ffn ? linear_of(t, 6) : Linear{},
+                              has_ffn ? linear_of(t, 8) : Linear{}, t[10], t[11]});
     }
     TORCH_CHECK(KV_ > 0 && H_ % KV_ == 0 && H_ / KV_ <= 64, "native forward: 1 to 64 query heads per K/V head");
     TORCH_CHECK(D_ % 2 == 0 && cos_.dim() == 2 && cos_.size(1) == D_ && sin_.sizes() == cos_.sizes(),
@@ -431,8 +435,8 @@ class NativeDecoder {
     const int64_t hidden = embed_.size(1);
     for (const Layer& L : layers_) {
       TORCH_CHECK(L.qkv.out() == (H_ + 2 * KV_) * D_ && L.qkv.in() == hidden && L.o.in() == H_ * D_ &&
-                  L.o.out() == hidden && L.gate_up.in() == hidden && L.gate_up.out() == 2 * layers_[0].down.in() &&
-                  L.down.out() == hidden, "native forward: a layer's weight shapes do not fit the config");
+                  L.o.out() == hidden && (!ffn_ || (L.gate_up.in() == hidden && L.gate_up.out() == 2 * layers_[0].down.in() &&
+                  L.down.out() == hidden)), "native forward: a layer's weight shapes do not fit the config");
       for (const at::Tensor* pool : {&L.k_pool, &L.v_pool})
         TORCH_CHECK(pool->scalar_type() == at::kFloat && pool->is_contiguous() && pool->dim() == 3 &&
                     pool->size(0) == slots_ && pool->size(1) == KV_ && pool->size(2) == D_ && slots_ % bs_ == 0,
@@ -727,30 +731,67 @@ class NativeDecoder {
   // layers [lo, hi) on the residual stream x (N, hidden), in place; every fed token's K/V written to its slot
   void run_layers(float* xp, int64_t N, const int64_t* pos, const int64_t* slot,
                   const std::vector<const int64_t*>& tok_table, int64_t lo, int64_t hi) {
+    TORCH_CHECK(ffn_, "native forward: this decoder holds attention halves only (attn_half)");
     const int64_t hidden = embed_.size(1), qkv_w = (H_ + 2 * KV_) * D_, I = layers_.empty() ? 0 : layers_[0].down.in();
     std::vector<float> h(N * hidden), qkv(N * qkv_w), att(N * H_ * D_), gu(N * 2 * I), act(N * I);
     for (int64_t li = lo; li < hi; ++li) {
       const Layer& L = layers_[li];
-      { Timed t(prof_, ELEMENTWISE); rms_norm(xp, N, hidden, L.norm1.data_ptr<float>(), eps_, h.data()); }
-      { Timed t(prof_, MATMUL); L.qkv(h.data(), N, qkv.data()); }
-      float* kp = L.k_pool.data_ptr<float>();
-      float* vp = L.v_pool.data_ptr<float>();
-      {
-        Timed t(prof_, ELEMENTWISE);
-        rope(qkv.data(), N, qkv_w, H_ + KV_, D_, cos_.data_ptr<float>(), sin_.data_ptr<float>(), pos);
-        for (int64_t r = 0; r < N; ++r) {
-          std::memcpy(kp + slot[r] * KV_ * D_, &qkv[r * qkv_w + H_ * D_], KV_ * D_ * sizeof(float));
-          std::memcpy(vp + slot[r] * KV_ * D_, &qkv[r * qkv_w + (H_ + KV_) * D_], KV_ * D_ * sizeof(float));
-        }
-      }
-      { Timed t(prof_, ATTENTION); attention(qkv.data(), qkv_w, N, pos, tok_table, kp, vp, att.data()); }
-      { Timed t(prof_, MATMUL); L.o(att.data(), N, xp, /*accumulate=*/true); }        // x += o(att)
-      { Timed t(prof_, ELEMENTWISE); rms_norm(xp, N, hidden, L.norm2.data_ptr<float>(), eps_, h.data()); }
+      attention_half(L, xp, N, pos, slot, tok_table, h.data(), qkv.data(), att.data());
       { Timed t(prof_, MATMUL); L.gate_up(h.data(), N, gu.data()); }
       { Timed t(prof_, ELEMENTWISE); silu_mul(gu.data(), N, I, act.data()); }
       { Timed t(prof_, MATMUL); L.down(act.data(), N, xp, /*accumulate=*/true); }     // x += down(act)
     }
   }
+
+  // x += o(attention(norm1(x))) (the K/V of the N tokens written to their slots first), then h = norm2(x):
+  // what the FFN half takes. Scratch: qkv (N, (H + 2 KV) D), att (N, H D).
+  void attention_half(const Layer& L, float* xp, int64_t N, const int64_t* pos, const int64_t* slot,
+                      const std::vector<const int64_t*>& tok_table, float* h, float* qkv, float* att) {
+    const int64_t hidden = embed_.size(1), qkv_w = (H_ + 2 * KV_) * D_;
+    { Timed t(prof_, ELEMENTWISE); rms_norm(xp, N, hidden, L.norm1.data_ptr<float>(), eps_, h); }
+    { Timed t(prof_, MATMUL); L.qkv(h, N, qkv); }
+    float* kp = L.k_pool.data_ptr<float>();
+    float* vp = L.v_pool.data_ptr<float>();
+    {
+      Timed t(prof_, ELEMENTWISE);
+      rope(qkv, N, qkv_w, H_ + KV_, D_, cos_.data_ptr<float>(), sin_.data_ptr<float>(), pos);
+      for (int64_t r = 0; r < N; ++r) {
+        std::memcpy(kp + slot[r] * KV_ * D_, &qkv[r * qkv_w + H_ * D_], KV_ * D_ * sizeof(float));
+        std::memcpy(vp + slot[r] * KV_ * D_, &qkv[r * qkv_w + (H_ + KV_) * D_], KV_ * D_ * sizeof(float));
+      }
+    }
+    { Timed t(prof_, ATTENTION); attention(qkv, qkv_w, N, pos, tok_table, kp, vp, att); }
+    { Timed t(prof_, MATMUL); L.o(att, N, xp, /*accumulate=*/true); }                  // x += o(att)
+    { Timed t(prof_, ELEMENTWISE); rms_norm(xp, N, hidden, L.norm2.data_ptr<float>(), eps_, h); }
+  }
+
+ public:
+  // Attention-FFN disaggregation (afford/afd/): layer li's attention half over the N tokens a ForwardBatch
+  // describes. x (N, hidden) fp32, the residual stream entering the layer, becomes x + o(attention(norm1(x)))
+  // in place; returns norm2 of it (N, hidden), what the FFN workers take. The same kernels as `step`.
+  at::Tensor attn_half(at::Tensor x, const at::Tensor& positions, const at::Tensor& slots,
+                       const std::vector<int64_t>& q_lens, const std::vector<std::vector<int64_t>>& tables,
+                       int64_t li) {
+    c10::InferenceMode guard;
+    const int64_t N = positions.numel(), hidden = embed_.size(1), L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(0 <= li && li < L, "attn_half: layer ", li, " of ", L);
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) == N &&
+                x.size(1) == hidden, "attn_half: x is the contiguous (N, hidden) fp32 residual stream of the fed tokens");
+    // token_tables validates positions, slots and tables (positions stand in for the ids: only N is read)
+    const std::vector<const int64_t*> tok_table = token_tables(positions, positions, slots, q_lens, tables,
+                                                               at::empty({0}, at::kLong));
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    for (int64_t r = 0; r < N; ++r)
+      TORCH_CHECK(pos[r] < cos_.size(0) && slot[r] >= 0 && slot[r] < slots_, "attn_half: position ", pos[r],
+                  " / slot ", slot[r], " outside the RoPE table / K/V pool");
+    at::Tensor h = at::empty({N, hidden}, at::kFloat);
+    std::vector<float> qkv(N * (H_ + 2 * KV_) * D_), att(N * H_ * D_);
+    attention_half(layers_[li], x.data_ptr<float>(), N, pos, slot, tok_table, h.data_ptr<float>(), qkv.data(), att.data());
+    return h;
+  }
+
+ private:
 
   // the final norm and the LM head on the rows `sel` of the residual stream x (N, hidden): out (|sel|, V)
   void head(const float* x, int64_t N, const std::vector<int64_t>& sel, float* out) {
@@ -884,6 +925,7 @@ class NativeDecoder {
   double eps_;
   int64_t bs_;
   int64_t slots_ = 0;
+  bool ffn_ = true;            // false: attention halves only (no FFN weights here)
   Profile prof_;
 };
 
@@ -910,6 +952,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("draft_greedy", &NativeDecoder::draft_greedy, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("segment", &NativeDecoder::segment, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("draft_exits", &NativeDecoder::draft_exits, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("attn_half", &NativeDecoder::attn_half, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_profiling", &NativeDecoder::set_profiling)
       .def("take_profile", &NativeDecoder::take_profile);
   m.def("pack_panels", &pack_panels);

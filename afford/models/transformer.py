@@ -408,12 +408,24 @@ class Transformer(nn.Module):
             sum(q.numel() for q in self.parameters()) * p.element_size() <= DUAL_LAYOUT_MAX_BYTES
         for layer in self.model.layers:
             layer.self_attn.pack(dual)
-            layer.mlp.pack(dual)
+            if layer.mlp is not None:                   # None: drop_ffn (an AFD attention side)
+                layer.mlp.pack(dual)
         self.lm_head = PackedLinear(self.lm_head, one_row_copy=dual)
         if dual and self.weight_bytes() <= last_level_cache_bytes():
             for m in self.modules():
                 if isinstance(m, PackedLinear):
                     m.mm_rows = CACHE_RESIDENT_MM_ROWS
+        return self
+
+    def drop_ffn(self) -> "Transformer":
+        """Keep attention, norms, embeddings, head and the MoE routers only: what an attention-FFN
+        disaggregated deployment's attention side holds (afford/afd/); the FFN workers hold the rest."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts = nn.ModuleList()
+                layer.mlp.shared_expert = layer.mlp.shared_expert_gate = None
+            else:
+                layer.mlp = None
         return self
 
     def weight_bytes(self) -> int:
