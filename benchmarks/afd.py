@@ -87,11 +87,11 @@ def ffn_flops_by_rows(cfg, intermediate: int) -> list[tuple[int, float]]:
     pre-packed fp32 linear, gate|up then down) by the number of rows it multiplies: the planner's
     calibration table (Hardware.flops_by_rows)."""
     from afford.models.transformer import MLP
-    from afford.zoo.train import init_weights
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     mlp = MLP(cfg, intermediate)
-    init_weights(mlp)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02)
     mlp.pack(True)
     table = []
     with torch.inference_mode():
