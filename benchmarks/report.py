@@ -341,14 +341,25 @@ def afd(r) -> None:
         kind = f"MoE {c['experts']} experts of {c['intermediate']}, top-{c['top_k']}" if c["experts"] else \
             f"dense, intermediate {c['intermediate']}"
         base = m["arms"][0]
+        cal = "planner_calibrated_us" in m["arms"][-1]
         print(f"\n{m['model']} ({c['layers']} layers, hidden {c['hidden']}, {kind}); per layer and step, us "
-              f"(planner's prediction in brackets)\n")
+              f"(in brackets: the planner's prediction" + (" at one peak FLOP/s / with the measured FLOP/s-by-rows "
+              "table, and the calibrated error" if cal else "") + ")\n")
+        if "ffn_flops_by_rows" in m:
+            print("FFN product, one core, GFLOP/s by rows: "
+                  + ", ".join(f"{rr}: {f / 1e9:.1f}" for rr, f in m["ffn_flops_by_rows"]) + "\n")
+
+        def cell(a, key):
+            p, q = a["per_layer_us"], a["planner_us"]
+            if not cal or key not in a["planner_calibrated_error"]:
+                return f"{p[key]:.0f} ({q[key]:.0f})"
+            return (f"{p[key]:.0f} ({q[key]:.0f} / {a['planner_calibrated_us'][key]:.0f}, "
+                    f"{100 * a['planner_calibrated_error'][key]:+.0f} %)")
         rows = []
         for a in m["arms"]:
             p, q = a.get("per_layer_us"), a.get("planner_us")
             cells = ["", "", "", "", "", ""] if not p else [
-                f"{p['attention']:.0f} ({q['attention']:.0f})", f"{p['ffn']:.0f} ({q['ffn']:.0f})",
-                f"{p['transfer']:.0f} ({q['transfer']:.0f})", f"{p['layer']:.0f} ({q['layer']:.0f})",
+                cell(a, "attention"), cell(a, "ffn"), f"{p['transfer']:.0f} ({q['transfer']:.0f})", cell(a, "layer"),
                 f"{p['bubble']:.0f} ({q['bubble']:.0f})", f"{p['attention'] + p['ffn'] - p['layer']:.0f}"]
             rows.append([a["arm"], f"{a['tok_s']:.0f}", f"{a['tok_s'] / base['tok_s']:.2f}x", f"{a['tpot_ms']:.1f}",
                          "yes" if a["same_tokens"] else "NO", *cells])
