@@ -5,7 +5,7 @@ The engine is BUILT on that thread too (`AsyncLLM.from_config`): GNU OpenMP keep
 thread that ever ran a parallel region, and once there are more such threads than cores it stops
 spinning between regions (its throttled spin count) -- every parallel region then waits ~40 us for a
 futex wake-up. A model loaded on the main thread and stepped on another made the bundled target's batch-1
-step 6x slower on a 2-core machine (1.88 vs 0.30 ms; benchmarks/serve_overhead.py measures it).
+step 5.4x slower on a 2-core machine (1.68 vs 0.31 ms; benchmarks/serve_overhead.py measures it).
 
     async for out in llm.generate(prompt, params, request_id):   # RequestOutput per step (n > 1: per choice)
         ...

@@ -357,7 +357,7 @@ def _serve(sub):
     s.add_argument("--shutdown-timeout", type=number_arg(float, 0), default=10.0,
                    help="seconds in-flight requests may finish")
     s.add_argument("--threads", type=number_arg(int, 1),
-                   help="torch threads of the engine (default: torch's, one per core). Fewer leave cores to the "
+                   help="torch threads of the engine (default: torch's own count). Fewer leave cores to the "
                         "HTTP front end, as vLLM's CPU backend reserves one; on a 2-core machine that was slower "
                         "(benchmarks/serve_overhead.py)")
     add_engine_args(s, "serve")

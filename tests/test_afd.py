@@ -60,9 +60,14 @@ def test_split_batch_is_contiguous_and_balanced():
 @pytest.mark.parametrize("which,spec,micro", [("dense", "attention=1,ffn=1", 1), ("dense", "attention=1,ffn=2", 3),
                                               ("mixtral", "attention=1,ffn=1", 1),
                                               ("qwen2_moe", "attention=1,ffn=2", 3)])
-def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_dir, qwen_moe_dir):
+def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_dir, qwen_moe_dir, monkeypatch):
+    from afford.models import loader
     path = str({"dense": llama_dir, "mixtral": mixtral_dir, "qwen2_moe": qwen_moe_dir}[which])
     want = [o.token_ids for o in LLM(path, dtype="float32", native=False).generate(PROMPTS, GREEDY)]
+
+    def whole_checkpoint(*a, **k):
+        raise AssertionError("the AFD attention side read the whole checkpoint")
+    monkeypatch.setattr(loader, "load_state_dict", whole_checkpoint)       # the workers are other processes
     with LLM(path, dtype="float32", afd=spec, micro_batches=micro, max_num_batched_tokens=16) as llm:
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
         t = llm.engine.runner.timings()
@@ -78,10 +83,17 @@ def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_di
     assert len(procs) == AFDSpec.parse(spec).ffn and exited(procs)
 
 
-def test_loading_without_the_ffn_reads_only_the_rest(qwen_moe_dir):
-    from afford.models.loader import load_model
-    full = load_model(qwen_moe_dir, device="cpu", dtype="float32")
-    part = load_model(qwen_moe_dir, device="cpu", dtype="float32", ffn=False)
+def test_loading_without_the_ffn_reads_only_the_rest(qwen_moe_dir, monkeypatch):
+    from afford.models import loader
+    full = loader.load_model(qwen_moe_dir, device="cpu", dtype="float32")
+    asked, real = [], loader.load_tensors
+
+    def spy(path, cfg, names):
+        asked.extend(names)
+        return real(path, cfg, names)
+    monkeypatch.setattr(loader, "load_tensors", spy)
+    part = loader.load_model(qwen_moe_dir, device="cpu", dtype="float32", ffn=False)
+    assert asked and not [n for n in asked if ".mlp." in n and not n.endswith(".mlp.gate.weight")]
     kept = dict(part.named_parameters())
     assert kept and all(".mlp." not in n or n.endswith(".mlp.gate.weight") for n in kept)
     for n, p in full.named_parameters():                    # what it kept is what the full load has

@@ -159,6 +159,17 @@ def test_a_measured_flops_table_calibrates_the_afd_pipeline():
         assert pipeline(spec, same, 96, 128, m) == pytest.approx(pipeline(spec, flat, 96, 128, m))
         slow, fast = pipeline(spec, table, 96, 128, m), pipeline(spec, flat, 96, 128, m)
         assert slow["ffn_us"] > fast["ffn_us"] and slow["attention_us"] > fast["attention_us"]
+    # a MoE with dense layers and a shared expert (Llama-4 Maverick: 24 dense + 24 MoE layers, 128 experts,
+    # top-1, one shared expert): routed experts run at b*k/E rows' FLOP/s, dense layers and the shared
+    # expert at b rows'
+    mav = PRESETS["llama-4-maverick"]
+    hw = custom_hardware("cpu:flops=1e12,bw=1e15,net=1e6,flops@1=1e10,flops@96=1e12")
+    H, b, rate_expert = mav.hidden, 96, hw.flops_at(96 / 128)
+    dense, moe = mav.ffn
+    want = (dense.layers * b * 6 * H * dense.intermediate / 1e12
+            + moe.layers * b * 6 * H * moe.intermediate / rate_expert       # routed: top-1 of 8192 each
+            + moe.layers * b * 6 * H * moe.intermediate / 1e12) / mav.layers   # shared expert, 8192 wide
+    assert pipeline(mav, hw, b, 128, 1)["ffn_us"] == pytest.approx(want * 1e6, rel=1e-9)
     for bad in ("cpu:flops=1e11,bw=1e10,flops@0=1e9", "cpu:flops=1e11,bw=1e10,flops@x=1e9",
                 "cpu:flops=1e11,bw=1e10,flops@8=-1"):
         with pytest.raises(ConfigError, match="flops@ROWS"):

@@ -443,7 +443,7 @@ def test_server_with_an_entropy_cascade(llama_dir, tokenizer_dir, tmp_path):
 
 def test_async_engine_is_built_and_stepped_on_its_own_thread(llama_dir):
     """GNU OpenMP stops spinning between parallel regions once more threads own a team than there are
-    cores; an engine built on the main thread and stepped on another ran 3-5x slower per step. AsyncLLM
+    cores; an engine built on the main thread and stepped on another ran 5.4x slower per step. AsyncLLM
     builds it on its engine thread, and a failed build raises from the constructor."""
     from afford.config import ConfigError
     from afford.engine import Engine

@@ -123,6 +123,14 @@ class AFDRunner(ModelRunner):
         super().__init__(model, pool, attention, native=False, graphs=False, attention_options=attention_options)
         self.spec, self.micro_batches = spec, micro_batches
         self.world_size = spec.world_size
+        self.moe = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
+        model.drop_ffn()                                  # the workers hold the FFN weights (a no-op when the
+                                                          # engine loaded the model without them)
+        # each layer's attention half as one C++ call on the native forward's kernels (paged attention that
+        # reads the blocks in place) where it applies, the Python path otherwise; built (on a first run:
+        # compiled) before any worker starts
+        self.native_attn = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) \
+            if native else None
         self.procs: list[subprocess.Popen] = []
         self._broken: AFDWorkerLost | None = None
         if address is None:
@@ -148,13 +156,6 @@ class AFDRunner(ModelRunner):
         if self.procs:
             threading.Thread(target=_watchdog, args=(self.procs, self._state), daemon=True,
                              name="afford-afd-watchdog").start()
-        self.moe = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
-        model.drop_ffn()                                  # the workers hold the FFN weights (a no-op when the
-                                                          # engine loaded the model without them)
-        # each layer's attention half as one C++ call on the native forward's kernels (paged attention that
-        # reads the blocks in place) where it applies; the Python path otherwise
-        self.native_attn = NativeDecoder.build(model, self.kv, pool.block_size, self.backend.name) \
-            if native else None
         L = len(self.moe)
         self.attn_s, self.wait_s = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
         self.steps = 0
@@ -259,7 +260,9 @@ class AFDRunner(ModelRunner):
         xs, rope = [], []                                                               # before the workers hear
         for sub, s, e in groups:
             pos = sub.positions
-            rope.append((model.rope_cos[pos].unsqueeze(-2).to(self.dtype), model.rope_sin[pos].unsqueeze(-2).to(self.dtype)))
+            if self.native_attn is None:                                                 # (native: RoPE in C++)
+                rope.append((model.rope_cos[pos].unsqueeze(-2).to(self.dtype),
+                             model.rope_sin[pos].unsqueeze(-2).to(self.dtype)))
             xs.append(model.model.embed_tokens(ids[s:e]))                                    # (n_i, hidden)
         self._broadcast_header(header(FORWARD, len(groups), sizes=[e - s for _, s, e in groups]))
         tables = (model.rope_cos, model.rope_sin)

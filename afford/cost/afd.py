@@ -42,16 +42,20 @@ def sizing(spec: ModelSpec, hw: Hardware, context: int = 4096, tpot_ms: float = 
     }
 
 
-def _ffn_layer(spec: ModelSpec, batch: int, weight_bytes: float) -> tuple[float, float]:
-    """(FLOPs, weight bytes read) of one FFN layer for `batch` tokens, averaged over the layers. A MoE layer
+def _ffn_layer(spec: ModelSpec, batch: int, weight_bytes: float, hw: Hardware) -> tuple[float, float]:
+    """(compute seconds, weight bytes read) of one FFN layer for `batch` tokens, averaged over the layers. A
+    dense layer's and a shared expert's products multiply `batch` rows, a routed expert's batch * k / E of
+    them on average: each part runs at the machine's FLOP/s for its rows (Hardware.flops_at). A MoE layer
     reads the experts the batch hits: E * (1 - (1 - k/E)^batch) of them under uniform routing."""
-    H, flops, read = spec.hidden, 0.0, 0.0
+    H, seconds, read = spec.hidden, 0.0, 0.0
     for f in spec.ffn:
         shared = f.shared * (f.shared_intermediate or f.intermediate)
         hit = f.experts * (1 - (1 - f.active / f.experts) ** batch) if f.is_moe else 1
-        flops += f.layers * batch * 2 * 3 * H * (f.active * f.intermediate + shared)
+        rows = batch * f.active / f.experts if f.is_moe else batch
+        seconds += f.layers * batch * 2 * 3 * H * f.active * f.intermediate / hw.flops_at(rows)
+        seconds += f.layers * batch * 2 * 3 * H * shared / hw.flops_at(batch)
         read += f.layers * 3 * H * (hit * f.intermediate + shared) * weight_bytes
-    return flops / spec.layers, read / spec.layers
+    return seconds / spec.layers, read / spec.layers
 
 
 def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batches: int = 1, ffn_workers: int = 1,
@@ -60,8 +64,11 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
     tokens at its roofline (Step-3's attention = max(core FLOPs, KV bytes) + linear, here with the weights'
     bytes in the linear and FFN terms: a small batch does not amortize them, and every micro-batch reads
     them again):
-      a(b)  attention   max(core FLOPs / F, KV bytes / BW) + max(linear FLOPs / F, projection weights / BW)
-      f(b)  ffn         max(FLOPs / F, weights read / BW) per FFN worker (each holds 1/M of the columns/experts)
+      a(b)  attention   max(core FLOPs / F, KV bytes / BW) + max(linear FLOPs / F(b), projection weights / BW)
+      f(b)  ffn         max(FLOPs / F(rows), weights read / BW) per FFN worker (each holds 1/M of the
+                        columns/experts; rows = b for dense layers and shared experts, b*k/E per routed expert)
+    F(r) is the FLOP/s of a product of r rows from the hardware's calibration table (`flops@R=` entries), or
+    its peak F without one.
       x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker
     With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), the
     link m*x(b), and a micro-batch's round trip a + x + f must end before its next layer's attention, so a
@@ -75,12 +82,11 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
 
     def stages(b: float) -> tuple[float, float, float]:
         # weight products of b rows at the machine's FLOP/s for b rows (Hardware.flops_at: its calibration
-        # table, else the peak); a MoE expert sees b * k / E rows of them
+        # table, else the peak); a routed expert sees b * k / E of them (_ffn_layer)
         attn = max(b * w["attention_flops"] / L / hw.flops, b * w["kv_bytes"] / L / hw.mem_bw) + \
             max(b * w["linear_flops"] / L / hw.flops_at(b), w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
-        ffn_flops, ffn_read = _ffn_layer(spec, max(1, round(b)), weight_bytes)
-        expert_rows = b * k / max(f.experts for f in spec.ffn if f.is_moe) if k else b
-        ffn = max(ffn_flops / ffn_workers / hw.flops_at(expert_rows), ffn_read / ffn_workers / hw.mem_bw)
+        ffn_s, ffn_read = _ffn_layer(spec, max(1, round(b)), weight_bytes, hw)
+        ffn = max(ffn_s / ffn_workers, ffn_read / ffn_workers / hw.mem_bw)
         return attn, ffn_workers * b * (2 * H + 2 * k) * act_bytes / net, ffn
 
     m = min(micro_batches, batch)              # the runner never makes more micro-batches than sequences

@@ -138,7 +138,12 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
             raise ConfigError(f"{path} is quantized; loading it without its FFN weights (afd) is not implemented")
         model.drop_ffn()
         wanted = {k: None for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        state = load_tensors(path, cfg, wanted)
+        try:
+            state = load_tensors(path, cfg, wanted)
+        except ConfigError:
+            raise
+        except Exception as e:  # corrupted or truncated file
+            raise ConfigError(f"cannot read the checkpoint in {path}: {e}") from e
     else:
         state = rename_weights(load_state_dict(path), cfg)
     model = model.to_empty(device="cpu")

@@ -177,7 +177,8 @@ class NativeDecoder:
         self._empty = torch.empty(0, dtype=torch.long)
         self._empty_f = torch.empty(0, 0)
         for lin in _linears(model):              # the native forward packed its own copy of each weight
-            lin.drop_fast_copies()
+            if not (self.attention_only and lin is model.lm_head):      # (AFD runs the head in Python)
+                lin.drop_fast_copies()
 
     @classmethod
     def build(cls, model, kv, block_size: int, backend_name: str) -> "NativeDecoder | None":

@@ -775,8 +775,8 @@ class NativeDecoder {
     c10::InferenceMode guard;
     const int64_t N = positions.numel(), hidden = embed_.size(1), L = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(0 <= li && li < L, "attn_half: layer ", li, " of ", L);
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) == N &&
-                x.size(1) == hidden, "attn_half: x is the contiguous (N, hidden) fp32 residual stream of the fed tokens");
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) == N &&
+                x.size(1) == hidden, "attn_half: x is the contiguous (N, hidden) fp32 CPU residual stream of the fed tokens");
     // token_tables validates positions, slots and tables (positions stand in for the ids: only N is read)
     const std::vector<const int64_t*> tok_table = token_tables(positions, positions, slots, q_lens, tables,
                                                                at::empty({0}, at::kLong));
