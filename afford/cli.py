@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     _serve(sub)
     _zoo(sub)
     _quantize(sub)
-    w = sub.add_parser("afd-worker", help="an FFN worker of an AFD deployment (start one per --rank on any host; "
-                                          "the attention side runs with --afd ... --afd-address HOST:PORT)")
+    w = sub.add_parser("afd-worker", help="an attention or FFN worker of an AFD deployment (start one per --rank "
+                                          "on any host; rank 0 runs with --afd ... --afd-address HOST:PORT)")
     from afford.afd.worker import add_args
     add_args(w)
     from afford.cost.cli import add_parser as _cost
@@ -459,17 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def torchrun_afd(a) -> int | None:
-    """`torchrun --nproc-per-node 1+M -m afford serve|generate --afd attention=1,ffn=M ...`: rank 0 runs the
-    command as the attention worker at torchrun's MASTER_ADDR:MASTER_PORT, ranks 1..M run FFN workers (their
-    exit status returned); None when this is not such a launch."""
+    """`torchrun --nproc-per-node N+M -m afford serve|generate --afd attention=N,ffn=M ...`: rank 0 runs the
+    command (the engine, and attention worker 0) at torchrun's MASTER_ADDR:MASTER_PORT, ranks 1..N-1 run the
+    other attention workers and N..N+M-1 the FFN workers (their exit status returned); None when this is not
+    such a launch."""
     from afford.afd.protocol import AFDSpec, torchrun_env
     run = torchrun_env() if a.cmd in ("generate", "serve") and getattr(a, "afd", None) else None
     if run is None:
         return None
     rank, world, address = run
-    if world != AFDSpec.parse(a.afd).world_size:
-        raise ConfigError(f"torchrun started {world} processes but --afd {a.afd} needs {AFDSpec.parse(a.afd).world_size}"
-                          f" (1 attention + the FFN workers): set --nproc-per-node to match")
+    spec = AFDSpec.parse(a.afd)
+    if world != spec.world_size:
+        raise ConfigError(f"torchrun started {world} processes but --afd {a.afd} needs {spec.world_size}"
+                          f" (the attention + the FFN workers): set --nproc-per-node to match")
     if rank == 0:
         a.afd_address = address
         return None
@@ -479,7 +481,8 @@ def torchrun_afd(a) -> int | None:
     from afford.models.loader import resolve_model_path
     return run_worker(argparse.Namespace(model=str(resolve_model_path(a.model)), address=address, rank=rank,
                                          world_size=world, device=a.device or "auto", dtype=a.dtype or "auto",
-                                         threads=max(1, (os.cpu_count() or 2) // world), timeout=120.0))
+                                         threads=max(1, (os.cpu_count() or 2) // world), timeout=120.0,
+                                         attention=spec.attention))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,11 @@ class Engine:
         if lossy is not None and lossy.grad is not None:
             raise ConfigError("afd with grad_corpus is not implemented (GRAD runs the whole model on its documents "
                               "in this process); drop one of them")
+        from afford.afd.protocol import AFDSpec
+        if AFDSpec.parse(self.cfg.afd).attention > 1 and self.cfg.enable_prefix_caching:
+            raise ConfigError("afd attention=N>1 with prefix caching is not implemented (a cached block's K/V lives on "
+                              "the attention worker that wrote it): add --no-enable-prefix-caching "
+                              "(enable_prefix_caching=False) or use attention=1")
 
     @property
     def broken(self) -> Exception | None:
@@ -215,6 +220,9 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise ConfigError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                               f"shorten the prompt or raise max_model_len (nothing is truncated silently)")
+        if params.n > 1 and getattr(self.runner, "attention", 1) > 1:
+            raise ConfigError(f"n={params.n} with afd attention=N>1 is not implemented (the n choices share K/V "
+                              f"blocks, which live on one attention worker): send n=1 requests or use attention=1")
         if -(-(len(ids) + 1) // self.pool.block_size) * params.n > self.pool.num_blocks:
             raise ConfigError(f"n={params.n} copies of a {len(ids)}-token prompt do not fit the KV pool; lower n")
         rid = request_id if request_id is not None else str(next(self._ids))

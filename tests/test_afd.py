@@ -83,6 +83,24 @@ def test_afd_greedy_equals_one_process(which, spec, micro, llama_dir, mixtral_di
     assert len(procs) == AFDSpec.parse(spec).ffn and exited(procs)
 
 
+@pytest.mark.parametrize("which,spec,micro", [("dense", "attention=2,ffn=1", 2), ("qwen2_moe", "attention=3,ffn=2", 1)])
+def test_data_parallel_attention_workers_equal_one_process(which, spec, micro, llama_dir, qwen_moe_dir):
+    """attention=N>1: each sequence's K/V and attention on one of N attention workers (rank 0 and N - 1
+    worker processes), every FFN worker answering all of them per layer in one product."""
+    path = str({"dense": llama_dir, "qwen2_moe": qwen_moe_dir}[which])
+    prompts = PROMPTS + [[9, 10, 11, 12], [200, 201]]
+    want = [o.token_ids for o in LLM(path, dtype="float32", native=False).generate(prompts, GREEDY)]
+    with LLM(path, dtype="float32", afd=spec, micro_batches=micro, max_num_batched_tokens=16,
+             enable_prefix_caching=False) as llm:
+        got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        procs = llm.engine.runner.procs
+        with pytest.raises(ConfigError, match="n=2 with afd attention=N>1"):
+            llm.generate(["hello"], SamplingParams(max_tokens=2, n=2))
+        assert llm.generate(PROMPTS[:1], GREEDY)[0].token_ids == want[0]       # still serving after the refusal
+    assert got == want
+    assert len(procs) == AFDSpec.parse(spec).world_size - 1 and exited(procs)
+
+
 def test_loading_without_the_ffn_reads_only_the_rest(qwen_moe_dir, monkeypatch):
     from afford.models import loader
     full = loader.load_model(qwen_moe_dir, device="cpu", dtype="float32")
@@ -102,13 +120,15 @@ def test_loading_without_the_ffn_reads_only_the_rest(qwen_moe_dir, monkeypatch):
     assert sum(p.numel() for p in kept.values()) < sum(p.numel() for p in full.parameters()) / 2
 
 
-def test_a_dead_worker_fails_requests_clearly_and_nothing_is_left(llama_dir):
-    llm = LLM(str(llama_dir), dtype="float32", afd="attention=1,ffn=2", micro_batches=2)
+@pytest.mark.parametrize("spec,victim,role", [("attention=1,ffn=2", 1, "FFN worker"),
+                                               ("attention=2,ffn=1", 0, "attention worker rank 1")])
+def test_a_dead_worker_fails_requests_clearly_and_nothing_is_left(llama_dir, spec, victim, role):
+    llm = LLM(str(llama_dir), dtype="float32", afd=spec, micro_batches=2, enable_prefix_caching=False)
     procs = llm.engine.runner.procs
     assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids
-    procs[1].kill()
-    procs[1].wait()
-    with pytest.raises(AFDWorkerLost, match="restart"):
+    procs[victim].kill()
+    procs[victim].wait()
+    with pytest.raises(AFDWorkerLost, match=f"{role}.*restart"):
         llm.generate(PROMPTS[:2], GREEDY)
     with pytest.raises(AFDWorkerLost):                       # at once: the deployment is known to be broken
         llm.generate([PROMPTS[1]], GREEDY)
@@ -182,7 +202,8 @@ def test_workers_started_by_hand_join_by_address(llama_dir):
         worker.kill()
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(afd="attention=2,ffn=1"), "one attention worker"),
+@pytest.mark.parametrize("kw,msg", [(dict(afd="attention=9,ffn=1"), "at most 8"),
+                                    (dict(afd="attention=2,ffn=1"), "no-enable-prefix-caching"),
                                     (dict(afd="ffn=0"), "attention=N,ffn=M"),
                                     (dict(afd="gpus=2"), "attention=N,ffn=M"),
                                     (dict(afd="ffn=1", quantization="int8"), "not implemented"),

@@ -1,10 +1,17 @@
-"""What the attention worker (rank 0) and the FFN workers (ranks 1..M) say to each other.
+"""What the attention workers (ranks 0..N-1; rank 0 runs the engine) and the FFN workers (ranks N..N+M-1)
+say to each other.
 
-Every step rank 0 sends each worker a header (HEADER_LEN int64): [op, a, b, c, micro-batch sizes...].
-  FORWARD  a = micro-batches; sizes = tokens in each. Then for every layer, for every micro-batch: rank 0
-           sends the normed hidden states (n, hidden) -- with, in a MoE layer, the routing weights and the
-           expert indices appended as 2k more columns (float32) -- and the worker answers its partial FFN
-           output (n, hidden). The attention side adds the partials of all workers.
+Every step rank 0 sends each FFN worker a header (HEADER_LEN int64): [op, a, b, c, sizes...].
+  FORWARD  a = m micro-batches per attention worker, b = N attention workers; sizes = N x m token counts
+           (attention worker-major; 0: that worker has no such micro-batch). Then for every layer, for every
+           micro-batch i: each attention worker with tokens in its micro-batch i sends their normed hidden
+           states (n, hidden) -- with, in a MoE layer, the routing weights and the expert indices appended as
+           2k more columns (float32) -- and the FFN worker answers each its partial FFN output (n, hidden),
+           computed for all of them in one product. Attention workers add the partials of all FFN workers.
+Each other attention worker r that has sequences in the step gets [FORWARD, tokens, sequences, table
+width, m, sequences in each micro-batch...] and then one int64 tensor (tag DATA) with the step's token ids,
+positions, K/V slots, query lengths and block tables; after the last layer it sends its hidden states (tag
+FINAL) back to rank 0, which runs the final norm and LM head for every token.
   PING     a = rows, b = columns, c = repeats: echo a (a, b) tensor c times (measures the transfer alone).
   STATS    the worker answers its per-layer timings (2, layers): seconds waiting for input, computing;
            and resets them.
@@ -22,7 +29,9 @@ from afford.config import ConfigError
 
 FORWARD, PING, STATS, STOP = 1, 2, 3, 4
 MAX_MICRO_BATCHES = 16
-HEADER_LEN = 4 + MAX_MICRO_BATCHES
+MAX_ATTENTION = 8
+HEADER_LEN = 4 + MAX_ATTENTION * MAX_MICRO_BATCHES
+DATA, FINAL = 1 << 28, (1 << 28) + 1          # tags: a step's inputs to, its hidden states from, an attention worker
 
 
 @dataclass(frozen=True)
@@ -40,14 +49,17 @@ class AFDSpec:
                 raise ConfigError(f"afd takes 'attention=N,ffn=M' with N, M >= 1, got {text!r}")
             parts[key] = int(val)
         spec = AFDSpec(**parts)
-        if spec.attention != 1:
-            raise ConfigError("afd attention=N: one attention worker per deployment (data-parallel attention "
-                              "workers sharing FFN workers are not implemented); use attention=1")
+        if spec.attention > MAX_ATTENTION:
+            raise ConfigError(f"afd attention=N takes at most {MAX_ATTENTION} attention workers, got {spec.attention}")
         return spec
 
     @property
     def world_size(self) -> int:
         return self.attention + self.ffn
+
+    @property
+    def ffn_ranks(self) -> range:
+        return range(self.attention, self.attention + self.ffn)
 
 
 def torchrun_env() -> tuple[int, int, str] | None:
@@ -85,6 +97,7 @@ def ready_key(rank: int) -> str:
 
 
 MODEL_KEY = "afford/afd/model"
+KV_KEY = "afford/afd/kv"                      # "slots,block size" of rank 0's K/V pool (attention workers' too)
 
 
 def error_key(rank: int) -> str:
@@ -108,6 +121,11 @@ def header(op: int, a: int = 0, b: int = 0, c: int = 0, sizes: list[int] = ()) -
 
 def tag(layer: int, micro: int) -> int:
     return 1 + layer * MAX_MICRO_BATCHES + micro
+
+
+def attention_rank(seq_id: int, attention: int) -> int:
+    """Which attention worker holds a sequence's K/V (and runs its attention) when there are several."""
+    return seq_id % attention
 
 
 def shard(n: int, index: int, parts: int) -> range:

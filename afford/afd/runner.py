@@ -1,4 +1,7 @@
-"""AFDRunner: the engine's ModelRunner with the FFN half of every layer on FFN worker processes.
+"""AFDRunner: the engine's ModelRunner with the FFN half of every layer on FFN worker processes, and with
+attention=N>1 each sequence's K/V and attention on one of N attention workers (this process and N - 1
+worker processes; afford/afd/worker.py serve_attention), every FFN worker answering all of them per layer
+and micro-batch in one product.
 
 One forward, with the step's sequences split into m micro-batches (contiguous groups, balanced by tokens):
 
@@ -25,33 +28,37 @@ import weakref
 
 import torch
 
+from afford.afd.pipeline import run_layers
 from afford.afd.protocol import (
+    DATA,
+    FINAL,
     FORWARD,
+    KV_KEY,
     MAX_MICRO_BATCHES,
     MODEL_KEY,
     PING,
     STATS,
     STOP,
     AFDSpec,
+    attention_rank,
     error_key,
     header,
     make_group,
     make_store,
     model_signature,
     ready_key,
-    tag,
 )
 from afford.attention.backend import ForwardBatch
 from afford.config import ConfigError
 from afford.core.runner import ModelRunner
-from afford.models.native import NativeDecoder
+from afford.models.native import NativeDecoder, native_error, unsupported
 from afford.models.transformer import MoE
 
 START_TIMEOUT_S = 120.0     # for workers to start and load their share (a message's timeout is timeout_s)
 
 
 class AFDWorkerLost(RuntimeError):
-    """An FFN worker stopped answering: the deployment cannot finish any forward; restart it."""
+    """A worker (FFN or attention) stopped answering: the deployment cannot finish any forward; restart it."""
 
 
 def free_port() -> int:
@@ -77,6 +84,20 @@ def split_batch(batch: ForwardBatch, m: int) -> list[tuple[ForwardBatch, int, in
             groups.append((sub, at, fed))
             start_seq, at = j + 1, fed
     return groups
+
+
+def select_batch(batch: ForwardBatch, idx: list[int]) -> tuple[ForwardBatch, torch.Tensor]:
+    """The batch's sequences idx (in order) as a batch of their own, and the flat indices of their tokens."""
+    offsets, at = [], 0
+    for n in batch.query_lens:
+        offsets.append(at)
+        at += n
+    tok = torch.cat([torch.arange(offsets[j], offsets[j] + batch.query_lens[j]) for j in idx])
+    starts = [batch.starts[j] for j in idx]
+    phase = batch.phase if batch.phase == "decode" else ("prefill" if not any(starts) else "verify")
+    return ForwardBatch(phase, [batch.seq_ids[j] for j in idx], starts, [batch.query_lens[j] for j in idx],
+                        [batch.tables[j] for j in idx], batch.block_size, batch.slot_mapping[tok],
+                        batch.positions[tok]), tok
 
 
 def _stop_workers(pg, procs: list[subprocess.Popen], world_size: int, state: dict) -> None:
@@ -133,19 +154,25 @@ class AFDRunner(ModelRunner):
             if native else None
         self.procs: list[subprocess.Popen] = []
         self._broken: AFDWorkerLost | None = None
+        self.attention, self.ffn_ranks = spec.attention, spec.ffn_ranks
+        if spec.attention > 1 and self.native_attn is None:
+            why = unsupported(model, self.backend.name) or native_error() or "native=False"
+            raise ConfigError(f"afd attention=N>1 runs every attention worker's layers on the native CPU forward, "
+                              f"which does not take this model here ({why}); use attention=1")
         if address is None:
             address = f"127.0.0.1:{free_port()}"
             threads = max(1, (os.cpu_count() or 2) // self.world_size)
             for r in range(1, self.world_size):
                 cmd = [sys.executable, "-m", "afford.afd.worker", "--model", str(model_path), "--address", address,
                        "--rank", str(r), "--world-size", str(self.world_size), "--device", device, "--dtype", dtype,
-                       "--threads", str(threads), "--timeout", str(timeout_s)]
+                       "--threads", str(threads), "--timeout", str(timeout_s), "--attention", str(spec.attention)]
                 # own session: a Ctrl-C at the terminal reaches the engine, which stops them itself
                 self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True))
         self.address = address
         try:
             store = make_store(address, 0, self.world_size, timeout_s)
             store.set(MODEL_KEY, model_signature(model.cfg, self.dtype))
+            store.set(KV_KEY, f"{self.kv[0][0].shape[0]},{pool.block_size}")
             self._await_workers(store, max(timeout_s, START_TIMEOUT_S))
             self.pg = make_group(store, 0, self.world_size, timeout_s)
         except Exception:
@@ -167,22 +194,26 @@ class AFDRunner(ModelRunner):
             for r in range(1, self.world_size):
                 if store.check([error_key(r)]):
                     _stop_workers(None, self.procs, 0, {"broken": True})
-                    raise AFDWorkerLost(f"AFD start-up failed: FFN worker rank {r}: {store.get(error_key(r)).decode()}")
+                    raise AFDWorkerLost(f"AFD start-up failed: {self._role(r)} rank {r}: "
+                                        f"{store.get(error_key(r)).decode()}")
             dead = [(r, p.returncode) for r, p in enumerate(self.procs, start=1) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 _stop_workers(None, self.procs, 0, {"broken": True})
-                why = f"FFN worker(s) exited with codes {dead} (their error is printed above)" if dead else \
-                    f"not every FFN worker joined {self.address} within {timeout_s:.0f} s"
+                why = f"worker(s) exited with codes {dead} (their error is printed above)" if dead else \
+                    f"not every worker joined {self.address} within {timeout_s:.0f} s"
                 raise AFDWorkerLost(f"AFD start-up failed: {why}")
             time.sleep(0.05)
+
+    def _role(self, rank: int) -> str:
+        return "attention worker" if rank < self.spec.attention else "FFN worker"
 
     @property
     def broken(self) -> AFDWorkerLost | None:
         """Why no forward can run any more (a worker died: seen by a forward, or by the watchdog at once)."""
         if self._broken is None and self._state["broken"]:
-            codes = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
+            codes = [f"{self._role(r)} rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
                      if p.poll() is not None]
-            self._broken = AFDWorkerLost(f"an FFN worker is gone: {', '.join(codes)}; the AFD deployment cannot "
+            self._broken = AFDWorkerLost(f"a worker is gone: {', '.join(codes)}; the AFD deployment cannot "
                                          f"continue: restart it")
         return self._broken
 
@@ -203,26 +234,26 @@ class AFDRunner(ModelRunner):
             transport = isinstance(e, RuntimeError) and any(w in str(e) for w in ("Connection", "gloo", "Timed out"))
             if transport:
                 time.sleep(0.2)                    # a worker that crashed: let its exit code arrive
-                dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
+                dead = [f"{self._role(r)} rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs, start=1)
                         if p.poll() is not None]
-                why = f"an FFN worker is gone{': ' + ', '.join(dead) if dead else ''} ({e})"
+                why = f"a worker is gone{': ' + ', '.join(dead) if dead else ''} ({e})"
             else:
                 why = f"a forward failed on the attention side mid-conversation ({type(e).__name__}: {e}), so the " \
-                      f"FFN workers are out of step"
+                      f"workers are out of step"
             self._broken = AFDWorkerLost(f"{why}; the AFD deployment cannot continue: restart it")
             raise self._broken from e
 
-    def _broadcast_header(self, h: torch.Tensor) -> None:
-        for work in [self.pg.send([h], r, 0) for r in range(1, self.world_size)]:
+    def _to_ffn(self, h: torch.Tensor) -> None:
+        for work in [self.pg.send([h], r, 0) for r in self.ffn_ranks]:
             work.wait()
 
     def worker_timings(self) -> torch.Tensor:
-        """(workers, 2, layers) seconds each worker spent waiting for input / computing since the last call."""
+        """(FFN workers, 2, layers) seconds each spent waiting for input / computing since the last call."""
         def ask():
-            self._broadcast_header(header(STATS))
-            out = torch.zeros(self.world_size - 1, 2, len(self.moe), dtype=torch.float64)
-            for r in range(1, self.world_size):
-                self.pg.recv([out[r - 1]], r, 0).wait()
+            self._to_ffn(header(STATS))
+            out = torch.zeros(len(self.ffn_ranks), 2, len(self.moe), dtype=torch.float64)
+            for j, r in enumerate(self.ffn_ranks):
+                self.pg.recv([out[j]], r, 0).wait()
             return out
         return self._check(ask)
 
@@ -236,14 +267,15 @@ class AFDRunner(ModelRunner):
         return out
 
     def ping(self, rows: int, cols: int, repeats: int = 20) -> float:
-        """Seconds of one (rows, cols) float32 round trip to worker 1, the transfer alone (median)."""
+        """Seconds of one (rows, cols) float32 round trip to the first FFN worker, the transfer alone (median)."""
         def go():
-            self.pg.send([header(PING, rows, cols, repeats)], 1, 0).wait()
+            f = self.ffn_ranks[0]
+            self.pg.send([header(PING, rows, cols, repeats)], f, 0).wait()
             buf, times = torch.randn(rows, cols), []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                self.pg.send([buf], 1, 1).wait()
-                self.pg.recv([buf], 1, 1).wait()
+                self.pg.send([buf], f, 1).wait()
+                self.pg.recv([buf], f, 1).wait()
                 times.append(time.perf_counter() - t0)
             return sorted(times)[len(times) // 2]
         return self._check(go)
@@ -254,62 +286,70 @@ class AFDRunner(ModelRunner):
         return self._check(lambda: self._run(batch, ids, logits_rows))
 
     def _run(self, batch, ids, logits_rows):
-        model = self.model
-        groups = split_batch(batch, self.micro_batches)
-        metas = [self.backend.prepare_metadata(sub, self.kv) for sub, _, _ in groups]   # what can fail locally,
-        xs, rope = [], []                                                               # before the workers hear
-        for sub, s, e in groups:
-            pos = sub.positions
-            if self.native_attn is None:                                                 # (native: RoPE in C++)
-                rope.append((model.rope_cos[pos].unsqueeze(-2).to(self.dtype),
-                             model.rope_sin[pos].unsqueeze(-2).to(self.dtype)))
-            xs.append(model.model.embed_tokens(ids[s:e]))                                    # (n_i, hidden)
-        self._broadcast_header(header(FORWARD, len(groups), sizes=[e - s for _, s, e in groups]))
-        tables = (model.rope_cos, model.rope_sin)
-        pending: list = [None] * len(groups)
+        model, N, m = self.model, self.attention, self.micro_batches
+        # each sequence's attention worker (its K/V lives there); rank 0 runs the rest of the step
+        parts: dict[int, tuple[ForwardBatch, torch.Tensor | None]] = {}
+        if N == 1:
+            parts[0] = (batch, None)
+        else:
+            by_rank: dict[int, list[int]] = {}
+            for j, sid in enumerate(batch.seq_ids):
+                by_rank.setdefault(attention_rank(sid, N), []).append(j)
+            parts = {r: select_batch(batch, idx) for r, idx in sorted(by_rank.items())}
+        groups = {r: split_batch(sub, m) for r, (sub, _) in parts.items()}
+        width = max(len(g) for g in groups.values())
+        mine = groups.get(0, [])
+        metas = [self.backend.prepare_metadata(sub, self.kv) for sub, _, _ in mine] \
+            if self.native_attn is None else []                                          # what can fail locally,
+        rope = [(model.rope_cos[sub.positions].unsqueeze(-2).to(self.dtype),             # before the workers hear
+                 model.rope_sin[sub.positions].unsqueeze(-2).to(self.dtype)) for sub, _, _ in mine] \
+            if self.native_attn is None else []
+        sizes = [e - s for r in range(N) for s, e in
+                 [(s, e) for _, s, e in groups.get(r, [])] + [(0, 0)] * (width - len(groups.get(r, [])))]
+        self._to_ffn(header(FORWARD, width, N, sizes=sizes))
         sends = []
-        for li, layer in enumerate(model.model.layers):
-            for i, meta in enumerate(metas):
-                if pending[i] is not None:
-                    xs[i] = self._collect(xs[i], pending[i], li - 1)
-                t0 = time.perf_counter()
+        for r, (sub, tok) in parts.items():                    # the other attention workers' inputs
+            if r == 0:
+                continue
+            tables = torch.zeros(len(sub.tables), max(len(t) for t in sub.tables), dtype=torch.long)
+            for i, t in enumerate(sub.tables):
+                tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            data = torch.cat([ids[tok].long(), sub.positions.long(), sub.slot_mapping.long(),
+                              torch.tensor(sub.query_lens, dtype=torch.long), tables.view(-1)])
+            h = header(FORWARD, sub.num_tokens, len(sub.seq_ids), tables.shape[1],
+                       sizes=[len(groups[r]), *[len(g.seq_ids) for g, _, _ in groups[r]]])
+            sends += [self.pg.send([h], r, 0), self.pg.send([data], r, DATA)]
+        hid = None
+        if mine:
+            sub0, tok0 = parts[0]
+            ids0 = ids if tok0 is None else ids[tok0]
+            xs = [model.model.embed_tokens(ids0[s:e]) for _, s, e in mine]                   # (n_i, hidden)
+            tables = (model.rope_cos, model.rope_sin)
+
+            def attn(i, li, x):
                 if self.native_attn is not None:
-                    x = xs[i]
-                    h = self.native_attn.attn_half(x, groups[i][0], li)       # x += attention, in place; (n_i, hidden)
+                    return x, self.native_attn.attn_half(x, mine[i][0], li)             # x += attention, in place
+                layer = model.model.layers[li]
+                x = x + layer.self_attn(layer.input_layernorm(x), *rope[i], metas[i], li, tables)
+                return x, layer.post_attention_layernorm(x)
+            xs = run_layers(model, self.pg, self.ffn_ranks, xs, self.moe, attn, self.attn_s, self.wait_s)
+            hid = torch.cat(xs) if len(xs) > 1 else xs[0]
+        if N > 1:                                             # every token's hidden state, in the batch's order
+            full = torch.empty(batch.num_tokens, model.cfg.hidden_size, dtype=self.dtype)
+            for r, (sub, tok) in parts.items():
+                if r == 0:
+                    full[tok] = hid
                 else:
-                    x = xs[i] + layer.self_attn(layer.input_layernorm(xs[i]), *rope[i], meta, li, tables)
-                    h = layer.post_attention_layernorm(x)                                    # (n_i, hidden)
-                if self.moe[li]:
-                    w, idx = layer.mlp.route(h)                                              # (n_i, k) each
-                    payload = torch.cat([h.float(), w.float(), idx.float()], dim=-1)        # (n_i, hidden + 2k)
-                else:
-                    payload = h.contiguous()
-                payload = payload.cpu()
-                xs[i] = x
-                t = tag(li, i)
-                sends += [(payload, self.pg.send([payload], r, t)) for r in range(1, self.world_size)]
-                bufs = [torch.empty(len(h), h.shape[1], dtype=h.dtype) for _ in range(1, self.world_size)]
-                pending[i] = [(b, self.pg.recv([b], r, t)) for r, b in enumerate(bufs, start=1)]
-                self.attn_s[li] += time.perf_counter() - t0
-        last = len(model.model.layers) - 1
-        xs = [self._collect(x, p, last) for x, p in zip(xs, pending)]
-        for _, work in sends:
+                    buf = torch.empty(sub.num_tokens, model.cfg.hidden_size, dtype=self.dtype)
+                    self.pg.recv([buf], r, FINAL).wait()
+                    full[tok] = buf
+            hid = full
+        for work in sends:
             work.wait()
         self.steps += 1
-        hid = model.model.norm(torch.cat(xs) if len(xs) > 1 else xs[0])                   # (N, hidden)
+        hid = model.model.norm(hid)                                                         # (N, hidden)
         if logits_rows == []:
             return torch.empty(0, model.cfg.vocab_size, device=self.device)
         if logits_rows is not None:
             hid = hid.index_select(0, torch.tensor(logits_rows, device=self.device))        # (R, hidden)
         return model.lm_head(hid).float()                                                  # (R, V)
-
-    def _collect(self, x: torch.Tensor, pending, layer: int) -> torch.Tensor:
-        """x plus every worker's partial FFN output of `layer` (waiting for them)."""
-        t0 = time.perf_counter()
-        for _, work in pending:
-            work.wait()
-        self.wait_s[layer] += time.perf_counter() - t0
-        partial = pending[0][0]
-        for buf, _ in pending[1:]:
-            partial = partial + buf
-        return x + partial.to(x.device)

@@ -1,7 +1,10 @@
-"""An FFN worker: owns its share of every layer's MLP (a slice of the intermediate columns) or MoE (a slice
-of the experts; worker 0 also the shared expert) and answers rank 0's per-layer requests until STOP.
-AFDRunner starts it on this host as `python -m afford.afd.worker ...` (a fresh interpreter: nothing of the
-caller's script is re-imported); `afford afd-worker` starts the same loop on another host."""
+"""AFD worker processes. An FFN worker owns its share of every layer's MLP (a slice of the intermediate
+columns) or MoE (a slice of the experts; worker 0 also the shared expert) and, per layer and micro-batch,
+answers every attention worker at once (their rows in one product) until STOP. An attention worker other
+than rank 0 (attention=N>1) owns the K/V of its share of the sequences and runs their attention halves for
+the steps rank 0 hands it. AFDRunner starts them on this host as `python -m afford.afd.worker ...` (a fresh
+interpreter: nothing of the caller's script is re-imported); `afford afd-worker` starts the same loops on
+another host."""
 from __future__ import annotations
 
 import datetime
@@ -12,8 +15,11 @@ import torch
 from torch import nn
 
 from afford.afd.protocol import (
+    DATA,
+    FINAL,
     FORWARD,
     HEADER_LEN,
+    KV_KEY,
     MODEL_KEY,
     PING,
     STATS,
@@ -36,12 +42,13 @@ IDLE = datetime.timedelta(days=365)     # the wait for the next step's header (n
 class WorkerArgs:
     model: str                 # the model folder (resolved: every worker loads the same weights)
     address: str               # host:port of rank 0's rendezvous store
-    rank: int                  # 1..M
+    rank: int                  # 1..N-1: attention workers; N..N+M-1: FFN workers
     world_size: int
     device: str = "cpu"
     dtype: str = "auto"
     threads: int | None = None
     timeout_s: float = 120.0
+    attention: int = 1         # N, the attention workers (rank 0 among them)
 
 
 MLP_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
@@ -95,7 +102,7 @@ def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.
     cfg = ModelConfig.from_dir(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, cfg, device)
-    index, everything = args.rank - 1, slice(None)
+    index, everything = args.rank - args.attention, slice(None)
     names: dict[str, tuple | None] = {}
     for layer in range(cfg.num_layers):
         pre = f"model.layers.{layer}.mlp."
@@ -142,10 +149,10 @@ def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.
 
 
 def serve(args: WorkerArgs) -> None:
-    """The worker's loop; returns on STOP, raises when rank 0 is gone (its process then exits)."""
+    """The FFN worker's loop; returns on STOP, raises when rank 0 is gone (its process then exits)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    workers = args.world_size - 1
+    workers = args.world_size - args.attention
     store = make_store(args.address, args.rank, args.world_size, args.timeout_s)
     try:
         shards, dtype, mine = build_shards(args, workers)
@@ -175,30 +182,100 @@ def serve(args: WorkerArgs) -> None:
                 for _ in range(c):
                     pg.recv([buf], 0, 1).wait()
                     pg.send([buf], 0, 1).wait()
-            elif op == FORWARD:
-                sizes = head[4:4 + a].tolist()
+            elif op == FORWARD:                   # a micro-batches per attention worker, b attention workers
+                sizes = head[4:4 + a * b].view(b, a).tolist()
                 sends = []
                 for layer, s in enumerate(shards):
                     width = hidden + (2 * s.ffn.top_k if s.owned is not None else 0)
                     pdtype = torch.float32 if s.owned is not None else dtype
-                    for i, n in enumerate(sizes):
+                    for i in range(a):
                         t0 = time.perf_counter()
-                        buf = torch.empty(n, width, dtype=pdtype)
-                        pg.recv([buf], 0, tag(layer, i)).wait()
+                        ranks = [r for r in range(b) if sizes[r][i]]
+                        bufs = [torch.empty(sizes[r][i], width, dtype=pdtype) for r in ranks]
+                        for work in [pg.recv([buf], r, tag(layer, i)) for r, buf in zip(ranks, bufs)]:
+                            work.wait()
                         t1 = time.perf_counter()
-                        out = s(buf, dtype)
-                        sends.append((out, pg.send([out], 0, tag(layer, i))))
+                        out = s(torch.cat(bufs) if len(bufs) > 1 else bufs[0], dtype)   # every attention worker's rows
+                        parts = out.split([sizes[r][i] for r in ranks]) if len(bufs) > 1 else [out]
+                        sends += [(o, pg.send([o.contiguous()], r, tag(layer, i))) for r, o in zip(ranks, parts)]
                         wait_s[layer] += t1 - t0
                         ffn_s[layer] += time.perf_counter() - t1
                 for _, work in sends:
                     work.wait()
 
 
+def serve_attention(args: WorkerArgs) -> None:
+    """An attention worker other than rank 0 (attention=N>1): holds the K/V of the sequences rank 0 assigns
+    it (a pool of rank 0's shape; its pages are touched only where its sequences write) and, for each step
+    rank 0 hands it, runs their layers -- attention halves natively, FFN halves on the FFN workers, micro-
+    batched as rank 0's own -- and sends back their hidden states."""
+    from afford.afd.pipeline import run_layers
+    from afford.attention.backend import ForwardBatch
+    from afford.core.runner import kv_pool_tensors
+    from afford.models.loader import load_model
+    from afford.models.native import NativeDecoder
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = make_store(args.address, args.rank, args.world_size, args.timeout_s)
+    try:
+        with torch.no_grad():
+            model = load_model(args.model, args.device, args.dtype, ffn=False).pack_for_inference()
+        mine = model_signature(model.cfg, next(model.parameters()).dtype)
+        theirs = store.get(MODEL_KEY).decode()
+        if theirs != mine:
+            raise ConfigError(f"attention worker rank {args.rank} loaded {args.model} as {mine}, but rank 0 runs "
+                              f"{theirs}: give every worker the same model, --device and --dtype")
+        slots, block_size = (int(v) for v in store.get(KV_KEY).decode().split(","))
+        cfg = model.cfg
+        kv = kv_pool_tensors(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+        native = NativeDecoder.build(model, kv, block_size, "cpu_paged")
+        if native is None:
+            raise ConfigError("this attention worker cannot build the native CPU forward (a C++ compiler, fp32)")
+    except Exception as e:
+        store.set(error_key(args.rank), f"{type(e).__name__}: {e}")
+        raise
+    store.set(ready_key(args.rank), "1")
+    pg = make_group(store, args.rank, args.world_size, args.timeout_s)
+    ffn_ranks = range(args.attention, args.world_size)
+    moe = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
+    head = torch.zeros(HEADER_LEN, dtype=torch.long)
+    with torch.inference_mode():
+        while True:
+            pg.recv([head], 0, 0).wait(IDLE)
+            op, n_tok, n_seq, width = head[:4].tolist()
+            if op == STOP:
+                return
+            if op != FORWARD:
+                raise ConfigError(f"attention worker rank {args.rank}: unexpected message {op}")
+            m = int(head[4])
+            per_micro = head[5:5 + m].tolist()
+            data = torch.empty(3 * n_tok + n_seq + n_seq * width, dtype=torch.long)
+            pg.recv([data], 0, DATA).wait()
+            ids, pos, slots_, q_lens, tables = data.split([n_tok, n_tok, n_tok, n_seq, n_seq * width])
+            q_lens = q_lens.tolist()
+            tables = tables.view(n_seq, width).tolist()
+            groups, seq, tok = [], 0, 0
+            for cnt in per_micro:
+                n = sum(q_lens[seq:seq + cnt])
+                groups.append((ForwardBatch("decode", list(range(seq, seq + cnt)), [0] * cnt, q_lens[seq:seq + cnt],
+                                            tables[seq:seq + cnt], block_size, slots_[tok:tok + n], pos[tok:tok + n]),
+                               tok, tok + n))
+                seq, tok = seq + cnt, tok + n
+            xs = [model.model.embed_tokens(ids[s:e]) for _, s, e in groups]
+
+            def attn(i, li, x):
+                return x, native.attn_half(x, groups[i][0], li)
+            xs = run_layers(model, pg, ffn_ranks, xs, moe, attn)
+            pg.send([torch.cat(xs) if len(xs) > 1 else xs[0]], 0, FINAL).wait()
+
+
 def add_args(p) -> None:
     p.add_argument("--model", required=True, help="the model folder (the same weights as the attention worker's)")
     p.add_argument("--address", required=True, help="host:port of the attention worker (rank 0)")
-    p.add_argument("--rank", type=int, required=True, help="1..M")
-    p.add_argument("--world-size", type=int, required=True, help="1 + M")
+    p.add_argument("--rank", type=int, required=True, help="1..N-1: an attention worker; N..N+M-1: an FFN worker")
+    p.add_argument("--world-size", type=int, required=True, help="N + M")
+    p.add_argument("--attention", type=int, default=1, help="N, the deployment's attention workers (rank 0's "
+                                                            "--afd attention=N)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int)
@@ -208,10 +285,13 @@ def add_args(p) -> None:
 def run(a) -> int:
     """Serve until STOP or until rank 0 goes away (then exit quietly: there is nobody left to answer)."""
     if not 1 <= a.rank < a.world_size:
-        raise ConfigError(f"--rank must be in 1..{a.world_size - 1} (rank 0 is the attention worker)")
-    args = WorkerArgs(a.model, a.address, a.rank, a.world_size, a.device, a.dtype, a.threads, a.timeout)
+        raise ConfigError(f"--rank must be in 1..{a.world_size - 1} (rank 0 is the engine's attention worker)")
+    if not 1 <= a.attention < a.world_size:
+        raise ConfigError(f"--attention must be in 1..{a.world_size - 1} (at least one FFN worker)")
+    args = WorkerArgs(a.model, a.address, a.rank, a.world_size, a.device, a.dtype, a.threads, a.timeout,
+                      a.attention)
     try:
-        serve(args)
+        serve_attention(args) if a.rank < a.attention else serve(args)
     except RuntimeError as e:
         if "Connection closed" not in str(e) and "Connection reset" not in str(e):
             raise
