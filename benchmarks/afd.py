@@ -7,7 +7,9 @@ greedily (prefix caching off; the step budget admits every prompt before the fir
 timed step decodes all 96: 32 rows per micro-batch at m = 3, where a product is compute-bound here); only the decode steps after every sequence has its first token are timed.
 
 Arms per model: one process (the default engine, both cores), and AFD with one FFN worker at 1 / 2 / 3
-micro-batches, and with two FFN workers at 3 (three processes on two cores: oversubscribed). In the AFD
+micro-batches, with two FFN workers at 3, and with two data-parallel attention workers and one FFN worker
+at 1 and 3 (the last three: three processes on two cores, oversubscribed). With two attention workers the
+attention column is rank 0's (its half of the sequences). In the AFD
 arms each side runs one thread (one core each). Per arm: decode throughput and TPOT, whether the tokens
 equal the one-process run, and per layer the attention side's compute and wait, the FFN worker's compute,
 the transfer (a gloo ping of the same payload) -- next to `afford.cost.afd.pipeline`, the planner, given
@@ -33,7 +35,7 @@ from common import ROOT, copy_tokenizer, save
 
 SHAPE = dict(layers=4, hidden=1024, heads=8, kv_heads=2)
 ARMS = [(None, 1), ("attention=1,ffn=1", 1), ("attention=1,ffn=1", 2), ("attention=1,ffn=1", 3),
-        ("attention=1,ffn=2", 3)]
+        ("attention=1,ffn=2", 3), ("attention=2,ffn=1", 1), ("attention=2,ffn=1", 3)]
 
 
 def make_model(out: Path, moe: bool) -> Path:
@@ -161,7 +163,9 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
                   max_num_batched_tokens=whole, decode_token_budget=whole, **kw)
         decode(llm, prompts[:2], 2)                                                   # warm-up
         r = decode(llm, prompts, args.tokens)
-        arm = {"arm": "1 process" if not afd else f"AFD {afd.split(',')[1]}, {m} micro-batch(es)", "afd": afd,
+        attention = int(afd.split(",")[0].split("=")[1]) if afd else 1
+        name = afd.split(",")[1] if attention == 1 else afd
+        arm = {"arm": "1 process" if not afd else f"AFD {name}, {m} micro-batch(es)", "afd": afd,
                "micro_batches": m, **{k_: v for k_, v in r.items() if k_ != "tokens"}}
         if ref is None:
             ref = r["tokens"]
@@ -169,9 +173,9 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
         if afd:
             runner = llm.engine.runner
             workers = int(afd.split("ffn=")[1])
-            rows = -(-args.batch // m)
+            rows = -(-args.batch // (m * attention))
             rtt = runner.ping(rows, cfg.hidden_size + k, repeats=30)                 # one micro-batch, both ways
-            arm["per_layer_us"]["transfer"] = m * rtt * workers * 1e6
+            arm["per_layer_us"]["transfer"] = m * rtt * max(workers, attention) * 1e6
             if "net_bps" not in hw:
                 big = runner.ping(1024, 4096, repeats=5)
                 hw["net_bps"] = 2 * 1024 * 4096 * 4 / big
@@ -184,7 +188,7 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
             # the planner with one peak FLOP/s, and with the measured FLOP/s by rows (--custom-hardware flops@R=)
             for name, text in (("planner", base), ("planner_calibrated", calibrated)):
                 plan = pipeline(spec, custom_hardware(text), args.batch, args.context + args.tokens // 2, m, workers,
-                                4.0, 4.0)
+                                4.0, 4.0, attention_workers=attention)
                 arm[f"{name}_us"] = {key: plan[f"{key}_us"] for key in ("attention", "ffn", "transfer", "layer", "bubble")}
                 arm[f"{name}_error"] = {key: arm[f"{name}_us"][key] / p[key] - 1 for key in ("attention", "ffn", "layer")}
             arm["custom_hardware"] = calibrated

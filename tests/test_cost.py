@@ -170,6 +170,11 @@ def test_a_measured_flops_table_calibrates_the_afd_pipeline():
             + moe.layers * b * 6 * H * moe.intermediate / rate_expert       # routed: top-1 of 8192 each
             + moe.layers * b * 6 * H * moe.intermediate / 1e12) / mav.layers   # shared expert, 8192 wide
     assert pipeline(mav, hw, b, 128, 1)["ffn_us"] == pytest.approx(want * 1e6, rel=1e-9)
+    # N data-parallel attention workers: each runs batch/N sequences, the FFN multiplies all of them at once
+    two = pipeline(spec, table, 96, 128, 3, attention_workers=2)
+    one = pipeline(spec, table, 48, 128, 3)
+    assert two["attention_us"] == pytest.approx(one["attention_us"])                    # the same share each
+    assert two["ffn_us"] == pytest.approx(pipeline(spec, table, 96, 128, 3)["ffn_us"])  # all 96 rows, m = 3
     for bad in ("cpu:flops=1e11,bw=1e10,flops@0=1e9", "cpu:flops=1e11,bw=1e10,flops@x=1e9",
                 "cpu:flops=1e11,bw=1e10,flops@8=-1"):
         with pytest.raises(ConfigError, match="flops@ROWS"):

@@ -59,7 +59,8 @@ def _ffn_layer(spec: ModelSpec, batch: int, weight_bytes: float, hw: Hardware) -
 
 
 def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batches: int = 1, ffn_workers: int = 1,
-             weight_bytes: float = 1.0, act_bytes: float = 1.0, network_gbps: float | None = None) -> dict:
+             weight_bytes: float = 1.0, act_bytes: float = 1.0, network_gbps: float | None = None,
+             attention_workers: int = 1) -> dict:
     """Per layer of one decode step of `batch` sequences at `context`, each stage of a micro-batch of b
     tokens at its roofline (Step-3's attention = max(core FLOPs, KV bytes) + linear, here with the weights'
     bytes in the linear and FFN terms: a small batch does not amortize them, and every micro-batch reads
@@ -72,9 +73,12 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
       x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker
     With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), the
     link m*x(b), and a micro-batch's round trip a + x + f must end before its next layer's attention, so a
-    layer takes max(m*a, m*f, m*x, a + x + f); m = 1 is the sequential a + x + f. Embeddings and the LM head are left out."""
-    if batch < 1 or micro_batches < 1 or ffn_workers < 1:
-        raise ConfigError("batch, micro-batches and FFN workers must be >= 1")
+    layer takes max(m*a, m*f, m*x, a + x + f); m = 1 is the sequential a + x + f. With N attention workers
+    (data parallel, batch/N sequences each) a micro-batch is b = batch/(N m) rows on each attention worker,
+    the FFN workers multiply the N workers' rows together (f(N b)), and each link carries max(N, M) b rows.
+    Embeddings and the LM head are left out."""
+    if batch < 1 or micro_batches < 1 or ffn_workers < 1 or attention_workers < 1:
+        raise ConfigError("batch, micro-batches, attention and FFN workers must be >= 1")
     L, H = spec.layers, spec.hidden
     w = spec.per_token(context)
     k = max((f.active for f in spec.ffn if f.is_moe), default=0)
@@ -85,15 +89,16 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
         # table, else the peak); a routed expert sees b * k / E of them (_ffn_layer)
         attn = max(b * w["attention_flops"] / L / hw.flops, b * w["kv_bytes"] / L / hw.mem_bw) + \
             max(b * w["linear_flops"] / L / hw.flops_at(b), w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
-        ffn_s, ffn_read = _ffn_layer(spec, max(1, round(b)), weight_bytes, hw)
+        ffn_s, ffn_read = _ffn_layer(spec, max(1, round(N * b)), weight_bytes, hw)
         ffn = max(ffn_s / ffn_workers, ffn_read / ffn_workers / hw.mem_bw)
-        return attn, ffn_workers * b * (2 * H + 2 * k) * act_bytes / net, ffn
+        return attn, max(ffn_workers, N) * b * (2 * H + 2 * k) * act_bytes / net, ffn
 
-    m = min(micro_batches, batch)              # the runner never makes more micro-batches than sequences
-    a, x, f = stages(batch / m)
+    N = min(attention_workers, batch)
+    m = min(micro_batches, max(1, batch // N))  # the runner never makes more micro-batches than sequences
+    a, x, f = stages(batch / N / m)
     layer = max(m * a, m * f, m * x, a + x + f)
-    seq = sum(stages(batch))
+    seq = sum(stages(batch / N))
     return {"model": spec.name, "hardware": hw.key, "batch": batch, "context": context, "micro_batches": m,
-            "ffn_workers": ffn_workers, "attention_us": m * a * 1e6, "ffn_us": m * f * 1e6, "transfer_us": m * x * 1e6,
+            "ffn_workers": ffn_workers, "attention_workers": N, "attention_us": m * a * 1e6, "ffn_us": m * f * 1e6, "transfer_us": m * x * 1e6,
             "layer_us": layer * 1e6, "sequential_layer_us": seq * 1e6, "step_ms": layer * L * 1e3,
             "bubble_us": (layer - max(m * a, m * f)) * 1e6}

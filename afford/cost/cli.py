@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                                                            "sequences through the AFD pipeline, per layer")
     c.add_argument("--micro-batches", type=number_arg(int, 1), default=3, help="afd --batch: micro-batches")
     c.add_argument("--ffn-workers", type=number_arg(int, 1), default=1, help="afd --batch: FFN workers")
+    c.add_argument("--attention-workers", type=number_arg(int, 1), default=1,
+                   help="afd --batch: data-parallel attention workers (batch / N sequences each)")
     c.add_argument("--weight-bytes", type=number_arg(float, 0, lo_open=True), default=1.0,
                    help="afd --batch: bytes per weight (1: FP8/INT8, 2: BF16, 4: FP32)")
     c.add_argument("--act-bytes", type=number_arg(float, 0, lo_open=True), default=1.0,
@@ -69,7 +71,7 @@ def run(a) -> int:
         if a.batch:
             for r, h in zip(res, hw):
                 r["pipeline"] = pipeline(spec, h, a.batch, a.context or 4096, a.micro_batches, a.ffn_workers,
-                                         a.weight_bytes, a.act_bytes, a.network_gbps)
+                                         a.weight_bytes, a.act_bytes, a.network_gbps, a.attention_workers)
         if a.json:
             print(json.dumps(res[0] if len(res) == 1 else res))
         else:
@@ -86,7 +88,8 @@ def run(a) -> int:
                 print(f"  attention cards per FFN card      {r['attention_cards_per_ffn_card']:.2f}")
                 if "pipeline" in r:
                     p = r["pipeline"]
-                    print(f"  one step of batch {p['batch']}, {p['micro_batches']} micro-batches, {p['ffn_workers']} FFN "
+                    print(f"  one step of batch {p['batch']}, {p['micro_batches']} micro-batches, {p['attention_workers']} "
+                          f"attention / {p['ffn_workers']} FFN "
                           f"worker(s), per layer: attention {p['attention_us']:.0f} us | transfer {p['transfer_us']:.0f} us"
                           f" | FFN {p['ffn_us']:.0f} us -> {p['layer_us']:.0f} us (sequential "
                           f"{p['sequential_layer_us']:.0f} us); step {p['step_ms']:.2f} ms")
