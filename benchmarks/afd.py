@@ -164,7 +164,7 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
         decode(llm, prompts[:2], 2)                                                   # warm-up
         r = decode(llm, prompts, args.tokens)
         attention = int(afd.split(",")[0].split("=")[1]) if afd else 1
-        name = afd.split(",")[1] if attention == 1 else afd
+        name = afd and (afd.split(",")[1] if attention == 1 else afd)
         arm = {"arm": "1 process" if not afd else f"AFD {name}, {m} micro-batch(es)", "afd": afd,
                "micro_batches": m, **{k_: v for k_, v in r.items() if k_ != "tokens"}}
         if ref is None:
