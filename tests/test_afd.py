@@ -94,6 +94,9 @@ def test_data_parallel_attention_workers_equal_one_process(which, spec, micro, l
              enable_prefix_caching=False) as llm:
         got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
         procs = llm.engine.runner.procs
+        homes = sorted(llm.engine.runner.home.values())
+        n = AFDSpec.parse(spec).attention
+        assert set(homes) == set(range(n)) and max(map(homes.count, range(n))) - min(map(homes.count, range(n))) <= 1
         with pytest.raises(ConfigError, match="n=2 with afd attention=N>1"):
             llm.generate(["hello"], SamplingParams(max_tokens=2, n=2))
         assert llm.generate(PROMPTS[:1], GREEDY)[0].token_ids == want[0]       # still serving after the refusal

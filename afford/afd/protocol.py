@@ -123,11 +123,6 @@ def tag(layer: int, micro: int) -> int:
     return 1 + layer * MAX_MICRO_BATCHES + micro
 
 
-def attention_rank(seq_id: int, attention: int) -> int:
-    """Which attention worker holds a sequence's K/V (and runs its attention) when there are several."""
-    return seq_id % attention
-
-
 def shard(n: int, index: int, parts: int) -> range:
     """The contiguous share of n things (a MoE's experts, a dense MLP's intermediate columns) that FFN
     worker `index` (0-based) of `parts` owns."""

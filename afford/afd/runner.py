@@ -40,7 +40,6 @@ from afford.afd.protocol import (
     STATS,
     STOP,
     AFDSpec,
-    attention_rank,
     error_key,
     header,
     make_group,
@@ -155,6 +154,7 @@ class AFDRunner(ModelRunner):
         self.procs: list[subprocess.Popen] = []
         self._broken: AFDWorkerLost | None = None
         self.attention, self.ffn_ranks = spec.attention, spec.ffn_ranks
+        self.home: dict[int, int] = {}                  # seq_id -> its attention worker (attention=N>1)
         if spec.attention > 1 and self.native_attn is None:
             why = unsupported(model, self.backend.name) or native_error() or "native=False"
             raise ConfigError(f"afd attention=N>1 runs every attention worker's layers on the native CPU forward, "
@@ -203,6 +203,19 @@ class AFDRunner(ModelRunner):
                     f"not every worker joined {self.address} within {timeout_s:.0f} s"
                 raise AFDWorkerLost(f"AFD start-up failed: {why}")
             time.sleep(0.05)
+
+    def _home(self, seq_id: int) -> int:
+        """The attention worker that holds a sequence's K/V: given at its first forward to the worker with the
+        fewest live sequences, kept while the pool holds its blocks (a preempted sequence is recomputed
+        from its prompt, so it may move)."""
+        if seq_id not in self.home:
+            for sid in [s for s in self.home if s not in self.pool.tables]:
+                del self.home[sid]
+            load = [0] * self.attention
+            for r in self.home.values():
+                load[r] += 1
+            self.home[seq_id] = load.index(min(load))
+        return self.home[seq_id]
 
     def _role(self, rank: int) -> str:
         return "attention worker" if rank < self.spec.attention else "FFN worker"
@@ -294,7 +307,7 @@ class AFDRunner(ModelRunner):
         else:
             by_rank: dict[int, list[int]] = {}
             for j, sid in enumerate(batch.seq_ids):
-                by_rank.setdefault(attention_rank(sid, N), []).append(j)
+                by_rank.setdefault(self._home(sid), []).append(j)
             parts = {r: select_batch(batch, idx) for r, idx in sorted(by_rank.items())}
         groups = {r: split_batch(sub, m) for r, (sub, _) in parts.items()}
         width = max(len(g) for g in groups.values())
