@@ -206,12 +206,11 @@ def serve(args: WorkerArgs) -> None:
 
 def serve_attention(args: WorkerArgs) -> None:
     """An attention worker other than rank 0 (attention=N>1): holds the K/V of the sequences rank 0 assigns
-    it (a pool of rank 0's shape; its pages are touched only where its sequences write) and, for each step
+    it (a pool of rank 0's shape, committed only where its sequences write) and, for each step
     rank 0 hands it, runs their layers -- attention halves natively, FFN halves on the FFN workers, micro-
     batched as rank 0's own -- and sends back their hidden states."""
     from afford.afd.pipeline import run_layers
     from afford.attention.backend import ForwardBatch
-    from afford.core.runner import kv_pool_tensors
     from afford.models.loader import load_model
     from afford.models.native import NativeDecoder
     if args.threads:
@@ -227,7 +226,10 @@ def serve_attention(args: WorkerArgs) -> None:
                               f"{theirs}: give every worker the same model, --device and --dtype")
         slots, block_size = (int(v) for v in store.get(KV_KEY).decode().split(","))
         cfg = model.cfg
-        kv = kv_pool_tensors(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+        # empty, not zeros: the pages of a fresh large allocation are committed only where this worker's
+        # sequences write, and attention reads only slots its sequences wrote
+        kv = [(torch.empty(slots, cfg.num_kv_heads, cfg.head_dim), torch.empty(slots, cfg.num_kv_heads, cfg.head_dim))
+              for _ in range(cfg.num_layers)]
         native = NativeDecoder.build(model, kv, block_size, "cpu_paged")
         if native is None:
             raise ConfigError("this attention worker cannot build the native CPU forward (a C++ compiler, fp32)")
