@@ -187,7 +187,7 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "kv_mmap_dir": "keep the KV pool (sparse attention's slow tier) in a memory-mapped file in this folder "
                    "instead of RAM (CPU; the file is removed at once, nothing is left behind)",
     "afd": "attention-FFN disaggregation, e.g. attention=1,ffn=2: the MLPs / MoE experts run on FFN worker "
-           "processes over torch.distributed (lossless)",
+           "processes over torch.distributed (lossless); attention=N>1 adds data-parallel attention workers",
     "micro_batches": "afd: micro-batches per step, pipelined between the attention and FFN workers",
     "afd_address": "afd: host:port where `afford afd-worker` processes join (default: spawn them here)",
     "enable_chunked_prefill": "split long prompts over several steps, next to running decodes",

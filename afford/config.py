@@ -283,8 +283,9 @@ class EngineConfig:
                                          #     bound on q . k) or "mean" (q . mean-pooled key, InfLLM-V2)
     kv_mmap_dir: str | None = None       # the K/V pool (sparse attention's slow tier) in a memory-mapped file in
                                          # this folder instead of RAM (CPU); the file is unlinked at once
-    afd: str | None = None               # attention-FFN disaggregation "attention=1,ffn=M": the MLPs / experts
-                                         # run on M worker processes over torch.distributed (afford/afd/)
+    afd: str | None = None               # attention-FFN disaggregation "attention=N,ffn=M": the MLPs / experts
+                                         # run on M worker processes over torch.distributed (afford/afd/), the
+                                         # sequences' attention on N data-parallel attention workers (rank 0 too)
     micro_batches: int = 3               # ... micro-batches per step, pipelined between the two sides
     afd_address: str | None = None       # ... host:port where `afford afd-worker` processes join (None: spawn
                                          #     the workers on this host)
@@ -311,7 +312,7 @@ class EngineConfig:
         if self.decode_token_budget is not None and self.decode_token_budget < 1:
             raise ConfigError("decode_token_budget must be >= 1")
         if self.afd is None and self.afd_address is not None:
-            raise ConfigError("afd_address is for afd deployments: give afd='attention=1,ffn=M' too")
+            raise ConfigError("afd_address is for afd deployments: give afd='attention=N,ffn=M' too")
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,13 @@ def test_workers_started_by_hand_join_by_address(llama_dir):
     with pytest.raises(AFDWorkerLost, match="same model, --device and --dtype"):   # another dtype: refused
         LLM(str(llama_dir), dtype="float32", afd="attention=1,ffn=1", afd_address=f"127.0.0.1:{port}")
     assert wrong.wait(timeout=30) != 0 and "same model, --device and --dtype" in wrong.stderr.read()
+    port = free_port()                                         # a worker that guessed another shape: refused
+    wrong = subprocess.Popen([sys.executable, "-m", "afford", "afd-worker", "--model", str(llama_dir), "--address",
+                              f"127.0.0.1:{port}", "--rank", "1", "--world-size", "2", "--attention", "2"],
+                             stderr=subprocess.PIPE, text=True)
+    with pytest.raises(AFDWorkerLost, match="--attention 2, but rank 0 runs attention=1"):
+        LLM(str(llama_dir), dtype="float32", afd="attention=1,ffn=1", afd_address=f"127.0.0.1:{port}")
+    assert wrong.wait(timeout=30) != 0
     port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "afford", "afd-worker", "--model", str(llama_dir),
                                "--address", f"127.0.0.1:{port}", "--rank", "1", "--world-size", "2",

@@ -175,6 +175,7 @@ def test_a_measured_flops_table_calibrates_the_afd_pipeline():
     one = pipeline(spec, table, 48, 128, 3)
     assert two["attention_us"] == pytest.approx(one["attention_us"])                    # the same share each
     assert two["ffn_us"] == pytest.approx(pipeline(spec, table, 96, 128, 3)["ffn_us"])  # all 96 rows, m = 3
+    assert pipeline(spec, table, 3, 128, 3, attention_workers=2)["micro_batches"] == 2   # 2 + 1 sequences: 2
     for bad in ("cpu:flops=1e11,bw=1e10,flops@0=1e9", "cpu:flops=1e11,bw=1e10,flops@x=1e9",
                 "cpu:flops=1e11,bw=1e10,flops@8=-1"):
         with pytest.raises(ConfigError, match="flops@ROWS"):

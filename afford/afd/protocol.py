@@ -98,6 +98,7 @@ def ready_key(rank: int) -> str:
 
 MODEL_KEY = "afford/afd/model"
 KV_KEY = "afford/afd/kv"                      # "slots,block size" of rank 0's K/V pool (attention workers' too)
+SPEC_KEY = "afford/afd/spec"                  # "N,M": attention and FFN workers (each worker's role and share)
 
 
 def error_key(rank: int) -> str:

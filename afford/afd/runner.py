@@ -37,6 +37,7 @@ from afford.afd.protocol import (
     MAX_MICRO_BATCHES,
     MODEL_KEY,
     PING,
+    SPEC_KEY,
     STATS,
     STOP,
     AFDSpec,
@@ -136,8 +137,8 @@ class AFDRunner(ModelRunner):
     def __init__(self, model, pool, model_path: str, spec: AFDSpec, micro_batches: int = 3,
                  attention: str = "auto", address: str | None = None, device: str = "cpu", dtype: str = "auto",
                  timeout_s: float = 120.0, attention_options: dict | None = None, native: bool = True):
-        """address None: spawn spec.ffn workers on this host; "host:port": wait there for workers started
-        with `afford afd-worker` (ranks 1..ffn)."""
+        """address None: spawn the workers on this host (ranks 1..N-1 attention, N..N+M-1 FFN); "host:port":
+        wait there for workers started with `afford afd-worker` (they read N and M from rank 0's store)."""
         if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
             raise ConfigError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
         super().__init__(model, pool, attention, native=False, graphs=False, attention_options=attention_options)
@@ -173,6 +174,7 @@ class AFDRunner(ModelRunner):
             store = make_store(address, 0, self.world_size, timeout_s)
             store.set(MODEL_KEY, model_signature(model.cfg, self.dtype))
             store.set(KV_KEY, f"{self.kv[0][0].shape[0]},{pool.block_size}")
+            store.set(SPEC_KEY, f"{spec.attention},{spec.ffn}")
             self._await_workers(store, max(timeout_s, START_TIMEOUT_S))
             self.pg = make_group(store, 0, self.world_size, timeout_s)
         except Exception:

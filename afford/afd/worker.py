@@ -22,6 +22,7 @@ from afford.afd.protocol import (
     KV_KEY,
     MODEL_KEY,
     PING,
+    SPEC_KEY,
     STATS,
     STOP,
     error_key,
@@ -148,12 +149,12 @@ def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.
     return shards, dtype, model_signature(cfg, dtype)
 
 
-def serve(args: WorkerArgs) -> None:
+def serve(args: WorkerArgs, store=None) -> None:
     """The FFN worker's loop; returns on STOP, raises when rank 0 is gone (its process then exits)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     workers = args.world_size - args.attention
-    store = make_store(args.address, args.rank, args.world_size, args.timeout_s)
+    store = store or make_store(args.address, args.rank, args.world_size, args.timeout_s)
     try:
         shards, dtype, mine = build_shards(args, workers)
         theirs = store.get(MODEL_KEY).decode()
@@ -204,19 +205,21 @@ def serve(args: WorkerArgs) -> None:
                     work.wait()
 
 
-def serve_attention(args: WorkerArgs) -> None:
+def serve_attention(args: WorkerArgs, store=None) -> None:
     """An attention worker other than rank 0 (attention=N>1): holds the K/V of the sequences rank 0 assigns
     it (a pool of rank 0's shape, committed only where its sequences write) and, for each step
     rank 0 hands it, runs their layers -- attention halves natively, FFN halves on the FFN workers, micro-
     batched as rank 0's own -- and sends back their hidden states."""
     from afford.afd.pipeline import run_layers
     from afford.attention.backend import ForwardBatch
-    from afford.models.loader import load_model
+    from afford.models.loader import load_model, resolve_device
     from afford.models.native import NativeDecoder
     if args.threads:
         torch.set_num_threads(args.threads)
-    store = make_store(args.address, args.rank, args.world_size, args.timeout_s)
+    store = store or make_store(args.address, args.rank, args.world_size, args.timeout_s)
     try:
+        if args.device not in ("cpu", "auto") or resolve_device(args.device).type != "cpu":
+            raise ConfigError(f"an attention worker runs on the CPU (native forward); got --device {args.device}")
         with torch.no_grad():
             model = load_model(args.model, args.device, args.dtype, ffn=False).pack_for_inference()
         mine = model_signature(model.cfg, next(model.parameters()).dtype)
@@ -276,8 +279,8 @@ def add_args(p) -> None:
     p.add_argument("--address", required=True, help="host:port of the attention worker (rank 0)")
     p.add_argument("--rank", type=int, required=True, help="1..N-1: an attention worker; N..N+M-1: an FFN worker")
     p.add_argument("--world-size", type=int, required=True, help="N + M")
-    p.add_argument("--attention", type=int, default=1, help="N, the deployment's attention workers (rank 0's "
-                                                            "--afd attention=N)")
+    p.add_argument("--attention", type=int, help="N, the deployment's attention workers (rank 0's --afd "
+                                                 "attention=N; read from rank 0 when left out, checked when given)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int)
@@ -288,12 +291,21 @@ def run(a) -> int:
     """Serve until STOP or until rank 0 goes away (then exit quietly: there is nobody left to answer)."""
     if not 1 <= a.rank < a.world_size:
         raise ConfigError(f"--rank must be in 1..{a.world_size - 1} (rank 0 is the engine's attention worker)")
-    if not 1 <= a.attention < a.world_size:
-        raise ConfigError(f"--attention must be in 1..{a.world_size - 1} (at least one FFN worker)")
-    args = WorkerArgs(a.model, a.address, a.rank, a.world_size, a.device, a.dtype, a.threads, a.timeout,
-                      a.attention)
+    store = make_store(a.address, a.rank, a.world_size, a.timeout)
+    # the deployment's shape comes from rank 0: a worker's role and share follow from it (a hand-started
+    # worker that guessed another N would load the wrong share and answer with wrong partials)
+    n, m = (int(v) for v in store.get(SPEC_KEY).decode().split(","))
+    why = None
+    if n + m != a.world_size:
+        why = f"--world-size {a.world_size}, but rank 0 runs attention={n},ffn={m} ({n + m} processes)"
+    elif a.attention is not None and a.attention != n:
+        why = f"--attention {a.attention}, but rank 0 runs attention={n}"
+    if why is not None:
+        store.set(error_key(a.rank), f"ConfigError: {why}")
+        raise ConfigError(f"worker rank {a.rank}: {why}")
+    args = WorkerArgs(a.model, a.address, a.rank, a.world_size, a.device, a.dtype, a.threads, a.timeout, n)
     try:
-        serve_attention(args) if a.rank < a.attention else serve(args)
+        serve_attention(args, store) if a.rank < n else serve(args, store)
     except RuntimeError as e:
         if "Connection closed" not in str(e) and "Connection reset" not in str(e):
             raise

@@ -94,7 +94,7 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
         return attn, max(ffn_workers, N) * b * (2 * H + 2 * k) * act_bytes / net, ffn
 
     N = min(attention_workers, batch)
-    m = min(micro_batches, max(1, batch // N))  # the runner never makes more micro-batches than sequences
+    m = min(micro_batches, -(-batch // N))      # the runner never makes more micro-batches than a worker's sequences
     a, x, f = stages(batch / N / m)
     layer = max(m * a, m * f, m * x, a + x + f)
     seq = sum(stages(batch / N))
