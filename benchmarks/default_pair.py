@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--questions", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft", default="default", help="the draft to measure: the bundled one, or a folder")
+    ap.add_argument("--name", default="default_pair", help="results file name")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from afford import LLM, SamplingParams
@@ -41,7 +43,7 @@ def main():
     ppl_gsm = perplexity(target, gsm_texts)
     ppl_shk = perplexity(target, shk_texts)
     print(f"target perplexity: GSM8K test answers {ppl_gsm:.2f} | held-out Shakespeare {ppl_shk:.2f}")
-    drafted = LLM("default", dtype="float32", draft="default", num_speculative_tokens=4)
+    drafted = LLM("default", dtype="float32", draft=a.draft, num_speculative_tokens=4)
     t = time.perf_counter()
     outs = drafted.generate([r["question"] + "\n" for r in gsm], SamplingParams(max_tokens=a.new_tokens, temperature=0))
     spec_s = time.perf_counter() - t
@@ -54,10 +56,10 @@ def main():
           f"{per_forward:.2f} tokens per target forward per sequence")
     from afford.models.loader import resolve_model_path
     t_tok, t_params = decode_time_per_token(str(resolve_model_path("default")))
-    d_tok, d_params = decode_time_per_token(str(resolve_model_path("default", "draft")))
+    d_tok, d_params = decode_time_per_token(str(resolve_model_path(a.draft, "draft")))
     print(f"cost per token: params {t_params / 1e6:.2f} M vs {d_params / 1e6:.2f} M ({t_params / d_params:.1f}x); "
           f"measured decode {t_tok * 1e3:.2f} ms vs {d_tok * 1e3:.2f} ms ({t_tok / d_tok:.1f}x)")
-    out = save("default_pair", {
+    out = save(a.name, {
         "settings": vars(a), "target_ppl_gsm8k_test_answers": ppl_gsm, "target_ppl_shakespeare_heldout": ppl_shk,
         "draft_acceptance_k4_gsm8k": rate, "acceptance_per_position": per_pos,
         "spec_batch_seconds": spec_s, "tokens_per_target_forward": per_forward, "target_params": t_params, "draft_params": d_params,
