@@ -314,29 +314,31 @@ class AFDRunner(ModelRunner):
         groups = {r: split_batch(sub, m) for r, (sub, _) in parts.items()}
         width = max(len(g) for g in groups.values())
         mine = groups.get(0, [])
-        metas = [self.backend.prepare_metadata(sub, self.kv) for sub, _, _ in mine] \
-            if self.native_attn is None else []                                          # what can fail locally,
-        rope = [(model.rope_cos[sub.positions].unsqueeze(-2).to(self.dtype),             # before the workers hear
-                 model.rope_sin[sub.positions].unsqueeze(-2).to(self.dtype)) for sub, _, _ in mine] \
-            if self.native_attn is None else []
-        sizes = [e - s for r in range(N) for s, e in
-                 [(s, e) for _, s, e in groups.get(r, [])] + [(0, 0)] * (width - len(groups.get(r, [])))]
+        metas, rope = [], []
+        if self.native_attn is None:                # the Python path's inputs: what can fail locally, before
+            for sub, _, _ in mine:                  # the workers hear (N = 1 here)
+                metas.append(self.backend.prepare_metadata(sub, self.kv))
+                rope.append((model.rope_cos[sub.positions].unsqueeze(-2).to(self.dtype),
+                             model.rope_sin[sub.positions].unsqueeze(-2).to(self.dtype)))
+        sizes = []                                  # tokens per (attention worker, micro-batch), 0-padded
+        for r in range(N):
+            n = [e - s for _, s, e in groups.get(r, [])]
+            sizes += n + [0] * (width - len(n))
         self._to_ffn(header(FORWARD, width, N, sizes=sizes))
         sends = []
         for r, (sub, tok) in parts.items():                    # the other attention workers' inputs
             if r == 0:
                 continue
-            tables = torch.zeros(len(sub.tables), max(len(t) for t in sub.tables), dtype=torch.long)
-            for i, t in enumerate(sub.tables):
-                tables[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            w = max(len(t) for t in sub.tables)
+            blocks = torch.tensor([t + [0] * (w - len(t)) for t in sub.tables], dtype=torch.long)   # (seqs, w)
             data = torch.cat([ids[tok].long(), sub.positions.long(), sub.slot_mapping.long(),
-                              torch.tensor(sub.query_lens, dtype=torch.long), tables.view(-1)])
-            h = header(FORWARD, sub.num_tokens, len(sub.seq_ids), tables.shape[1],
+                              torch.tensor(sub.query_lens, dtype=torch.long), blocks.view(-1)])
+            h = header(FORWARD, sub.num_tokens, len(sub.seq_ids), w,
                        sizes=[len(groups[r]), *[len(g.seq_ids) for g, _, _ in groups[r]]])
             sends += [self.pg.send([h], r, 0), self.pg.send([data], r, DATA)]
         hid = None
         if mine:
-            sub0, tok0 = parts[0]
+            tok0 = parts[0][1]
             ids0 = ids if tok0 is None else ids[tok0]
             xs = [model.model.embed_tokens(ids0[s:e]) for _, s, e in mine]                   # (n_i, hidden)
             tables = (model.rope_cos, model.rope_sin)

@@ -259,7 +259,7 @@ def serve_attention(args: WorkerArgs, store=None) -> None:
             ids, pos, slots_, q_lens, tables = data.split([n_tok, n_tok, n_tok, n_seq, n_seq * width])
             q_lens = q_lens.tolist()
             tables = tables.view(n_seq, width).tolist()
-            groups, seq, tok = [], 0, 0
+            groups, seq, tok = [], 0, 0             # attn_half reads positions, slots, lengths and tables only
             for cnt in per_micro:
                 n = sum(q_lens[seq:seq + cnt])
                 groups.append((ForwardBatch("decode", list(range(seq, seq + cnt)), [0] * cnt, q_lens[seq:seq + cnt],
