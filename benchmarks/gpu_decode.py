@@ -431,18 +431,91 @@ def main():
     llm = runner = graph_runner = bare_model = None                  # free the GPU for the arms below
     gc.collect()
 
+    def int4_sweep():
+        """The batch-1 int4 kernel on each of the model's matrices (q|k|v, o, gate|up, down; per-channel
+        scales, as the model's auto group picks for these weights): tinygemm, cuBLAS bf16 and afford's
+        Triton GEMV over a grid of tiles, each timed as 20 calls inside one CUDA graph (launches excluded,
+        as in the engine's captured step). The config with the least time over one layer's four matrices
+        becomes the kernel's for the int4 arms below."""
+        if device != "cuda":
+            return None
+        from afford.models import triton_int4 as t4
+        from afford.models.quant import QuantLinear, quantize
+        H, I, D = shape["hidden_size"], shape["intermediate_size"], shape["hidden_size"] // shape["num_attention_heads"]
+        mats = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
+        configs = [(bn, bk, 4, st) for bn in (4, 8, 16) for bk in (256, 1024) for st in (2, 4)]
+        configs += [(8, 512, 4, 3), (8, 512, 2, 3), (8, 512, 8, 3), (2, 1024, 2, 3), (4, 2048, 4, 1)]
+
+        def per_call_us(fn, n=20):
+            fn()
+            sync()
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                for _ in range(n):
+                    fn()
+            gr.replay()
+            t, _ = timed(lambda: [gr.replay() for _ in range(5)])
+            return 1e6 * t / (5 * n)
+        out = {"configs": [list(c) for c in configs], "matrices": {}}
+        gen = torch.Generator(device=device).manual_seed(1)
+        for name, (N, K) in mats.items():
+            w = torch.randn(N, K, generator=gen, device=device) * 0.02
+            q, sc, z = quantize(w, 4, K)
+            x = torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16)
+            p, sc, z = t4.pack(q), sc.contiguous(), z.contiguous()
+            ref = x.float() @ ((q.float() - 8) * sc + z).t()
+            wb = w.to(torch.bfloat16)
+            row = {"shape": [N, K], "code_bytes": N * K // 2, "bf16_us": per_call_us(lambda: F.linear(x, wb))}
+            ql = QuantLinear(q, sc, z, 4, kernel="int4cuda")
+            row["tinygemm_us"] = per_call_us(lambda: ql(x))
+            row["triton_us"], row["max_rel_err"] = [], 0.0
+            for c in configs:
+                try:
+                    y = t4.int4_mm(x, p, sc, z, K, c).float()
+                    row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
+                    row["triton_us"].append(per_call_us(lambda: t4.int4_mm(x, p, sc, z, K, c)))
+                except Exception as e:                       # a tile this card cannot hold
+                    row["triton_us"].append(None)
+                    row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
+            best = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
+            row["best"] = {"config": list(configs[best[1]]), "us": best[0],
+                           "gb_s": row["code_bytes"] / best[0] / 1e3}
+            row["tinygemm_gb_s"] = row["code_bytes"] / row["tinygemm_us"] / 1e3
+            out["matrices"][name] = row
+        totals = [sum(r["triton_us"][i] for r in out["matrices"].values())
+                  if all(r["triton_us"][i] is not None for r in out["matrices"].values()) else float("inf")
+                  for i in range(len(configs))]
+        i = min(range(len(configs)), key=totals.__getitem__)
+        out["layer_us"] = {"triton_best": totals[i], "triton_default": totals[configs.index(t4.GEMV_CONFIG)]
+                           if t4.GEMV_CONFIG in configs else None,
+                           "tinygemm": sum(r["tinygemm_us"] for r in out["matrices"].values()),
+                           "bf16": sum(r["bf16_us"] for r in out["matrices"].values())}
+        out["chosen"] = list(configs[i])
+        t4.GEMV_CONFIG = configs[i]                           # the int4 Triton arms below run with it
+        return out
+    run_arm("int4_sweep", int4_sweep)
+
     from afford.models import quant
-    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_triton", "int4", "triton"),
-                          ("afford_int8", "int8", None)):
-        def quant_arms(q=q, int4=int4):
+    for name, q, int4, fused in (("afford_int4", "int4", "tinygemm", False),
+                                 ("afford_int4_triton", "int4", "triton", False),
+                                 ("afford_int4_triton_fusedlayers", "int4", "triton", True),
+                                 ("afford_int8", "int8", None, False)):
+        def quant_arms(q=q, int4=int4, fused=fused):
             keep = quant.CUDA_INT4_KERNEL
             quant.CUDA_INT4_KERNEL = int4 or keep          # the opt-in Triton int4 kernel's A/B arm
             try:
                 qllm = LLM(str(target), quantization=q, **common)
             finally:
                 quant.CUDA_INT4_KERNEL = keep
+            if fused:
+                qllm.engine.model.fused_cuda = True
+                if qllm.engine.runner.graphs is not None:      # recapture with the fused kernels
+                    qllm.engine.runner.graphs.shapes = {}
             kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
-            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
+            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes, "fused_layers": fused}
+            if int4 == "triton":
+                from afford.models import triton_int4
+                out["gemv_config"] = list(triton_int4.GEMV_CONFIG)
             for B in batches[:2]:
                 out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
                 out[f"b{B}"]["graph_replay_ms"] = replay_ms(qllm.engine.runner.graphs, (B, 1))

@@ -89,7 +89,7 @@ def test_low_bit_kernels_equal_the_dequantized_product(bits, group, int4, monkey
     ql = ql.to("cuda")
     ql.refresh()
     assert ql.kernel == {"tinygemm": "int4cuda", "triton": "int4triton", None: "int8triton"}[int4], ql.kernel
-    for rows in (1, 16, 64):
+    for rows in (1, 2, 3, 4, 5, 16, 64):                  # the Triton int4 GEMV (<= 4 rows), then tiles
         x = torch.randn(rows, 2048, device="cuda")
         y = ql(x).float()
         kernel, ql.kernel = ql.kernel, "dequant"
@@ -102,8 +102,10 @@ def test_low_bit_kernels_equal_the_dequantized_product(bits, group, int4, monkey
         assert ((y - ref).abs() <= bound).all(), (bits, group, rows, (y - ref).abs().max())
 
 
-@pytest.mark.parametrize("q,kernel", [("int4", "int4cuda"), ("int8", "int8triton")])
-def test_low_bit_graphs_with_fused_matrices(random_pair, q, kernel):
+@pytest.mark.parametrize("q,kernel", [("int4", "int4cuda"), ("int4", "int4triton"), ("int8", "int8triton")])
+def test_low_bit_graphs_with_fused_matrices(random_pair, q, kernel, monkeypatch):
+    from afford.models import quant
+    monkeypatch.setattr(quant, "CUDA_INT4_KERNEL", "triton" if kernel == "int4triton" else "tinygemm")
     ps, params = _prompts(5, 3), SamplingParams(max_tokens=16, temperature=0)
     eager = LLM(random_pair[0], device="cuda", quantization=q, enforce_eager=True)
     graphs = LLM(random_pair[0], device="cuda", quantization=q)

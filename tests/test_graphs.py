@@ -163,6 +163,32 @@ print("ok")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_int4_gemv_kernel_in_the_interpreter():
+    """The few-row int4 kernel (tiles within one scale group, tiles over several groups, a group that is no
+    power of two, rows padded to 2 / 4, rows past N masked): the dequantized product. Interpreted with fp16
+    activations (the interpreter mis-converts bf16; the card runs both, tests/test_gpu.py)."""
+    code = """
+import torch
+from afford.models import triton_int4 as t4
+from afford.models.quant import quantize, dequantize
+g = torch.Generator().manual_seed(0)
+for N, K, group, cfg in ((24, 256, 32, (8, 128, 4, 3)), (40, 512, 512, (8, 256, 4, 2)), (16, 256, 64, (4, 512, 4, 3)),
+                         (8, 1408, 704, (8, 512, 4, 3)), (33, 512, 128, (16, 128, 2, 3))):
+    q, s, z = quantize(torch.randn(N, K, generator=g), 4, group)
+    p, w = t4.pack(q), dequantize(q, s, z)
+    for M in (1, 2, 3, 4):
+        x = torch.randn(M, K, generator=g).half()
+        y = t4.int4_mm(x, p, s.contiguous(), z.contiguous(), group, cfg).float()
+        ref = x.float() @ w.t()
+        assert y.shape == (M, N) and (y - ref).abs().max() < 2e-3 * ref.abs().max(), (N, K, group, cfg, M)
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_paged_forward_from_unrotated_qkv_equals_the_model_path():
     """PagedBackend.forward_qkv (what the model calls when RoPE is fused) falls back to torch's RoPE where
     Triton cannot run: the same output and the same pool as rotating first and calling forward."""
