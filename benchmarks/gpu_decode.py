@@ -18,7 +18,9 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   timed with CUDA events) over the wall time of a decode step inside afford's engine loop (and the
   same at every batch);
 - A/B arms: torch's RoPE + index_copy_ instead of the fused Triton kernel; the CPU's 512-token step budget;
-  the opt-in fused residual add + RMSNorm and silu * up kernels (afford/models/triton_ops.py);
+  torch's residual add, RMSNorm, SiLU and product instead of the fused kernels (afford/models/triton_ops.py);
+- `int4_sweep`: the batch-1 int4 kernels per matrix of the model (tinygemm, cuBLAS bf16, afford's Triton
+  GEMV over a grid of tiles), inside CUDA graphs;
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
   RoPE, the bare loop eager; int4 and int8 in their arms); `host_profile`: cProfile of the engine at
   the largest batch.
@@ -249,12 +251,13 @@ def main():
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import subprocess
-    try:                                   # the GPU machine gets the working tree without .git: AFFORD_COMMIT
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("AFFORD_COMMIT")
+    commit = os.environ.get("AFFORD_COMMIT")    # a GPU machine's copy of the tree may hold a stale .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            commit = ""
     res = {"commit": commit, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "torch": torch.__version__,
            "model": "TinyLlama-1.1B shape, random bf16 weights" if not a.tiny else "tiny smoke test",
@@ -373,9 +376,9 @@ def main():
 
     if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
         for B in (batches[0], batches[-1]):
-            # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up fused (opt-in)
+            # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up as torch's
             run_arm(f"afford_graphs_unfusedrope_b{B}", lambda B=B: switched(B, runner.backend, "fused_rope", False))
-            run_arm(f"afford_graphs_fusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", True))
+            run_arm(f"afford_graphs_unfusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", False))
 
         def budget_arm(B=batches[-1]):
             """The step token budget's A/B: the CPU's 512 instead of the GPU default (prompt chunks)."""
@@ -496,23 +499,17 @@ def main():
     run_arm("int4_sweep", int4_sweep)
 
     from afford.models import quant
-    for name, q, int4, fused in (("afford_int4", "int4", "tinygemm", False),
-                                 ("afford_int4_triton", "int4", "triton", False),
-                                 ("afford_int4_triton_fusedlayers", "int4", "triton", True),
-                                 ("afford_int8", "int8", None, False)):
-        def quant_arms(q=q, int4=int4, fused=fused):
+    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_triton", "int4", "triton"),
+                          ("afford_int8", "int8", None)):
+        def quant_arms(q=q, int4=int4):
             keep = quant.CUDA_INT4_KERNEL
             quant.CUDA_INT4_KERNEL = int4 or keep          # the opt-in Triton int4 kernel's A/B arm
             try:
                 qllm = LLM(str(target), quantization=q, **common)
             finally:
                 quant.CUDA_INT4_KERNEL = keep
-            if fused:
-                qllm.engine.model.fused_cuda = True
-                if qllm.engine.runner.graphs is not None:      # recapture with the fused kernels
-                    qllm.engine.runner.graphs.shapes = {}
             kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
-            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes, "fused_layers": fused}
+            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
             if int4 == "triton":
                 from afford.models import triton_int4
                 out["gemv_config"] = list(triton_int4.GEMV_CONFIG)
