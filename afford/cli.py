@@ -197,6 +197,8 @@ ENGINE_HELP = {                      # config field -> help text (the default is
     "quantization": "weight-only quantization on load (lossy)",
     "attention": "attention backend: auto (cpu_paged on the CPU, paged on CUDA), paged, cpu_paged or sdpa",
     "enforce_eager": "on CUDA, run every forward eagerly: no CUDA graphs for decode, verify and draft steps",
+    "async_scheduling": "launch each greedy decode step before the host reads the step before's tokens, so "
+                        "stop checks, detokenizing and outputs overlap the GPU (default: on with CUDA graphs)",
     "native": "run CPU fp32 forwards as one C++ call on afford's batch-invariant kernels (a token's logits "
               "the same in any batch or verify; built once per machine, ~1 minute)",
     "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",

@@ -274,6 +274,8 @@ class EngineConfig:
     attention: str = "auto"              # attention backend: auto | paged | cpu_paged | sdpa (afford/attention/)
     native: bool = True                  # CPU fp32 forwards as one C++ call, batch-invariant (afford/models/native.py)
     enforce_eager: bool = False          # CUDA: no CUDA graphs (afford/core/graphs.py); the CPU never captures
+    async_scheduling: bool | None = None  # greedy decode steps launched before the host reads the step before's
+                                          # tokens (Engine._continue_async); None: on with CUDA graphs
     sparse_budget: int = 16              # attention="sparse" (lossy past the budget): KV blocks per decode query
     sparse_locality: float = 0.25        # ... share of the budget chosen by past attention mass (steps overlap)
     sparse_fast_blocks: int | None = None    # ... fast-tier blocks per layer (None: budget x max_num_seqs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,18 @@ from afford.speculative.speculator import Speculator
 
 AFD_QUANTIZED = ("afd with quantization is not implemented: the FFN workers load full-precision weights; drop "
                  "quantization= or give the full-precision model")
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched and not yet taken in (async scheduling): its sampled tokens stay on the
+    device, feeding the next step, until the host reads them one step later."""
+    seqs: list[Sequence]
+    positions: list[int]          # where each sequence's fed token sits
+    tokens: torch.Tensor          # (n,) the greedy tokens, on the device
+    host: torch.Tensor            # their copy in (pinned) host memory, complete once `ready` has passed
+    ready: object                 # a CUDA event, None on the CPU (the copy is the tensor itself)
+    stats: StepStats
 
 
 class Engine:
@@ -93,6 +106,18 @@ class Engine:
         self.own_source = "small" if self.levers and self.levers.cascade else "target"   # provenance of its tokens
         if self.speculator and self.speculator.controller.wants_profile:
             self._profile_step_times()
+        # async scheduling (vLLM's async scheduling, SGLang's overlap scheduler): a plain greedy decode step
+        # is launched with the step before's tokens still on the device, and the host takes that step's
+        # tokens in (stop checks, detokenizing, outputs) while the GPU runs the new one. Default: on with CUDA
+        # graphs. The tokens are the synchronous loop's; a sequence that stopped costs one discarded row.
+        on = cfg.async_scheduling
+        if on and cfg.afd is not None:
+            raise ConfigError("async_scheduling does not combine with afd (the AFD runner feeds host tokens); "
+                              "drop one of them")
+        self.async_scheduling = bool(on if on is not None else
+                                     (getattr(self.runner, "graphs", None) is not None and cfg.afd is None))
+        self._inflight: _InFlight | None = None
+        self.steps_ahead = 0             # decode steps launched before the host had read the step before
         self.cost_hw = self.cost_spec = None
         if cfg.cost_hardware:
             from afford.cost.hardware import get_hardware
@@ -265,13 +290,15 @@ class Engine:
                 self.stats.aborted += 1
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
         """One engine step: every scheduled sequence advances through ONE batched target forward (prompt
         chunks and decodes together) -- or two when speculation drafts for the decodes: the prompt chunks'
         forward, then the verification of the drafts. Returns an output for each sequence that advanced."""
+        if self._inflight is not None:
+            return self._continue_async()
         spec = self.speculator
         sched = self.scheduler.schedule(lookahead=spec.k if spec else 0)
         for s in sched.preempted:
@@ -280,6 +307,12 @@ class Engine:
         if not sched.seqs:
             return []
         self.runner.copy_blocks(sched.copies)
+        if self._async_eligible(sched):
+            t0 = time.perf_counter()
+            seqs = sched.seqs
+            self._inflight = self._launch(seqs, [s.num_computed for s in seqs], [[s.token_ids[-1]] for s in seqs])
+            self._inflight.stats.preempted = len(sched.preempted)
+            return self._continue_async(t0)
         parts = [(sched.kind, sched.seqs, sched.chunks)]
         if (spec or (self.levers and self.levers.cascade)) and sched.kind == "mixed":
             pre = [(s, n) for s, n in zip(sched.seqs, sched.chunks) if s.in_prefill]
@@ -303,9 +336,14 @@ class Engine:
             outs, st = self._cascade_step(seqs)
         else:
             outs, st = self._plain(seqs, chunks)
-        st.kind, st.seconds, st.preempted = kind, time.perf_counter() - t0, preempted
         if spec:
             st.predicted_seconds = spec.controller.last_prediction
+        self._record(st, kind, time.perf_counter() - t0, preempted)
+        return outs
+
+    def _record(self, st: StepStats, kind: str, seconds: float, preempted: int) -> None:
+        """A step's stats into the engine's totals (and the speculation controller's estimates)."""
+        st.kind, st.seconds, st.preempted = kind, seconds, preempted
         st.weight_bytes = (self.runner.weight_bytes if st.tokens_in else 0) + st.side_bytes
         st.kv_bytes = st.context_tokens * self.runner.kv_bytes_per_token
         st.flops = 2.0 * self.model_config.active_parameters * st.tokens_in + st.side_flops
@@ -317,7 +355,70 @@ class Engine:
         if self.cost_spec is not None and kind == "decode":
             self.stats.modeled_usd_per_1m = self.modeled_usd_per_1m(st.context_tokens // st.num_seqs)
             self.stats.cost_hardware = self.cost_hw.key
+
+    # ---- async scheduling: decode steps one ahead of the host ----
+    def _async_eligible(self, sched) -> bool:
+        """A step that may run ahead: plain greedy decodes whose tokens nothing but the argmax decides."""
+        return self.async_scheduling and sched.kind == "decode" and self.speculator is None \
+            and self.levers is None and all(s.params.greedy and s.params.logprobs is None for s in sched.seqs)
+
+    def _launch(self, seqs: list[Sequence], positions: list[int], tokens: list[list[int]],
+                ids_dev: torch.Tensor | None = None) -> _InFlight:
+        """Queue one decode forward and its argmax without waiting for either (ids_dev: the fed tokens
+        on the device, the step before's argmax; then `tokens` are placeholders)."""
+        logits = self.runner.forward([s.seq_id for s in seqs], positions, tokens, ids_dev=ids_dev)   # (n, V)
+        tok = logits.argmax(-1)
+        host, ready = tok, None
+        if tok.is_cuda:
+            host = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)
+            host.copy_(tok, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        st = StepStats.of_forward("", [s.seq_id for s in seqs], positions, [1] * len(seqs))
+        return _InFlight(list(seqs), list(positions), tok, host, ready, st)
+
+    def _continue_async(self, t0: float | None = None) -> list[RequestOutput]:
+        """Launch the step after the one in flight where nothing the host has not read yet could change
+        it, then take the one in flight in: its tokens, stops, outputs."""
+        t0 = time.perf_counter() if t0 is None else t0
+        cur, nxt = self._inflight, None
+        keep = self._continuing(cur)
+        if keep:
+            seqs = [cur.seqs[i] for i in keep]
+            copies = [c for s in seqs for c in self.pool.prepare_write(s.seq_id, len(s.token_ids) + 1)]
+            self.runner.copy_blocks(copies)
+            ids = cur.tokens if len(keep) == len(cur.seqs) else \
+                cur.tokens.index_select(0, torch.tensor(keep, device=cur.tokens.device))
+            nxt = self._launch(seqs, [len(s.token_ids) for s in seqs], [[0]] * len(seqs), ids)
+            self.steps_ahead += 1
+        self._inflight = nxt
+        if cur.ready is not None:
+            cur.ready.synchronize()
+        outs = []
+        for s, pos, tok in zip(cur.seqs, cur.positions, cur.host.tolist()):
+            if s.finished:                     # stopped at the step before (its token was past the stop) or aborted
+                continue
+            self._computed(s, pos + 1)
+            outs.append(self._emit(s, [tok], None))
+        st = cur.stats
+        st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * st.num_seqs, [0] * st.num_seqs
+        self._record(st, "decode", time.perf_counter() - t0, st.preempted)
         return outs
+
+    def _continuing(self, cur: _InFlight) -> list[int] | None:
+        """Which of the step in flight's sequences the next step feeds, one token past their last read one,
+        or None when the next step must wait for the host: a request waits to be admitted, a running
+        sequence is not in the step in flight, or the pool lacks the blocks. Sequences that stopped before
+        (or were aborted) and those that stop by length at the step in flight are left out; those that
+        will stop on a token (EOS, a stop string) cannot be known yet: their row is computed and dropped."""
+        sch = self.scheduler
+        live = [i for i, s in enumerate(cur.seqs) if not s.finished]
+        if (sch.waiting and len(sch.running) < sch.max_num_seqs) or len(sch.running) != len(live):
+            return None
+        keep = [i for i in live if cur.seqs[i].num_output + 1 < cur.seqs[i].params.max_tokens
+                and len(cur.seqs[i].token_ids) + 1 < self.max_model_len]
+        need = sum(self.pool.extra_blocks(cur.seqs[i].seq_id, len(cur.seqs[i].token_ids) + 1) for i in keep)
+        return keep if keep and need <= self.pool.num_free else None
 
     def _computed(self, s: Sequence, n: int) -> None:
         """s's first n tokens are in the cache and final: full blocks among them join the prefix cache."""

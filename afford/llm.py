@@ -22,6 +22,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, decode_token_budget: int | None = None,
                  enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False,
+                 async_scheduling: bool | None = None,
                  cascade: str | None = None, large: str | None = None, tau: float = 2.5, window: int = 5,
                  dwell: int = 10, rerank: str | None = None, alpha: float = 1.0, rerank_top_k: int = 5,
                  counterfactual=None, grad_corpus: str | None = None, grad_weight: float = 16.0,
@@ -37,6 +38,8 @@ class LLM:
         quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
         attention: the attention backend (afford/attention/): "auto", "paged", "cpu_paged" or "sdpa".
         enforce_eager: on CUDA, no CUDA graphs (decode, verify and draft steps are captured by default).
+        async_scheduling: launch each greedy decode step while the host still takes the step before's tokens
+        in (None: on with CUDA graphs); the same tokens either way.
         max_num_batched_tokens: tokens fed per step (None: 512 on a CPU, 2048 on a GPU, where an eager prefill
         forward costs more than its tokens' arithmetic); with enable_chunked_prefill running decodes take theirs
         first and long prompts are split over steps, and while sequences decode a step feeds at most
@@ -74,7 +77,8 @@ class LLM:
                                          decode_token_budget=decode_token_budget,
                                          enable_chunked_prefill=enable_chunked_prefill,
                                          enable_prefix_caching=enable_prefix_caching, native=native,
-                                         enforce_eager=enforce_eager, sparse_budget=sparse_budget,
+                                         enforce_eager=enforce_eager, async_scheduling=async_scheduling,
+                                         sparse_budget=sparse_budget,
                                          sparse_locality=sparse_locality, sparse_fast_blocks=sparse_fast_blocks,
                                          sparse_dense_below=sparse_dense_below, sparse_score=sparse_score,
                                          kv_mmap_dir=kv_mmap_dir, afd=afd,

@@ -8,8 +8,9 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   ~50 lines below) on the same weights, eager and with one CUDA graph per decode step -- the anchor;
 - afford with CUDA graphs (the default) and with enforce_eager, at batch 1, 16, 64;
 - transformers' eager `generate` on the same weights;
-- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4 through torch's
-  tinygemm and through afford's opt-in Triton kernel);
+- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4: the default
+  "auto" -- tinygemm, one-row products through afford's Triton row kernel where it timed faster --, tinygemm
+  alone, afford's Triton kernels alone);
 - afford draft speculation (k = 4) with a 2-layer draft cut from the target (its first 2 layers, the same
   embeddings and head: the same vocabulary) at batch 1;
 - the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
@@ -19,6 +20,7 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   same at every batch);
 - A/B arms: torch's RoPE + index_copy_ instead of the fused Triton kernel; the CPU's 512-token step budget;
   torch's residual add, RMSNorm, SiLU and product instead of the fused kernels (afford/models/triton_ops.py);
+  synchronous scheduling (the host reads each step's tokens before it launches the next) instead of async;
 - `int4_sweep`: the batch-1 int4 kernels per matrix of the model (tinygemm, cuBLAS bf16, afford's Triton
   GEMV over a grid of tiles), inside CUDA graphs;
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
@@ -379,6 +381,8 @@ def main():
             # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up as torch's
             run_arm(f"afford_graphs_unfusedrope_b{B}", lambda B=B: switched(B, runner.backend, "fused_rope", False))
             run_arm(f"afford_graphs_unfusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", False))
+        for B in batches:                  # A/B: the host reads each step's tokens before the next launches
+            run_arm(f"afford_graphs_sync_b{B}", lambda B=B: switched(B, llm.engine, "async_scheduling", False))
 
         def budget_arm(B=batches[-1]):
             """The step token budget's A/B: the CPU's 512 instead of the GPU default (prompt chunks)."""
@@ -446,8 +450,12 @@ def main():
         from afford.models.quant import QuantLinear, quantize
         H, I, D = shape["hidden_size"], shape["intermediate_size"], shape["hidden_size"] // shape["num_attention_heads"]
         mats = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
-        configs = [(bn, bk, 4, st) for bn in (4, 8, 16) for bk in (256, 1024) for st in (2, 4)]
-        configs += [(8, 512, 4, 3), (8, 512, 2, 3), (8, 512, 8, 3), (2, 1024, 2, 3), (4, 2048, 4, 1)]
+        # variant 1 (any few rows; run 5's best: (4, 2048, 4, 1)) around run 5's best tiles, variant 2 (one row)
+        configs = [(4, 2048, 4, 1, 1), (2, 2048, 2, 1, 1), (2, 1024, 2, 3, 1), (8, 1024, 4, 2, 1)]
+        configs += [(bn, bk, w, st, 2) for bn, bk, w, st in ((2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1),
+                                                               (4, 1024, 4, 2), (8, 1024, 4, 2), (16, 1024, 8, 2),
+                                                               (2, 1024, 2, 3), (4, 512, 4, 3), (8, 512, 4, 3),
+                                                               (16, 2048, 8, 1), (32, 1024, 8, 2))]
 
         def per_call_us(fn, n=20):
             fn()
@@ -499,8 +507,8 @@ def main():
     run_arm("int4_sweep", int4_sweep)
 
     from afford.models import quant
-    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_triton", "int4", "triton"),
-                          ("afford_int8", "int8", None)):
+    for name, q, int4 in (("afford_int4", "int4", "auto"), ("afford_int4_tinygemm", "int4", "tinygemm"),
+                          ("afford_int4_triton", "int4", "triton"), ("afford_int8", "int8", None)):
         def quant_arms(q=q, int4=int4):
             keep = quant.CUDA_INT4_KERNEL
             quant.CUDA_INT4_KERNEL = int4 or keep          # the opt-in Triton int4 kernel's A/B arm
@@ -509,8 +517,9 @@ def main():
             finally:
                 quant.CUDA_INT4_KERNEL = keep
             kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
-            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes}
-            if int4 == "triton":
+            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes,
+                   "row_kernel_layers": sum(getattr(m, "_row", None) is not None for m in qllm.engine.model.modules())}
+            if int4 in ("triton", "auto"):
                 from afford.models import triton_int4
                 out["gemv_config"] = list(triton_int4.GEMV_CONFIG)
             for B in batches[:2]:

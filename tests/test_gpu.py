@@ -33,6 +33,26 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(random_pair, batch):
     assert graphs.engine.runner.graphs.replays > 0
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_async_scheduling_gives_the_synchronous_tokens(random_pair, graphs):
+    """Decode steps launched before the host reads the step before's tokens (the default with graphs):
+    the synchronous loop's tokens, texts and finish reasons, stops on tokens the step in flight cannot
+    know included, and every KV block back."""
+    ps = _prompts(40, 11)
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=64, enforce_eager=not graphs)
+    sync = LLM(random_pair[0], async_scheduling=False, **kw)
+    plain = [SamplingParams(max_tokens=8 + 3 * (i % 9), temperature=0) for i in range(40)]
+    ref = [o.token_ids for o in sync.generate(ps, plain)]
+    params = [SamplingParams(max_tokens=p.max_tokens, temperature=0, stop_token_ids=[ref[0][4], ref[1][5]])
+              for p in plain]
+    asy = LLM(random_pair[0], async_scheduling=True, **kw)
+    free = asy.engine.pool.num_free
+    out = [(o.token_ids, o.text, o.finish_reason) for o in asy.generate(ps, params)]
+    assert out == [(o.token_ids, o.text, o.finish_reason) for o in sync.generate(ps, params)]
+    assert asy.engine.steps_ahead > 10 and asy.engine.pool.num_free == free
+    assert (asy.engine.runner.graphs is not None) == graphs
+
+
 @pytest.mark.parametrize("speculation", ["fixed", "goodput"])
 def test_graphs_under_speculation(random_pair, speculation):
     ps, params = _prompts(6, 7), SamplingParams(max_tokens=24, temperature=0)
@@ -76,7 +96,8 @@ def test_paged_backend_model_equals_sdpa_on_ragged_batches(random_pair):
 
 
 @pytest.mark.parametrize("bits,group,int4", [(4, 128, "tinygemm"), (4, 2048, "tinygemm"), (4, 128, "triton"),
-                                            (4, 2048, "triton"), (8, 2048, None), (8, 256, None)])
+                                            (4, 2048, "triton"), (4, 2048, "auto"), (4, 128, "auto"),
+                                            (8, 2048, None), (8, 256, None)])
 def test_low_bit_kernels_equal_the_dequantized_product(bits, group, int4, monkeypatch):
     from afford.models import quant
     if int4:
@@ -88,7 +109,11 @@ def test_low_bit_kernels_equal_the_dequantized_product(bits, group, int4, monkey
     ql = QuantLinear.from_linear(lin, bits, group)
     ql = ql.to("cuda")
     ql.refresh()
-    assert ql.kernel == {"tinygemm": "int4cuda", "triton": "int4triton", None: "int8triton"}[int4], ql.kernel
+    assert ql.kernel == {"tinygemm": "int4cuda", "auto": "int4cuda", "triton": "int4triton",
+                         None: "int8triton"}[int4], ql.kernel
+    if int4 == "auto":                           # the row kernel where it won the timing, else tinygemm
+        from afford.models import triton_int4
+        ql._row = ql._row or (triton_int4.pack(ql.codes), ql.scales.float().contiguous(), ql.zeros.float().contiguous())
     for rows in (1, 2, 3, 4, 5, 16, 64):                  # the Triton int4 GEMV (<= 4 rows), then tiles
         x = torch.randn(rows, 2048, device="cuda")
         y = ql(x).float()
@@ -102,10 +127,29 @@ def test_low_bit_kernels_equal_the_dequantized_product(bits, group, int4, monkey
         assert ((y - ref).abs() <= bound).all(), (bits, group, rows, (y - ref).abs().max())
 
 
-@pytest.mark.parametrize("q,kernel", [("int4", "int4cuda"), ("int4", "int4triton"), ("int8", "int8triton")])
-def test_low_bit_graphs_with_fused_matrices(random_pair, q, kernel, monkeypatch):
+def test_int4_few_row_kernel_tiles_equal_the_dequantized_product():
+    """Every tile the benchmark's sweep may pick (both variants), on bf16 rows: the dequantized product."""
+    from afford.models import triton_int4 as t4
+    from afford.models.quant import dequantize, quantize
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for N, K, group in ((2560, 2048, 2048), (2048, 5632, 5632), (1024, 2048, 128)):
+        q, sc, z = quantize(torch.randn(N, K, generator=g, device="cuda") * 0.02, 4, group)
+        ops = (t4.pack(q), sc.contiguous(), z.contiguous())
+        w = dequantize(q, sc, z)
+        for cfg in ((4, 2048, 4, 1, 1), (8, 512, 4, 3, 1), (4, 2048, 4, 1, 2), (16, 1024, 8, 2, 2), (2, 1024, 2, 3, 2)):
+            for rows in (1, 2, 4):
+                x = torch.randn(rows, K, generator=g, device="cuda").to(torch.bfloat16)
+                ref = x.float() @ w.t()
+                y = t4.int4_mm(x, *ops, group, cfg).float()
+                bound = 4 * 2 ** -8 * (x.float().abs() @ w.abs().t()) + 1e-3
+                assert ((y - ref).abs() <= bound).all(), (N, K, group, cfg, rows)
+
+
+@pytest.mark.parametrize("q,int4,kernel", [("int4", "tinygemm", "int4cuda"), ("int4", "auto", "int4cuda"),
+                                           ("int4", "triton", "int4triton"), ("int8", "auto", "int8triton")])
+def test_low_bit_graphs_with_fused_matrices(random_pair, q, int4, kernel, monkeypatch):
     from afford.models import quant
-    monkeypatch.setattr(quant, "CUDA_INT4_KERNEL", "triton" if kernel == "int4triton" else "tinygemm")
+    monkeypatch.setattr(quant, "CUDA_INT4_KERNEL", int4)
     ps, params = _prompts(5, 3), SamplingParams(max_tokens=16, temperature=0)
     eager = LLM(random_pair[0], device="cuda", quantization=q, enforce_eager=True)
     graphs = LLM(random_pair[0], device="cuda", quantization=q)

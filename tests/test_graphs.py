@@ -165,8 +165,8 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_int4_gemv_kernel_in_the_interpreter():
-    """The few-row int4 kernel (tiles within one scale group, tiles over several groups, a group that is no
-    power of two, rows padded to 2 / 4, rows past N masked): the dequantized product. Interpreted with fp16
+    """The few-row int4 kernels (tiles within one scale group, tiles over several groups, a group that is no
+    power of two, rows padded to 2 / 4, rows past N masked; the one-row variant 2): the dequantized product. Interpreted with fp16
     activations (the interpreter mis-converts bf16; the card runs both, tests/test_gpu.py)."""
     code = """
 import torch
@@ -174,7 +174,9 @@ from afford.models import triton_int4 as t4
 from afford.models.quant import quantize, dequantize
 g = torch.Generator().manual_seed(0)
 for N, K, group, cfg in ((24, 256, 32, (8, 128, 4, 3)), (40, 512, 512, (8, 256, 4, 2)), (16, 256, 64, (4, 512, 4, 3)),
-                         (8, 1408, 704, (8, 512, 4, 3)), (33, 512, 128, (16, 128, 2, 3))):
+                         (8, 1408, 704, (8, 512, 4, 3)), (33, 512, 128, (16, 128, 2, 3)),
+                         (24, 256, 32, (8, 128, 4, 3, 2)), (40, 512, 512, (8, 256, 4, 2, 2)),
+                         (33, 512, 128, (16, 256, 2, 3, 2)), (8, 1408, 704, (4, 512, 4, 3, 2))):
     q, s, z = quantize(torch.randn(N, K, generator=g), 4, group)
     p, w = t4.pack(q), dequantize(q, s, z)
     for M in (1, 2, 3, 4):

@@ -73,9 +73,11 @@ class GraphRunner:
             return None
         return next(b for b in self.buckets if b >= n), q
 
-    def run(self, batch, host: np.ndarray, logits_rows: list[int] | None) -> torch.Tensor | None:
+    def run(self, batch, host: np.ndarray, logits_rows: list[int] | None,
+            ids_dev: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits (R, V) float32 of the flat fed tokens `logits_rows` (None: all), or None when this forward
-        does not fit a graph. host: (3, N) ids, positions, slots of the fed tokens (the runner's buffers)."""
+        does not fit a graph. host: (3, N) ids, positions, slots of the fed tokens (the runner's buffers).
+        ids_dev: a decode's fed ids on the device (copied in after the host rows; async scheduling)."""
         key = self.applies(batch)
         if key is None or logits_rows == []:
             return None
@@ -109,6 +111,8 @@ class GraphRunner:
             shape.dev.copy_(shape.host_t, non_blocking=True)
             self.tables[:bucket].copy_(self.tables_host_t[:bucket], non_blocking=True)
             self.copied.record()
+        if ids_dev is not None:                                   # one token per sequence: rows 0..N-1
+            shape.dev[0, :N].copy_(ids_dev)
         if shape.graph is None and self.capture and not shape.failed:
             try:
                 self._capture(shape)

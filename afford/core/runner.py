@@ -172,13 +172,18 @@ class ModelRunner:
         return ForwardBatch(phase, list(seq_ids), list(starts), lens, tbls, bs, slot_t, pos_t), ids_t
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch, ids: torch.Tensor, logits_rows: list[int] | None = None) -> torch.Tensor:
-        """Logits (R, V) float32 of the fed tokens at flat indices `logits_rows` (None: every fed token)."""
+    def run(self, batch: ForwardBatch, ids: torch.Tensor, logits_rows: list[int] | None = None,
+            ids_dev: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, V) float32 of the fed tokens at flat indices `logits_rows` (None: every fed token).
+        ids_dev: the fed token ids as a tensor on the model's device, in place of the host ones (async
+        scheduling feeds the step before's argmax without reading it)."""
         if self.graphs is not None:                                                # a CUDA graph's replay
-            logits = self.graphs.run(batch, self.buffers.host[:, :batch.num_tokens], logits_rows)
+            logits = self.graphs.run(batch, self.buffers.host[:, :batch.num_tokens], logits_rows, ids_dev)
             if logits is not None:
                 return logits
         self.buffers.upload()                                                      # eager: inputs to the device
+        if ids_dev is not None:
+            ids.copy_(ids_dev)
         rows = None if logits_rows is None else torch.tensor(logits_rows or [0], device=self.device)
         if self.native is not None and not batch.padded:                           # one C++ call
             logits = self.native.step(ids, batch, rows)                           # (R, V); [] -> one row
@@ -242,13 +247,17 @@ class ModelRunner:
         return self.native.draft_greedy(ids, batch, ks)
 
     def forward(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]],
-                logits_rows: list[list[int]] | None = None) -> torch.Tensor:
+                logits_rows: list[list[int]] | None = None, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """Feed tokens[i] at positions starts[i].. of sequence seq_ids[i]; their K/V are written into the
         pool (whose blocks must already be allocated). logits_rows[i]: which of sequence i's fed tokens need
-        logits (default: its last). Returns logits (sum of len(logits_rows[i]), V) in float32, in order."""
+        logits (default: its last). Returns logits (sum of len(logits_rows[i]), V) in float32, in order.
+        ids_dev: one token per sequence, already on the device (then `tokens` only give the lengths)."""
         batch, ids = self.prepare(seq_ids, starts, tokens)
         at, flat = 0, []
         for i, toks in enumerate(tokens):
             flat.extend(at + r for r in (logits_rows[i] if logits_rows else [len(toks) - 1]))
             at += len(toks)
-        return self.run(batch, ids, None if flat == list(range(at)) else flat)
+        if ids_dev is not None and batch.num_tokens != len(seq_ids):
+            raise ValueError("ids_dev feeds one token per sequence (a decode step)")
+        rows = None if flat == list(range(at)) else flat
+        return self.run(batch, ids, rows) if ids_dev is None else self.run(batch, ids, rows, ids_dev=ids_dev)

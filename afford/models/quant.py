@@ -26,9 +26,30 @@ from afford.config import ConfigError
 
 FORMAT_VERSION = 1
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-# int4 on CUDA: torch's tinygemm (measured on an H200), or afford's Triton kernel (triton_int4.py; opt-in
-# until a GPU run measures it -- gpu_decode.py's A/B arm)
-CUDA_INT4_KERNEL = os.environ.get("AFFORD_INT4_KERNEL", "tinygemm")
+# int4 on CUDA: "auto" -- torch's tinygemm, except one-row products (a batch-1 decode step) of matrices
+# where afford's Triton row kernel (triton_int4.py) was faster on this card, timed once per shape at load
+# inside a CUDA graph (launches excluded, as in the captured step); "tinygemm" alone; "triton": afford's
+# kernels for every product (slow above 4 rows: an H200 ran batch 16 at 0.37x tinygemm)
+CUDA_INT4_KERNEL = os.environ.get("AFFORD_INT4_KERNEL", "auto")
+_ROW_KERNEL_FASTER: dict[tuple, bool] = {}      # (N, K, group, card) -> the Triton row kernel won
+
+
+def _graph_us(fn, n: int = 10) -> float:
+    """GPU microseconds per call of fn, n calls captured in one CUDA graph, replayed three times."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (3 * n)
 
 
 def _bf16_up(s: torch.Tensor) -> torch.Tensor:
@@ -157,7 +178,7 @@ class QuantLinear(nn.Module):
     def _kernel_agrees(self) -> bool:
         """The kernel's product of a random input equals the dequantized product up to bf16 rounding."""
         g = torch.Generator(device=self.codes.device).manual_seed(0)
-        for rows in (3, 64):                     # a decode's rows and a large bucket's (other kernel tiles)
+        for rows in (1, 3, 64):                  # a decode's rows and a large bucket's (other kernel tiles)
             x = torch.randn(rows, self.in_features, generator=g, device=self.codes.device)
             try:
                 y = self.forward(x).float()
@@ -206,6 +227,29 @@ class QuantLinear(nn.Module):
             inner = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             self._packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), inner)
             self._sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()   # (K/kg, N, 2)
+            self._row = None                   # one-row products: afford's Triton kernel where it was faster
+            if CUDA_INT4_KERNEL == "auto":
+                self._row = self._row_kernel_if_faster()
+
+    def _row_kernel_if_faster(self):
+        """The Triton row kernel's operands when it beats tinygemm on a one-row product of this matrix's
+        shape on this card (timed once per shape), else None."""
+        from afford.models import triton_int4
+        if not triton_int4.available() or triton_int4.gemv_block_k(self.in_features, self.group,
+                                                                   triton_int4.GEMV_CONFIG[1]) is None:
+            return None
+        dev = self.codes.device
+        ops = (triton_int4.pack(self.codes), self.scales.float().contiguous(), self.zeros.float().contiguous())
+        key = (self.out_features, self.in_features, self.group, torch.cuda.get_device_name(dev), triton_int4.GEMV_CONFIG)
+        if key not in _ROW_KERNEL_FASTER:
+            x = torch.randn(1, self.in_features, device=dev).to(torch.bfloat16)
+            try:
+                tri = _graph_us(lambda: triton_int4.int4_mm(x, *ops, self.group))
+                tiny = _graph_us(lambda: torch.ops.aten._weight_int4pack_mm(x, self._packed, self._kg, self._sz))
+                _ROW_KERNEL_FASTER[key] = tri < tiny
+            except Exception:                      # a capture or a kernel this card refuses: tinygemm
+                _ROW_KERNEL_FASTER[key] = False
+        return ops if _ROW_KERNEL_FASTER[key] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -227,6 +271,9 @@ class QuantLinear(nn.Module):
         elif self.kernel == "int8triton":
             from afford.models.triton_int8 import int8_mm
             y = int8_mm(x2.to(torch.bfloat16).contiguous(), self.codes, self._s16, self.group)
+        elif self.kernel == "int4cuda" and self._row is not None and x2.shape[0] == 1:
+            from afford.models.triton_int4 import int4_mm
+            y = int4_mm(x2.to(torch.bfloat16).contiguous(), *self._row, self.group)
         elif self.kernel == "int4cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self._packed, self._kg, self._sz)
         else:   # same numbers as the kernels: bf16 activations, exact dequantized weights, fp32 accumulate

@@ -77,9 +77,38 @@ if triton is not None:
         tl.store(Y + rm[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=nm[None, :])
 
 
-# The batch-1 kernel's tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages); AFFORD_INT4_GEMV="8,512,4,3"
-# overrides them (benchmarks/gpu_decode.py sweeps them on the card).
-GEMV_CONFIG = tuple(int(v) for v in os.environ.get("AFFORD_INT4_GEMV", "8,512,4,3").split(","))
+    @triton.jit
+    def _w4_gemv_row(X, P, S, Z, Y, N, n_groups, stride_pn, K: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one row of x; the codes widen to fp32 without a conversion instruction: the nibble as the low
+        # mantissa bits of 2^23 (0x4B000000), minus 2^23 + 8 -> q - 8 exactly; even and odd k apart
+        GT: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+        H: tl.constexpr = BLOCK_K // 2 // GT
+        pid_n = tl.program_id(0)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = rn < N
+        j = tl.arange(0, BLOCK_K // 2)
+        gt = tl.arange(0, GT)
+        acc = tl.zeros((BLOCK_N, GT), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b = tl.load(P + rn[:, None] * stride_pn + (k0 // 2 + j)[None, :], mask=nm[:, None], other=0).to(tl.uint32)
+            lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            xe = tl.load(X + k0 + 2 * j).to(tl.float32)
+            xo = tl.load(X + k0 + 2 * j + 1).to(tl.float32)
+            part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, GT, H)), axis=2)
+            xs = tl.sum(tl.reshape(xe + xo, (GT, H)), axis=1)
+            g = k0 // GROUP + gt
+            s = tl.load(S + rn[:, None] * n_groups + g[None, :], mask=nm[:, None], other=0.0)   # (BLOCK_N, GT)
+            z = tl.load(Z + rn[:, None] * n_groups + g[None, :], mask=nm[:, None], other=0.0)
+            acc += part * s + xs[None, :] * z
+        tl.store(Y + rn, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nm)
+
+
+# The few-row kernel's tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages, variant); variant 2 runs one row
+# through `_w4_gemv_row`, 1 (and any M > 1) through `_w4_gemv`. AFFORD_INT4_GEMV="4,2048,4,1,1" overrides
+# them (benchmarks/gpu_decode.py sweeps them on the card).
+GEMV_CONFIG = tuple(int(v) for v in os.environ.get("AFFORD_INT4_GEMV", "4,2048,4,1,1").split(","))
 GEMV_MAX_ROWS = 4
 
 
@@ -111,8 +140,13 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     N = packed.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M <= GEMV_MAX_ROWS:
-        bn, bk, warps, stages = config or GEMV_CONFIG
+        bn, bk, warps, stages, variant = (tuple(config or GEMV_CONFIG) + (1,))[:5]
         bk = gemv_block_k(K, group, bk)
+        if bk is not None and M == 1 and variant == 2:
+            _w4_gemv_row[(triton.cdiv(N, bn),)](x, packed, scales, zeros, y, N, scales.shape[1], packed.stride(0),
+                                                K=K, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                                num_stages=stages)
+            return y
         if bk is not None:
             bm = 1 if M == 1 else 2 if M == 2 else 4
             if bm != M:                     # the kernel reads BM rows: pad with zeros (dropped below)
