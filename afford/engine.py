@@ -1,6 +1,10 @@
 """The step loop: the ONLY place that wires levers into a step.
 
     schedule -> (prefill | decode) batched forward -> sample -> append/stop -> free finished -> StepStats
+
+With async scheduling (the default with CUDA graphs) a plain greedy decode step runs one ahead: it is
+launched with the step before's argmax still on the device, and the host appends/stops/frees for the step
+before while the GPU runs it (`_continue_async`).
 """
 from __future__ import annotations
 

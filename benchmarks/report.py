@@ -407,11 +407,40 @@ def gpu_decode(r) -> None:
     print(f"\nGPU busy share {shares}; "
           f"roofline share {r.get('roofline_share', 0):.2f} (graph alone {r.get('graph_roofline_share', 0):.2f}); "
           f"copy bandwidth {r.get('copy_bandwidth_gbs', 0):.0f} GB/s")
+    ab = []
+    for b in (1, 16, 64):                  # async scheduling (the default) against the synchronous loop
+        g, s_ = a.get(f"afford_graphs_b{b}"), a.get(f"afford_graphs_sync_b{b}")
+        if g and s_:
+            ab.append([b, f"{g['tok_s']:.0f}", f"{s_['tok_s']:.0f}", f"{g['tok_s'] / s_['tok_s']:.2f}x",
+                       f"{g['decode_ms']:.2f} / {s_['decode_ms']:.2f}", f"{s_['graph_replay_ms']:.2f}",
+                       f"{s_['graph_replay_ms'] / s_['decode_ms']:.0%}", f"{s_['same_tokens_as_default']:.0%}"])
+    if ab:
+        print("\n" + table(["batch", "async tok/s", "sync tok/s", "async / sync", "decode ms async / sync",
+                            "graph replay ms", "GPU busy, sync", "same tokens"], ab))
     low = [[k, ", ".join(v["kernels"]), f"{v['b1']['tok_s']:.0f}", f"{v['b16']['tok_s']:.0f}" if "b16" in v else "",
-            f"{v['b1']['tok_s'] / a['afford_graphs_b1']['tok_s']:.2f}x"]
+            f"{v['b1']['tok_s'] / a['afford_graphs_b1']['tok_s']:.2f}x",
+            f"{v['b1']['decode_ms']:.3f} / {a['afford_graphs_b1']['decode_ms']:.3f}"]
            for k, v in a.items() if k.startswith("afford_int") and "b1" in v and "afford_graphs_b1" in a]
     if low:
-        print("\n" + table(["arm", "kernels", "batch 1 tok/s", "batch 16 tok/s", "batch 1 / bf16"], low))
+        print("\n" + table(["arm", "kernels", "batch 1 tok/s", "batch 16 tok/s", "batch 1 / bf16",
+                            "decode ms / bf16's"], low))
+    sw = a.get("int4_sweep")
+    if sw:
+        rows = [[k, "x".join(map(str, m["shape"])), f"{m['bf16_us']:.2f}", f"{m['tinygemm_us']:.2f}",
+                 f"{m['best']['us']:.2f} {tuple(m['best']['config'])}", f"{m['tinygemm_gb_s']:.0f} / {m['best']['gb_s']:.0f}"]
+                for k, m in sw["matrices"].items()]
+        lu = sw["layer_us"]
+        rows.append(["one layer", "", f"{lu['bf16']:.1f}", f"{lu['tinygemm']:.1f}", f"{lu['triton_best']:.1f}", ""])
+        print("\n" + table(["matrix (one row, in a CUDA graph)", "N x K", "cuBLAS bf16 us", "tinygemm int4 us",
+                            "afford Triton int4 us (best tiles)", "GB/s of codes: tinygemm / Triton"], rows))
+    gl = load("gemlite_probe")
+    if gl and gl.get("layer_us"):
+        rows = [[k, f"{m['bf16_us']:.2f}", f"{m['tinygemm_us']:.2f}", f"{m['gemlite_us']:.2f}",
+                 f"{m['tinygemm_rel_err']:.4f} / {m['gemlite_rel_err']:.4f}"] for k, m in gl["matrices"].items()]
+        lu = gl["layer_us"]
+        rows.append(["one layer", f"{lu['bf16']:.1f}", f"{lu['tinygemm']:.1f}", f"{lu['gemlite']:.1f}", ""])
+        print(f"\nGemLite {gl['gemlite']} probe (benchmarks/gemlite_probe.py, group {gl['group']}, {gl['device']}):\n\n"
+              + table(["matrix", "cuBLAS bf16 us", "tinygemm us", "GemLite us", "max rel. error: tinygemm / GemLite"], rows))
 
 
 def compress(r) -> None:

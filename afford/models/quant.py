@@ -26,11 +26,12 @@ from afford.config import ConfigError
 
 FORMAT_VERSION = 1
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-# int4 on CUDA: "auto" -- torch's tinygemm, except one-row products (a batch-1 decode step) of matrices
-# where afford's Triton row kernel (triton_int4.py) was faster on this card, timed once per shape at load
-# inside a CUDA graph (launches excluded, as in the captured step); "tinygemm" alone; "triton": afford's
-# kernels for every product (slow above 4 rows: an H200 ran batch 16 at 0.37x tinygemm)
-CUDA_INT4_KERNEL = os.environ.get("AFFORD_INT4_KERNEL", "auto")
+# int4 on CUDA (AFFORD_INT4_KERNEL): "tinygemm" (torch's, the default); "auto" -- tinygemm, except one-row
+# products (a batch-1 decode step) of matrices where afford's Triton row kernel (triton_int4.py) was faster
+# on this card, timed once per shape at load inside a CUDA graph; "triton": afford's kernels for every
+# product. On an H200 (benchmarks/gpu_decode.py, 1.1 B Llama, batch 1): auto 1055 tok/s, tinygemm 1064,
+# triton 875 (and 0.31x tinygemm at batch 16), so tinygemm stays the default
+CUDA_INT4_KERNEL = os.environ.get("AFFORD_INT4_KERNEL", "tinygemm")
 _ROW_KERNEL_FASTER: dict[tuple, bool] = {}      # (N, K, group, card) -> the Triton row kernel won
 
 

@@ -1,7 +1,7 @@
 """Weight-only int4 matmul for few rows on CUDA (Triton), an alternative to torch's tinygemm
 `_weight_int4pack_mm`, which moved a 1.1 B model's int4 weights at ~1.3 TB/s at batch 1 on an H200 (a
 third of the card's copy rate; benchmarks/gpu_decode.py). Opt-in (`quant.CUDA_INT4_KERNEL = "triton"` or
-AFFORD_INT4_KERNEL=triton) until a GPU run measures it: gpu_decode.py has the A/B arm.
+AFFORD_INT4_KERNEL=triton or auto, see quant.py): on an H200 it lost to tinygemm (gpu_decode.py's arms).
 
 Layout: two codes per byte along K (even k in the low nibble), w = (q - 8) * s + z per (row, group of K).
 A program takes BLOCK_N output rows and streams their codes in K-tiles inside one group, so each tile's
@@ -106,9 +106,10 @@ if triton is not None:
 
 
 # The few-row kernel's tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages, variant); variant 2 runs one row
-# through `_w4_gemv_row`, 1 (and any M > 1) through `_w4_gemv`. AFFORD_INT4_GEMV="4,2048,4,1,1" overrides
-# them (benchmarks/gpu_decode.py sweeps them on the card).
-GEMV_CONFIG = tuple(int(v) for v in os.environ.get("AFFORD_INT4_GEMV", "4,2048,4,1,1").split(","))
+# through `_w4_gemv_row`, 1 (and any M > 1) through `_w4_gemv`. The default is the best of
+# benchmarks/gpu_decode.py's sweep on an H200 over the 1.1 B Llama's four matrices (26.1 us a layer against
+# tinygemm's 22.3; variant 1's best 35.3); AFFORD_INT4_GEMV="4,2048,4,1,1" overrides it.
+GEMV_CONFIG = tuple(int(v) for v in os.environ.get("AFFORD_INT4_GEMV", "8,1024,4,2,2").split(","))
 GEMV_MAX_ROWS = 4
 
 
