@@ -22,6 +22,7 @@ On one host the transfer is ~1 % of a layer, below these layers' noise, so what 
 hide cannot be read off this run; the raw wait and transfer times are in the result.
 
     python benchmarks/afd.py [--batch 96] [--context 128] [--tokens 16]
+    python benchmarks/afd.py --link 2,100 [--rounds 3]    # what micro-batches hide over an emulated link
 """
 from __future__ import annotations
 
@@ -207,12 +208,75 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
             "ffn_flops_by_rows": table}
 
 
+def link_arms(path: Path, args) -> dict:
+    """What share of the transfer micro-batches hide, over an emulated link (protocol.Link: each process's
+    hidden-state messages leave in order over one wire at MB_PER_S and arrive LATENCY_MS later, while the
+    sender goes on computing). Dense model, one FFN worker, 1 and 3 micro-batches, each with and without
+    the link, interleaved over rounds. A step's transfer time = the link time of its messages, one after
+    another (layers x micro-batches x both directions x (latency + bytes / bandwidth)); hidden share =
+    1 - (TPOT with the link - TPOT without) / that transfer time."""
+    import os
+
+    from afford import LLM
+    from afford.config import ModelConfig
+    ms, mbps = (float(v) for v in args.link.split(","))
+    cfg = ModelConfig.from_dir(path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.context,), generator=g).tolist() for _ in range(args.batch)]
+    whole = args.batch * (args.context + args.tokens + 1)
+    tpot = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rnd in range(args.rounds):
+            for m in (1, 3):
+                for linked in (False, True):
+                    if linked:
+                        os.environ["AFFORD_AFD_LINK"] = args.link         # the workers spawned below inherit it
+                    try:
+                        llm = LLM(str(path), dtype="float32", enable_prefix_caching=False, max_num_seqs=args.batch,
+                                  max_num_batched_tokens=whole, decode_token_budget=whole, afd="attention=1,ffn=1",
+                                  micro_batches=m)
+                        decode(llm, prompts[:2], 2)
+                        r = decode(llm, prompts, args.tokens)
+                        llm.close()
+                    finally:
+                        os.environ.pop("AFFORD_AFD_LINK", None)
+                    tpot.setdefault((m, linked), []).append(r["tpot_ms"])
+                    print(f"  round {rnd} m={m} link={linked}: TPOT {r['tpot_ms']:.1f} ms", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    arms = []
+    for m in (1, 3):
+        rows = -(-args.batch // m)
+        per_msg_ms = ms + rows * cfg.hidden_size * 4 / (mbps * 1e6) * 1e3       # fp32 hidden states, each way
+        xfer = cfg.num_layers * m * 2 * per_msg_ms
+        base = sorted(tpot[(m, False)])[len(tpot[(m, False)]) // 2]
+        linked = sorted(tpot[(m, True)])[len(tpot[(m, True)]) // 2]
+        arms.append({"micro_batches": m, "tpot_ms": base, "tpot_link_ms": linked, "message_ms": per_msg_ms,
+                     "transfer_ms_per_step": xfer, "added_ms": linked - base,
+                     "hidden_share": 1 - (linked - base) / xfer, "rounds": {str(k): v for k, v in tpot.items()
+                                                                           if k[0] == m}})
+        print(f"  m={m}: TPOT {base:.1f} -> {linked:.1f} ms with the link; transfer {xfer:.1f} ms a step; "
+              f"hidden {arms[-1]['hidden_share']:.0%}", flush=True)
+    return {"link": {"latency_ms": ms, "mb_per_s": mbps}, "arms": arms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--link", metavar="LATENCY_MS,MB_PER_S",
+                    help="only the emulated-link arms (what micro-batches hide of a slower network): afd_link.json")
+    ap.add_argument("--rounds", type=int, default=3, help="--link: interleaved rounds (medians)")
     args = ap.parse_args()
+    if args.link:
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = link_arms(make_model(Path(tmp) / "dense", False), args)
+        save("afd_link", {"workload": vars(args), **out, "wall_s": time.time() - t0})
+        return
     hw = machine_as_hardware()
     print(f"one core: {hw['flops'] / 1e9:.1f} GFLOP/s (oneDNN packed), {hw['bw'] / 1e9:.1f} GB/s GEMV read", flush=True)
     t0 = time.time()

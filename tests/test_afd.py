@@ -104,6 +104,30 @@ def test_data_parallel_attention_workers_equal_one_process(which, spec, micro, l
     assert len(procs) == AFDSpec.parse(spec).world_size - 1 and exited(procs)
 
 
+def test_an_emulated_link_delays_the_messages_and_changes_no_token(llama_dir, monkeypatch):
+    """AFFORD_AFD_LINK (benchmarks/afd.py --link): every hidden-state message waits out the link's latency,
+    sent from a wire thread while the sender goes on; the tokens stay the one-process ones, and a step
+    of 2 layers x 2 directions x 1 micro-batch takes at least 4 latencies longer."""
+    want = [o.token_ids for o in LLM(llama_dir, dtype="float32", native=False).generate(PROMPTS[:2], GREEDY)]
+    from afford.afd.protocol import Link
+    monkeypatch.setenv("AFFORD_AFD_LINK", "25,1000")
+    assert Link.from_env().latency_s == 0.025
+    with LLM(llama_dir, dtype="float32", afd="attention=1,ffn=1", micro_batches=1) as llm:
+        eng = llm.engine
+        got = [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)]
+        assert eng.runner.link is not None
+        layers = eng.model_config.num_layers
+        eng.add_request(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0))
+        eng.step()
+        t0 = time.perf_counter()
+        eng.step()
+        assert time.perf_counter() - t0 >= 2 * layers * 0.025
+    assert got == want
+    monkeypatch.setenv("AFFORD_AFD_LINK", "fast")
+    with pytest.raises(ConfigError, match="LATENCY_MS,MB_PER_S"):
+        Link.from_env()
+
+
 def test_loading_without_the_ffn_reads_only_the_rest(qwen_moe_dir, monkeypatch):
     from afford.models import loader
     full = loader.load_model(qwen_moe_dir, device="cpu", dtype="float32")

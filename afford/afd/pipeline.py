@@ -14,15 +14,17 @@ from typing import Callable
 
 import torch
 
-from afford.afd.protocol import tag
+from afford.afd.protocol import Link, send, tag
 
 
 def run_layers(model, pg, ffn_ranks: range, xs: list[torch.Tensor], moe: list[bool],
                attn: Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-               attn_s: torch.Tensor | None = None, wait_s: torch.Tensor | None = None) -> list[torch.Tensor]:
+               attn_s: torch.Tensor | None = None, wait_s: torch.Tensor | None = None,
+               link: Link | None = None) -> list[torch.Tensor]:
     """xs: each micro-batch's residual stream entering layer 0 (n_i, hidden); attn(i, layer, x) -> (x plus
     the layer's attention output, its post-attention norm). Returns the streams after the last layer. attn_s /
-    wait_s (per layer) accumulate the seconds spent computing here and waiting for the FFN workers."""
+    wait_s (per layer) accumulate the seconds spent computing here and waiting for the FFN workers. link: an
+    emulated network under the sends (protocol.Link)."""
     layers = model.model.layers
     pending: list = [None] * len(xs)
     sends = []
@@ -40,7 +42,7 @@ def run_layers(model, pg, ffn_ranks: range, xs: list[torch.Tensor], moe: list[bo
             payload = payload.cpu()
             xs[i] = x
             t = tag(li, i)
-            sends += [(payload, pg.send([payload], r, t)) for r in ffn_ranks]
+            sends += [(payload, send(pg, payload, r, t, link)) for r in ffn_ranks]
             bufs = [torch.empty(len(h), h.shape[1], dtype=h.dtype) for _ in ffn_ranks]
             pending[i] = [(b, pg.recv([b], r, t)) for r, b in zip(ffn_ranks, bufs)]
             if attn_s is not None:

@@ -21,6 +21,10 @@ Messages are tagged (layer, micro-batch) so that many may be in flight at once.
 from __future__ import annotations
 
 import datetime
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +134,58 @@ def shard(n: int, index: int, parts: int) -> range:
     per, extra = divmod(n, parts)
     start = index * per + min(index, extra)
     return range(start, start + per + (index < extra))
+
+
+class Link:
+    """An emulated network link under the per-layer hidden-state messages (benchmarks/afd.py: one host's
+    loopback moves them in ~1 % of a layer, too fast to show what micro-batches hide). Each process's sends
+    leave in order over one wire: a message occupies it for bytes / bandwidth, then arrives `latency` later;
+    a wire thread issues the real send at that time while the sender goes on computing, as a NIC would.
+    Set by AFFORD_AFD_LINK="LATENCY_MS,MB_PER_S" in the environment of every worker (spawned workers
+    inherit it); unset, messages go straight to gloo."""
+
+    def __init__(self, latency_s: float, bytes_per_s: float):
+        self.latency_s, self.bytes_per_s = latency_s, bytes_per_s
+        self.free_at = 0.0
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="afd-link")
+
+    @staticmethod
+    def from_env() -> "Link | None":
+        text = os.environ.get("AFFORD_AFD_LINK")
+        if not text:
+            return None
+        try:
+            ms, mbps = (float(v) for v in text.split(","))
+            if ms < 0 or mbps <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"AFFORD_AFD_LINK={text!r}: give LATENCY_MS,MB_PER_S, e.g. 2,100") from None
+        return Link(ms / 1e3, mbps * 1e6)
+
+    def send(self, pg, t: torch.Tensor, dst: int, tag_: int):
+        """pg.send([t], dst, tag_) after the link's delay; returns what .wait()s for it."""
+        now = time.monotonic()
+        with self.lock:
+            start = max(now, self.free_at)
+            self.free_at = start + t.numel() * t.element_size() / self.bytes_per_s
+            due = self.free_at + self.latency_s
+
+        def go():
+            time.sleep(max(0.0, due - time.monotonic()))
+            pg.send([t], dst, tag_).wait()
+        return _Sent(self.pool.submit(go))
+
+
+class _Sent:
+    def __init__(self, future):
+        self.future = future
+
+    def wait(self, *_):
+        self.future.result()
+        return True
+
+
+def send(pg, t: torch.Tensor, dst: int, tag_: int, link: Link | None):
+    """A per-layer message: straight to gloo, or over the emulated link."""
+    return pg.send([t], dst, tag_) if link is None else link.send(pg, t, dst, tag_)

@@ -41,6 +41,7 @@ from afford.afd.protocol import (
     STATS,
     STOP,
     AFDSpec,
+    Link,
     error_key,
     header,
     make_group,
@@ -177,6 +178,7 @@ class AFDRunner(ModelRunner):
             store.set(SPEC_KEY, f"{spec.attention},{spec.ffn}")
             self._await_workers(store, max(timeout_s, START_TIMEOUT_S))
             self.pg = make_group(store, 0, self.world_size, timeout_s)
+            self.link = Link.from_env()
         except Exception:
             _stop_workers(None, self.procs, 0, {"broken": True})
             raise
@@ -349,7 +351,7 @@ class AFDRunner(ModelRunner):
                 layer = model.model.layers[li]
                 x = x + layer.self_attn(layer.input_layernorm(x), *rope[i], metas[i], li, tables)
                 return x, layer.post_attention_layernorm(x)
-            xs = run_layers(model, self.pg, self.ffn_ranks, xs, self.moe, attn, self.attn_s, self.wait_s)
+            xs = run_layers(model, self.pg, self.ffn_ranks, xs, self.moe, attn, self.attn_s, self.wait_s, self.link)
             hid = torch.cat(xs) if len(xs) > 1 else xs[0]
         if N > 1:                                             # every token's hidden state, in the batch's order
             full = torch.empty(batch.num_tokens, model.cfg.hidden_size, dtype=self.dtype)

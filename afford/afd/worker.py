@@ -25,11 +25,13 @@ from afford.afd.protocol import (
     SPEC_KEY,
     STATS,
     STOP,
+    Link,
     error_key,
     make_group,
     make_store,
     model_signature,
     ready_key,
+    send,
     shard,
     tag,
 )
@@ -166,6 +168,7 @@ def serve(args: WorkerArgs, store=None) -> None:
         raise
     store.set(ready_key(args.rank), "1")
     pg = make_group(store, args.rank, args.world_size, args.timeout_s)
+    link = Link.from_env()
     hidden = shards[0].hidden
     wait_s, ffn_s = torch.zeros(len(shards), dtype=torch.float64), torch.zeros(len(shards), dtype=torch.float64)
     head = torch.zeros(HEADER_LEN, dtype=torch.long)
@@ -198,7 +201,7 @@ def serve(args: WorkerArgs, store=None) -> None:
                         t1 = time.perf_counter()
                         out = s(torch.cat(bufs) if len(bufs) > 1 else bufs[0], dtype)   # every attention worker's rows
                         parts = out.split([sizes[r][i] for r in ranks]) if len(bufs) > 1 else [out]
-                        sends += [(o, pg.send([o.contiguous()], r, tag(layer, i))) for r, o in zip(ranks, parts)]
+                        sends += [(o, send(pg, o.contiguous(), r, tag(layer, i), link)) for r, o in zip(ranks, parts)]
                         wait_s[layer] += t1 - t0
                         ffn_s[layer] += time.perf_counter() - t1
                 for _, work in sends:
@@ -241,6 +244,7 @@ def serve_attention(args: WorkerArgs, store=None) -> None:
         raise
     store.set(ready_key(args.rank), "1")
     pg = make_group(store, args.rank, args.world_size, args.timeout_s)
+    link = Link.from_env()
     ffn_ranks = range(args.attention, args.world_size)
     moe = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
     head = torch.zeros(HEADER_LEN, dtype=torch.long)
@@ -270,7 +274,7 @@ def serve_attention(args: WorkerArgs, store=None) -> None:
 
             def attn(i, li, x):
                 return x, native.attn_half(x, groups[i][0], li)
-            xs = run_layers(model, pg, ffn_ranks, xs, moe, attn)
+            xs = run_layers(model, pg, ffn_ranks, xs, moe, attn, link=link)
             pg.send([torch.cat(xs) if len(xs) > 1 else xs[0]], 0, FINAL).wait()
 
 
