@@ -325,10 +325,13 @@ class Engine:
         outs = []
         for i, (kind, seqs, chunks) in enumerate(parts):
             outs += self._run(kind, seqs, chunks, len(sched.preempted) if i == 0 else 0)
+        self._refresh_counters()
+        return outs
+
+    def _refresh_counters(self) -> None:
         self.stats.prefix_hit_tokens = self.pool.hit_tokens
         if hasattr(self.runner.backend, "counters"):
             self.stats.sparse = self.runner.backend.counters()
-        return outs
 
     def _run(self, kind: str, seqs: list[Sequence], chunks: list[int], preempted: int) -> list[RequestOutput]:
         t0 = time.perf_counter()
@@ -364,7 +367,8 @@ class Engine:
     def _async_eligible(self, sched) -> bool:
         """A step that may run ahead: plain greedy decodes whose tokens nothing but the argmax decides."""
         return self.async_scheduling and sched.kind == "decode" and self.speculator is None \
-            and self.levers is None and all(s.params.greedy and s.params.logprobs is None for s in sched.seqs)
+            and self.levers is None \
+            and all(s.params.greedy and s.params.logprobs is None and not s.children for s in sched.seqs)
 
     def _launch(self, seqs: list[Sequence], positions: list[int], tokens: list[list[int]],
                 ids_dev: torch.Tensor | None = None) -> _InFlight:
@@ -391,8 +395,11 @@ class Engine:
             seqs = [cur.seqs[i] for i in keep]
             copies = [c for s in seqs for c in self.pool.prepare_write(s.seq_id, len(s.token_ids) + 1)]
             self.runner.copy_blocks(copies)
-            ids = cur.tokens if len(keep) == len(cur.seqs) else \
-                cur.tokens.index_select(0, torch.tensor(keep, device=cur.tokens.device))
+            ids = cur.tokens
+            if len(keep) < len(cur.seqs):      # from pinned memory: a pageable copy would wait for the GPU
+                at = torch.tensor(keep)
+                at = at.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else at
+                ids = ids.index_select(0, at)
             nxt = self._launch(seqs, [len(s.token_ids) for s in seqs], [[0]] * len(seqs), ids)
             self.steps_ahead += 1
         self._inflight = nxt
@@ -407,6 +414,7 @@ class Engine:
         st = cur.stats
         st.tokens_out, st.k_per_seq, st.accepted_per_seq = len(outs), [0] * st.num_seqs, [0] * st.num_seqs
         self._record(st, "decode", time.perf_counter() - t0, st.preempted)
+        self._refresh_counters()
         return outs
 
     def _continuing(self, cur: _InFlight) -> list[int] | None:

@@ -14,7 +14,9 @@ arms each side runs one thread (one core each). Per arm: decode throughput and T
 equal the one-process run, and per layer the attention side's compute and wait, the FFN worker's compute,
 the transfer (a gloo ping of the same payload) -- next to `afford.cost.afd.pipeline`, the planner, given
 this machine as custom hardware: one core's measured FLOP/s (the engine's oneDNN packed fp32 product,
-256 x 2048 x 4096) and bandwidth (GEMV over a 256 MB matrix), and the loopback link's measured bandwidth (16 MB ping).
+256 x 2048 x 4096) and bandwidth (GEMV over a 256 MB matrix), and the loopback link's measured bandwidth
+(16 MB ping); calibrated, also the FFN product's FLOP/s by rows and the native paged attention's K/V read
+rate (one process, 32 sequences at 256 tokens: another shape than the arms').
 
 Measured bubble per layer = attention-side time per layer (compute + wait) - max(attention, FFN); overlap
 = attention + FFN - layer time, the work of the two sides that ran at the same time (0 when sequential).
@@ -83,6 +85,36 @@ def machine_as_hardware() -> dict:
 
 
 ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
+
+
+def kv_read_rate(path: Path, batch: int = 32, context: int = 256, steps: int = 8) -> float:
+    """One core's K/V read rate of afford's native paged decode attention (the attention side's kernel),
+    bytes/s: one process, `batch` sequences decoding at `context` (not the AFD arms' shape), the native
+    forward's own profiler timing its attention -- the planner's kv_bw calibration."""
+    from afford import LLM, SamplingParams
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    whole = batch * (context + steps + 1)
+    llm = LLM(str(path), dtype="float32", enable_prefix_caching=False, max_num_seqs=batch,
+              max_num_batched_tokens=whole, decode_token_budget=whole)
+    eng = llm.engine
+    cfg = eng.model.cfg
+    g = torch.Generator().manual_seed(2)
+    seqs = [eng.add_request(torch.randint(3, cfg.vocab_size, (context,), generator=g).tolist(),
+                            SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)) for _ in range(batch)]
+    while any(s.num_output == 0 for s in seqs):
+        eng.step()
+    impl = eng.runner.native.impl
+    impl.set_profiling(True)
+    impl.take_profile()
+    read = 0
+    while eng.has_unfinished():
+        read += sum(len(s.token_ids) for s in seqs if not s.finished)        # positions each step attends over
+        eng.step()
+    seconds = impl.take_profile()["attention"]
+    impl.set_profiling(False)
+    torch.set_num_threads(threads)
+    return read * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 / seconds
 
 
 def ffn_flops_by_rows(cfg, intermediate: int) -> list[tuple[int, float]]:
@@ -154,6 +186,9 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
     k = cfg.num_experts_per_tok
     table = ffn_flops_by_rows(cfg, cfg.moe_intermediate_size if moe else cfg.intermediate_size)
     print("  FFN product, one core, GFLOP/s by rows: " + ", ".join(f"{r}: {f / 1e9:.1f}" for r, f in table), flush=True)
+    if "kv_bw" not in hw:
+        hw["kv_bw"] = kv_read_rate(path)
+        print(f"  native paged attention, one core: K/V read at {hw['kv_bw'] / 1e9:.1f} GB/s", flush=True)
     for afd, m in ARMS:
         threads = torch.get_num_threads()
         if afd:
@@ -182,7 +217,7 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
                 hw["net_bps"] = 2 * 1024 * 4096 * 4 / big
                 hw["latency_us"] = runner.ping(1, 16, repeats=50) / 2 * 1e6
             base = f"cpu:flops={hw['flops']},bw={hw['bw']},net={hw['net_bps'] * 8 / 1e9}"
-            calibrated = base + "".join(f",flops@{r}={f}" for r, f in table)
+            calibrated = base + f",kv_bw={hw['kv_bw']}" + "".join(f",flops@{r}={f}" for r, f in table)
             p, A, F = arm["per_layer_us"], arm["per_layer_us"]["attention"], arm["per_layer_us"]["ffn"]
             p["bubble"] = p["layer"] - max(A, F)
             p["overlap"] = A + F - p["layer"]

@@ -94,3 +94,15 @@ def test_sampled_requests_run_synchronously_beside_greedy_ones(llama_dir):
     out = _run(asy, ps, params)
     assert out == _run(LLM(llama_dir), ps, params)
     assert 0 < asy.engine.steps_ahead < 25 - 8
+
+
+def test_shared_prefix_choices_fork_under_async_scheduling(llama_dir):
+    """n > 1 with shared_prefix: the parent decodes its shared tokens synchronously (its choices fork after
+    them), then every choice runs ahead; the synchronous loop's outputs."""
+    ps = _prompts(2, seed=8)
+    params = SamplingParams(max_tokens=12, temperature=0, n=3, shared_prefix=4, ignore_eos=True)
+    asy = LLM(llama_dir, async_scheduling=True)
+    got = [[c.token_ids for c in o.outputs] if hasattr(o, "outputs") else o.token_ids for o in asy.generate(ps, params)]
+    want = [[c.token_ids for c in o.outputs] if hasattr(o, "outputs") else o.token_ids
+            for o in LLM(llama_dir).generate(ps, params)]
+    assert got == want and asy.engine.steps_ahead > 0 and not asy.engine.has_unfinished()

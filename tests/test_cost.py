@@ -180,3 +180,20 @@ def test_a_measured_flops_table_calibrates_the_afd_pipeline():
                 "cpu:flops=1e11,bw=1e10,flops@8=-1"):
         with pytest.raises(ConfigError, match="flops@ROWS"):
             custom_hardware(bad)
+
+
+def test_a_measured_kv_read_rate_prices_the_attention_reads():
+    """--custom-hardware kv_bw=B: the attention stage reads K/V at that rate (its kernel's), not the GEMV
+    bandwidth; the products and the FFN keep theirs; absent, K/V is read at bw."""
+    from afford.cost.afd import pipeline
+    from afford.cost.hardware import custom_hardware
+    spec = PRESETS["qwen3-32b"]
+    flat = custom_hardware("cpu:flops=1e15,bw=1e10,net=1e6")
+    slow = custom_hardware("cpu:flops=1e15,bw=1e10,net=1e6,kv_bw=2.5e9")
+    assert flat.kv_read_bw == 1e10 and slow.kv_read_bw == 2.5e9
+    a, b = pipeline(spec, flat, 96, 4096, 1), pipeline(spec, slow, 96, 4096, 1)
+    kv_s = 96 * spec.per_token(4096)["kv_bytes"] / spec.layers                      # one layer's K/V, bytes
+    assert b["attention_us"] - a["attention_us"] == pytest.approx(kv_s * (1 / 2.5e9 - 1 / 1e10) * 1e6, rel=1e-6)
+    assert b["ffn_us"] == a["ffn_us"]
+    with pytest.raises(ConfigError, match="kv_bw"):
+        custom_hardware("cpu:flops=1e11,bw=1e10,kv_bw=0")

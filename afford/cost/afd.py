@@ -65,11 +65,11 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
     tokens at its roofline (Step-3's attention = max(core FLOPs, KV bytes) + linear, here with the weights'
     bytes in the linear and FFN terms: a small batch does not amortize them, and every micro-batch reads
     them again):
-      a(b)  attention   max(core FLOPs / F, KV bytes / BW) + max(linear FLOPs / F(b), projection weights / BW)
+      a(b)  attention   max(core FLOPs / F, KV bytes / BW_kv) + max(linear FLOPs / F(b), projection weights / BW)
       f(b)  ffn         max(FLOPs / F(rows), weights read / BW) per FFN worker (each holds 1/M of the
                         columns/experts; rows = b for dense layers and shared experts, b*k/E per routed expert)
     F(r) is the FLOP/s of a product of r rows from the hardware's calibration table (`flops@R=` entries), or
-    its peak F without one.
+    its peak F without one; BW_kv the attention kernel's measured K/V read rate (`kv_bw=`), or BW.
       x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker
     With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), the
     link m*x(b), and a micro-batch's round trip a + x + f must end before its next layer's attention, so a
@@ -87,7 +87,7 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
     def stages(b: float) -> tuple[float, float, float]:
         # weight products of b rows at the machine's FLOP/s for b rows (Hardware.flops_at: its calibration
         # table, else the peak); a routed expert sees b * k / E of them (_ffn_layer)
-        attn = max(b * w["attention_flops"] / L / hw.flops, b * w["kv_bytes"] / L / hw.mem_bw) + \
+        attn = max(b * w["attention_flops"] / L / hw.flops, b * w["kv_bytes"] / L / hw.kv_read_bw) + \
             max(b * w["linear_flops"] / L / hw.flops_at(b), w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
         ffn_s, ffn_read = _ffn_layer(spec, max(1, round(N * b)), weight_bytes, hw)
         ffn = max(ffn_s / ffn_workers, ffn_read / ffn_workers / hw.mem_bw)

@@ -25,6 +25,13 @@ class Hardware:
     # a product of few rows runs below the peak on a CPU (and on a GPU below its tensor-core tile).
     # Empty: every product at `flops`.
     flops_by_rows: tuple[tuple[float, float], ...] = ()
+    # measured bytes / s at which the attention kernel reads K/V (a decode attention kernel rarely reads at
+    # the GEMV rate: strided per-head rows, softmax); None: mem_bw
+    kv_bw: float | None = None
+
+    @property
+    def kv_read_bw(self) -> float:
+        return self.kv_bw or self.mem_bw
 
     @property
     def flops(self) -> float:
@@ -81,9 +88,10 @@ HARDWARE: dict[str, Hardware] = {h.key: h for h in (
 
 
 def custom_hardware(text: str) -> Hardware:
-    """'KEY:flops=F,bw=B[,net=GBPS][,price=USD][,flops@R=F_R ...]' -- a machine you measured (FLOP/s,
-    bytes/s of memory bandwidth, network Gbit/s, USD per hour, and optionally the FLOP/s of a product of R
-    rows, a calibration table), e.g. `cpu:flops=4.1e10,bw=1.2e10,net=80,flops@1=8e9,flops@32=3e10`."""
+    """'KEY:flops=F,bw=B[,net=GBPS][,price=USD][,kv_bw=B_KV][,flops@R=F_R ...]' -- a machine you measured
+    (FLOP/s, bytes/s of memory bandwidth, network Gbit/s, USD per hour, and optionally the bytes/s at which
+    its attention kernel reads K/V and the FLOP/s of a product of R rows, a calibration table), e.g.
+    `cpu:flops=4.1e10,bw=1.2e10,net=80,kv_bw=7e9,flops@1=8e9,flops@32=3e10`."""
     key, _, rest = text.partition(":")
     vals, by_rows = {}, {}
     for item in rest.split(","):
@@ -96,14 +104,14 @@ def custom_hardware(text: str) -> Hardware:
                 vals[k] = float(v)
         except ValueError:
             raise ConfigError(f"--custom-hardware {text!r}: {item!r} is not NAME=NUMBER (or flops@ROWS=NUMBER)") from None
-    unknown = set(vals) - {"flops", "bw", "net", "price"}
+    unknown = set(vals) - {"flops", "bw", "net", "price", "kv_bw"}
     if not key.strip() or unknown or not {"flops", "bw"} <= set(vals) or \
             any(v <= 0 for v in [*vals.values(), *by_rows, *by_rows.values()]):
-        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,price=USD][,flops@ROWS=F ...] with "
-                          f"positive numbers, got {text!r}")
+        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,price=USD][,kv_bw=B][,flops@ROWS=F "
+                          f"...] with positive numbers, got {text!r}")
     return Hardware(key.strip().lower(), f"custom {key.strip()}", vals.get("price", 1.0), vals["flops"], None,
                     vals["bw"], vals.get("net", 100.0), "measured by the user (--custom-hardware)",
-                    tuple(sorted(by_rows.items())))
+                    tuple(sorted(by_rows.items())), vals.get("kv_bw"))
 
 
 def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] | None = None,
