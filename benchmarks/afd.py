@@ -120,25 +120,33 @@ def kv_read_rate(path: Path, batch: int = 32, context: int = 256, steps: int = 8
 def ffn_flops_by_rows(cfg, intermediate: int) -> list[tuple[int, float]]:
     """One core's FLOP/s of the FFN workers' own product (afford's MLP packed as a worker packs it: oneDNN's
     pre-packed fp32 linear, gate|up then down) by the number of rows it multiplies: the planner's
-    calibration table (Hardware.flops_by_rows)."""
+    calibration table (Hardware.flops_by_rows). The products cycle through copies of the MLP that
+    together hold 256 MB, more than the caches: each reads its weights from memory, as every layer's (and
+    every expert's) product does in a decode step. (The table of the 2026-11-27 midday runs multiplied one
+    MLP again and again -- the expert's 12 MB stayed in cache -- and priced the MoE's few-row products as if
+    their reads overlapped the arithmetic for free: -31 to -52 % on the MoE layer.)"""
     from afford.models.transformer import MLP
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    mlp = MLP(cfg, intermediate)
-    for p in mlp.parameters():
-        torch.nn.init.normal_(p, 0.0, 0.02)
-    mlp.pack(True)
+    copies = []
+    for _ in range(max(2, -(-(256 << 20) // (3 * cfg.hidden_size * intermediate * 4)))):
+        mlp = MLP(cfg, intermediate)
+        for p in mlp.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.02)
+        mlp.pack(True)
+        copies.append(mlp)
     table = []
     with torch.inference_mode():
         for r in ROWS:
             x = torch.randn(r, cfg.hidden_size)
-            mlp(x)
-            reps = max(3, 256 // r)
+            for mlp in copies:
+                mlp(x)
+            reps = max(len(copies), 256 // r)
             best = float("inf")
             for _ in range(3):
                 t = time.perf_counter()
-                for _ in range(reps):
-                    mlp(x)
+                for i in range(reps):
+                    copies[i % len(copies)](x)
                 best = min(best, (time.perf_counter() - t) / reps)
             table.append((r, 2 * r * 3 * cfg.hidden_size * intermediate / best))
     torch.set_num_threads(threads)
