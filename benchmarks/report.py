@@ -334,8 +334,10 @@ def afd(r) -> None:
     hw, w = r["hardware"], r["workload"]
     print("\n## afd\n" + machine(r) + "\n")
     print(f"{w['batch']} sequences x {w['context']} prompt tokens, {w['tokens']} decode steps timed; planner "
-          f"hardware = one core: {hw['flops'] / 1e9:.1f} GFLOP/s, {hw['bw'] / 1e9:.1f} GB/s; loopback gloo "
-          f"{hw['net_bps'] / 1e9:.2f} GB/s, {hw['latency_us']:.0f} us one-way\n")
+          f"hardware = one core: {hw['flops'] / 1e9:.1f} GFLOP/s, {hw['bw'] / 1e9:.1f} GB/s"
+          + (f" (calibrated: K/V read by the native paged attention at {hw['kv_bw'] / 1e9:.1f} GB/s, and the "
+             f"FFN table below)" if "kv_bw" in hw else "")
+          + f"; loopback gloo {hw['net_bps'] / 1e9:.2f} GB/s, {hw['latency_us']:.0f} us one-way\n")
     for m in r["models"]:
         c = m["config"]
         kind = f"MoE {c['experts']} experts of {c['intermediate']}, top-{c['top_k']}" if c["experts"] else \
