@@ -224,7 +224,7 @@ def run_model(path: Path, moe: bool, args, hw: dict) -> dict:
                 big = runner.ping(1024, 4096, repeats=5)
                 hw["net_bps"] = 2 * 1024 * 4096 * 4 / big
                 hw["latency_us"] = runner.ping(1, 16, repeats=50) / 2 * 1e6
-            base = f"cpu:flops={hw['flops']},bw={hw['bw']},net={hw['net_bps'] * 8 / 1e9}"
+            base = f"cpu:flops={hw['flops']},bw={hw['bw']},net={hw['net_bps'] * 8 / 1e9},lat_us={hw['latency_us']}"
             calibrated = base + f",kv_bw={hw['kv_bw']}" + "".join(f",flops@{r}={f}" for r, f in table)
             p, A, F = arm["per_layer_us"], arm["per_layer_us"]["attention"], arm["per_layer_us"]["ffn"]
             p["bubble"] = p["layer"] - max(A, F)

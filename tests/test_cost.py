@@ -197,3 +197,17 @@ def test_a_measured_kv_read_rate_prices_the_attention_reads():
     assert b["ffn_us"] == a["ffn_us"]
     with pytest.raises(ConfigError, match="kv_bw"):
         custom_hardware("cpu:flops=1e11,bw=1e10,kv_bw=0")
+
+
+def test_a_network_latency_adds_to_each_micro_batch_transfer():
+    """--custom-hardware lat_us=US: each micro-batch's round trip pays the latency both ways."""
+    from afford.cost.afd import pipeline
+    from afford.cost.hardware import custom_hardware
+    spec = PRESETS["qwen3-32b"]
+    fast = custom_hardware("cpu:flops=1e12,bw=1e11,net=20")
+    slow = custom_hardware("cpu:flops=1e12,bw=1e11,net=20,lat_us=50")
+    for m in (1, 3):
+        a, b = pipeline(spec, fast, 96, 128, m), pipeline(spec, slow, 96, 128, m)
+        assert b["transfer_us"] - a["transfer_us"] == pytest.approx(m * 100)
+    with pytest.raises(ConfigError, match="lat_us"):
+        custom_hardware("cpu:flops=1e11,bw=1e10,lat_us=-1")

@@ -70,7 +70,8 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
                         columns/experts; rows = b for dense layers and shared experts, b*k/E per routed expert)
     F(r) is the FLOP/s of a product of r rows from the hardware's calibration table (`flops@R=` entries), or
     its peak F without one; BW_kv the attention kernel's measured K/V read rate (`kv_bw=`), or BW.
-      x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker
+      x(b)  transfer    hidden states A->F (+ 2k routing columns in a MoE) and F->A, to and from each worker,
+                        plus the network's one-way latency each way
     With m micro-batches of b = batch/m the attention side is busy m*a(b) per layer, the FFN side m*f(b), the
     link m*x(b), and a micro-batch's round trip a + x + f must end before its next layer's attention, so a
     layer takes max(m*a, m*f, m*x, a + x + f); m = 1 is the sequential a + x + f. With N attention workers
@@ -91,7 +92,8 @@ def pipeline(spec: ModelSpec, hw: Hardware, batch: int, context: int, micro_batc
             max(b * w["linear_flops"] / L / hw.flops_at(b), w["linear_flops"] / 2 / L * weight_bytes / hw.mem_bw)
         ffn_s, ffn_read = _ffn_layer(spec, max(1, round(N * b)), weight_bytes, hw)
         ffn = max(ffn_s / ffn_workers, ffn_read / ffn_workers / hw.mem_bw)
-        return attn, max(ffn_workers, N) * b * (2 * H + 2 * k) * act_bytes / net, ffn
+        xfer = max(ffn_workers, N) * b * (2 * H + 2 * k) * act_bytes / net + 2 * hw.net_latency_us * 1e-6
+        return attn, xfer, ffn
 
     N = min(attention_workers, batch)
     m = min(micro_batches, -(-batch // N))      # the runner never makes more micro-batches than a worker's sequences

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     c.add_argument("--tpot-ms", type=number_arg(float, 0, lo_open=True), default=50.0)
     c.add_argument("--network-gbps", type=number_arg(float, 0, lo_open=True),
                    help="per 8-card server (default: the hardware's)")
-    c.add_argument("--custom-hardware", action="append", default=[], metavar="KEY:flops=F,bw=B[,net=GBPS][,price=USD][,kv_bw=B][,flops@ROWS=F]",
+    c.add_argument("--custom-hardware", action="append", default=[], metavar="KEY:flops=F,bw=B[,net=GBPS][,lat_us=US][,price=USD][,kv_bw=B][,flops@ROWS=F]",
                    help="a machine you measured, then named by --hardware KEY (repeatable)")
     c.add_argument("--batch", type=number_arg(int, 1), help="afd: also model one decode step of this many "
                                                            "sequences through the AFD pipeline, per layer")

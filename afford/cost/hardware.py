@@ -28,6 +28,7 @@ class Hardware:
     # measured bytes / s at which the attention kernel reads K/V (a decode attention kernel rarely reads at
     # the GEMV rate: strided per-head rows, softmax); None: mem_bw
     kv_bw: float | None = None
+    net_latency_us: float = 0.0  # one-way latency of one message on the network (custom hardware: lat_us=)
 
     @property
     def kv_read_bw(self) -> float:
@@ -88,10 +89,10 @@ HARDWARE: dict[str, Hardware] = {h.key: h for h in (
 
 
 def custom_hardware(text: str) -> Hardware:
-    """'KEY:flops=F,bw=B[,net=GBPS][,price=USD][,kv_bw=B_KV][,flops@R=F_R ...]' -- a machine you measured
-    (FLOP/s, bytes/s of memory bandwidth, network Gbit/s, USD per hour, and optionally the bytes/s at which
-    its attention kernel reads K/V and the FLOP/s of a product of R rows, a calibration table), e.g.
-    `cpu:flops=4.1e10,bw=1.2e10,net=80,kv_bw=7e9,flops@1=8e9,flops@32=3e10`."""
+    """'KEY:flops=F,bw=B[,net=GBPS][,lat_us=US][,price=USD][,kv_bw=B_KV][,flops@R=F_R ...]' -- a machine you
+    measured (FLOP/s, bytes/s of memory bandwidth, network Gbit/s and one-way microseconds per message, USD
+    per hour, and optionally the bytes/s at which its attention kernel reads K/V and the FLOP/s of a product
+    of R rows, a calibration table), e.g. `cpu:flops=4.1e10,bw=1.2e10,net=80,lat_us=50,kv_bw=7e9,flops@1=8e9`."""
     key, _, rest = text.partition(":")
     vals, by_rows = {}, {}
     for item in rest.split(","):
@@ -104,14 +105,14 @@ def custom_hardware(text: str) -> Hardware:
                 vals[k] = float(v)
         except ValueError:
             raise ConfigError(f"--custom-hardware {text!r}: {item!r} is not NAME=NUMBER (or flops@ROWS=NUMBER)") from None
-    unknown = set(vals) - {"flops", "bw", "net", "price", "kv_bw"}
-    if not key.strip() or unknown or not {"flops", "bw"} <= set(vals) or \
-            any(v <= 0 for v in [*vals.values(), *by_rows, *by_rows.values()]):
-        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,price=USD][,kv_bw=B][,flops@ROWS=F "
-                          f"...] with positive numbers, got {text!r}")
+    unknown = set(vals) - {"flops", "bw", "net", "price", "kv_bw", "lat_us"}
+    if not key.strip() or unknown or not {"flops", "bw"} <= set(vals) or vals.get("lat_us", 0) < 0 or \
+            any(v <= 0 for k, v in vals.items() if k != "lat_us") or any(v <= 0 for v in [*by_rows, *by_rows.values()]):
+        raise ConfigError(f"--custom-hardware takes KEY:flops=F,bw=B[,net=GBPS][,lat_us=US][,price=USD][,kv_bw=B]"
+                          f"[,flops@ROWS=F ...] with positive numbers, got {text!r}")
     return Hardware(key.strip().lower(), f"custom {key.strip()}", vals.get("price", 1.0), vals["flops"], None,
                     vals["bw"], vals.get("net", 100.0), "measured by the user (--custom-hardware)",
-                    tuple(sorted(by_rows.items())), vals.get("kv_bw"))
+                    tuple(sorted(by_rows.items())), vals.get("kv_bw"), vals.get("lat_us", 0.0))
 
 
 def get_hardware(keys: str | list[str] | None = None, prices: dict[str, float] | None = None,
