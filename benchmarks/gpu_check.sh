@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, as ONE command on a GPU machine (no network needed): the GPU tests, then
 # benchmarks/gpu_decode.py. Everything it writes lands in $OUT (default benchmarks/results/gpu_run):
-# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json. About 2 minutes on an H200.
+# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json. About 3.5 minutes on an H200 (BENCH_ARGS="--skip hf_":
+# transformers' eager generate takes ~25 s more). The compress test needs constriction (pip install constriction).
 #   bash benchmarks/gpu_check.sh            # from the repository root
 # Knobs (environment): TESTS (pytest arguments), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BUDGET (seconds
 # after which gpu_decode.py skips its remaining arms), BENCH_ARGS (e.g. "--skip hf_,afford_eager").

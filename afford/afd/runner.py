@@ -237,6 +237,8 @@ class AFDRunner(ModelRunner):
     def close(self) -> None:
         """Stop the workers (idempotent; also runs when the runner is collected or the process exits)."""
         self._finalizer()
+        if getattr(self, "link", None) is not None:
+            self.link.pool.shutdown(wait=False)            # the emulated link's idle wire threads
 
     # ---- messages ----
     def _check(self, fn):

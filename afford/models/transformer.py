@@ -383,8 +383,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_len = max_len or cfg.max_position_embeddings
         # on CUDA with Triton: each residual add fused with the RMSNorm after it, SwiGLU's silu * up as one
-        # kernel (afford/models/triton_ops.py): 66 fewer kernels a step of a 1.1 B Llama, 1.14x tok/s at
-        # batch 1 and 1.08x at 64 on an H200 (gpu_decode.py's A/B arm); False runs torch's operators
+        # kernel (afford/models/triton_ops.py): 66 fewer kernels a step of a 1.1 B Llama, 1.09-1.14x tok/s
+        # at batch 1 and 1.08-1.20x at 64 on an H200 (gpu_decode.py's A/B arm, two runs); False runs torch's
         self.fused_cuda = True
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
