@@ -6,9 +6,9 @@
 The kernels they replace took ~106 us of a 1.22 ms batch-1 step of a 1.1 B Llama on an H200 (residual
 adds 47, SiLU 34, the product 25; gpu_decode.py's kernel profile); with them a captured batch-1 step
 replays in 1.16 ms instead of 1.33 (1.09-1.14x tok/s over two runs; 1.08-1.20x at batch 64). On by
-default on CUDA where Triton
-is installed (`model.fused_cuda`; False: torch's operators); tests/test_gpu.py checks the logits against
-torch's operators, tests/test_graphs.py runs the kernels in Triton's CPU interpreter.
+default on CUDA where Triton is installed (`model.fused_cuda`; False: torch's operators);
+tests/test_gpu.py checks the logits against torch's operators, tests/test_graphs.py runs the kernels in
+Triton's CPU interpreter.
 """
 from __future__ import annotations
 
