@@ -151,6 +151,12 @@ def build_shards(args: WorkerArgs, workers: int) -> tuple[list[FFNShard], torch.
     return shards, dtype, model_signature(cfg, dtype)
 
 
+def _join(store, args: WorkerArgs):
+    """Say this worker is ready, join the deployment's process group; with it, the emulated link (if any)."""
+    store.set(ready_key(args.rank), "1")
+    return make_group(store, args.rank, args.world_size, args.timeout_s), Link.from_env()
+
+
 def serve(args: WorkerArgs, store=None) -> None:
     """The FFN worker's loop; returns on STOP, raises when rank 0 is gone (its process then exits)."""
     if args.threads:
@@ -166,9 +172,7 @@ def serve(args: WorkerArgs, store=None) -> None:
     except Exception as e:
         store.set(error_key(args.rank), f"{type(e).__name__}: {e}")
         raise
-    store.set(ready_key(args.rank), "1")
-    pg = make_group(store, args.rank, args.world_size, args.timeout_s)
-    link = Link.from_env()
+    pg, link = _join(store, args)
     hidden = shards[0].hidden
     wait_s, ffn_s = torch.zeros(len(shards), dtype=torch.float64), torch.zeros(len(shards), dtype=torch.float64)
     head = torch.zeros(HEADER_LEN, dtype=torch.long)
@@ -242,9 +246,7 @@ def serve_attention(args: WorkerArgs, store=None) -> None:
     except Exception as e:
         store.set(error_key(args.rank), f"{type(e).__name__}: {e}")
         raise
-    store.set(ready_key(args.rank), "1")
-    pg = make_group(store, args.rank, args.world_size, args.timeout_s)
-    link = Link.from_env()
+    pg, link = _join(store, args)
     ffn_ranks = range(args.attention, args.world_size)
     moe = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
     head = torch.zeros(HEADER_LEN, dtype=torch.long)
