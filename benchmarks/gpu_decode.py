@@ -8,9 +8,9 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   ~50 lines below) on the same weights, eager and with one CUDA graph per decode step -- the anchor;
 - afford with CUDA graphs (the default) and with enforce_eager, at batch 1, 16, 64;
 - transformers' eager `generate` on the same weights;
-- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4: the default
-  "auto" -- tinygemm, one-row products through afford's Triton row kernel where it timed faster --, tinygemm
-  alone, afford's Triton kernels alone);
+- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4: tinygemm, the
+  default; "auto" -- tinygemm, one-row products through afford's Triton row kernel where it timed faster;
+  afford's Triton kernels alone);
 - afford draft speculation (k = 4) with a 2-layer draft cut from the target (its first 2 layers, the same
   embeddings and head: the same vocabulary) at batch 1;
 - the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
@@ -507,7 +507,8 @@ def main():
     run_arm("int4_sweep", int4_sweep)
 
     from afford.models import quant
-    for name, q, int4 in (("afford_int4", "int4", "auto"), ("afford_int4_tinygemm", "int4", "tinygemm"),
+    # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm
+    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_auto", "int4", "auto"),
                           ("afford_int4_triton", "int4", "triton"), ("afford_int8", "int8", None)):
         def quant_arms(q=q, int4=int4):
             keep = quant.CUDA_INT4_KERNEL

@@ -419,7 +419,9 @@ def gpu_decode(r) -> None:
     if ab:
         print("\n" + table(["batch", "async tok/s", "sync tok/s", "async / sync", "decode ms async / sync",
                             "graph replay ms", "GPU busy, sync", "same tokens"], ab))
-    low = [[k, ", ".join(v["kernels"]), f"{v['b1']['tok_s']:.0f}", f"{v['b16']['tok_s']:.0f}" if "b16" in v else "",
+    low = [[k, ", ".join(v["kernels"]) + (f" ({v['row_kernel_layers']} matrices through the Triton row kernel)"
+                                          if v.get("row_kernel_layers") else ""),
+            f"{v['b1']['tok_s']:.0f}", f"{v['b16']['tok_s']:.0f}" if "b16" in v else "",
             f"{v['b1']['tok_s'] / a['afford_graphs_b1']['tok_s']:.2f}x",
             f"{v['b1']['decode_ms']:.3f} / {a['afford_graphs_b1']['decode_ms']:.3f}"]
            for k, v in a.items() if k.startswith("afford_int") and "b1" in v and "afford_graphs_b1" in a]
