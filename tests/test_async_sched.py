@@ -106,3 +106,45 @@ def test_shared_prefix_choices_fork_under_async_scheduling(llama_dir):
     want = [[c.token_ids for c in o.outputs] if hasattr(o, "outputs") else o.token_ids
             for o in LLM(llama_dir).generate(ps, params)]
     assert got == want and asy.engine.steps_ahead > 0 and not asy.engine.has_unfinished()
+
+
+def test_a_forward_that_fails_in_flight_fails_its_requests_and_the_server_loop_goes_on(llama_dir):
+    """AsyncLLM (what `afford serve` runs) with async scheduling: a forward that raises while a step is in
+    flight fails the requests of that batch with the error, the step in flight is dropped, the next
+    request decodes the synchronous loop's tokens, and every KV block comes back."""
+    import asyncio
+
+    from afford.async_engine import AsyncLLM
+    from afford.config import EngineConfig
+    from afford.engine import Engine
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = LLM(llama_dir, dtype="float32").generate([[5, 6, 7, 8]], params)[0].token_ids
+    llm = AsyncLLM(lambda: Engine(EngineConfig(model=str(llama_dir), dtype="float32", async_scheduling=True)))
+    eng = llm.engine
+    free, runner, calls = eng.pool.num_free, eng.runner, []
+    forward = runner.forward
+
+    def flaky(seq_ids, *a, ids_dev=None, **k):
+        calls.append(ids_dev is not None)
+        if ids_dev is not None and len(seq_ids) == 2 and not failed:   # a step launched ahead with both requests
+            failed.append(seq_ids)
+            raise RuntimeError("injected forward failure")
+        return forward(seq_ids, *a, ids_dev=ids_dev, **k)
+    failed = []
+    runner.forward = flaky
+    try:
+        async def run(rid, prompt):
+            try:
+                return [o async for o in llm.generate(prompt, params, rid)][-1]
+            except RuntimeError as e:
+                return e
+        async def both():
+            return await asyncio.gather(run("a", [9, 10, 11]), run("b", [12, 13, 14, 15]))
+        first = asyncio.run(both())
+        assert all(isinstance(r, RuntimeError) and "injected" in str(r) for r in first), first
+        out = asyncio.run(run("c", [5, 6, 7, 8]))
+        assert not isinstance(out, Exception) and out.token_ids == want
+        assert failed and llm.step_errors == 1 and eng._inflight is None and eng.pool.num_free == free
+        assert calls.count(True) > 5                           # the last request ran ahead too
+    finally:
+        llm.shutdown()
