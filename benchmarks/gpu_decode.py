@@ -447,7 +447,7 @@ def main():
         if device != "cuda":
             return None
         from afford.models import triton_int4 as t4
-        from afford.models.quant import QuantLinear, quantize
+        from afford.models.quant import QuantLinear, _graph_us, dequantize, quantize
         H, I, D = shape["hidden_size"], shape["intermediate_size"], shape["hidden_size"] // shape["num_attention_heads"]
         mats = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
         # variant 1 (any few rows; run 5's best: (4, 2048, 4, 1)) around run 5's best tiles, variant 2 (one row)
@@ -456,17 +456,6 @@ def main():
                                                                (4, 1024, 4, 2), (8, 1024, 4, 2), (16, 1024, 8, 2),
                                                                (2, 1024, 2, 3), (4, 512, 4, 3), (8, 512, 4, 3),
                                                                (16, 2048, 8, 1), (32, 1024, 8, 2))]
-
-        def per_call_us(fn, n=20):
-            fn()
-            sync()
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                for _ in range(n):
-                    fn()
-            gr.replay()
-            t, _ = timed(lambda: [gr.replay() for _ in range(5)])
-            return 1e6 * t / (5 * n)
         out = {"configs": [list(c) for c in configs], "matrices": {}}
         gen = torch.Generator(device=device).manual_seed(1)
         for name, (N, K) in mats.items():
@@ -474,17 +463,17 @@ def main():
             q, sc, z = quantize(w, 4, K)
             x = torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16)
             p, sc, z = t4.pack(q), sc.contiguous(), z.contiguous()
-            ref = x.float() @ ((q.float() - 8) * sc + z).t()
+            ref = x.float() @ dequantize(q, sc, z).t()
             wb = w.to(torch.bfloat16)
-            row = {"shape": [N, K], "code_bytes": N * K // 2, "bf16_us": per_call_us(lambda: F.linear(x, wb))}
+            row = {"shape": [N, K], "code_bytes": N * K // 2, "bf16_us": _graph_us(lambda: F.linear(x, wb), 20)}
             ql = QuantLinear(q, sc, z, 4, kernel="int4cuda")
-            row["tinygemm_us"] = per_call_us(lambda: ql(x))
+            row["tinygemm_us"] = _graph_us(lambda: ql(x), 20)
             row["triton_us"], row["max_rel_err"] = [], 0.0
             for c in configs:
                 try:
                     y = t4.int4_mm(x, p, sc, z, K, c).float()
                     row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
-                    row["triton_us"].append(per_call_us(lambda: t4.int4_mm(x, p, sc, z, K, c)))
+                    row["triton_us"].append(_graph_us(lambda: t4.int4_mm(x, p, sc, z, K, c), 20))
                 except Exception as e:                       # a tile this card cannot hold
                     row["triton_us"].append(None)
                     row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
