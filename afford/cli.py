@@ -94,8 +94,9 @@ def _zoo(sub):
         p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast where bf16 "
                                                              "matmuls are fast: CUDA or an AVX-512 CPU)")
         p.add_argument("--resume", action="store_true")
-        p.add_argument("--init", help="start from this HF folder's weights (the same shape, or fewer layers of the same "
-                                      "width: the model grows, its new layers starting as the identity)")
+        p.add_argument("--init", help="start from this HF folder's weights (the same shape; fewer layers of the same "
+                                      "width: the model grows, its new layers starting as the identity; more layers: "
+                                      "it keeps the first ones, e.g. a draft cut from its target)")
         p.add_argument("--overwrite", action="store_true")
 
 

@@ -97,7 +97,7 @@ def test_multi_exit_training_lowers_every_exits_loss(tmp_path, corpus, tokenizer
         tiny(tmp_path / "x", corpus, tokenizer_dir, steps=1, exits=(1, 3))
 
 
-def test_init_grows_a_shallower_model_with_identity_layers(tmp_path, corpus, tokenizer_dir):
+def test_init_grows_a_shallower_model_or_cuts_a_deeper_one(tmp_path, corpus, tokenizer_dir):
     from afford.models.loader import load_model
     from afford.models.transformer import Transformer
     from afford.zoo.train import init_from, model_config
@@ -112,8 +112,20 @@ def test_init_grows_a_shallower_model_with_identity_layers(tmp_path, corpus, tok
         want = start(ids)
         for lg in grown.exit_logits(ids):                 # every exit computes what the 2-layer model does
             torch.testing.assert_close(lg, want)
+    cut = Transformer(model_config(TrainConfig(out=str(tmp_path / "c"), data=tuple(corpus), tokenizer=str(tokenizer_dir),
+                                               steps=1, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                                               exits=(1, 2)), start.cfg.vocab_size, 0))
+    torch.nn.init.normal_(grown.model.layers[3].mlp.down_proj.weight)    # the 4-layer model is no longer the 2-layer one
+    init_from(cut, grown, "g")                            # a deeper model of the same width: its first layers
+    with torch.no_grad():
+        torch.testing.assert_close(cut.exit_logits(ids)[-1], grown.exit_logits(ids)[0])
+        torch.testing.assert_close(cut(ids), want)
+        assert not torch.allclose(grown(ids), want)
+    wide = Transformer(model_config(TrainConfig(out=str(tmp_path / "w"), data=tuple(corpus), tokenizer=str(tokenizer_dir),
+                                                steps=1, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=128),
+                                    start.cfg.vocab_size, 0))
     with pytest.raises(ConfigError, match="same width"):
-        init_from(start, grown, "g")
+        init_from(wide, start, "m")
 
 
 def test_several_teachers_average_or_alternate(tmp_path, corpus, tokenizer_dir):

@@ -299,16 +299,19 @@ def same_shape(saved: dict, mcfg: ModelConfig) -> bool:
 
 
 def init_from(model: Transformer, start: Transformer, name: str) -> None:
-    """Start from `start`'s weights: the same shape, or a shallower model of the same width, which grows:
+    """Start from `start`'s weights: the same shape; a shallower model of the same width, which grows:
     its layers first, each new layer starting as the identity (attention and MLP outputs zero), so the grown
-    model computes what `start` does until training moves it (e.g. a sorted draft grown from a draft)."""
+    model computes what `start` does until training moves it (e.g. a sorted draft grown from a draft); or a
+    deeper one, whose first layers, norm and head it keeps (a draft cut from its target, as in LayerSkip /
+    Kangaroo: its exits start from the target's own features)."""
     a, b = start.cfg, model.cfg
     same_width = (a.hidden_size, a.num_heads, a.num_kv_heads, a.intermediate_size, a.vocab_size) == \
         (b.hidden_size, b.num_heads, b.num_kv_heads, b.intermediate_size, b.vocab_size)
-    if not same_width or a.num_layers > b.num_layers or (b.num_experts and a.num_layers != b.num_layers):
-        raise ConfigError(f"--init {name} has another shape than the model being trained (it needs the same width "
-                          f"and at most {b.num_layers} layers)")
-    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+    if not same_width or (b.num_experts and a.num_layers != b.num_layers):
+        raise ConfigError(f"--init {name} has another shape than the model being trained (it needs the same width)")
+    state = {k: v for k, v in start.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < b.num_layers}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ConfigError(f"--init {name}: weights the model being trained has no place for: {unexpected[:3]}")
     with torch.no_grad():
