@@ -46,17 +46,35 @@ def main():
         else:
             ids = [torch.tensor([tok(r["question"] + "\n" + r["answer"])["input_ids"]]) for r in recs]
             starts = [0] * len(ids)
-        want = [target(x).argmax(-1)[:, s:] for x, s in zip(ids, starts)]
+        tl = [target(x)[:, s:] for x, s in zip(ids, starts)]
+        want = [lg.argmax(-1) for lg in tl]
         n = sum(w.numel() for w in want)
+        # the target's own confidence at each scored position: where drafts can and cannot follow it
+        conf = torch.cat([torch.softmax(lg.float(), -1).amax(-1).flatten() for lg in tl])
+        edges = [0.0, 0.5, 0.8, 0.95, 1.01]
+        bucket = torch.bucketize(conf, torch.tensor(edges[1:-1]), right=True)
+        names = [f"{lo:.2f}-{min(hi, 1.0):.2f}" for lo, hi in zip(edges, edges[1:])]
+        out["target_confidence_share"] = {nm: round(float((bucket == b).float().mean()), 4) for b, nm in enumerate(names)}
+        out["agreement_by_target_confidence"] = {}
         for name in a.draft:
             d = load_model(resolve_model_path(name, "draft"), "cpu", "float32").eval()
             exits = d.cfg.exits or (d.cfg.num_layers,)
-            agree = [0] * len(exits)
+            agree, hits = [0] * len(exits), [[] for _ in exits]
             for x, w, st in zip(ids, want, starts):
                 for i, lg in enumerate(d.exit_logits(x)):
-                    agree[i] += int((lg[:, st:].argmax(-1) == w).sum())
+                    hit = lg[:, st:].argmax(-1) == w
+                    agree[i] += int(hit.sum())
+                    hits[i].append(hit.flatten())
+            last = torch.cat(hits[-1]).float()
+            out["agreement_by_target_confidence"][name] = {
+                nm: round(float(last[bucket == b].mean()), 4) if bool((bucket == b).any()) else None
+                for b, nm in enumerate(names)}
             out["drafts"][name] = {str(e): round(c / n, 4) for e, c in zip(exits, agree)}
             print(f"{name}: " + ", ".join(f"exit {e}: {c / n:.3f}" for e, c in zip(exits, agree)))
+    print("target's top probability (share of positions): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in out["target_confidence_share"].items()))
+    for name, per in out["agreement_by_target_confidence"].items():
+        print(f"  {name} (last exit) agreement by it: " + ", ".join(f"{k} {v}" for k, v in per.items()))
     slug = "" if a.target == "default" else "_" + "".join(c if c.isalnum() else "_" for c in a.target)
     print(f"wrote {save(a.name + slug, out)}")
 
