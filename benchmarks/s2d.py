@@ -7,7 +7,8 @@ plain decoding within the round, median over rounds), with acceptance (accepted 
 accepted tokens per verify step; then Spec-Bench first turns per category (acceptance, tokens per step,
 one pass). Arms: plain; (b) the separate draft; (a) the sorted draft at each fixed exit before the last;
 the sorted draft at its last exit always; (c) the sorted draft with confidence exits (draft_exit="auto",
-calibrated on this target during the untimed warm-up, which every arm gets).
+calibrated on this target, then its choice and the fixed exits tried live, during the untimed warm-up,
+which every arm gets).
 Training cost: each run folder's checkpoint (`elapsed`), or `--train-minutes NAME=MIN` for folders without
 one (the bundled draft: its README recipe).
 

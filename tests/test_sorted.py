@@ -10,7 +10,7 @@ from conftest import make_hf_model
 
 from afford import LLM, ConfigError, SamplingParams
 from afford.config import ModelConfig
-from afford.speculative.sorted import GRID, fit_thresholds
+from afford.speculative.sorted import GRID, fit_thresholds, fixed_exit_thresholds
 
 PROMPTS = [[5, 6, 7, 8], [40, 41, 9, 100, 3, 7]]
 
@@ -202,3 +202,37 @@ def test_sampled_speculation_with_early_exits_reproduces_the_target_distribution
     for o in outs:
         counts[o.token_ids[0], o.token_ids[1]] += 1
     assert chi2_pvalue(counts.flatten(), (exact_first_two(target, prompt) * n).flatten()) > 0.001
+
+
+def test_fixed_exit_thresholds_stop_every_token_at_that_exit():
+    assert fixed_exit_thresholds(0, 3) == [0.0, 1.0]
+    assert fixed_exit_thresholds(1, 3) == [1.0, 0.0]
+    assert fixed_exit_thresholds(2, 3) == [1.0, 1.0]
+    assert fixed_exit_thresholds(1, 4) == [1.0, 0.0, 1.0]
+
+
+def test_live_trial_keeps_the_policy_with_the_most_measured_tokens_per_second(sorted_pair):
+    """After the fit, the model's choice and each fixed exit draft in turn, a block of steps each; the one
+    whose steps yielded the most tokens per second of step time is kept, a block's first step not counted."""
+    from afford.core.stats import StepStats
+    draft, same, _ = sorted_pair
+    llm = LLM(str(same), draft=str(draft), draft_exit="auto")
+    p = llm.engine.speculator.proposer
+    policies = [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    p.trial, p.trial_stats, p.trial_step, p.trial_block, p.trial_rounds = policies, [[0.0, 0.0, 0] for _ in policies], 0, 3, 2
+    rate = {0: 900.0, 1: 1000.0, 2: 1200.0, 3: 800.0}          # tokens per second of each policy's steps
+    steps = 0
+    while p.trial is not None:
+        p._trial_turn()
+        arm = (steps // 3) % 4
+        assert p.thresholds == policies[arm]
+        st = StepStats(kind="decode", num_seqs=1, tokens_in=5, tokens_out=3, context_tokens=40)
+        st.drafted = 4
+        st.seconds = 3 / rate[arm] * (50.0 if steps % 3 == 0 else 1.0)   # a switch step is slow: ignored
+        p.observe(st)
+        steps += 1
+    assert steps == 3 * 2 * 4
+    assert p.thresholds == [1.0, 0.0] and p.trial_result["chosen"] == 2
+    assert p.trial_result["steps"] == [4, 4, 4, 4]
+    assert p.trial_result["tokens_per_s"][2] == pytest.approx(1200.0, rel=1e-3)
+    assert llm.engine.stats.draft["trial"] == p.trial_result

@@ -11,7 +11,11 @@ writes, and a deep exit sees the same context a full forward would.
 Thresholds (`draft_exit`): "auto" calibrates them per target on live traffic -- the first
 `calibration_tokens` verified draft positions run every exit, and the thresholds that maximize the
 expected tokens per second (how often each exit's token is the target's, the measured time of a drafted
-token split into its layers and heads by their weights, the measured time of the target's step) are kept; an exit's layer count ("2") drafts from that exit
+token split into its layers and heads by their weights, the measured time of the target's step) are the
+model's choice. That model cannot see what the lazy fill costs later (the layers a shallow exit skipped
+run anyway once a later token goes deeper) nor a forward's fixed costs, so the model's choice and every
+fixed exit then run live, in turn (`trial_block` steps each, `trial_rounds` times), and the policy with
+the most tokens per second of measured step time is kept. An exit's layer count ("2") drafts from that exit
 always (a fixed shallow-exit draft); "t1,t2,..." fixes one threshold per exit before the last.
 """
 from __future__ import annotations
@@ -55,6 +59,12 @@ def parse_exit_policy(spec, exits: tuple[int, ...]) -> tuple[int | None, list[fl
     return None, taus
 
 
+def fixed_exit_thresholds(e: int, S: int) -> list[float]:
+    """Thresholds (one per exit before the last) that stop every token at exit e of S: never before it
+    (1: its head is not even computed), always at it (0)."""
+    return [1.0] * e + [0.0] * (e < S - 1) + [1.0] * max(0, S - 2 - e)
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens one verify step yields with k drafts each accepted with probability alpha (plus the target's)."""
     return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
@@ -87,7 +97,8 @@ class SortedDraftProposer(DraftModelProposer):
     the positions whose K/V segment s holds (non-increasing in s), and in `resid` (slots, hidden) the residual
     stream of each position after the deepest segment it went through, at its K/V slot."""
 
-    def __init__(self, path: str, *args, draft_exit="auto", calibration_tokens: int = 192, **kw):
+    def __init__(self, path: str, *args, draft_exit="auto", calibration_tokens: int = 192, trial_block: int = 8,
+                 trial_rounds: int = 4, **kw):
         kw["prefix_caching"] = False       # its blocks can hold the shallow layers only: never shared
         super().__init__(path, *args, **kw)
         if not self.cfg.exits:
@@ -109,6 +120,12 @@ class SortedDraftProposer(DraftModelProposer):
         self.mean_k = 1.0
         self.exit_tokens = [0] * S
         self.predicted_acceptance: float | None = None
+        self.trial_block, self.trial_rounds = trial_block, trial_rounds
+        self.trial: list[list[float]] | None = None     # policies measured live after the fit (None: not now)
+        self.trial_stats: list[list[float]] = []        # per policy: [tokens, seconds, steps counted]
+        self.trial_step = 0                             # speculative steps into the trial
+        self.trial_arm: int | None = None               # the policy the step in flight drafted with
+        self.trial_result: dict | None = None
 
     @property
     def probing(self) -> bool:
@@ -121,6 +138,8 @@ class SortedDraftProposer(DraftModelProposer):
         ks, active, drafts = self._reserve(seqs, ks)
         if not active:
             return drafts
+        if self.trial is not None:
+            self._trial_turn()
         for i in active:
             self.fill.setdefault(seqs[i].seq_id, [0] * len(self.exits))
         self.mean_k = float(np.mean([ks[i] for i in active]))
@@ -273,14 +292,42 @@ class SortedDraftProposer(DraftModelProposer):
         target = np.array([r[2] for r in self.records])
         k = max(1, round(self.mean_k))
         layer_s, head_s = self._costs()
-        self.thresholds, self.predicted_acceptance = fit_thresholds(top, conf, target, layer_s, head_s,
-                                                                    self.verify_seconds, k)
+        best, self.predicted_acceptance = fit_thresholds(top, conf, target, layer_s, head_s, self.verify_seconds, k)
         self.probes.clear()
+        self.thresholds = best
+        S = len(self.exits)
+        policies = [best]                   # the model's choice first (every layer is filled after the probes),
+        for e in reversed(range(S)):        # then the fixed exits, deepest first: no arm waits on another's fill
+            if fixed_exit_thresholds(e, S) not in policies:
+                policies.append(fixed_exit_thresholds(e, S))
+        if self.trial_block > 0 and self.trial_rounds > 0 and len(policies) > 1:
+            self.trial, self.trial_stats, self.trial_step = policies, [[0.0, 0.0, 0] for _ in policies], 0
+
+    def _trial_turn(self) -> None:
+        """The live trial: this step drafts with the policy whose block it is (a block's first step pays
+        the switch -- the fill of layers the policy before skipped -- and is not counted)."""
+        self.trial_arm = (self.trial_step // self.trial_block) % len(self.trial)
+        self.thresholds = self.trial[self.trial_arm]
+        if self.trial_step % self.trial_block == 0:
+            self.trial_arm = None
+        self.trial_step += 1
 
     def observe(self, st) -> None:
         if st.drafted:
             dt = max(st.seconds - st.draft_seconds, 0.0)
             self.verify_seconds = dt if self.verify_seconds is None else (1 - EMA) * self.verify_seconds + EMA * dt
+        if self.trial is None:
+            return
+        if self.trial_arm is not None and st.drafted:
+            rec = self.trial_stats[self.trial_arm]
+            rec[0], rec[1], rec[2] = rec[0] + st.tokens_out, rec[1] + st.seconds, rec[2] + 1
+            self.trial_arm = None
+        if self.trial_step >= self.trial_block * self.trial_rounds * len(self.trial):
+            rates = [t / s if s > 0 else 0.0 for t, s, _ in self.trial_stats]
+            best = max(range(len(rates)), key=rates.__getitem__)
+            self.trial_result = {"policies": self.trial, "tokens_per_s": [round(r, 1) for r in rates],
+                                 "steps": [int(n) for _, _, n in self.trial_stats], "chosen": best}
+            self.thresholds, self.trial = self.trial[best], None
 
     def counters(self) -> dict:
         """What the exits did (the engine's stats and /metrics read this)."""
@@ -289,6 +336,7 @@ class SortedDraftProposer(DraftModelProposer):
                 "thresholds": None if self.thresholds is None else list(self.thresholds),
                 "policy": "fixed" if self.fixed is not None else "auto" if self.auto else "thresholds",
                 "calibrated": self.thresholds is not None and self.auto,
+                "trial": self.trial_result if self.trial is None else "running",
                 "calibration_records": len(self.records), "predicted_acceptance": self.predicted_acceptance,
                 "segment_ms": None if costs is None else [round(t * 1e3, 4) for t in costs[0]],
                 "head_ms": None if costs is None else round(costs[1] * 1e3, 4)}
