@@ -14,8 +14,10 @@ expected tokens per second (how often each exit's token is the target's, the mea
 token split into its layers and heads by their weights, the measured time of the target's step) are the
 model's choice. That model cannot see what the lazy fill costs later (the layers a shallow exit skipped
 run anyway once a later token goes deeper) nor a forward's fixed costs, so the model's choice and every
-fixed exit then run live, in turn (`trial_block` steps each, `trial_rounds` times), and the policy with
-the most tokens per second of measured step time is kept. An exit's layer count ("2") drafts from that exit
+fixed exit then run live, in turn (`trial_block` steps each, `trial_rounds` times), to measure each one's
+time per speculative step; the policy kept is the one with the most expected tokens (its match rate on the
+calibration records: the same positions for every policy, where the live steps' tokens would vary with
+the text each block met) per measured second of step. An exit's layer count ("2") drafts from that exit
 always (a fixed shallow-exit draft); "t1,t2,..." fixes one threshold per exit before the last.
 """
 from __future__ import annotations
@@ -78,17 +80,22 @@ def fit_thresholds(top: np.ndarray, conf: np.ndarray, target: np.ndarray, layer_
     layers of segments 0..e and one head per exit it was tested at (an exit with threshold 1 is not)."""
     S = top.shape[1]
     layers = np.cumsum(layer_seconds)                           # (S,) layers' time to reach each exit
-    match = top == target[:, None]                              # (n, S)
     best, best_value, best_alpha = [1.0] * (S - 1), -1.0, 0.0
     for taus in itertools.product(GRID, repeat=S - 1):
         cost = layers + head_seconds * np.array([sum(t < 1.0 for t in taus[:e]) + 1 for e in range(S)])   # (S,)
-        stop = np.concatenate([conf[:, :-1] > np.array(taus), np.ones((len(top), 1), bool)], axis=1)   # (n, S)
-        e = stop.argmax(1)                                      # the first exit that clears its threshold
-        alpha = float(match[np.arange(len(top)), e].mean())
+        alpha, e = policy_alpha(top, conf, target, list(taus))
         value = expected_tokens(alpha, k) / (k * float(cost[e].mean()) + verify_seconds)
         if value > best_value + 1e-12:
             best, best_value, best_alpha = list(taus), value, alpha
     return best, best_alpha
+
+
+def policy_alpha(top: np.ndarray, conf: np.ndarray, target: np.ndarray, taus: list[float]) -> tuple[float, np.ndarray]:
+    """Over calibration records (as in fit_thresholds): the per-token match rate of the policy `taus`, and
+    the exit (n,) each record's token stops at under it."""
+    stop = np.concatenate([conf[:, :-1] > np.array(taus), np.ones((len(top), 1), bool)], axis=1)   # (n, S)
+    e = stop.argmax(1)                                          # the first exit that clears its threshold
+    return float((top[np.arange(len(top)), e] == target).mean()), e
 
 
 @register("sorted")
@@ -122,9 +129,10 @@ class SortedDraftProposer(DraftModelProposer):
         self.predicted_acceptance: float | None = None
         self.trial_block, self.trial_rounds = trial_block, trial_rounds
         self.trial: list[list[float]] | None = None     # policies measured live after the fit (None: not now)
-        self.trial_stats: list[list[float]] = []        # per policy: [tokens, seconds, steps counted]
+        self.trial_stats: list[list[float]] = []        # per policy: [seconds, steps counted]
         self.trial_step = 0                             # speculative steps into the trial
         self.trial_arm: int | None = None               # the policy the step in flight drafted with
+        self.trial_k = 1
         self.trial_result: dict | None = None
 
     @property
@@ -294,6 +302,7 @@ class SortedDraftProposer(DraftModelProposer):
         layer_s, head_s = self._costs()
         best, self.predicted_acceptance = fit_thresholds(top, conf, target, layer_s, head_s, self.verify_seconds, k)
         self.probes.clear()
+        self.trial_k = k
         self.thresholds = best
         S = len(self.exits)
         policies = [best]                   # the model's choice first (every layer is filled after the probes),
@@ -301,7 +310,7 @@ class SortedDraftProposer(DraftModelProposer):
             if fixed_exit_thresholds(e, S) not in policies:
                 policies.append(fixed_exit_thresholds(e, S))
         if self.trial_block > 0 and self.trial_rounds > 0 and len(policies) > 1:
-            self.trial, self.trial_stats, self.trial_step = policies, [[0.0, 0.0, 0] for _ in policies], 0
+            self.trial, self.trial_stats, self.trial_step = policies, [[0.0, 0] for _ in policies], 0
 
     def _trial_turn(self) -> None:
         """The live trial: this step drafts with the policy whose block it is (a block's first step pays
@@ -320,14 +329,20 @@ class SortedDraftProposer(DraftModelProposer):
             return
         if self.trial_arm is not None and st.drafted:
             rec = self.trial_stats[self.trial_arm]
-            rec[0], rec[1], rec[2] = rec[0] + st.tokens_out, rec[1] + st.seconds, rec[2] + 1
+            rec[0], rec[1] = rec[0] + st.seconds, rec[1] + 1
             self.trial_arm = None
         if self.trial_step >= self.trial_block * self.trial_rounds * len(self.trial):
-            rates = [t / s if s > 0 else 0.0 for t, s, _ in self.trial_stats]
+            top, conf, target = (np.array([r[i] for r in self.records]) for i in range(3))
+            alphas = [policy_alpha(top, conf, target, taus)[0] for taus in self.trial]
+            step_s = [sec / n if n else float("inf") for sec, n in self.trial_stats]
+            rates = [expected_tokens(a, self.trial_k) / s for a, s in zip(alphas, step_s)]
             best = max(range(len(rates)), key=rates.__getitem__)
-            self.trial_result = {"policies": self.trial, "tokens_per_s": [round(r, 1) for r in rates],
-                                 "steps": [int(n) for _, _, n in self.trial_stats], "chosen": best}
+            self.trial_result = {"policies": self.trial, "alpha": [round(a, 4) for a in alphas],
+                                 "step_ms": [round(s * 1e3, 4) for s in step_s],
+                                 "tokens_per_s": [round(r, 1) for r in rates],
+                                 "steps": [int(n) for _, n in self.trial_stats], "chosen": best}
             self.thresholds, self.trial = self.trial[best], None
+            self.predicted_acceptance = alphas[best]
 
     def counters(self) -> dict:
         """What the exits did (the engine's stats and /metrics read this)."""
