@@ -325,6 +325,11 @@ def s2d(r) -> None:
         print(f"\nConfidence exits: thresholds {c['thresholds']} (calibrated: {c['calibrated']}, "
               f"{c['calibration_records']} records, their per-token match rate {c['predicted_acceptance']:.2f}), tokens per "
               f"exit {dict(zip(c['exits'], c['exit_tokens']))}.\n")
+        tr = c.get("trial")
+        if isinstance(tr, dict):                  # the live trial of the fit's choice and every fixed exit
+            print(table(["policy (thresholds)", "match rate (records)", "step ms (live)", "tokens/s expected", "kept"],
+                        [[str(p), a, ms, v, "yes" if i == tr["chosen"] else ""] for i, (p, a, ms, v) in
+                         enumerate(zip(tr["policies"], tr["alpha"], tr["step_ms"], tr["tokens_per_s"]))]) + "\n")
         arms = list(next(iter(t["categories"].values())))
         print(table(["category"] + arms, [[cat] + [v[a]["acceptance"] for a in arms] for cat, v in t["categories"].items()]))
 

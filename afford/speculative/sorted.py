@@ -302,9 +302,9 @@ class SortedDraftProposer(DraftModelProposer):
         layer_s, head_s = self._costs()
         best, self.predicted_acceptance = fit_thresholds(top, conf, target, layer_s, head_s, self.verify_seconds, k)
         self.probes.clear()
-        self.trial_k = k
-        self.thresholds = best
-        S = len(self.exits)
+        if 0.0 in best:                     # every token stops by the first 0: later thresholds never apply
+            best = best[:best.index(0.0) + 1] + [1.0] * (len(best) - best.index(0.0) - 1)
+        self.thresholds, self.trial_k, S = best, k, len(self.exits)
         policies = [best]                   # the model's choice first (every layer is filled after the probes),
         for e in reversed(range(S)):        # then the fixed exits, deepest first: no arm waits on another's fill
             if fixed_exit_thresholds(e, S) not in policies:
