@@ -91,6 +91,11 @@ def main():
         llms = {n: LLM(target, num_speculative_tokens=a.k, max_num_seqs=4, **kw) for n, kw in arms.items()}
         for n, llm in llms.items():                      # warm-up (and the auto arm's calibration), untimed
             run(llm, gsm[:8], a.new_tokens)
+        auto_llm = llms["(c) sorted, confidence exits"]
+        for i in range(8, len(gsm), 8):                  # ... until its live trial has picked a policy
+            if isinstance(auto_llm.stats.draft.get("trial"), dict):
+                break
+            run(auto_llm, gsm[i:i + 8], a.new_tokens)
         names = list(arms)
         ratios = {n: [] for n in names}
         parts = {n: [] for n in names}

@@ -143,11 +143,19 @@ def test_lazy_fill_leaves_every_layer_with_the_kv_of_a_full_forward(sorted_pair,
 def test_calibration_fits_thresholds_on_live_traffic_and_reports_them(sorted_pair, native):
     draft, same, _ = sorted_pair
     llm = LLM(str(same), draft=str(draft), draft_exit="auto", native=native)
-    llm.engine.speculator.proposer.calibration_tokens = 40
+    p = llm.engine.speculator.proposer
+    p.calibration_tokens, p.trial_block, p.trial_rounds = 40, 2, 1
     greedy(llm, 60)
     d = llm.engine.stats.draft
     assert d["calibrated"] and d["calibration_records"] >= 40
     assert len(d["thresholds"]) == 2 and all(t in GRID for t in d["thresholds"])
+    for _ in range(5):                    # the live trial: the last exit, the fit's choice, the other exits
+        if isinstance(llm.engine.stats.draft["trial"], dict):
+            break
+        greedy(llm, 60)
+    tr = llm.engine.stats.draft["trial"]
+    assert tr["policies"][0] == [1.0, 1.0] and [0.0, 1.0] in tr["policies"] and [1.0, 0.0] in tr["policies"]
+    assert all(n >= 1 for n in tr["steps"]) and llm.engine.stats.draft["thresholds"] == tr["policies"][tr["chosen"]]
     assert all(t is not None and t > 0 for t in d["segment_ms"])
     assert "draft exits" in llm.engine.stats.line()
     from prometheus_client import CollectorRegistry, generate_latest
@@ -212,26 +220,26 @@ def test_fixed_exit_thresholds_stop_every_token_at_that_exit():
 
 
 def test_live_trial_keeps_the_policy_with_the_most_expected_tokens_per_measured_second(sorted_pair):
-    """After the fit, the model's choice and each fixed exit draft in turn, a block of steps each, to
-    measure each policy's step time (a block's first step, which pays the switch, not counted); the policy
-    kept maximizes its match rate on the calibration records turned into tokens per step, per second."""
+    """After the fit, each policy drafts a block of steps in turn, to measure its step time (a block's first
+    step, which pays the switch, and catch-up steps not counted); the policy kept maximizes its match rate
+    on the calibration records, as tokens per step at each step's k, per second."""
     from afford.core.stats import StepStats
     draft, same, _ = sorted_pair
     llm = LLM(str(same), draft=str(draft), draft_exit="auto")
     p = llm.engine.speculator.proposer
-    policies = [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
-    step_ms = {0: 1.1, 1: 0.6, 2: 0.8, 3: 1.0}
+    policies = [[1.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]
+    step_ms = {0: 1.0, 1: 1.1, 2: 0.8, 3: 0.6}
 
-    def trial(records):
-        p.records, p.trial_k = records, 4
+    def trial(alphas):
+        p.trial_alpha = alphas
         p.trial, p.trial_stats, p.trial_step, p.trial_block, p.trial_rounds = \
-            policies, [[0.0, 0] for _ in policies], 0, 3, 2
+            policies, [[0.0, 0, 0.0] for _ in policies], 0, 3, 2
         steps = 0
         while p.trial is not None:
             p._trial_turn()
             arm = (steps // 3) % 4
             assert p.thresholds == policies[arm]
-            st = StepStats(kind="decode", num_seqs=1, tokens_in=5, tokens_out=3, context_tokens=40)
+            st = StepStats(kind="decode", num_seqs=1, tokens_in=5, tokens_out=3, context_tokens=40, k_per_seq=[4])
             st.drafted = 4
             st.seconds = step_ms[arm] * 1e-3 * (50.0 if steps % 3 == 0 else 1.0)   # a switch step: ignored
             p.observe(st)
@@ -239,11 +247,11 @@ def test_live_trial_keeps_the_policy_with_the_most_expected_tokens_per_measured_
         assert steps == 3 * 2 * 4 and p.trial_result["steps"] == [4, 4, 4, 4]
         return p.trial_result
 
-    # every exit right: the same tokens per step for every policy, so the fastest step wins (exit 1 always)
-    r = trial([([7, 7, 7], [0.9, 0.9, 0.9], 7)] * 20)
-    assert r["chosen"] == 1 and p.thresholds == [0.0, 1.0] and r["alpha"] == [1.0] * 4
-    assert r["step_ms"][1] == pytest.approx(0.6)
-    # the first exit always wrong: its fast steps yield one token each, so the faster of the others wins
-    r = trial([([1, 7, 7], [0.9, 0.9, 0.9], 7)] * 20)
-    assert r["alpha"] == [0.0, 0.0, 1.0, 1.0] and r["chosen"] == 2 and p.thresholds == [1.0, 0.0]
+    # the same match rate for every policy: the fastest step wins (exit 1 always)
+    r = trial([1.0, 1.0, 1.0, 1.0])
+    assert r["chosen"] == 3 and p.thresholds == [0.0, 1.0] and r["step_ms"][3] == pytest.approx(0.6)
+    assert r["tokens_per_s"][3] == pytest.approx(5 / 0.6e-3, abs=0.1)
+    # the first exit's tokens always wrong: its fast steps yield one token each, the faster of the others wins
+    r = trial([1.0, 1.0, 1.0, 0.0])
+    assert r["chosen"] == 2 and p.thresholds == [1.0, 0.0]
     assert llm.engine.stats.draft["trial"] == r

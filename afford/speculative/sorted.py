@@ -127,12 +127,15 @@ class SortedDraftProposer(DraftModelProposer):
         self.mean_k = 1.0
         self.exit_tokens = [0] * S
         self.predicted_acceptance: float | None = None
+        if trial_rounds and trial_block < 2:
+            raise ConfigError(f"trial_block={trial_block}: a block's first step is not counted, so it needs >= 2 "
+                              f"steps (or trial_rounds=0: no live trial)")
         self.trial_block, self.trial_rounds = trial_block, trial_rounds
         self.trial: list[list[float]] | None = None     # policies measured live after the fit (None: not now)
-        self.trial_stats: list[list[float]] = []        # per policy: [seconds, steps counted]
+        self.trial_stats: list[list[float]] = []        # per policy: [seconds, steps counted, expected tokens]
         self.trial_step = 0                             # speculative steps into the trial
         self.trial_arm: int | None = None               # the policy the step in flight drafted with
-        self.trial_k = 1
+        self.trial_alpha: list[float] = []               # each trial policy's match rate on the records
         self.trial_result: dict | None = None
 
     @property
@@ -304,13 +307,17 @@ class SortedDraftProposer(DraftModelProposer):
         self.probes.clear()
         if 0.0 in best:                     # every token stops by the first 0: later thresholds never apply
             best = best[:best.index(0.0) + 1] + [1.0] * (len(best) - best.index(0.0) - 1)
-        self.thresholds, self.trial_k, S = best, k, len(self.exits)
-        policies = [best]                   # the model's choice first (every layer is filled after the probes),
-        for e in reversed(range(S)):        # then the fixed exits, deepest first: no arm waits on another's fill
-            if fixed_exit_thresholds(e, S) not in policies:
-                policies.append(fixed_exit_thresholds(e, S))
-        if self.trial_block > 0 and self.trial_rounds > 0 and len(policies) > 1:
-            self.trial, self.trial_stats, self.trial_step = policies, [[0.0, 0] for _ in policies], 0
+        self.thresholds, S = best, len(self.exits)
+        # the last exit first, then the fit's choice, then the other fixed exits deepest first: a shallower
+        # policy's deferred layers are always filled by the next block's uncounted first step, and every
+        # round's first arm (the last exit) fills what the shallowest arm of the round before left
+        policies = [fixed_exit_thresholds(S - 1, S)]
+        for taus in [best] + [fixed_exit_thresholds(e, S) for e in reversed(range(S - 1))]:
+            if taus not in policies:
+                policies.append(taus)
+        self.trial_alpha = [policy_alpha(top, conf, target, taus)[0] for taus in policies]
+        if self.trial_rounds > 0 and len(policies) > 1:
+            self.trial, self.trial_stats, self.trial_step = policies, [[0.0, 0, 0.0] for _ in policies], 0
 
     def _trial_turn(self) -> None:
         """The live trial: this step drafts with the policy whose block it is (a block's first step pays
@@ -327,22 +334,21 @@ class SortedDraftProposer(DraftModelProposer):
             self.verify_seconds = dt if self.verify_seconds is None else (1 - EMA) * self.verify_seconds + EMA * dt
         if self.trial is None:
             return
-        if self.trial_arm is not None and st.drafted:
-            rec = self.trial_stats[self.trial_arm]
+        arm, self.trial_arm = self.trial_arm, None
+        # a step that fed a prompt's catch-up through the draft says little of the policy's cost: not counted
+        if arm is not None and st.drafted and st.draft_catchup <= 2 * st.num_seqs:
+            rec = self.trial_stats[arm]
             rec[0], rec[1] = rec[0] + st.seconds, rec[1] + 1
-            self.trial_arm = None
+            rec[2] += sum(expected_tokens(self.trial_alpha[arm], k) for k in st.k_per_seq if k)  # this step's k, batch
         if self.trial_step >= self.trial_block * self.trial_rounds * len(self.trial):
-            top, conf, target = (np.array([r[i] for r in self.records]) for i in range(3))
-            alphas = [policy_alpha(top, conf, target, taus)[0] for taus in self.trial]
-            step_s = [sec / n if n else float("inf") for sec, n in self.trial_stats]
-            rates = [expected_tokens(a, self.trial_k) / s for a, s in zip(alphas, step_s)]
+            rates = [tok / sec if sec > 0 else 0.0 for sec, _, tok in self.trial_stats]
             best = max(range(len(rates)), key=rates.__getitem__)
-            self.trial_result = {"policies": self.trial, "alpha": [round(a, 4) for a in alphas],
-                                 "step_ms": [round(s * 1e3, 4) for s in step_s],
+            self.trial_result = {"policies": self.trial, "alpha": [round(a, 4) for a in self.trial_alpha],
+                                 "step_ms": [round(sec / n * 1e3, 4) if n else None for sec, n, _ in self.trial_stats],
                                  "tokens_per_s": [round(r, 1) for r in rates],
-                                 "steps": [int(n) for _, n in self.trial_stats], "chosen": best}
+                                 "steps": [int(n) for _, n, _ in self.trial_stats], "chosen": best}
             self.thresholds, self.trial = self.trial[best], None
-            self.predicted_acceptance = alphas[best]
+            self.predicted_acceptance = self.trial_alpha[best]
 
     def counters(self) -> dict:
         """What the exits did (the engine's stats and /metrics read this)."""

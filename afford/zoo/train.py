@@ -305,15 +305,19 @@ def init_from(model: Transformer, start: Transformer, name: str) -> None:
     deeper one, whose first layers, norm and head it keeps (a draft cut from its target, as in LayerSkip /
     Kangaroo: its exits start from the target's own features)."""
     a, b = start.cfg, model.cfg
-    same_width = (a.hidden_size, a.num_heads, a.num_kv_heads, a.intermediate_size, a.vocab_size) == \
-        (b.hidden_size, b.num_heads, b.num_kv_heads, b.intermediate_size, b.vocab_size)
-    if not same_width or (b.num_experts and a.num_layers != b.num_layers):
-        raise ConfigError(f"--init {name} has another shape than the model being trained (it needs the same width)")
+    shape = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", "attention",
+             "q_rank", "tie_word_embeddings")
+    if any(getattr(a, f) != getattr(b, f) for f in shape) or (b.num_experts and a.num_layers != b.num_layers):
+        raise ConfigError(f"--init {name} has another shape than the model being trained (it needs the same width, "
+                          f"heads, attention and embedding tying)")
     state = {k: v for k, v in start.state_dict().items()
              if not k.startswith("model.layers.") or int(k.split(".")[2]) < b.num_layers}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ConfigError(f"--init {name}: weights the model being trained has no place for: {unexpected[:3]}")
+    grown = [k for k in missing if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= a.num_layers)]
+    if grown:
+        raise ConfigError(f"--init {name} lacks weights the model being trained needs: {grown[:3]}")
     with torch.no_grad():
         for layer in model.model.layers[a.num_layers:]:
             layer.self_attn.o_proj.weight.zero_()
