@@ -254,4 +254,10 @@ def test_live_trial_keeps_the_policy_with_the_most_expected_tokens_per_measured_
     # the first exit's tokens always wrong: its fast steps yield one token each, the faster of the others wins
     r = trial([1.0, 1.0, 1.0, 0.0])
     assert r["chosen"] == 2 and p.thresholds == [1.0, 0.0]
+    # a mixed policy (the fit's [0.5, 0.5]) is kept over the best fixed exit only when clearly faster
+    step_ms[1] = 0.78                                   # 2.6 % faster than exit 2 (0.8 ms): exit 2 is kept
+    assert trial([1.0, 1.0, 1.0, 0.0])["chosen"] == 2
+    step_ms[1] = 0.7                                    # 14 % faster: the mix is kept
+    r = trial([1.0, 1.0, 1.0, 0.0])
+    assert r["chosen"] == 1 and p.thresholds == [0.5, 0.5]
     assert llm.engine.stats.draft["trial"] == r

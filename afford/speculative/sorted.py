@@ -35,6 +35,10 @@ from afford.kv.paged import table_slots
 from afford.speculative.proposers import Draft, DraftModelProposer, register
 
 GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)   # candidate thresholds (0: always stop, 1: never)
+# the live trial keeps a mixed policy over the best fixed exit only when it measured this much faster: two
+# arms of one policy measured 3 % apart (s2d.py), and a mix pays costs a trial block undercounts (each new
+# request's prompt filled through the deep layers at its first deep token)
+TRIAL_MARGIN = 0.05
 EMA = 0.2                   # weight of the newest measurement in the per-token draft and the step times
 
 
@@ -342,7 +346,12 @@ class SortedDraftProposer(DraftModelProposer):
             rec[2] += sum(expected_tokens(self.trial_alpha[arm], k) for k in st.k_per_seq if k)  # this step's k, batch
         if self.trial_step >= self.trial_block * self.trial_rounds * len(self.trial):
             rates = [tok / sec if sec > 0 else 0.0 for sec, _, tok in self.trial_stats]
-            best = max(range(len(rates)), key=rates.__getitem__)
+            S = len(self.exits)
+            fixed = [i for i, taus in enumerate(self.trial) if taus in [fixed_exit_thresholds(e, S) for e in range(S)]]
+            best = max(fixed, key=rates.__getitem__)
+            mixed = [i for i in range(len(rates)) if i not in fixed]
+            if mixed and rates[mixed[0]] > (1 + TRIAL_MARGIN) * rates[best]:
+                best = mixed[0]
             self.trial_result = {"policies": self.trial, "alpha": [round(a, 4) for a in self.trial_alpha],
                                  "step_ms": [round(sec / n * 1e3, 4) if n else None for sec, n, _ in self.trial_stats],
                                  "tokens_per_s": [round(r, 1) for r in rates],
