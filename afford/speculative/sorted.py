@@ -17,7 +17,8 @@ run anyway once a later token goes deeper) nor a forward's fixed costs, so the m
 fixed exit then run live, in turn (`trial_block` steps each, `trial_rounds` times), to measure each one's
 time per speculative step; the policy kept is the one with the most expected tokens (its match rate on the
 calibration records: the same positions for every policy, where the live steps' tokens would vary with
-the text each block met) per measured second of step. An exit's layer count ("2") drafts from that exit
+the text each block met; at each step's own k and batch) per measured second of step -- a mixed policy
+only when it beats the best fixed exit by TRIAL_MARGIN. An exit's layer count ("2") drafts from that exit
 always (a fixed shallow-exit draft); "t1,t2,..." fixes one threshold per exit before the last.
 """
 from __future__ import annotations
