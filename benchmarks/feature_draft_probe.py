@@ -57,7 +57,7 @@ def target_features(target: Transformer, ids: torch.Tensor) -> tuple[torch.Tenso
     return f, target.lm_head(target.model.norm(f))
 
 
-def train_head(target, head, stream, minutes: float, lr: float, noise: float, log) -> dict:
+def train_head(target, head, stream, minutes: float, lr: float, noise: float, log, unroll: int = 1) -> dict:
     from afford.zoo.train import batches
     gen = torch.Generator().manual_seed(0)
     data = batches(stream, 16, 256, gen)
@@ -74,10 +74,14 @@ def train_head(target, head, stream, minutes: float, lr: float, noise: float, lo
             e_next = emb(x[:, 1:])                                          # the token at t + 1
             p_next = F.log_softmax(logits[:, 1:].float(), dim=-1)           # what the target predicts at t + 1
         feat_in = f[:, :-1] + noise * torch.randn_like(f[:, :-1]) * f[:, :-1].std()
-        pred = head(e_next, feat_in)
-        q = F.log_softmax(target.lm_head(target.model.norm(pred)).float(), dim=-1)
-        kl = F.kl_div(q.flatten(0, 1), p_next.flatten(0, 1), log_target=True, reduction="batchmean")
-        reg = F.smooth_l1_loss(pred, f[:, 1:])
+        kl = reg = 0.0
+        for j in range(unroll):     # step j + 1 of a draft: fed its own features of step j (EAGLE-3's test-time
+            pred = head(e_next[:, j:], feat_in)                             # training, every position at once)
+            q = F.log_softmax(target.lm_head(target.model.norm(pred)).float(), dim=-1)
+            kl = kl + F.kl_div(q.flatten(0, 1), p_next[:, j:].flatten(0, 1), log_target=True, reduction="batchmean")
+            reg = reg + F.smooth_l1_loss(pred, f[:, 1 + j:])
+            feat_in = pred[:, :-1]
+        kl, reg = kl / unroll, reg / unroll
         loss = kl + reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,6 +141,9 @@ def main():
     ap.add_argument("--minutes", type=float, default=15)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--noise", type=float, default=0.1, help="feature noise while training, x the features' std")
+    ap.add_argument("--unroll", type=int, default=1, help="train each position on its next N drafting steps, "
+                    "each fed the head's own features of the step before")
+    ap.add_argument("--name", default="feature_draft_probe")
     ap.add_argument("--questions", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4)
@@ -158,7 +165,7 @@ def main():
     stream = encode_corpus(tok, split_documents(data, 0.05, False, 0).train)
     torch.manual_seed(0)
     head = FeatureHead(target)
-    info = train_head(target, head, stream, a.minutes, a.lr, a.noise, print)
+    info = train_head(target, head, stream, a.minutes, a.lr, a.noise, print, a.unroll)
     head.eval()
     recs = [json.loads(line) for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][: a.questions]
     seqs = []
@@ -182,7 +189,7 @@ def main():
             out["first_token"][f"{name} exit {e}"] = round(sum(r > 0 for r in rs) / len(rs), 4)
     for name, v in out["acceptance"].items():
         print(f"{name}: acceptance proxy {v:.3f}, first token {out['first_token'][name]:.3f}")
-    print(f"wrote {save('feature_draft_probe', out)}")
+    print(f"wrote {save(a.name, out)}")
 
 
 if __name__ == "__main__":
