@@ -124,3 +124,19 @@ def heldout_texts(tokenizer, questions: int = 100) -> tuple[list, list]:
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
     chunks = [tokenizer.decode(ids[i:i + 256]) for i in range(0, len(ids) - 256, 256)]
     return [(r["question"] + "\n", r["answer"]) for r in gsm], [("", c) for c in chunks]
+
+
+def greedy_answers(target, tok, recs: list[dict], new_tokens: int) -> list[tuple]:
+    """The target's own greedy answers to GSM8K-style records (dense forwards, no engine): per record
+    (ids (1, T) = question + "\n" + answer, the index of the position that predicts the answer's first token)."""
+    import torch
+    out = []
+    with torch.no_grad():
+        for r in recs:
+            x = torch.tensor([tok(r["question"] + "\n")["input_ids"]])
+            start = x.shape[1] - 1
+            for _ in range(new_tokens):
+                x = torch.cat([x, target(x)[:, -1:].argmax(-1)], dim=1)
+            out.append((x, start))
+    return out
+

@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from common import ROOT, save
+from common import ROOT, greedy_answers, save
 
 
 def main():
@@ -36,13 +36,7 @@ def main():
     out = {"settings": vars(a), "drafts": {}}
     with torch.no_grad():
         if a.on_policy:                       # the question, then the target's greedy answer; score the answer
-            ids, starts = [], []
-            for r in recs:
-                x = torch.tensor([tok(r["question"] + "\n")["input_ids"]])
-                starts.append(x.shape[1] - 1)
-                for _ in range(a.on_policy):
-                    x = torch.cat([x, target(x)[:, -1:].argmax(-1)], dim=1)
-                ids.append(x)
+            ids, starts = (list(v) for v in zip(*greedy_answers(target, tok, recs, a.on_policy)))
         else:
             ids = [torch.tensor([tok(r["question"] + "\n" + r["answer"])["input_ids"]]) for r in recs]
             starts = [0] * len(ids)

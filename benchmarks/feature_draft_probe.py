@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, save
+from common import ROOT, greedy_answers, save
 
 from afford.models.transformer import Transformer
 
@@ -168,14 +168,7 @@ def main():
     info = train_head(target, head, stream, a.minutes, a.lr, a.noise, print, a.unroll)
     head.eval()
     recs = [json.loads(line) for line in open(ROOT / "data" / "gsm8k" / "test.jsonl")][: a.questions]
-    seqs = []
-    with torch.no_grad():
-        for r in recs:                                         # the target's greedy answer: what drafts meet
-            x = torch.tensor([tok(r["question"] + "\n")["input_ids"]])
-            start = x.shape[1] - 1
-            for _ in range(a.new_tokens):
-                x = torch.cat([x, target(x)[:, -1:].argmax(-1)], dim=1)
-            seqs.append((x, start))
+    seqs = greedy_answers(target, tok, recs, a.new_tokens)        # the target's own answers: what drafts meet
     out = {"settings": vars(a), "head": {**info, "params": sum(p.numel() for p in head.parameters())}, "acceptance": {}}
     runs = [r for x, s in seqs for r in runs_feature_head(target, head, x, s, a.k)]
     out["acceptance"]["feature head"] = round(sum(runs) / len(runs) / a.k, 4)
