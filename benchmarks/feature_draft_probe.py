@@ -17,6 +17,8 @@ Writes benchmarks/results/feature_draft_probe.json.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 
 import torch
@@ -67,7 +69,7 @@ def train_head(target, head, stream, minutes: float, lr: float, noise: float, lo
     while time.time() - t0 < minutes * 60:
         frac = (time.time() - t0) / (minutes * 60)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(frac * 3.14159)).item()))
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         x, _ = next(data)                                                   # (B, T)
         with torch.no_grad():
             f, logits = target_features(target, x)
@@ -150,8 +152,6 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    import json
-
     from afford.models.loader import load_model, load_tokenizer, resolve_model_path
     from afford.zoo.data import split_documents
     from afford.zoo.train import encode_corpus

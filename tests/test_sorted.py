@@ -177,6 +177,7 @@ def test_fit_thresholds_trades_acceptance_against_measured_cost():
     # the first exit is right and confident: stop there
     taus, alpha = fit_thresholds(right, conf, target, [1e-4, 1e-4, 2e-4], 5e-5, 1e-3, 4)
     assert taus[0] < 0.99 and alpha == 1.0
+    assert 0.0 not in taus or all(t == 1.0 for t in taus[taus.index(0.0) + 1:])   # nothing past an always-stop
     # the first exit is confidently wrong, the last exit right: never stop early
     wrong = right.copy()
     wrong[:, :2] = -1

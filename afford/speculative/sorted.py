@@ -92,6 +92,8 @@ def fit_thresholds(top: np.ndarray, conf: np.ndarray, target: np.ndarray, layer_
         value = expected_tokens(alpha, k) / (k * float(cost[e].mean()) + verify_seconds)
         if value > best_value + 1e-12:
             best, best_value, best_alpha = list(taus), value, alpha
+    if 0.0 in best:                     # every token stops by the first 0: the thresholds after it never apply
+        best = best[:best.index(0.0) + 1] + [1.0] * (len(best) - best.index(0.0) - 1)
     return best, best_alpha
 
 
@@ -310,9 +312,8 @@ class SortedDraftProposer(DraftModelProposer):
         layer_s, head_s = self._costs()
         best, self.predicted_acceptance = fit_thresholds(top, conf, target, layer_s, head_s, self.verify_seconds, k)
         self.probes.clear()
-        if 0.0 in best:                     # every token stops by the first 0: later thresholds never apply
-            best = best[:best.index(0.0) + 1] + [1.0] * (len(best) - best.index(0.0) - 1)
-        self.thresholds, S = best, len(self.exits)
+        self.thresholds = best
+        S = len(self.exits)
         # the last exit first, then the fit's choice, then the other fixed exits deepest first: a shallower
         # policy's deferred layers are always filled by the next block's uncounted first step, and every
         # round's first arm (the last exit) fills what the shallowest arm of the round before left
