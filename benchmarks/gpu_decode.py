@@ -21,6 +21,9 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
 - A/B arms: torch's RoPE + index_copy_ instead of the fused Triton kernel; the CPU's 512-token step budget;
   torch's residual add, RMSNorm, SiLU and product instead of the fused kernels (afford/models/triton_ops.py);
   synchronous scheduling (the host reads each step's tokens before it launches the next) instead of async;
+- `gemv_sweep` / `afford_graphs_gemv_b1`: afford's fused one-row Triton GEMV (residual add, RMSNorm and
+  SwiGLU inside the product's kernel; afford/models/triton_gemv.py) per matrix role against cuBLAS, then
+  the whole batch-1 step with it (A/B against the default, its roofline share and kernel profile);
 - `int4_sweep`: the batch-1 int4 kernels per matrix of the model (tinygemm, cuBLAS bf16, afford's Triton
   GEMV over a grid of tiles), inside CUDA graphs;
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
@@ -375,6 +378,81 @@ def main():
         toks = torch.tensor([o.token_ids for o in outs])
         r["same_tokens_as_default"] = float((toks == greedy[f"afford_graphs_b{B}"]).float().mean())
         return r
+
+    def gemv_sweep():
+        """The batch-1 product of each matrix role over 22 distinct matrices in a row (one per layer, so they
+        stream from memory as in a step; the chain twice in a CUDA graph): cuBLAS, with the fused add + RMSNorm
+        before it and SwiGLU's product after it where afford's fused GEMV does that work, against the fused
+        Triton GEMV (afford/models/triton_gemv.py) over its SWEEP_CONFIGS. Each role takes its fastest tile,
+        or cuBLAS (None) where that wins; the arms below run with the choice."""
+        if device != "cuda":
+            return None
+        from afford.models import triton_gemv as tg
+        from afford.models.quant import _graph_us
+        from afford.models.triton_ops import add_rmsnorm, silu_mul
+        H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+        D = H // shape["num_attention_heads"]
+        roles = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
+                 "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+        gen = torch.Generator(device=device).manual_seed(2)
+        out = {"configs": [list(c) for c in tg.SWEEP_CONFIGS], "layers": L, "roles": {}, "chosen": {}}
+        for role, (N, K, fused, swiglu) in roles.items():
+            ws = [(torch.randn(N, K, generator=gen, device=device) * 0.02).to(torch.bfloat16) for _ in range(L)]
+            x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
+            gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
+            kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
+
+            def cublas_chain():
+                for w in ws:
+                    h = add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x
+                    y = F.linear(h, w)
+                    if swiglu:
+                        silu_mul(y)
+            ref = F.linear(add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x, ws[0]).float()
+            if swiglu:
+                ref = silu_mul(ref.to(torch.bfloat16)).float()
+            row = {"shape": [N, K], "weight_bytes": N * K * 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
+                   "cublas_us": _graph_us(cublas_chain, 2) / L, "triton_us": [], "max_rel_err": 0.0}
+            for c in tg.SWEEP_CONFIGS:
+                try:
+                    y = tg.gemv(x, ws[0], c, **kw)[0].float()
+                    row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
+                    row["triton_us"].append(_graph_us(lambda c=c: [tg.gemv(x, w, c, **kw) for w in ws], 2) / L)
+                except Exception as e:                       # a tile this card cannot hold
+                    row["triton_us"].append(None)
+                    row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
+            best = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
+            row["best"] = {"config": list(tg.SWEEP_CONFIGS[best[1]]), "us": best[0],
+                           "tb_s": row["weight_bytes"] / best[0] / 1e6}
+            row["cublas_tb_s"] = row["weight_bytes"] / row["cublas_us"] / 1e6
+            # the fused roles remove launches, so they take the fused kernel at any tile; the plain ones the faster
+            choice = tg.SWEEP_CONFIGS[best[1]] if fused or best[0] < row["cublas_us"] else None
+            tg.GEMV_CONFIGS[role] = choice
+            out["chosen"][role] = list(choice) if choice else None
+            out["roles"][role] = row
+        return out
+    run_arm("gemv_sweep", gemv_sweep)
+
+    def gemv_arm():
+        """The fused one-row GEMVs (model.fused_gemv, the sweep's tiles) against the default, batch 1, graphs
+        recaptured; GPU busy, roofline share and the kernel profile of the switched step."""
+        model = llm.engine.model
+        on = not model.fused_gemv
+        r = switched(batches[0], model, "fused_gemv", on)
+        from afford.models import triton_gemv as tg
+        r["fused_gemv"], r["configs"] = on, {k: (list(v) if v else None) for k, v in tg.GEMV_CONFIGS.items()}
+        r["roofline_share"] = (1e3 / r["decode_ms"]) / (res["copy_bandwidth_gbs"] * 1e9 / res["weight_bytes"])
+        if r.get("graph_replay_ms"):
+            r["gpu_busy_share"] = r["graph_replay_ms"] / r["decode_ms"]
+        keep = model.fused_gemv
+        model.fused_gemv, graph_runner.shapes = on, {}
+        try:
+            r["kernel_profile"] = engine_kernels(llm, prompts[0].tolist(), graphs=False)
+        finally:
+            model.fused_gemv, graph_runner.shapes = keep, {}
+        return r
+    if graph_runner is not None and device == "cuda":
+        run_arm("afford_graphs_gemv_b1" if not llm.engine.model.fused_gemv else "afford_graphs_nogemv_b1", gemv_arm)
 
     if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
         for B in (batches[0], batches[-1]):

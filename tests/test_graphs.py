@@ -164,6 +164,74 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_gemv_kernel_in_the_interpreter():
+    """The one-row product with the residual add, RMSNorm and SwiGLU fused in (triton_gemv.py): torch's
+    operators, for K a multiple of the tile and not, N a multiple of the row tile and not, every
+    combination of add / norm / swiglu; fp32 and fp16 (the interpreter mis-converts bf16)."""
+    code = """
+import torch
+import torch.nn.functional as F
+from afford.models.triton_gemv import gemv
+g = torch.Generator().manual_seed(0)
+for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    for N, K, cfg in ((24, 256, (8, 128, 4, 1)), (21, 200, (4, 64, 2, 1)), (40, 96, (16, 128, 4, 1))):
+        for add, norm, swiglu in ((False, False, False), (True, True, False), (False, True, True),
+                                  (True, True, True), (True, False, False)):
+            x = torch.randn(1, K, generator=g).to(dt)
+            a = torch.randn(1, K, generator=g).to(dt) if add else None
+            w = (torch.randn(2 * N if swiglu else N, K, generator=g) * 0.1).to(dt)
+            gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
+            y, h = gemv(x, w, cfg, add=a, norm=gam, eps=1e-5, swiglu=swiglu)
+            hr = x + a if add else x
+            v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
+            yr = v @ w.float().t()
+            if swiglu:
+                gate, up = yr.chunk(2, dim=-1)
+                yr = F.silu(gate) * up
+            assert torch.equal(h, hr), (N, K, add)
+            assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol * (1 + yr.abs().max()), \
+                (dt, N, K, add, norm, swiglu, (y.float() - yr).abs().max())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_gemv_layers_in_the_interpreter(random_pair):
+    """A one-row decode step through Transformer._hidden_gemv (every product a fused Triton GEMV, RoPE + K/V
+    store and paged attention in Triton too, the interpreter running them all): the hidden state of the
+    torch path, and the same K/V written; with a role on F.linear (config None) as well."""
+    code = f"""
+import torch
+from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+from afford.models import triton_gemv
+from afford.models.loader import load_for_inference
+from afford.models.triton_ops import add_rmsnorm
+m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32")
+runner = ModelRunner(m, BlockPool(16, 4), attention="paged", native=False)
+runner.pool.prepare_write(0, 12)
+runner.forward([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
+batch, ids = runner.prepare_ragged([0], [7], [[11]])
+meta = runner.backend.prepare_metadata(batch, runner.kv)
+ref = m.hidden(ids, batch.positions, meta)
+kv_ref = [(k.clone(), v.clone()) for k, v in runner.kv]
+for cfgs in (dict(triton_gemv.GEMV_CONFIGS), dict(triton_gemv.GEMV_CONFIGS, o=None, gate_up=None)):
+    triton_gemv.GEMV_CONFIGS.update(cfgs)
+    out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4 * (1 + ref.abs().max()), (out - ref).abs().max()
+    for (k, v), (kr, vr) in zip(runner.kv, kv_ref):
+        assert (k - kr).abs().max() < 1e-4 and (v - vr).abs().max() < 1e-4
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_int4_gemv_kernel_in_the_interpreter():
     """The few-row int4 kernels (tiles within one scale group, tiles over several groups, a group that is no
     power of two, rows padded to 2 / 4, rows past N masked; the one-row variant 2): the dequantized product. Interpreted with fp16

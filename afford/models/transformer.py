@@ -386,6 +386,9 @@ class Transformer(nn.Module):
         # kernel (afford/models/triton_ops.py): 66 fewer kernels a step of a 1.1 B Llama, 1.09-1.14x tok/s
         # at batch 1 and 1.08-1.20x at 64 on an H200 (gpu_decode.py's A/B arm, two runs); False runs torch's
         self.fused_cuda = True
+        # one-row forwards on CUDA (a batch-1 decode step): each matrix product as afford's Triton GEMV with
+        # the residual add, RMSNorm and SwiGLU fused in (afford/models/triton_gemv.py; needs fused_cuda)
+        self.fused_gemv = False
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -441,6 +444,8 @@ class Transformer(nn.Module):
         if meta is not None and x.is_cuda and self.fused_cuda and x.dim() == 2:
             from afford.models import triton_ops
             if triton_ops.available():
+                if x.shape[0] == 1 and self.fused_gemv and meta.extra.get("fused_rope") and self._gemv_ready():
+                    return self._hidden_gemv(x, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
                 cos, sin = self._rope_at(positions, x.dtype)
                 return self._hidden_fused(x, cos, sin, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
         return self.model.norm(self.run_layers(x, positions, meta, 0, len(self.model.layers)))
@@ -481,6 +486,49 @@ class Transformer(nn.Module):
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             x, h = add_rmsnorm(x, m, norm.weight, norm.eps)
         return h
+
+    def _gemv_ready(self) -> bool:
+        """Every layer is what _hidden_gemv runs: packed q|k|v (no MFA) and gate|up without biases, dense
+        matrices (not low-bit), a dense SwiGLU MLP."""
+        if getattr(self, "_gemv_ok", None) is None:
+            def dense(m):
+                return isinstance(m, (PackedLinear, nn.Linear)) and m.bias is None and m.weight.stride(1) == 1
+            self._gemv_ok = all(
+                not layer.self_attn.mfa and layer.self_attn.qkv is not None and dense(layer.self_attn.qkv)
+                and dense(layer.self_attn.o_proj) and isinstance(layer.mlp, MLP) and layer.mlp.gate_up is not None
+                and dense(layer.mlp.gate_up) and dense(layer.mlp.down_proj) for layer in self.model.layers)
+        return self._gemv_ok
+
+    def _hidden_gemv(self, x, meta, tables, add_rmsnorm):
+        """The paged layers for ONE row (1, hidden): every product a Triton GEMV (triton_gemv.py) that
+        also does the residual add and RMSNorm before it (q|k|v, gate|up) and SwiGLU after it (gate|up);
+        the roles configured None take F.linear. Attention: the backend's fused RoPE + K/V store."""
+        from afford.models.triton_gemv import GEMV_CONFIGS, gemv
+
+        def mm(role, v, w, **kw):
+            cfg = GEMV_CONFIGS.get(role)
+            if cfg is not None:
+                return gemv(v, w, cfg, **kw)
+            h = v if kw.get("add") is None else v + kw["add"]
+            if kw.get("norm") is not None:
+                h2 = F.rms_norm(h, (h.shape[-1],), kw["norm"], kw["eps"])
+                y = F.linear(h2, w)
+            else:
+                y = F.linear(h, w)
+            if kw.get("swiglu"):
+                gate, up = y.chunk(2, dim=-1)
+                y = F.silu(gate) * up
+            return y, h
+        a = None                      # the addend not yet in the residual stream x
+        for i, layer in enumerate(self.model.layers):
+            att, n1, n2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
+            qkv, x = mm("qkv", x, att.qkv.weight, add=a, norm=n1.weight, eps=n1.eps)
+            o = meta.backend.forward_qkv(qkv.view(-1, att.h + 2 * att.kvh, att.d), att.h, *tables, i, meta)
+            a, _ = mm("o", o.reshape(1, -1), att.o_proj.weight)
+            act, x = mm("gate_up", x, layer.mlp.gate_up.weight, add=a, norm=n2.weight, eps=n2.eps, swiglu=True)
+            a, _ = mm("down", act, layer.mlp.down_proj.weight)
+        norm = self.model.norm
+        return add_rmsnorm(x, a, norm.weight, norm.eps)[1]
 
     def forward(self, ids, positions=None, meta=None):
         """Logits (..., V) for every position."""
