@@ -573,29 +573,98 @@ def main():
         return out
     run_arm("int4_sweep", int4_sweep)
 
-    from afford.models import quant
+    def gemv_w4_sweep():
+        """gemv_sweep for int4 (per-channel scales, what the model's auto group picks for these weights): the
+        fused int4 GEMV (triton_gemv.gemv_w4) over W4_SWEEP_CONFIGS against tinygemm, with the fused add +
+        RMSNorm and SwiGLU kernels around it where the GEMV does that work, over 22 matrices per role. Each
+        role takes its fastest tile where it beats tinygemm (afford_int4_gemv runs with the choice)."""
+        if device != "cuda":
+            return None
+        from afford.models import triton_gemv as tg
+        from afford.models.quant import QuantLinear, _graph_us, dequantize, quantize
+        from afford.models.triton_int4 import pack
+        from afford.models.triton_ops import add_rmsnorm, silu_mul
+        H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+        D = H // shape["num_attention_heads"]
+        roles = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
+                 "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+        gen = torch.Generator(device=device).manual_seed(3)
+        out = {"configs": [list(c) for c in tg.W4_SWEEP_CONFIGS], "layers": L, "roles": {}, "chosen": {}}
+        for role, (N, K, fused, swiglu) in roles.items():
+            mats = [quantize(torch.randn(N, K, generator=gen, device=device) * 0.02, 4, K) for _ in range(L)]
+            qls = [QuantLinear(q, s_, z, 4, kernel="int4cuda") for q, s_, z in mats]
+            ops = [(pack(q), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
+            x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
+            gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
+            kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
+
+            def tiny_chain():
+                for ql in qls:
+                    y = ql(add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x)
+                    if swiglu:
+                        silu_mul(y)
+            h = add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x
+            ref = h.float() @ dequantize(*mats[0]).t()
+            if swiglu:
+                ref = silu_mul(ref.to(torch.bfloat16)).float()
+            row = {"shape": [N, K], "code_bytes": N * K // 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
+                   "tinygemm_us": _graph_us(tiny_chain, 2) / L, "triton_us": [], "max_rel_err": 0.0}
+            for c in tg.W4_SWEEP_CONFIGS:
+                try:
+                    y = tg.gemv_w4(x, *ops[0], K, c, **kw)[0].float()
+                    row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
+                    row["triton_us"].append(_graph_us(lambda c=c: [tg.gemv_w4(x, *op, K, c, **kw) for op in ops], 2) / L)
+                except Exception as e:
+                    row["triton_us"].append(None)
+                    row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
+            best = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
+            row["best"] = {"config": list(tg.W4_SWEEP_CONFIGS[best[1]]), "us": best[0],
+                           "tb_s": row["code_bytes"] / best[0] / 1e6}
+            row["tinygemm_tb_s"] = row["code_bytes"] / row["tinygemm_us"] / 1e6
+            choice = tg.W4_SWEEP_CONFIGS[best[1]] if best[0] < row["tinygemm_us"] else None
+            out["chosen"][role] = list(choice) if choice else None
+            out["roles"][role] = row
+        return out
+    w4 = run_arm("gemv_w4_sweep", gemv_w4_sweep)
+
+    from afford.models import quant, triton_gemv
+    w4_chosen = {k: tuple(v) for k, v in (w4 or {}).get("chosen", {}).items() if v}
+
+    def quant_measure(qllm, int4):
+        kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
+        out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes,
+               "groups": sorted({m.group for m in qllm.engine.model.modules() if hasattr(m, "group")}),
+               "fused_gemv_w4": {k: list(v) for k, v in triton_gemv.GEMV_W4_CONFIGS.items() if v},
+               "row_kernel_layers": sum(getattr(m, "_row", None) is not None for m in qllm.engine.model.modules())}
+        if int4 in ("triton", "auto"):
+            from afford.models import triton_int4
+            out["gemv_config"] = list(triton_int4.GEMV_CONFIG)
+        for B in batches[:2]:
+            out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
+            out[f"b{B}"]["graph_replay_ms"] = replay_ms(qllm.engine.runner.graphs, (B, 1))
+        if device == "cuda":
+            out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
+        return out
+
     # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm
-    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_auto", "int4", "auto"),
-                          ("afford_int4_triton", "int4", "triton"), ("afford_int8", "int8", None)):
+    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_gemv", "int4", "gemv"),
+                          ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),
+                          ("afford_int8", "int8", None)):
         def quant_arms(q=q, int4=int4):
-            keep = quant.CUDA_INT4_KERNEL
-            quant.CUDA_INT4_KERNEL = int4 or keep          # the opt-in Triton int4 kernel's A/B arm
+            if int4 == "gemv" and not {"qkv", "gate_up"} <= set(w4_chosen):
+                return None                                 # the sweep found no fused tile faster than tinygemm
+            keep, keep_w4 = quant.CUDA_INT4_KERNEL, dict(triton_gemv.GEMV_W4_CONFIGS)
+            quant.CUDA_INT4_KERNEL = int4 if int4 in ("tinygemm", "auto", "triton") else keep
+            if int4 == "gemv":                              # the fused int4 GEMV with the sweep's tiles
+                triton_gemv.GEMV_W4_CONFIGS.clear()
+                triton_gemv.GEMV_W4_CONFIGS.update(w4_chosen)
             try:
-                qllm = LLM(str(target), quantization=q, **common)
+                return quant_measure(LLM(str(target), quantization=q, **common), int4)
             finally:
                 quant.CUDA_INT4_KERNEL = keep
-            kernels = sorted({m.kernel for m in qllm.engine.model.modules() if hasattr(m, "kernel")})
-            out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes,
-                   "row_kernel_layers": sum(getattr(m, "_row", None) is not None for m in qllm.engine.model.modules())}
-            if int4 in ("triton", "auto"):
-                from afford.models import triton_int4
-                out["gemv_config"] = list(triton_int4.GEMV_CONFIG)
-            for B in batches[:2]:
-                out[f"b{B}"], _ = arm(afford_fn(qllm, B), B)
-                out[f"b{B}"]["graph_replay_ms"] = replay_ms(qllm.engine.runner.graphs, (B, 1))
-            if device == "cuda":
-                out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
-            return out
+                triton_gemv.GEMV_W4_CONFIGS.clear()
+                triton_gemv.GEMV_W4_CONFIGS.update(keep_w4)
+
         run_arm(name, quant_arms)
 
     def spec_arm():

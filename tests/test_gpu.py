@@ -240,6 +240,56 @@ def test_fused_gemv_gives_the_layer_logits(random_pair, dtype):
     assert (outs[0] - outs[1]).abs().max() < tol and (outs[1] - outs[2]).abs().max() < tol
 
 
+def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
+    """The int4 one-row GEMV with add / RMSNorm / SwiGLU fused: the same formula over the dequantized
+    weights within bf16 rounding, per-channel and grouped scales, every tile the sweep tries."""
+    import torch.nn.functional as F
+
+    from afford.models import triton_gemv
+    from afford.models.quant import dequantize, quantize
+    from afford.models.triton_int4 import pack
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for N, K, group, add, norm, swiglu in ((2560, 2048, 2048, True, True, False), (2048, 5632, 5632, False, False, False),
+                                           (2 * 1408, 2048, 128, True, True, True), (1000, 768, 256, False, True, True),
+                                           (2048, 2048, 64, False, False, False)):
+        q, sc, z = quantize(torch.randn(N, K, generator=g, device="cuda") * 0.02, 4, group)
+        w = dequantize(q, sc, z)
+        x = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16)
+        a = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16) if add else None
+        gam = (1 + 0.1 * torch.randn(K, generator=g, device="cuda")).to(torch.bfloat16) if norm else None
+        hr = x + a if add else x
+        v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
+        yr = v @ w.t()
+        if swiglu:
+            gate, up = yr.chunk(2, dim=-1)
+            yr = F.silu(gate) * up
+        for cfg in triton_gemv.W4_SWEEP_CONFIGS:
+            y, h = triton_gemv.gemv_w4(x, pack(q), sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam,
+                                       eps=1e-5, swiglu=swiglu)
+            assert torch.equal(h, hr)
+            err = (y.float() - yr).abs().max() / yr.abs().max()
+            assert y.shape == yr.shape and err < 1.6e-2, (N, K, group, cfg, float(err))
+
+
+def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
+    """An int4 model's one-row forwards through the fused int4 GEMVs: its logits through tinygemm and the
+    fused-layer kernels, eager and from a graph."""
+    from afford.models import triton_gemv
+    model = load_for_inference(random_pair[0], "cuda", "bfloat16", quantization="int4")
+    outs = []
+    for cfgs, graphs in (({}, False), (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 2048, 4, 1)), False),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1)), True)):
+        monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
+        assert model._gemv_ready() == bool(cfgs)
+        runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)
+        runner.pool.prepare_write(0, 20)
+        pre = runner.forward([0], [0], [list(range(3, 12))], [list(range(9))])
+        steps = [runner.forward([0], [9 + i], [[4 + i]]) for i in range(3)]
+        outs.append(torch.cat([pre, *steps]).float())
+    scale = outs[0].abs().max()
+    assert (outs[0] - outs[1]).abs().max() < 0.05 * scale and (outs[1] - outs[2]).abs().max() < 0.05 * scale
+
+
 def test_fused_gemv_graphs_on_and_off_give_the_same_greedy_tokens(random_pair):
     ps, params = _prompts(1, 5), SamplingParams(max_tokens=24, temperature=0)
     toks = []

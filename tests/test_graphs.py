@@ -232,6 +232,85 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_int4_gemv_kernel_in_the_interpreter():
+    """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4): the same formula
+    over the dequantized weights, one group per row and several, tiles of one group and of part of one."""
+    code = """
+import torch
+import torch.nn.functional as F
+from afford.models.quant import dequantize, quantize
+from afford.models.triton_gemv import gemv_w4
+from afford.models.triton_int4 import pack
+g = torch.Generator().manual_seed(0)
+for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
+                             (9, 512, 512, (4, 512, 4, 1))):
+        for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
+            rows = 2 * N if swiglu else N
+            q, sc, z = quantize(torch.randn(rows, K, generator=g) * 0.1, 4, group)
+            w = dequantize(q, sc, z)
+            x = torch.randn(1, K, generator=g).to(dt)
+            a = torch.randn(1, K, generator=g).to(dt) if add else None
+            gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
+            y, h = gemv_w4(x, pack(q), sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam, eps=1e-5,
+                           swiglu=swiglu)
+            hr = x + a if add else x
+            v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
+            yr = v @ w.t()
+            if swiglu:
+                gate, up = yr.chunk(2, dim=-1)
+                yr = F.silu(gate) * up
+            assert torch.equal(h, hr)
+            assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol * (1 + yr.abs().max()), \
+                (dt, N, K, group, add, norm, swiglu, (y.float() - yr).abs().max())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_int4_gemv_layers_in_the_interpreter(random_pair):
+    """An int4 model (q|k|v and gate|up fused as on CUDA) through _hidden_gemv with the fused int4 GEMV (down
+    on it and on its own kernel): the hidden state of its own unfused forward (the CPU's int4 kernel); without
+    a tile for a role whose norm is fused the model is not taken down that path."""
+    code = f"""
+import torch
+from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+from afford.models import triton_gemv
+from afford.models.loader import load_for_inference
+from afford.models.triton_ops import add_rmsnorm
+m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32", quantization="int4")
+for layer in m.model.layers:
+    layer.self_attn.fuse_quantized()
+    layer.mlp.fuse_quantized()
+triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 128, 4, 1), o=(4, 64, 2, 1))
+assert not m._gemv_ready()                       # gate|up (norm and SwiGLU fused) has no tile
+triton_gemv.GEMV_W4_CONFIGS["gate_up"] = (8, 128, 4, 1)
+assert m._gemv_ready()                           # down keeps its own kernel
+runner = ModelRunner(m, BlockPool(16, 4), attention="paged", native=False)
+runner.pool.prepare_write(0, 12)
+runner.forward([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
+batch, ids = runner.prepare_ragged([0], [7], [[11]])
+meta = runner.backend.prepare_metadata(batch, runner.kv)
+ref = m.hidden(ids, batch.positions, meta)
+for down in (None, (8, 128, 4, 1)):
+    triton_gemv.GEMV_W4_CONFIGS["down"] = down
+    assert m._gemv_ready()
+    out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
+    # the CPU's int4 kernel rounds activations to bf16, the fused GEMV keeps them in fp32
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert out.shape == ref.shape and err < 1e-2, (down, err)   # 0.004 measured
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_int4_gemv_kernel_in_the_interpreter():
     """The few-row int4 kernels (tiles within one scale group, tiles over several groups, a group that is no
     power of two, rows padded to 2 / 4, rows past N masked; the one-row variant 2): the dequantized product. Interpreted with fp16

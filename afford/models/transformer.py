@@ -387,8 +387,10 @@ class Transformer(nn.Module):
         # at batch 1 and 1.08-1.20x at 64 on an H200 (gpu_decode.py's A/B arm, two runs); False runs torch's
         self.fused_cuda = True
         # one-row forwards on CUDA (a batch-1 decode step): each matrix product as afford's Triton GEMV with
-        # the residual add, RMSNorm and SwiGLU fused in (afford/models/triton_gemv.py; needs fused_cuda)
-        self.fused_gemv = False
+        # the residual add, RMSNorm and SwiGLU fused in (afford/models/triton_gemv.py; needs fused_cuda):
+        # 165 kernels a step instead of 255, a batch-1 graph step 0.87 ms instead of 1.15 on an H200
+        # (gpu_decode.py's A/B arm, 797054a); False: the fused-layer path above with cuBLAS
+        self.fused_gemv = True
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -488,33 +490,47 @@ class Transformer(nn.Module):
         return h
 
     def _gemv_ready(self) -> bool:
-        """Every layer is what _hidden_gemv runs: packed q|k|v (no MFA) and gate|up without biases, dense
-        matrices (not low-bit), a dense SwiGLU MLP."""
-        if getattr(self, "_gemv_ok", None) is None:
-            def dense(m):
-                return isinstance(m, (PackedLinear, nn.Linear)) and m.bias is None and m.weight.stride(1) == 1
-            self._gemv_ok = all(
-                not layer.self_attn.mfa and layer.self_attn.qkv is not None and dense(layer.self_attn.qkv)
-                and dense(layer.self_attn.o_proj) and isinstance(layer.mlp, MLP) and layer.mlp.gate_up is not None
-                and dense(layer.mlp.gate_up) and dense(layer.mlp.down_proj) for layer in self.model.layers)
+        """Every layer is what _hidden_gemv runs: packed q|k|v (no MFA) and gate|up, a dense SwiGLU MLP, no
+        biases; dense matrices, or int4 ones where every role has a GEMV_W4_CONFIGS tile."""
+        from afford.models import triton_gemv
+        from afford.models.quant import QuantLinear
+        key = tuple(sorted(triton_gemv.GEMV_W4_CONFIGS.items()))
+        if getattr(self, "_gemv_key", None) == key:
+            return self._gemv_ok
+
+        def ok(m, role):
+            if isinstance(m, QuantLinear):   # int4: the fused roles need a tile, o and down may keep tinygemm
+                cfg = triton_gemv.GEMV_W4_CONFIGS.get(role)
+                if m.bits != 4 or m.zeros is None or m.bias is not None or (cfg is None and role in ("qkv", "gate_up")) \
+                        or triton_gemv.w4_block_k(m.in_features, m.group, 32) is None:
+                    return False
+                if cfg is not None and getattr(m, "_w4", None) is None:   # the GEMV's layout, beside tinygemm's
+                    from afford.models.triton_int4 import pack
+                    m._w4 = (pack(m.codes), m.scales.float().contiguous(), m.zeros.float().contiguous())
+                return True
+            return isinstance(m, (PackedLinear, nn.Linear)) and m.bias is None and m.weight.stride(1) == 1
+        self._gemv_ok = all(
+            not layer.self_attn.mfa and layer.self_attn.qkv is not None and isinstance(layer.mlp, MLP)
+            and layer.mlp.gate_up is not None and ok(layer.self_attn.qkv, "qkv") and ok(layer.self_attn.o_proj, "o")
+            and ok(layer.mlp.gate_up, "gate_up") and ok(layer.mlp.down_proj, "down") for layer in self.model.layers)
+        self._gemv_key = key
         return self._gemv_ok
 
     def _hidden_gemv(self, x, meta, tables, add_rmsnorm):
-        """The paged layers for ONE row (1, hidden): every product a Triton GEMV (triton_gemv.py) that
-        also does the residual add and RMSNorm before it (q|k|v, gate|up) and SwiGLU after it (gate|up);
-        the roles configured None take F.linear. Attention: the backend's fused RoPE + K/V store."""
-        from afford.models.triton_gemv import GEMV_CONFIGS, gemv
+        """The paged layers for ONE row (1, hidden): every product a Triton GEMV (triton_gemv.py; int4 ones
+        too) that also does the residual add and RMSNorm before it (q|k|v, gate|up) and SwiGLU after it
+        (gate|up); a dense role configured None runs F.linear. Attention: the backend's fused RoPE + K/V store."""
+        from afford.models.quant import QuantLinear
+        from afford.models.triton_gemv import GEMV_CONFIGS, GEMV_W4_CONFIGS, gemv, gemv_w4
 
-        def mm(role, v, w, **kw):
-            cfg = GEMV_CONFIGS.get(role)
-            if cfg is not None:
-                return gemv(v, w, cfg, **kw)
+        def mm(role, v, m, **kw):
+            if isinstance(m, QuantLinear):
+                if GEMV_W4_CONFIGS.get(role) is not None and getattr(m, "_w4", None) is not None:
+                    return gemv_w4(v, *m._w4, m.group, GEMV_W4_CONFIGS[role], **kw)
+            elif GEMV_CONFIGS.get(role) is not None:
+                return gemv(v, m.weight, GEMV_CONFIGS[role], **kw)
             h = v if kw.get("add") is None else v + kw["add"]
-            if kw.get("norm") is not None:
-                h2 = F.rms_norm(h, (h.shape[-1],), kw["norm"], kw["eps"])
-                y = F.linear(h2, w)
-            else:
-                y = F.linear(h, w)
+            y = m(F.rms_norm(h, (h.shape[-1],), kw["norm"], kw["eps"]) if kw.get("norm") is not None else h)
             if kw.get("swiglu"):
                 gate, up = y.chunk(2, dim=-1)
                 y = F.silu(gate) * up
@@ -522,11 +538,11 @@ class Transformer(nn.Module):
         a = None                      # the addend not yet in the residual stream x
         for i, layer in enumerate(self.model.layers):
             att, n1, n2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
-            qkv, x = mm("qkv", x, att.qkv.weight, add=a, norm=n1.weight, eps=n1.eps)
+            qkv, x = mm("qkv", x, att.qkv, add=a, norm=n1.weight, eps=n1.eps)
             o = meta.backend.forward_qkv(qkv.view(-1, att.h + 2 * att.kvh, att.d), att.h, *tables, i, meta)
-            a, _ = mm("o", o.reshape(1, -1), att.o_proj.weight)
-            act, x = mm("gate_up", x, layer.mlp.gate_up.weight, add=a, norm=n2.weight, eps=n2.eps, swiglu=True)
-            a, _ = mm("down", act, layer.mlp.down_proj.weight)
+            a, _ = mm("o", o.reshape(1, -1), att.o_proj)
+            act, x = mm("gate_up", x, layer.mlp.gate_up, add=a, norm=n2.weight, eps=n2.eps, swiglu=True)
+            a, _ = mm("down", act, layer.mlp.down_proj)
         norm = self.model.norm
         return add_rmsnorm(x, a, norm.weight, norm.eps)[1]
 

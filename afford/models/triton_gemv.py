@@ -24,12 +24,20 @@ import torch
 
 from afford.models.triton_lib import available, tl, triton  # noqa: F401  (available: re-exported)
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role. The
+# defaults: gpu_decode.py's gemv_sweep on an H200 (797054a), each role's fastest of SWEEP_CONFIGS over 22
+# streamed matrices -- q|k|v with add + norm 5.04 us against cuBLAS + the norm kernel's 7.96, o 4.04 vs 6.02,
+# gate|up with add + norm + SwiGLU 13.5 vs 17.5, down 7.70 vs 10.6 (a 1.1 B Llama's shapes)
 GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
-    "qkv": (8, 1024, 4, 1), "o": (8, 1024, 4, 1), "gate_up": (4, 1024, 4, 1), "down": (8, 1024, 4, 1)}
+    "qkv": (4, 2048, 4, 1), "o": (2, 2048, 4, 1), "gate_up": (4, 2048, 4, 1), "down": (4, 2048, 4, 1)}
+# int4 (triton_int4.pack layout, per-group scales and zero points): the same per role; a role without one
+# runs its QuantLinear's own kernel (tinygemm), and a model with any such role keeps the unfused layers
+GEMV_W4_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
                  (16, 512, 4, 1), (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3), (4, 1024, 4, 2), (16, 256, 4, 3)]
+W4_SWEEP_CONFIGS = [(2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1), (16, 2048, 8, 1), (4, 1024, 2, 1), (8, 1024, 4, 1),
+                    (16, 1024, 8, 1), (8, 512, 4, 1), (16, 512, 4, 1), (32, 512, 8, 1)]
 
 if triton is not None:
     @triton.jit
@@ -86,6 +94,114 @@ if triton is not None:
             act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
             y = act * (tl.sum(acc_u, axis=1) * r).to(dt).to(tl.float32)
         tl.store(Y + n, y.to(dt), mask=nm)
+
+    @triton.jit
+    def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, eps, stride_p, n_groups, K: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # int4 codes, two a byte (even k in the low nibble), w = (q - 8) * s + z per (row, group); a K-tile
+        # lies inside one group (GROUP % BLOCK_K == 0). The nibbles widen to fp32 as the low mantissa bits of
+        # 2^23, minus 2^23 + 8; x is split into its even and odd k in registers; the zero point multiplies
+        # the tile's sum of x once per row. One group per row (GROUP == K): the scale applies at the end.
+        ONE: tl.constexpr = GROUP == K
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        kk = tl.arange(0, BLOCK_K)
+        j = tl.arange(0, BLOCK_K // 2)
+        rows = P + n[:, None].to(tl.int64) * stride_p
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
+        zacc = tl.zeros((BLOCK_N,), tl.float32)
+        zacc_u = tl.zeros((BLOCK_N,), tl.float32)
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        xsum = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            x = tl.load(X + k)
+            if HAS_ADD:
+                x = (x.to(tl.float32) + tl.load(A + k).to(tl.float32)).to(x.dtype)
+                tl.store(XO + k, x, mask=(k < K) & (pid == 0))
+            xf = x.to(tl.float32)
+            if NORM:
+                ss += xf * xf
+                xf = xf * tl.load(G + k).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
+            b = tl.load(rows + (k0 // 2 + j)[None, :], mask=nm[:, None], other=0).to(tl.uint32)
+            lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            if ONE:
+                acc += lo * xe[None, :] + hi * xo[None, :]
+                xsum += xf
+            else:
+                g = k0 // GROUP
+                xs = tl.sum(xf, axis=0)
+                s = tl.load(S + n * n_groups + g, mask=nm, other=0.0)
+                acc += s[:, None] * (lo * xe[None, :] + hi * xo[None, :])
+                zacc += tl.load(Z + n * n_groups + g, mask=nm, other=0.0) * xs
+            if SWIGLU:
+                b = tl.load(rows + F_OFF * stride_p + (k0 // 2 + j)[None, :], mask=nm[:, None], other=0).to(tl.uint32)
+                lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                if ONE:
+                    acc_u += lo * xe[None, :] + hi * xo[None, :]
+                else:
+                    su = tl.load(S + (n + F_OFF) * n_groups + g, mask=nm, other=0.0)
+                    acc_u += su[:, None] * (lo * xe[None, :] + hi * xo[None, :])
+                    zacc_u += tl.load(Z + (n + F_OFF) * n_groups + g, mask=nm, other=0.0) * xs
+        r = 1.0
+        if NORM:
+            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        if ONE:
+            xt = tl.sum(xsum, axis=0)
+            y = tl.load(S + n, mask=nm, other=0.0) * tl.sum(acc, axis=1) + tl.load(Z + n, mask=nm, other=0.0) * xt
+        else:
+            y = tl.sum(acc, axis=1) + zacc
+        y = y * r
+        dt = Y.dtype.element_ty
+        if SWIGLU:
+            if ONE:
+                yu = tl.load(S + n + F_OFF, mask=nm, other=0.0) * tl.sum(acc_u, axis=1) \
+                    + tl.load(Z + n + F_OFF, mask=nm, other=0.0) * xt
+            else:
+                yu = tl.sum(acc_u, axis=1) + zacc_u
+            g = y.to(dt).to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            y = act * (yu * r).to(dt).to(tl.float32)
+        tl.store(Y + n, y.to(dt), mask=nm)
+
+
+def w4_block_k(K: int, group: int, want: int) -> int | None:
+    """The largest power-of-two K-tile <= want dividing both K and the group (a tile inside one group)."""
+    b = want
+    while b >= 32:
+        if K % b == 0 and group % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+            config: tuple[int, int, int, int], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+            eps: float = 0.0, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemv() for int4 weights: packed (N, K / 2) uint8 (triton_int4.pack), scales / zeros (N, K / group)
+    fp32, w = (q - 8) * s + z."""
+    if x.shape[0] != 1 or x.dim() != 2:
+        raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
+    N, K = packed.shape[0], x.shape[1]
+    bn, bk, warps, stages = config
+    bk = w4_block_k(K, group, bk)
+    if bk is None or packed.shape[1] * 2 != K:
+        raise ValueError(f"gemv_w4 needs K ({K}) and the group ({group}) divisible by 32 and packed (N, K / 2)")
+    x = x.contiguous()
+    h = torch.empty_like(x) if add is not None else x
+    F = N // 2 if swiglu else N
+    y = torch.empty(1, F, dtype=x.dtype, device=x.device)
+    _gemv_w4_kernel[(triton.cdiv(F, bn),)](
+        x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
+        F, F, eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
+        NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return y, h
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int], *, add: torch.Tensor | None = None,
