@@ -8,9 +8,10 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   ~50 lines below) on the same weights, eager and with one CUDA graph per decode step -- the anchor;
 - afford with CUDA graphs (the default) and with enforce_eager, at batch 1, 16, 64;
 - transformers' eager `generate` on the same weights;
-- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4: tinygemm, the
-  default; "auto" -- tinygemm, one-row products through afford's Triton row kernel where it timed faster;
-  afford's Triton kernels alone);
+- afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4: the default --
+  tinygemm, with the fused one-row int4 GEMV of triton_gemv.py for the roles GEMV_W4_CONFIGS names; tinygemm
+  alone; the sweep's tiles where they differ from the defaults; "auto" -- tinygemm, one-row products
+  through afford's Triton row kernel where it timed faster; afford's Triton kernels alone);
 - afford draft speculation (k = 4) with a 2-layer draft cut from the target (its first 2 layers, the same
   embeddings and head: the same vocabulary) at batch 1;
 - the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
@@ -646,24 +647,26 @@ def main():
             out["kernel_profile_eager_b1"] = engine_kernels(qllm, prompts[0].tolist(), graphs=False)
         return out
 
-    # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm
-    for name, q, int4 in (("afford_int4", "int4", "tinygemm"), ("afford_int4_gemv", "int4", "gemv"),
-                          ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),
-                          ("afford_int8", "int8", None)):
-        def quant_arms(q=q, int4=int4):
-            if int4 == "gemv" and not {"qkv", "gate_up"} <= set(w4_chosen):
-                return None                                 # the sweep found no fused tile faster than tinygemm
-            keep, keep_w4 = quant.CUDA_INT4_KERNEL, dict(triton_gemv.GEMV_W4_CONFIGS)
-            quant.CUDA_INT4_KERNEL = int4 if int4 in ("tinygemm", "auto", "triton") else keep
-            if int4 == "gemv":                              # the fused int4 GEMV with the sweep's tiles
-                triton_gemv.GEMV_W4_CONFIGS.clear()
-                triton_gemv.GEMV_W4_CONFIGS.update(w4_chosen)
+    # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm; run 8 (4e77d7c), before
+    # the fused int4 GEMV was a default, named tinygemm alone afford_int4 and the fused one afford_int4_gemv
+    defaults_w4 = dict(triton_gemv.GEMV_W4_CONFIGS)
+    for name, q, mode in (("afford_int4", "int4", "default"), ("afford_int4_tinygemm", "int4", "tinygemm"),
+                          ("afford_int4_swept", "int4", "swept"), ("afford_int4_auto", "int4", "auto"),
+                          ("afford_int4_triton", "int4", "triton"), ("afford_int8", "int8", "default")):
+        def quant_arms(q=q, mode=mode):
+            w4_cfg = {"default": defaults_w4, "swept": w4_chosen}.get(mode, {})
+            if mode == "swept" and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
+                return None                 # the defaults ran already, or no fused tile beat tinygemm
+            keep = quant.CUDA_INT4_KERNEL
+            quant.CUDA_INT4_KERNEL = mode if mode in ("auto", "triton") else "tinygemm"
+            triton_gemv.GEMV_W4_CONFIGS.clear()           # the fused int4 GEMV's tiles for this arm
+            triton_gemv.GEMV_W4_CONFIGS.update(w4_cfg)
             try:
-                return quant_measure(LLM(str(target), quantization=q, **common), int4)
+                return quant_measure(LLM(str(target), quantization=q, **common), mode)
             finally:
                 quant.CUDA_INT4_KERNEL = keep
                 triton_gemv.GEMV_W4_CONFIGS.clear()
-                triton_gemv.GEMV_W4_CONFIGS.update(keep_w4)
+                triton_gemv.GEMV_W4_CONFIGS.update(defaults_w4)
 
         run_arm(name, quant_arms)
 

@@ -424,8 +424,31 @@ def gpu_decode(r) -> None:
     if ab:
         print("\n" + table(["batch", "async tok/s", "sync tok/s", "async / sync", "decode ms async / sync",
                             "graph replay ms", "GPU busy, sync", "same tokens"], ab))
+    for name in ("afford_graphs_nogemv_b1", "afford_graphs_gemv_b1"):   # the fused one-row GEMV's A/B arm
+        v, g = a.get(name), a.get("afford_graphs_b1")
+        if v and g:
+            on, off = (v, g) if v["fused_gemv"] else (g, v)
+            kp = v.get("kernel_profile", {})
+            print(f"\nFused one-row GEMV (triton_gemv.py) {'on' if v['fused_gemv'] else 'off'} against the default, "
+                  f"batch 1: {on['tok_s']:.0f} vs {off['tok_s']:.0f} tok/s without it ({on['tok_s'] / off['tok_s']:.2f}x; "
+                  f"decode step {on['decode_ms']:.3f} vs {off['decode_ms']:.3f} ms); the switched arm: graph replay "
+                  f"{v.get('graph_replay_ms') or 0:.3f} ms, roofline share {v['roofline_share']:.2f}, "
+                  f"{kp.get('kernels_per_step', 0):.0f} kernels a step, same tokens as the default "
+                  f"{v['same_tokens_as_default']:.0%}")
+    for key, ref, unit in (("gemv_sweep", "cublas", "TB/s of weights"), ("gemv_w4_sweep", "tinygemm", "TB/s of codes")):
+        sw = a.get(key)
+        if not sw:
+            continue
+        rows = [[role, "x".join(map(str, m["shape"])), " + ".join(m["fused"]) or "-", f"{m[ref + '_us']:.2f}",
+                 f"{m['best']['us']:.2f} {tuple(m['best']['config'])}",
+                 f"{m[ref + '_tb_s']:.2f} / {m['best']['tb_s']:.2f}", str(tuple(sw["chosen"][role]) if sw["chosen"][role] else ref)]
+                for role, m in sw["roles"].items()]
+        print(f"\n{key} ({sw['layers']} distinct matrices a role in a row, in a CUDA graph; us per matrix):\n\n"
+              + table(["role", "N x K", "fused in", f"{ref} (+ the kernels it replaces) us", "afford Triton us (best tile)",
+                       f"{unit}: {ref} / Triton", "chosen"], rows))
     low = [[k, ", ".join(v["kernels"]) + (f" ({v['row_kernel_layers']} matrices through the Triton row kernel)"
-                                          if v.get("row_kernel_layers") else ""),
+                                          if v.get("row_kernel_layers") else "")
+            + (f" + fused int4 GEMV for {', '.join(v['fused_gemv_w4'])}" if v.get("fused_gemv_w4") else ""),
             f"{v['b1']['tok_s']:.0f}", f"{v['b16']['tok_s']:.0f}" if "b16" in v else "",
             f"{v['b1']['tok_s'] / a['afford_graphs_b1']['tok_s']:.2f}x",
             f"{v['b1']['decode_ms']:.3f} / {a['afford_graphs_b1']['decode_ms']:.3f}"]

@@ -282,10 +282,20 @@ from afford.kv.paged import BlockPool
 from afford.models import triton_gemv
 from afford.models.loader import load_for_inference
 from afford.models.triton_ops import add_rmsnorm
-m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32", quantization="int4")
-for layer in m.model.layers:
-    layer.self_attn.fuse_quantized()
-    layer.mlp.fuse_quantized()
+def load(group):
+    m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32", quantization="int4", quant_group=group)
+    for layer in m.model.layers:
+        layer.self_attn.fuse_quantized()
+        layer.mlp.fuse_quantized()
+    return m
+m = load("32")                                   # groups of 32: a tile of 64 would step through them, not taken
+triton_gemv.GEMV_W4_CONFIGS.clear()
+triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 64, 4, 1), gate_up=(8, 64, 4, 1))
+assert not m._gemv_ready()
+triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 32, 4, 1), gate_up=(8, 32, 4, 1))
+assert m._gemv_ready()
+m = load("per-channel")
+triton_gemv.GEMV_W4_CONFIGS.clear()
 triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 128, 4, 1), o=(4, 64, 2, 1))
 assert not m._gemv_ready()                       # gate|up (norm and SwiGLU fused) has no tile
 triton_gemv.GEMV_W4_CONFIGS["gate_up"] = (8, 128, 4, 1)

@@ -501,10 +501,14 @@ class Transformer(nn.Module):
         def ok(m, role):
             if isinstance(m, QuantLinear):   # int4: the fused roles need a tile, o and down may keep tinygemm
                 cfg = triton_gemv.GEMV_W4_CONFIGS.get(role)
-                if m.bits != 4 or m.zeros is None or m.bias is not None or (cfg is None and role in ("qkv", "gate_up")) \
+                if m.bits != 4 or m.zeros is None or m.bias is not None \
                         or triton_gemv.w4_block_k(m.in_features, m.group, 32) is None:
                     return False
-                if cfg is not None and getattr(m, "_w4", None) is None:   # the GEMV's layout, beside tinygemm's
+                fits = cfg is not None and m.group >= min(cfg[1], m.in_features)
+                if not fits:
+                    m._w4 = None
+                    return role not in ("qkv", "gate_up")
+                if getattr(m, "_w4", None) is None:   # the GEMV's layout, beside tinygemm's
                     from afford.models.triton_int4 import pack
                     m._w4 = (pack(m.codes), m.scales.float().contiguous(), m.zeros.float().contiguous())
                 return True

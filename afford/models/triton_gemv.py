@@ -30,9 +30,14 @@ from afford.models.triton_lib import available, tl, triton  # noqa: F401  (avail
 # gate|up with add + norm + SwiGLU 13.5 vs 17.5, down 7.70 vs 10.6 (a 1.1 B Llama's shapes)
 GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
     "qkv": (4, 2048, 4, 1), "o": (2, 2048, 4, 1), "gate_up": (4, 2048, 4, 1), "down": (4, 2048, 4, 1)}
-# int4 (triton_int4.pack layout, per-group scales and zero points): the same per role; a role without one
-# runs its QuantLinear's own kernel (tinygemm), and a model with any such role keeps the unfused layers
-GEMV_W4_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {}
+# int4 (triton_int4.pack layout, per-group scales and zero points): the same per role. o and down without
+# one keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group
+# smaller than the tile, which this kernel would walk in short steps -- not measured) keep the model on the
+# fused-layer path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (4e77d7c), per-channel scales,
+# 22 streamed matrices a role: q|k|v with add + norm 4.58 us against tinygemm + the norm kernel's 5.74,
+# gate|up with add + norm + SwiGLU 11.3 vs 12.2; o 4.18 vs tinygemm's 3.71 and down 12.2 vs 6.25 stay on
+# tinygemm. The whole batch-1 int4 step: 0.804 vs 0.856 ms (1,146 vs 1,082 tok/s).
+GEMV_W4_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {"qkv": (4, 2048, 4, 1), "gate_up": (16, 512, 4, 1)}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
                  (16, 512, 4, 1), (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3), (4, 1024, 4, 2), (16, 256, 4, 3)]
