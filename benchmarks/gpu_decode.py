@@ -576,7 +576,7 @@ def main():
 
     def gemv_w4_sweep():
         """gemv_sweep for int4 (per-channel scales, what the model's auto group picks for these weights): the
-        fused int4 GEMV (triton_gemv.gemv_w4) over W4_SWEEP_CONFIGS against tinygemm, with the fused add +
+        fused int4 GEMV (triton_gemv.gemv_w4, both code layouts) over W4_SWEEP_CONFIGS against tinygemm, with the fused add +
         RMSNorm and SwiGLU kernels around it where the GEMV does that work, over 22 matrices per role. Each
         role takes its fastest tile where it beats tinygemm (afford_int4_gemv runs with the choice)."""
         if device != "cuda":
@@ -595,6 +595,7 @@ def main():
             mats = [quantize(torch.randn(N, K, generator=gen, device=device) * 0.02, 4, K) for _ in range(L)]
             qls = [QuantLinear(q, s_, z, 4, kernel="int4cuda") for q, s_, z in mats]
             ops = [(pack(q), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
+            ops_h = [(tg.pack_halves(q), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
             x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
             gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
             kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
@@ -610,11 +611,15 @@ def main():
                 ref = silu_mul(ref.to(torch.bfloat16)).float()
             row = {"shape": [N, K], "code_bytes": N * K // 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
                    "tinygemm_us": _graph_us(tiny_chain, 2) / L, "triton_us": [], "max_rel_err": 0.0}
-            for c in tg.W4_SWEEP_CONFIGS:
+            for c in tg.W4_SWEEP_CONFIGS:               # a fifth element 1: the halves layout
+                halves = len(c) > 4 and c[4] == 1
+                mine = ops_h if halves else ops
                 try:
-                    y = tg.gemv_w4(x, *ops[0], K, c, **kw)[0].float()
+                    y = tg.gemv_w4(x, *mine[0], K, c[:4], halves=halves, **kw)[0].float()
                     row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
-                    row["triton_us"].append(_graph_us(lambda c=c: [tg.gemv_w4(x, *op, K, c, **kw) for op in ops], 2) / L)
+                    row["triton_us"].append(_graph_us(
+                        lambda c=c, mine=mine, halves=halves: [tg.gemv_w4(x, *op, K, c[:4], halves=halves, **kw)
+                                                               for op in mine], 2) / L)
                 except Exception as e:
                     row["triton_us"].append(None)
                     row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")

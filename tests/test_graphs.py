@@ -233,18 +233,20 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fused_int4_gemv_kernel_in_the_interpreter():
-    """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4): the same formula
-    over the dequantized weights, one group per row and several, tiles of one group and of part of one."""
+    """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4), both code layouts
+    (pairs, halves): the same formula over the dequantized weights, one group per row and several, tiles of
+    one group and of part of one; a halves layout whose groups do not divide K / 2 is refused."""
     code = """
 import torch
 import torch.nn.functional as F
 from afford.models.quant import dequantize, quantize
-from afford.models.triton_gemv import gemv_w4
+from afford.models.triton_gemv import gemv_w4, pack_halves, w4_block_k
 from afford.models.triton_int4 import pack
 g = torch.Generator().manual_seed(0)
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
-                             (9, 512, 512, (4, 512, 4, 1))):
+                             (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1))):
+      for halves in (False, True):
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
             rows = 2 * N if swiglu else N
             q, sc, z = quantize(torch.randn(rows, K, generator=g) * 0.1, 4, group)
@@ -252,8 +254,15 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             x = torch.randn(1, K, generator=g).to(dt)
             a = torch.randn(1, K, generator=g).to(dt) if add else None
             gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
-            y, h = gemv_w4(x, pack(q), sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam, eps=1e-5,
-                           swiglu=swiglu)
+            packed = pack_halves(q) if halves else pack(q)
+            if w4_block_k(K, group, cfg[1], halves) is None:       # halves: the group must divide K / 2
+                try:
+                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, halves=halves)
+                    raise AssertionError("no error")
+                except ValueError:
+                    continue
+            y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam, eps=1e-5,
+                           swiglu=swiglu, halves=halves)
             hr = x + a if add else x
             v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
             yr = v @ w.t()
@@ -262,7 +271,7 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                 yr = F.silu(gate) * up
             assert torch.equal(h, hr)
             assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol * (1 + yr.abs().max()), \
-                (dt, N, K, group, add, norm, swiglu, (y.float() - yr).abs().max())
+                (dt, N, K, group, halves, add, norm, swiglu, (y.float() - yr).abs().max())
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
@@ -273,7 +282,7 @@ print("ok")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fused_int4_gemv_layers_in_the_interpreter(random_pair):
     """An int4 model (q|k|v and gate|up fused as on CUDA) through _hidden_gemv with the fused int4 GEMV (down
-    on it and on its own kernel): the hidden state of its own unfused forward (the CPU's int4 kernel); without
+    on it and on its own kernel; both code layouts): the hidden state of its own unfused forward (the CPU's int4 kernel); without
     a tile for a role whose norm is fused the model is not taken down that path."""
     code = f"""
 import torch
@@ -306,13 +315,15 @@ runner.forward([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
 batch, ids = runner.prepare_ragged([0], [7], [[11]])
 meta = runner.backend.prepare_metadata(batch, runner.kv)
 ref = m.hidden(ids, batch.positions, meta)
-for down in (None, (8, 128, 4, 1)):
-    triton_gemv.GEMV_W4_CONFIGS["down"] = down
+halves = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 1))     # the halves code layout
+for cfgs in (dict(down=None), dict(down=(8, 128, 4, 1)), halves):
+    triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
     assert m._gemv_ready()
+    assert all(getattr(mod, "_w4_halves", None) == (cfgs is halves) for mod in m.modules() if getattr(mod, "_w4", None))
     out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
     # the CPU's int4 kernel rounds activations to bf16, the fused GEMV keeps them in fp32
     err = float((out - ref).abs().max() / ref.abs().max())
-    assert out.shape == ref.shape and err < 1e-2, (down, err)   # 0.004 measured
+    assert out.shape == ref.shape and err < 1e-2, (cfgs, err)   # 0.004 measured
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))

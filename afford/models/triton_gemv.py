@@ -14,9 +14,17 @@ tile, and reads h in the same loop for the norm's sum of squares, so the norm co
 1 / rms multiplies the row sums at the end (the same formula as RMSNorm then the product; the rounding
 differs only in that the normed input is not rounded to bf16 before the product).
 
+Measured on an H200 (gpu_decode.py, runs 7-9): a batch-1 step of that model 0.87-0.89 ms instead of 1.15-1.19
+(1.31x tok/s in the same run), 165 kernels instead of 255, the GEMVs at 2.1-3.4 TB/s.
+
+`gemv_w4` is the same for int4 weights (the zero point times the sum of x once per row, the nibbles widened
+in registers): with the add / norm / SwiGLU it saves it beats tinygemm on q|k|v and gate|up, not on o and
+down, which keep tinygemm (int4's batch-1 step 0.755 vs 0.873 ms, run 9).
+
 Used by `Transformer._hidden_gemv` (one-row forwards on CUDA, `model.fused_gemv`); the tiles per matrix
-role are GEMV_CONFIGS (None: cuBLAS for that role), picked on the card by gpu_decode.py's `gemv_sweep`.
-tests/test_graphs.py runs the kernel in Triton's interpreter; tests/test_gpu.py on the card.
+role are GEMV_CONFIGS (None: cuBLAS for that role) and GEMV_W4_CONFIGS, picked on the card by
+gpu_decode.py's `gemv_sweep` / `gemv_w4_sweep`. tests/test_graphs.py runs the kernels in Triton's
+interpreter; tests/test_gpu.py on the card.
 """
 from __future__ import annotations
 
@@ -36,13 +44,17 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
 # fused-layer path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (4e77d7c), per-channel scales,
 # 22 streamed matrices a role: q|k|v with add + norm 4.58 us against tinygemm + the norm kernel's 5.74,
 # gate|up with add + norm + SwiGLU 11.3 vs 12.2; o 4.18 vs tinygemm's 3.71 and down 12.2 vs 6.25 stay on
-# tinygemm. The whole batch-1 int4 step: 0.804 vs 0.856 ms (1,146 vs 1,082 tok/s).
-GEMV_W4_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {"qkv": (4, 2048, 4, 1), "gate_up": (16, 512, 4, 1)}
+# tinygemm. The whole batch-1 int4 step: 0.804 vs 0.856 ms (1,146 vs 1,082 tok/s); run 9 (69fc557) with these
+# defaults: 0.755 vs 0.873 ms.
+# A fifth element 1 takes the halves layout (pack_halves; not yet measured on a card), 0 or none the pairs.
+GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (4, 2048, 4, 1), "gate_up": (16, 512, 4, 1)}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
                  (16, 512, 4, 1), (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3), (4, 1024, 4, 2), (16, 256, 4, 3)]
 W4_SWEEP_CONFIGS = [(2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1), (16, 2048, 8, 1), (4, 1024, 2, 1), (8, 1024, 4, 1),
                     (16, 1024, 8, 1), (8, 512, 4, 1), (16, 512, 4, 1), (32, 512, 8, 1)]
+W4_SWEEP_CONFIGS += [c + (1,) for c in ((2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1), (16, 2048, 8, 1),
+                                        (8, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 512, 8, 1))]
 
 if triton is not None:
     @triton.jit
@@ -101,59 +113,95 @@ if triton is not None:
         tl.store(Y + n, y.to(dt), mask=nm)
 
     @triton.jit
+    def _x_part(X, A, XO, G, k, pid, K: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr):
+        """x at k (+ the addend, written back by program 0), fp32, times the norm's weight; and its squares."""
+        x = tl.load(X + k)
+        if HAS_ADD:
+            x = (x.to(tl.float32) + tl.load(A + k).to(tl.float32)).to(x.dtype)
+            tl.store(XO + k, x, mask=(k < K) & (pid == 0))
+        xf = x.to(tl.float32)
+        sq = xf * xf
+        if NORM:
+            xf = xf * tl.load(G + k).to(tl.float32)
+        return xf, sq
+
+    @triton.jit
+    def _nibbles(P, rows, col, nm):
+        """The (BLOCK_N, len(col)) bytes' low and high nibbles minus 8, as fp32: each nibble becomes the low
+        mantissa bits of 2^23 (or-ed into 0x4B000000), minus 2^23 + 8 -- no conversion instruction."""
+        b = tl.load(rows + col[None, :], mask=nm[:, None], other=0).to(tl.uint32)
+        lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        return lo, hi
+
+    @triton.jit
     def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, eps, stride_p, n_groups, K: tl.constexpr,
                         GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # int4 codes, two a byte (even k in the low nibble), w = (q - 8) * s + z per (row, group); a K-tile
-        # lies inside one group (GROUP % BLOCK_K == 0). The nibbles widen to fp32 as the low mantissa bits of
-        # 2^23, minus 2^23 + 8; x is split into its even and odd k in registers; the zero point multiplies
-        # the tile's sum of x once per row. One group per row (GROUP == K): the scale applies at the end.
+                        HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # int4 codes two a byte, w = (q - 8) * s + z per (row, group). Layouts: pairs (triton_int4.pack: k
+        # and k + 1 share a byte; x is loaded whole and split in registers) or halves (pack_halves: k and
+        # k + K / 2 share a byte; x is loaded as two contiguous halves, no split). A step covers BLOCK_K
+        # weights of a row inside one group per nibble; the zero point multiplies the sum of x once per
+        # row; one group per row (GROUP == K): the scale applies at the end.
         ONE: tl.constexpr = GROUP == K
+        END: tl.constexpr = K // 2 if HALVES else K
+        STEP: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
-        kk = tl.arange(0, BLOCK_K)
         j = tl.arange(0, BLOCK_K // 2)
+        kk = tl.arange(0, BLOCK_K)
         rows = P + n[:, None].to(tl.int64) * stride_p
+        rows_u = rows + F_OFF * stride_p
         acc = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
-        ss = tl.zeros((BLOCK_K,), tl.float32)
-        xsum = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            x = tl.load(X + k)
-            if HAS_ADD:
-                x = (x.to(tl.float32) + tl.load(A + k).to(tl.float32)).to(x.dtype)
-                tl.store(XO + k, x, mask=(k < K) & (pid == 0))
-            xf = x.to(tl.float32)
-            if NORM:
-                ss += xf * xf
-                xf = xf * tl.load(G + k).to(tl.float32)
-            xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
-            b = tl.load(rows + (k0 // 2 + j)[None, :], mask=nm[:, None], other=0).to(tl.uint32)
-            lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        ss = tl.zeros((STEP,), tl.float32)
+        xsum = tl.zeros((STEP,), tl.float32)
+        for c in range(0, END, STEP):
+            if HALVES:
+                xe, sqe = _x_part(X, A, XO, G, c + j, pid, K, HAS_ADD, NORM)            # the low nibbles' x
+                xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, pid, K, HAS_ADD, NORM)   # the high nibbles'
+                ss += sqe + sqo
+                col = c + j
+                g_lo = c // GROUP
+                g_hi = (K // 2 + c) // GROUP
+                xs_lo = tl.sum(xe, axis=0)
+                xs_hi = tl.sum(xo, axis=0)
+                if ONE:
+                    xsum += xe + xo
+            else:
+                xf, sq = _x_part(X, A, XO, G, c + kk, pid, K, HAS_ADD, NORM)
+                ss += sq
+                xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
+                col = c // 2 + j
+                g_lo = c // GROUP
+                g_hi = g_lo
+                xs_lo = tl.sum(xf, axis=0)
+                xs_hi = 0.0
+                if ONE:
+                    xsum += xf
+            lo, hi = _nibbles(P, rows, col, nm)
             if ONE:
                 acc += lo * xe[None, :] + hi * xo[None, :]
-                xsum += xf
             else:
-                g = k0 // GROUP
-                xs = tl.sum(xf, axis=0)
-                s = tl.load(S + n * n_groups + g, mask=nm, other=0.0)
-                acc += s[:, None] * (lo * xe[None, :] + hi * xo[None, :])
-                zacc += tl.load(Z + n * n_groups + g, mask=nm, other=0.0) * xs
+                s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
+                s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
+                acc += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
+                zacc += tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
+                    + tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
             if SWIGLU:
-                b = tl.load(rows + F_OFF * stride_p + (k0 // 2 + j)[None, :], mask=nm[:, None], other=0).to(tl.uint32)
-                lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-                hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                lo, hi = _nibbles(P, rows_u, col, nm)
                 if ONE:
                     acc_u += lo * xe[None, :] + hi * xo[None, :]
                 else:
-                    su = tl.load(S + (n + F_OFF) * n_groups + g, mask=nm, other=0.0)
-                    acc_u += su[:, None] * (lo * xe[None, :] + hi * xo[None, :])
-                    zacc_u += tl.load(Z + (n + F_OFF) * n_groups + g, mask=nm, other=0.0) * xs
+                    nu = n + F_OFF
+                    s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
+                    s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
+                    acc_u += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
+                    zacc_u += tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
+                        + tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
         r = 1.0
         if NORM:
             r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
@@ -176,11 +224,23 @@ if triton is not None:
         tl.store(Y + n, y.to(dt), mask=nm)
 
 
-def w4_block_k(K: int, group: int, want: int) -> int | None:
-    """The largest power-of-two K-tile <= want dividing both K and the group (a tile inside one group)."""
+def pack_halves(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (N, K / 2) uint8: k in the low nibble of byte k, k + K / 2 in its high one."""
+    u = codes.to(torch.uint8)
+    K = u.shape[1]
+    return (u[:, :K // 2] | (u[:, K // 2:] << 4)).contiguous()
+
+
+def w4_block_k(K: int, group: int, want: int, halves: bool = False) -> int | None:
+    """The largest power-of-two step of a row's weights <= want that keeps each nibble's K-tile inside one
+    group: pairs, BLOCK_K dividing K and the group; halves, BLOCK_K / 2 dividing K / 2 and the group (and
+    the group dividing K / 2, unless it is the whole row)."""
+    if halves and (K % 2 or (group != K and (K // 2) % group)):
+        return None
     b = want
     while b >= 32:
-        if K % b == 0 and group % b == 0:
+        if (not halves and K % b == 0 and group % b == 0) or \
+                (halves and (K // 2) % (b // 2) == 0 and group % (b // 2) == 0):
             return b
         b //= 2
     return None
@@ -188,16 +248,16 @@ def w4_block_k(K: int, group: int, want: int) -> int | None:
 
 def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
             config: tuple[int, int, int, int], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-            eps: float = 0.0, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """gemv() for int4 weights: packed (N, K / 2) uint8 (triton_int4.pack), scales / zeros (N, K / group)
-    fp32, w = (q - 8) * s + z."""
+            eps: float = 0.0, swiglu: bool = False, halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemv() for int4 weights: packed (N, K / 2) uint8 -- triton_int4.pack's pairs, or pack_halves' layout
+    with halves=True -- scales / zeros (N, K / group) fp32, w = (q - 8) * s + z."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     N, K = packed.shape[0], x.shape[1]
     bn, bk, warps, stages = config
-    bk = w4_block_k(K, group, bk)
+    bk = w4_block_k(K, group, bk, halves)
     if bk is None or packed.shape[1] * 2 != K:
-        raise ValueError(f"gemv_w4 needs K ({K}) and the group ({group}) divisible by 32 and packed (N, K / 2)")
+        raise ValueError(f"gemv_w4 needs K ({K}) and the group ({group}) in steps of 32 and packed (N, K / 2)")
     x = x.contiguous()
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
@@ -205,7 +265,8 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     _gemv_w4_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
         F, F, eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
-        NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        NORM=norm is not None, SWIGLU=swiglu, HALVES=halves, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
     return y, h
 
 
