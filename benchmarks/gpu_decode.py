@@ -384,8 +384,9 @@ def main():
         """The batch-1 product of each matrix role over 22 distinct matrices in a row (one per layer, so they
         stream from memory as in a step; the chain twice in a CUDA graph): cuBLAS, with the fused add + RMSNorm
         before it and SwiGLU's product after it where afford's fused GEMV does that work, against the fused
-        Triton GEMV (afford/models/triton_gemv.py) over its SWEEP_CONFIGS. Each role takes its fastest tile,
-        or cuBLAS (None) where that wins; the arms below run with the choice."""
+        Triton GEMV (afford/models/triton_gemv.py) over its SWEEP_CONFIGS. Each role's choice: its fastest tile,
+        or cuBLAS (None) where that wins; the arms run with the defaults (GEMV_CONFIGS), and
+        afford_graphs_swept_b1 with the choice where it differs."""
         if device != "cuda":
             return None
         from afford.models import triton_gemv as tg
@@ -428,15 +429,14 @@ def main():
             row["cublas_tb_s"] = row["weight_bytes"] / row["cublas_us"] / 1e6
             # the fused roles remove launches, so they take the fused kernel at any tile; the plain ones the faster
             choice = tg.SWEEP_CONFIGS[best[1]] if fused or best[0] < row["cublas_us"] else None
-            tg.GEMV_CONFIGS[role] = choice
             out["chosen"][role] = list(choice) if choice else None
             out["roles"][role] = row
         return out
     run_arm("gemv_sweep", gemv_sweep)
 
     def gemv_arm():
-        """The fused one-row GEMVs (model.fused_gemv, the sweep's tiles) against the default, batch 1, graphs
-        recaptured; GPU busy, roofline share and the kernel profile of the switched step."""
+        """The fused one-row GEMVs (model.fused_gemv, the default tiles) switched against the default, batch 1,
+        graphs recaptured; GPU busy, roofline share and the kernel profile of the switched step."""
         model = llm.engine.model
         on = not model.fused_gemv
         r = switched(batches[0], model, "fused_gemv", on)
@@ -454,6 +454,24 @@ def main():
         return r
     if graph_runner is not None and device == "cuda":
         run_arm("afford_graphs_gemv_b1" if not llm.engine.model.fused_gemv else "afford_graphs_nogemv_b1", gemv_arm)
+
+    def swept_arm():
+        """The default (fused GEMV on) with the sweep's tiles instead of GEMV_CONFIGS, where they differ."""
+        from afford.models import triton_gemv as tg
+        chosen = {k: tuple(v) if v else None for k, v in res["arms"]["gemv_sweep"]["chosen"].items()}
+        if chosen == {k: tg.GEMV_CONFIGS.get(k) for k in chosen} or not llm.engine.model.fused_gemv:
+            return None
+        keep = dict(tg.GEMV_CONFIGS)
+        tg.GEMV_CONFIGS.update(chosen)
+        try:
+            r = switched(batches[0], llm.engine.model, "fused_gemv", True)
+        finally:
+            tg.GEMV_CONFIGS.clear()
+            tg.GEMV_CONFIGS.update(keep)
+        r["configs"] = {k: (list(v) if v else None) for k, v in chosen.items()}
+        return r
+    if graph_runner is not None and "gemv_sweep" in res["arms"]:
+        run_arm("afford_graphs_swept_b1", swept_arm)
 
     if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
         for B in (batches[0], batches[-1]):
@@ -663,7 +681,7 @@ def main():
             if mode == "swept" and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
                 return None                 # the defaults ran already, or no fused tile beat tinygemm
             keep = quant.CUDA_INT4_KERNEL
-            quant.CUDA_INT4_KERNEL = mode if mode in ("auto", "triton") else "tinygemm"
+            quant.CUDA_INT4_KERNEL = mode if mode in ("auto", "triton", "tinygemm") else keep
             triton_gemv.GEMV_W4_CONFIGS.clear()           # the fused int4 GEMV's tiles for this arm
             triton_gemv.GEMV_W4_CONFIGS.update(w4_cfg)
             try:

@@ -435,6 +435,10 @@ def gpu_decode(r) -> None:
                   f"{v.get('graph_replay_ms') or 0:.3f} ms, roofline share {v['roofline_share']:.2f}, "
                   f"{kp.get('kernels_per_step', 0):.0f} kernels a step, same tokens as the default "
                   f"{v['same_tokens_as_default']:.0%}")
+    sv, g = a.get("afford_graphs_swept_b1"), a.get("afford_graphs_b1")
+    if sv and g:
+        print(f"\nThe sweep's tiles {sv['configs']} instead of the defaults, batch 1: {sv['tok_s']:.0f} vs "
+              f"{g['tok_s']:.0f} tok/s (decode step {sv['decode_ms']:.3f} vs {g['decode_ms']:.3f} ms)")
     for key, ref, unit in (("gemv_sweep", "cublas", "TB/s of weights"), ("gemv_w4_sweep", "tinygemm", "TB/s of codes")):
         sw = a.get(key)
         if not sw:

@@ -163,6 +163,7 @@ class QuantLinear(nn.Module):
         self._setup("auto")
 
     def _setup(self, want: str) -> None:
+        self._w4 = None                       # the fused one-row GEMV's layout (triton_gemv), rebuilt on demand
         self.kernel = self._pick_kernel(want)
         try:
             self._prepare()

@@ -494,7 +494,10 @@ class Transformer(nn.Module):
         biases; dense matrices, or int4 ones where every role has a GEMV_W4_CONFIGS tile."""
         from afford.models import triton_gemv
         from afford.models.quant import QuantLinear
-        key = tuple(sorted(triton_gemv.GEMV_W4_CONFIGS.items()))
+        layers = self.model.layers                    # the cached answer holds while the tiles and modules do
+        key = (tuple(sorted(triton_gemv.GEMV_W4_CONFIGS.items())), self.model.embed_tokens.weight.device,
+               tuple((id(la.self_attn.qkv), id(la.self_attn.o_proj), id(la.mlp), id(getattr(la.mlp, "gate_up", None)),
+                      id(getattr(la.mlp, "down_proj", None))) for la in layers))
         if getattr(self, "_gemv_key", None) == key:
             return self._gemv_ok
 
@@ -519,7 +522,7 @@ class Transformer(nn.Module):
         self._gemv_ok = all(
             not layer.self_attn.mfa and layer.self_attn.qkv is not None and isinstance(layer.mlp, MLP)
             and layer.mlp.gate_up is not None and ok(layer.self_attn.qkv, "qkv") and ok(layer.self_attn.o_proj, "o")
-            and ok(layer.mlp.gate_up, "gate_up") and ok(layer.mlp.down_proj, "down") for layer in self.model.layers)
+            and ok(layer.mlp.gate_up, "gate_up") and ok(layer.mlp.down_proj, "down") for layer in layers)
         self._gemv_key = key
         return self._gemv_ok
 

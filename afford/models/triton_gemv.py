@@ -83,7 +83,7 @@ if triton is not None:
                 w = tl.load(rows + k[None, :], mask=nm[:, None], other=0.0)
                 acc += w.to(tl.float32) * xf[None, :]
                 if SWIGLU:
-                    u = tl.load(rows + F_OFF * stride_w + k[None, :], mask=nm[:, None], other=0.0)
+                    u = tl.load(rows + F_OFF.to(tl.int64) * stride_w + k[None, :], mask=nm[:, None], other=0.0)
                     acc_u += u.to(tl.float32) * xf[None, :]
             else:
                 km = k < K
@@ -99,7 +99,7 @@ if triton is not None:
                 w = tl.load(rows + k[None, :], mask=m2, other=0.0)
                 acc += w.to(tl.float32) * xf[None, :]
                 if SWIGLU:
-                    u = tl.load(rows + F_OFF * stride_w + k[None, :], mask=m2, other=0.0)
+                    u = tl.load(rows + F_OFF.to(tl.int64) * stride_w + k[None, :], mask=m2, other=0.0)
                     acc_u += u.to(tl.float32) * xf[None, :]
         r = 1.0
         if NORM:
@@ -152,7 +152,7 @@ if triton is not None:
         j = tl.arange(0, BLOCK_K // 2)
         kk = tl.arange(0, BLOCK_K)
         rows = P + n[:, None].to(tl.int64) * stride_p
-        rows_u = rows + F_OFF * stride_p
+        rows_u = rows + F_OFF.to(tl.int64) * stride_p
         acc = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
@@ -254,11 +254,14 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     N, K = packed.shape[0], x.shape[1]
-    bn, bk, warps, stages = config
+    bn, bk, warps, stages = config[:4]
     bk = w4_block_k(K, group, bk, halves)
-    if bk is None or packed.shape[1] * 2 != K:
-        raise ValueError(f"gemv_w4 needs K ({K}) and the group ({group}) in steps of 32 and packed (N, K / 2)")
-    x = x.contiguous()
+    if bk is None or packed.shape[1] * 2 != K or K % group or tuple(scales.shape) != (N, K // group) \
+            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1:
+        raise ValueError(f"gemv_w4 needs K ({K}) and the group ({group}) in steps of 32, packed (N, K / 2) with "
+                         f"contiguous rows and scales / zeros (N, K / group); got {tuple(packed.shape)}, "
+                         f"{tuple(scales.shape)}, {tuple(zeros.shape)}")
+    x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
     y = torch.empty(1, F, dtype=x.dtype, device=x.device)
