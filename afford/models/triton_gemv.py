@@ -58,7 +58,7 @@ W4_SWEEP_CONFIGS += [c + (1,) for c in ((2, 2048, 2, 1), (4, 2048, 4, 1), (8, 20
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(X, A, XO, G, W, Y, N, F_OFF, eps, stride_w, K: tl.constexpr,
+    def _gemv_kernel(X, A, XO, G, W, Y, N, UP_OFF, eps, stride_w, K: tl.constexpr,
                      HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
@@ -83,7 +83,7 @@ if triton is not None:
                 w = tl.load(rows + k[None, :], mask=nm[:, None], other=0.0)
                 acc += w.to(tl.float32) * xf[None, :]
                 if SWIGLU:
-                    u = tl.load(rows + F_OFF.to(tl.int64) * stride_w + k[None, :], mask=nm[:, None], other=0.0)
+                    u = tl.load(rows + UP_OFF + k[None, :], mask=nm[:, None], other=0.0)
                     acc_u += u.to(tl.float32) * xf[None, :]
             else:
                 km = k < K
@@ -99,7 +99,7 @@ if triton is not None:
                 w = tl.load(rows + k[None, :], mask=m2, other=0.0)
                 acc += w.to(tl.float32) * xf[None, :]
                 if SWIGLU:
-                    u = tl.load(rows + F_OFF.to(tl.int64) * stride_w + k[None, :], mask=m2, other=0.0)
+                    u = tl.load(rows + UP_OFF + k[None, :], mask=m2, other=0.0)
                     acc_u += u.to(tl.float32) * xf[None, :]
         r = 1.0
         if NORM:
@@ -135,7 +135,7 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, eps, stride_p, n_groups, K: tl.constexpr,
+    def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
                         GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                         HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # int4 codes two a byte, w = (q - 8) * s + z per (row, group). Layouts: pairs (triton_int4.pack: k
@@ -152,7 +152,7 @@ if triton is not None:
         j = tl.arange(0, BLOCK_K // 2)
         kk = tl.arange(0, BLOCK_K)
         rows = P + n[:, None].to(tl.int64) * stride_p
-        rows_u = rows + F_OFF.to(tl.int64) * stride_p
+        rows_u = rows + UP_OFF
         acc = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
@@ -267,7 +267,7 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     y = torch.empty(1, F, dtype=x.dtype, device=x.device)
     _gemv_w4_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
-        F, F, eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
+        F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
         NORM=norm is not None, SWIGLU=swiglu, HALVES=halves, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         num_stages=stages)
     return y, h
@@ -290,7 +290,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int], *,
     bn, bk, warps, stages = config
     bk = min(bk, triton.next_power_of_2(K))
     _gemv_kernel[(triton.cdiv(F, bn),)](
-        x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, w, y, F, F, eps,
+        x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, w, y, F, F * w.stride(0), eps,
         w.stride(0), K=K, HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
         EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
     return y, h
