@@ -234,8 +234,9 @@ print("ok")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fused_int4_gemv_kernel_in_the_interpreter():
     """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4), both code layouts
-    (pairs, halves): the same formula over the dequantized weights, one group per row and several, tiles of
-    one group and of part of one; a halves layout whose groups do not divide K / 2 is refused."""
+    (pairs, halves): the same formula over the dequantized weights, one group per row (also with a last step
+    past the row, masked) and several, tiles of one group and of part of one; a halves layout whose groups do
+    not divide K / 2 is refused."""
     code = """
 import torch
 import torch.nn.functional as F
@@ -245,7 +246,8 @@ from afford.models.triton_int4 import pack
 g = torch.Generator().manual_seed(0)
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
-                             (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1))):
+                             (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
+                             (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
       for halves in (False, True):
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
             rows = 2 * N if swiglu else N

@@ -113,23 +113,35 @@ if triton is not None:
         tl.store(Y + n, y.to(dt), mask=nm)
 
     @triton.jit
-    def _x_part(X, A, XO, G, k, pid, K: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr):
-        """x at k (+ the addend, written back by program 0), fp32, times the norm's weight; and its squares."""
-        x = tl.load(X + k)
+    def _x_part(X, A, XO, G, k, km, pid, HAS_ADD: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+        """x at k (+ the addend, written back by program 0), fp32, times the norm's weight; and its squares.
+        km: which k exist (EVEN: all; the loads then carry no mask)."""
+        if EVEN:
+            x = tl.load(X + k)
+        else:
+            x = tl.load(X + k, mask=km, other=0.0)
         if HAS_ADD:
-            x = (x.to(tl.float32) + tl.load(A + k).to(tl.float32)).to(x.dtype)
-            tl.store(XO + k, x, mask=(k < K) & (pid == 0))
+            if EVEN:
+                a = tl.load(A + k)
+            else:
+                a = tl.load(A + k, mask=km, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype)
+            tl.store(XO + k, x, mask=km & (pid == 0))
         xf = x.to(tl.float32)
         sq = xf * xf
         if NORM:
-            xf = xf * tl.load(G + k).to(tl.float32)
+            if EVEN:
+                xf = xf * tl.load(G + k).to(tl.float32)
+            else:
+                xf = xf * tl.load(G + k, mask=km, other=0.0).to(tl.float32)
         return xf, sq
 
     @triton.jit
-    def _nibbles(P, rows, col, nm):
+    def _nibbles(P, rows, col, nm, cm):
         """The (BLOCK_N, len(col)) bytes' low and high nibbles minus 8, as fp32: each nibble becomes the low
-        mantissa bits of 2^23 (or-ed into 0x4B000000), minus 2^23 + 8 -- no conversion instruction."""
-        b = tl.load(rows + col[None, :], mask=nm[:, None], other=0).to(tl.uint32)
+        mantissa bits of 2^23 (or-ed into 0x4B000000), minus 2^23 + 8 -- no conversion instruction. Bytes
+        masked off (rows past N, columns cm False) read 0: -8, against an x of 0."""
+        b = tl.load(rows + col[None, :], mask=nm[:, None] & cm[None, :], other=0).to(tl.uint32)
         lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         return lo, hi
@@ -137,12 +149,13 @@ if triton is not None:
     @triton.jit
     def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
                         GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                        HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
         # int4 codes two a byte, w = (q - 8) * s + z per (row, group). Layouts: pairs (triton_int4.pack: k
         # and k + 1 share a byte; x is loaded whole and split in registers) or halves (pack_halves: k and
         # k + K / 2 share a byte; x is loaded as two contiguous halves, no split). A step covers BLOCK_K
         # weights of a row inside one group per nibble; the zero point multiplies the sum of x once per
-        # row; one group per row (GROUP == K): the scale applies at the end.
+        # row; one group per row (GROUP == K): the scale applies at the end, and the last step may run past
+        # the row (EVEN False: masked), so a K of no power of two still takes long steps.
         ONE: tl.constexpr = GROUP == K
         END: tl.constexpr = K // 2 if HALVES else K
         STEP: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
@@ -161,8 +174,9 @@ if triton is not None:
         xsum = tl.zeros((STEP,), tl.float32)
         for c in range(0, END, STEP):
             if HALVES:
-                xe, sqe = _x_part(X, A, XO, G, c + j, pid, K, HAS_ADD, NORM)            # the low nibbles' x
-                xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, pid, K, HAS_ADD, NORM)   # the high nibbles'
+                cm = (c + j) < K // 2
+                xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
+                xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
                 ss += sqe + sqo
                 col = c + j
                 g_lo = c // GROUP
@@ -172,17 +186,18 @@ if triton is not None:
                 if ONE:
                     xsum += xe + xo
             else:
-                xf, sq = _x_part(X, A, XO, G, c + kk, pid, K, HAS_ADD, NORM)
+                xf, sq = _x_part(X, A, XO, G, c + kk, (c + kk) < K, pid, HAS_ADD, NORM, EVEN)
                 ss += sq
                 xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
                 col = c // 2 + j
+                cm = col < K // 2
                 g_lo = c // GROUP
                 g_hi = g_lo
                 xs_lo = tl.sum(xf, axis=0)
                 xs_hi = 0.0
                 if ONE:
                     xsum += xf
-            lo, hi = _nibbles(P, rows, col, nm)
+            lo, hi = _nibbles(P, rows, col, nm, cm)
             if ONE:
                 acc += lo * xe[None, :] + hi * xo[None, :]
             else:
@@ -192,7 +207,7 @@ if triton is not None:
                 zacc += tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
                     + tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
             if SWIGLU:
-                lo, hi = _nibbles(P, rows_u, col, nm)
+                lo, hi = _nibbles(P, rows_u, col, nm, cm)
                 if ONE:
                     acc_u += lo * xe[None, :] + hi * xo[None, :]
                 else:
@@ -232,10 +247,15 @@ def pack_halves(codes: torch.Tensor) -> torch.Tensor:
 
 
 def w4_block_k(K: int, group: int, want: int, halves: bool = False) -> int | None:
-    """The largest power-of-two step of a row's weights <= want that keeps each nibble's K-tile inside one
-    group: pairs, BLOCK_K dividing K and the group; halves, BLOCK_K / 2 dividing K / 2 and the group (and
-    the group dividing K / 2, unless it is the whole row)."""
-    if halves and (K % 2 or (group != K and (K // 2) % group)):
+    """The step of a row's weights (a power of two <= want) for gemv_w4. One group a row (group == K): any,
+    the last step masked where it runs past the row. Several: each nibble's K-tile inside one group --
+    pairs, BLOCK_K dividing K and the group; halves, BLOCK_K / 2 dividing K / 2 and the group (and the group
+    dividing K / 2)."""
+    if K % 2 or K < 32:
+        return None
+    if group == K:
+        return min(want, 1 << (K - 1).bit_length())
+    if halves and (K // 2) % group:
         return None
     b = want
     while b >= 32:
@@ -268,8 +288,8 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     _gemv_w4_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
         F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
-        NORM=norm is not None, SWIGLU=swiglu, HALVES=halves, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        num_stages=stages)
+        NORM=norm is not None, SWIGLU=swiglu, HALVES=halves, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN=(K // 2) % (bk // 2) == 0 if halves else K % bk == 0, num_warps=warps, num_stages=stages)
     return y, h
 
 
