@@ -594,9 +594,10 @@ def main():
 
     def gemv_w4_sweep():
         """gemv_sweep for int4 (per-channel scales, what the model's auto group picks for these weights): the
-        fused int4 GEMV (triton_gemv.gemv_w4, both code layouts) over W4_SWEEP_CONFIGS against tinygemm, with the fused add +
-        RMSNorm and SwiGLU kernels around it where the GEMV does that work, over 22 matrices per role. Each
-        role takes its fastest tile where it beats tinygemm (afford_int4_gemv runs with the choice)."""
+        fused int4 GEMV (triton_gemv.gemv_w4, both code layouts) over W4_SWEEP_CONFIGS against tinygemm, with
+        the fused add + RMSNorm and SwiGLU kernels around it where the GEMV does that work, over 22 matrices per
+        role. Each role's choice: its fastest tile where it beats tinygemm (afford_int4_swept runs with the
+        choice where it differs from GEMV_W4_CONFIGS)."""
         if device != "cuda":
             return None
         from afford.models import triton_gemv as tg

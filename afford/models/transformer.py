@@ -388,8 +388,8 @@ class Transformer(nn.Module):
         self.fused_cuda = True
         # one-row forwards on CUDA (a batch-1 decode step): each matrix product as afford's Triton GEMV with
         # the residual add, RMSNorm and SwiGLU fused in (afford/models/triton_gemv.py; needs fused_cuda):
-        # 165 kernels a step instead of 255, a batch-1 graph step 0.87 ms instead of 1.15 on an H200
-        # (gpu_decode.py's A/B arm, 797054a); False: the fused-layer path above with cuBLAS
+        # 165 kernels a step instead of 255, a batch-1 step 0.87-0.89 ms instead of 1.15-1.19 on an H200
+        # (gpu_decode.py's A/B arm, runs 7-8: 1.31x tok/s); False: the fused-layer path above with cuBLAS
         self.fused_gemv = True
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -491,7 +491,8 @@ class Transformer(nn.Module):
 
     def _gemv_ready(self) -> bool:
         """Every layer is what _hidden_gemv runs: packed q|k|v (no MFA) and gate|up, a dense SwiGLU MLP, no
-        biases; dense matrices, or int4 ones where every role has a GEMV_W4_CONFIGS tile."""
+        biases; dense matrices, or int4 ones whose q|k|v and gate|up have a GEMV_W4_CONFIGS tile their scale
+        groups fit (o and down without one keep their own kernel). Prepares the int4 GEMV's code layout."""
         from afford.models import triton_gemv
         from afford.models.quant import QuantLinear
         layers = self.model.layers                    # the cached answer holds while the tiles and modules do
