@@ -630,15 +630,15 @@ def main():
                 ref = silu_mul(ref.to(torch.bfloat16)).float()
             row = {"shape": [N, K], "code_bytes": N * K // 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
                    "tinygemm_us": _graph_us(tiny_chain, 2) / L, "triton_us": [], "max_rel_err": 0.0}
-            for c in tg.W4_SWEEP_CONFIGS:               # a fifth element 1: the halves layout
-                halves = len(c) > 4 and c[4] == 1
+            for c in tg.W4_SWEEP_CONFIGS:               # a fifth element 1: the halves layout, 2: and tensor cores
+                halves, tc = len(c) > 4 and c[4] in (1, 2), len(c) > 4 and c[4] == 2
                 mine = ops_h if halves else ops
                 try:
-                    y = tg.gemv_w4(x, *mine[0], K, c[:4], halves=halves, **kw)[0].float()
+                    y = tg.gemv_w4(x, *mine[0], K, c[:4], halves=halves, tc=tc, **kw)[0].float()
                     row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
                     row["triton_us"].append(_graph_us(
-                        lambda c=c, mine=mine, halves=halves: [tg.gemv_w4(x, *op, K, c[:4], halves=halves, **kw)
-                                                               for op in mine], 2) / L)
+                        lambda c=c, mine=mine, halves=halves, tc=tc: [
+                            tg.gemv_w4(x, *op, K, c[:4], halves=halves, tc=tc, **kw) for op in mine], 2) / L)
                 except Exception as e:
                     row["triton_us"].append(None)
                     row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")

@@ -264,12 +264,12 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
             gate, up = yr.chunk(2, dim=-1)
             yr = F.silu(gate) * up
         for cfg in triton_gemv.W4_SWEEP_CONFIGS:
-            halves = len(cfg) > 4 and cfg[4] == 1
+            halves, tc = len(cfg) > 4 and cfg[4] in (1, 2), len(cfg) > 4 and cfg[4] == 2
             if triton_gemv.w4_block_k(K, group, cfg[1], halves) is None:
                 continue                                   # halves: the group must divide K / 2
             packed = triton_gemv.pack_halves(q) if halves else pack(q)
             y, h = triton_gemv.gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg[:4], add=a, norm=gam,
-                                       eps=1e-5, swiglu=swiglu, halves=halves)
+                                       eps=1e-5, swiglu=swiglu, halves=halves, tc=tc)
             assert torch.equal(h, hr)
             err = (y.float() - yr).abs().max() / yr.abs().max()
             assert y.shape == yr.shape and err < 1.6e-2, (N, K, group, cfg, float(err))
@@ -283,7 +283,8 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
     outs = []
     for cfgs, graphs in (({}, False), (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 2048, 4, 1)), False),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 1024, 4, 1, 2)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)

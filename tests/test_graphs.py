@@ -234,7 +234,8 @@ print("ok")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fused_int4_gemv_kernel_in_the_interpreter():
     """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4), both code layouts
-    (pairs, halves): the same formula over the dequantized weights, one group per row (also with a last step
+    (pairs, halves) and the tensor-core kernel (its int4 -> 16-bit conversion in Triton ops here; the PTX form
+    runs on the card, tests/test_gpu.py): the same formula over the dequantized weights, one group per row (also with a last step
     past the row, masked) and several, tiles of one group and of part of one; a halves layout whose groups do
     not divide K / 2 is refused."""
     code = """
@@ -248,7 +249,8 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
                              (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
-      for halves in (False, True):
+      for halves, tc in ((False, False), (True, False), (True, True)):
+        cfg = (max(16, cfg[0]),) + cfg[1:] if tc else cfg              # the tensor-core kernel: 16+ rows a program
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
             rows = 2 * N if swiglu else N
             q, sc, z = quantize(torch.randn(rows, K, generator=g) * 0.1, 4, group)
@@ -259,12 +261,14 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             packed = pack_halves(q) if halves else pack(q)
             if w4_block_k(K, group, cfg[1], halves) is None:       # halves: the group must divide K / 2
                 try:
-                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, halves=halves)
+                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, halves=halves, tc=tc)
                     raise AssertionError("no error")
                 except ValueError:
                     continue
             y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam, eps=1e-5,
-                           swiglu=swiglu, halves=halves)
+                           swiglu=swiglu, halves=halves, tc=tc)
+            # the tensor cores take x as a 16-bit operand: its rounding (~1e-3 relative in fp16) on top
+            tol_v = max(tol, 2e-3) if tc else tol
             hr = x + a if add else x
             v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
             yr = v @ w.t()
@@ -272,8 +276,8 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                 gate, up = yr.chunk(2, dim=-1)
                 yr = F.silu(gate) * up
             assert torch.equal(h, hr)
-            assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol * (1 + yr.abs().max()), \
-                (dt, N, K, group, halves, add, norm, swiglu, (y.float() - yr).abs().max())
+            assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol_v * (1 + yr.abs().max()), \
+                (dt, N, K, group, halves, tc, add, norm, swiglu, (y.float() - yr).abs().max())
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
@@ -318,10 +322,11 @@ batch, ids = runner.prepare_ragged([0], [7], [[11]])
 meta = runner.backend.prepare_metadata(batch, runner.kv)
 ref = m.hidden(ids, batch.positions, meta)
 halves = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 1))     # the halves code layout
-for cfgs in (dict(down=None), dict(down=(8, 128, 4, 1)), halves):
+tc = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2))        # halves, tensor cores
+for cfgs in (dict(down=None), dict(down=(8, 128, 4, 1)), halves, tc):
     triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
     assert m._gemv_ready()
-    assert all(getattr(mod, "_w4_halves", None) == (cfgs is halves) for mod in m.modules() if getattr(mod, "_w4", None))
+    assert all(getattr(mod, "_w4_halves", None) == (cfgs in (halves, tc)) for mod in m.modules() if getattr(mod, "_w4", None))
     out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
     # the CPU's int4 kernel rounds activations to bf16, the fused GEMV keeps them in fp32
     err = float((out - ref).abs().max() / ref.abs().max())

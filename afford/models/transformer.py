@@ -508,7 +508,7 @@ class Transformer(nn.Module):
                 if m.bits != 4 or m.zeros is None or m.bias is not None \
                         or triton_gemv.w4_block_k(m.in_features, m.group, 32) is None:
                     return False
-                halves = cfg is not None and len(cfg) > 4 and cfg[4] == 1
+                halves = cfg is not None and len(cfg) > 4 and cfg[4] in (1, 2)
                 fits = cfg is not None and m.group >= min(cfg[1] // (2 if halves else 1), m.in_features) \
                     and triton_gemv.w4_block_k(m.in_features, m.group, 32, halves) is not None
                 if not fits:
@@ -537,7 +537,9 @@ class Transformer(nn.Module):
         def mm(role, v, m, **kw):
             if isinstance(m, QuantLinear):
                 if GEMV_W4_CONFIGS.get(role) is not None and getattr(m, "_w4", None) is not None:
-                    return gemv_w4(v, *m._w4, m.group, GEMV_W4_CONFIGS[role][:4], halves=m._w4_halves, **kw)
+                    cfg = GEMV_W4_CONFIGS[role]
+                    return gemv_w4(v, *m._w4, m.group, cfg[:4], halves=m._w4_halves, tc=len(cfg) > 4 and cfg[4] == 2,
+                                   **kw)
             elif GEMV_CONFIGS.get(role) is not None:
                 return gemv(v, m.weight, GEMV_CONFIGS[role], **kw)
             h = v if kw.get("add") is None else v + kw["add"]

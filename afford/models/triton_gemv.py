@@ -46,7 +46,8 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
 # gate|up with add + norm + SwiGLU 11.3 vs 12.2; o 4.18 vs tinygemm's 3.71 and down 12.2 vs 6.25 stay on
 # tinygemm. The whole batch-1 int4 step: 0.804 vs 0.856 ms (1,146 vs 1,082 tok/s); run 9 (69fc557) with these
 # defaults: 0.755 vs 0.873 ms.
-# A fifth element 1 takes the halves layout (pack_halves; not yet measured on a card), 0 or none the pairs.
+# A fifth element: 0 (or none) the pairs layout, 1 the halves layout (pack_halves), 2 the halves layout
+# through the tensor cores (_gemv_w4_tc_kernel); 1 and 2 not yet measured on a card.
 GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (4, 2048, 4, 1), "gate_up": (16, 512, 4, 1)}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
@@ -57,6 +58,8 @@ W4_SWEEP_CONFIGS += [(4, 2048, 4, 2), (8, 1024, 4, 3), (16, 512, 4, 3), (1, 2048
 W4_SWEEP_CONFIGS += [c + (1,) for c in ((2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1), (16, 2048, 8, 1),
                                         (8, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 512, 8, 1),
                                         (4, 2048, 4, 2), (8, 1024, 4, 3))]
+W4_SWEEP_CONFIGS += [c + (2,) for c in ((16, 1024, 4, 1), (32, 1024, 4, 1), (32, 512, 4, 1), (64, 512, 4, 1),
+                                        (64, 256, 4, 1), (128, 256, 8, 1))]          # tensor cores
 
 if triton is not None:
     @triton.jit
@@ -241,6 +244,144 @@ if triton is not None:
         tl.store(Y + n, y.to(dt), mask=nm)
 
 
+if triton is not None:
+    # int4 -> 16-bit operands as Marlin does it, four bytes at a time: prmt spreads bytes 0 / 1 (2 / 3) into the
+    # two halves of a register, one lop3 keeps a nibble of each and ORs in the exponent of 128 (bf16 0x4300; fp16
+    # 1024, 0x6400), so each half reads 128 + q (1024 + q) exactly; a shift by 4 gives the high nibbles. Output 0
+    # holds the low nibbles of bytes 0-3, output 1 the high ones (element i of a register pair: byte i).
+    _W4_ASM_BF16 = tl.constexpr("""{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xea;
+        lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xea;
+        shr.b32 t0, t0, 4;
+        shr.b32 t1, t1, 4;
+        lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xea;
+        lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xea;
+        }""")
+    _W4_ASM_F16 = tl.constexpr("""{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;
+        shr.b32 t0, t0, 4;
+        shr.b32 t1, t1, 4;
+        lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xea;
+        lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xea;
+        }""")
+
+    @triton.jit
+    def _w4_operands(b, USE_ASM: tl.constexpr, FP16: tl.constexpr):
+        """Bytes (uint8) -> (128 + low nibble, 128 + high nibble) in bf16 (1024 + q in fp16), exact."""
+        if USE_ASM:
+            if FP16:
+                lo, hi = tl.inline_asm_elementwise(_W4_ASM_F16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_W4_ASM_BF16, "=r,=r,=r,=r,r", [b],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:                                # the same bits without PTX (Triton's CPU interpreter)
+            b16 = b.to(tl.uint16)
+            if FP16:
+                lo = ((b16 & 15) | 0x6400).to(tl.float16, bitcast=True)
+                hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True)
+            else:
+                lo = ((b16 & 15) | 0x4300).to(tl.bfloat16, bitcast=True)
+                hi = ((b16 >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _gemv_w4_tc_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
+                           GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
+                           FP16: tl.constexpr):
+        # gemv_w4 through the tensor cores (the halves layout): the codes become 16-bit operands (128 + q, see
+        # _w4_operands), the rows of W the product's M, x a 16-column operand whose column 0 is x, so the
+        # products cost mma instructions instead of a multiply-add per weight; 128 + 8 (1024 + 8) times the
+        # operand x's sum comes off after the sums, which are fp32. Rows of a program: BLOCK_N >= 16. Offline
+        # (sm_90 SASS of a one-step tile, benchmarks/gemv_sass.py) ~5-6 instructions a weight against ~12 for
+        # _gemv_w4_kernel; on a card: not yet run.
+        ONE: tl.constexpr = GROUP == K
+        HALF: tl.constexpr = BLOCK_K // 2
+        OFF: tl.constexpr = 1032.0 if FP16 else 136.0
+        OPDT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        j = tl.arange(0, HALF)
+        r16 = tl.arange(0, 16)
+        rows = P + n[:, None].to(tl.int64) * stride_p
+        rows_u = rows + UP_OFF
+        acc = tl.zeros((BLOCK_N, 16), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, 16), tl.float32)
+        zacc = tl.zeros((BLOCK_N,), tl.float32)
+        zacc_u = tl.zeros((BLOCK_N,), tl.float32)
+        ss = tl.zeros((HALF,), tl.float32)
+        xsum = tl.zeros((HALF,), tl.float32)
+        for c in range(0, K // 2, HALF):
+            cm = (c + j) < K // 2
+            xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
+            xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
+            ss += sqe + sqo
+            xe_op = xe.to(OPDT)
+            xo_op = xo.to(OPDT)
+            xe16 = tl.where(r16[None, :] == 0, xe_op[:, None], 0.0).to(OPDT)             # (HALF, 16), column 0 = x
+            xo16 = tl.where(r16[None, :] == 0, xo_op[:, None], 0.0).to(OPDT)
+            b = tl.load(rows + (c + j)[None, :], mask=nm[:, None] & cm[None, :], other=0)
+            lo, hi = _w4_operands(b, USE_ASM, FP16)                                        # (BLOCK_N, HALF)
+            if ONE:
+                acc = tl.dot(lo, xe16, acc)
+                acc = tl.dot(hi, xo16, acc)
+                xsum += xe_op.to(tl.float32) + xo_op.to(tl.float32)
+            else:
+                g_lo = c // GROUP
+                g_hi = (K // 2 + c) // GROUP
+                s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
+                s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
+                xs_lo = tl.sum(xe_op.to(tl.float32), axis=0)
+                xs_hi = tl.sum(xo_op.to(tl.float32), axis=0)
+                acc += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
+                zacc += (tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
+                    + (tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
+            if SWIGLU:
+                b = tl.load(rows_u + (c + j)[None, :], mask=nm[:, None] & cm[None, :], other=0)
+                lo, hi = _w4_operands(b, USE_ASM, FP16)
+                if ONE:
+                    acc_u = tl.dot(lo, xe16, acc_u)
+                    acc_u = tl.dot(hi, xo16, acc_u)
+                else:
+                    nu = n + F_OFF
+                    s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
+                    s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
+                    acc_u += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
+                    zacc_u += (tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
+                        + (tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
+        r = 1.0
+        if NORM:
+            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        y = tl.sum(tl.where(r16[None, :] == 0, acc, 0.0), axis=1)                          # column 0: (BLOCK_N,)
+        if ONE:
+            xt = tl.sum(xsum, axis=0)
+            y = tl.load(S + n, mask=nm, other=0.0) * (y - OFF * xt) + tl.load(Z + n, mask=nm, other=0.0) * xt
+        else:
+            y = y + zacc
+        y = y * r
+        dt = Y.dtype.element_ty
+        if SWIGLU:
+            yu = tl.sum(tl.where(r16[None, :] == 0, acc_u, 0.0), axis=1)
+            if ONE:
+                yu = tl.load(S + n + F_OFF, mask=nm, other=0.0) * (yu - OFF * xt) \
+                    + tl.load(Z + n + F_OFF, mask=nm, other=0.0) * xt
+            else:
+                yu = yu + zacc_u
+            g = y.to(dt).to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            y = act * (yu * r).to(dt).to(tl.float32)
+        tl.store(Y + n, y.to(dt), mask=nm)
+
+
 def pack_halves(codes: torch.Tensor) -> torch.Tensor:
     """codes (N, K) in 0..15 -> (N, K / 2) uint8: k in the low nibble of byte k, k + K / 2 in its high one."""
     u = codes.to(torch.uint8)
@@ -270,9 +411,12 @@ def w4_block_k(K: int, group: int, want: int, halves: bool = False) -> int | Non
 
 def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
             config: tuple[int, int, int, int], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-            eps: float = 0.0, swiglu: bool = False, halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            eps: float = 0.0, swiglu: bool = False, halves: bool = False, tc: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """gemv() for int4 weights: packed (N, K / 2) uint8 -- triton_int4.pack's pairs, or pack_halves' layout
-    with halves=True -- scales / zeros (N, K / group) fp32, w = (q - 8) * s + z."""
+    with halves=True -- scales / zeros (N, K / group) fp32, w = (q - 8) * s + z. tc: the products through
+    the tensor cores (_gemv_w4_tc_kernel; the halves layout, at least 16 rows a program; x as a bf16 operand
+    for bf16 activations, fp16 for the others)."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     N, K = packed.shape[0], x.shape[1]
@@ -287,6 +431,16 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
     y = torch.empty(1, F, dtype=x.dtype, device=x.device)
+    if tc:
+        if not halves or bn < 16:
+            raise ValueError("gemv_w4(tc=True) needs the halves layout and BLOCK_N >= 16")
+        _gemv_w4_tc_kernel[(triton.cdiv(F, bn),)](
+            x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros,
+            y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group,
+            HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
+            EVEN=(K // 2) % (bk // 2) == 0, USE_ASM=x.is_cuda, FP16=x.dtype != torch.bfloat16, num_warps=warps,
+            num_stages=stages)
+        return y, h
     _gemv_w4_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
         F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,

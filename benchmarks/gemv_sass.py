@@ -1,0 +1,160 @@
+"""What the one-row GEMV kernels cost in instructions, measured without a GPU (issue #13's int4 goal).
+
+Triton compiles each kernel of afford/models/triton_gemv.py here, on the CPU, for an sm_90 card (Triton's
+own ptxas, then nvdisasm), with the 1.1 B Llama's shapes (q|k|v 2560 x 2048 with the add + norm fused,
+o 2048 x 2048, gate|up 2 x 5632 x 2048 with add + norm + SwiGLU, down 2048 x 5632) and each tile the GPU
+sweeps try (SWEEP_CONFIGS, W4_SWEEP_CONFIGS). From the SASS: the instructions a thread executes (the loop
+body counted once per step, the rest once), times the threads of the grid, per weight; and what that
+is worth on an H200 if instruction issue were the only limit (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz:
+~33 T thread-instructions/s) beside the time the bytes take at the card's copy rate (4.2 TB/s, run 8).
+A kernel whose issue time is near or above its measured time (gpu_decode.py's sweeps) is instruction-bound:
+fewer instructions per weight is what makes it faster. Writes benchmarks/results/gemv_sass.json.
+
+Usage: python benchmarks/gemv_sass.py [--roles qkv,gate_up] [--out DIR]   (needs triton; ~4 min on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from afford.models import triton_gemv as tg  # noqa: E402
+
+H200 = dict(sms=132, clock_ghz=1.98, copy_tb_s=4.2)
+ROLES = {"qkv": (2560, 2048, True, False), "o": (2048, 2048, False, False),
+         "gate_up": (2 * 5632, 2048, True, True), "down": (2048, 5632, False, False)}
+COMMON = {"X": "*bf16", "A": "*bf16", "XO": "*bf16", "G": "*bf16"}
+
+
+def aligned(fn, sig, ints=("stride_p", "stride_w", "UP_OFF")) -> dict:
+    """What a launch specializes: pointers 16-byte aligned, strides and offsets divisible by 16."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+            if t.startswith("*") or n in ints}
+
+
+def build(fn, sig: dict, constexprs: dict, warps: int, stages: int):
+    sig = dict(sig, **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned(fn, sig))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def sass(kernel) -> list[str]:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
+    """Instructions one thread executes: those of the (one) loop `steps` times, the others once."""
+    instr = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+    labels, body, loop = {}, [], None
+    for line in lines:
+        s = line.strip()
+        if re.match(r"^\.L_x_\d+:", s):
+            labels[s[:-1]] = len(body)
+            continue
+        m = instr.search(s)
+        if not m:
+            continue
+        body.append(m.group(1))
+        b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", s)
+        if b and b.group(1) in labels and labels[b.group(1)] < len(body) - 1 and loop is None:
+            loop = (labels[b.group(1)], len(body))                       # a backward branch: the K loop
+    counts = collections.Counter(op for op in body if op not in ("NOP", "EXIT"))
+    if loop is not None and steps > 1:
+        for op in body[loop[0]:loop[1]]:
+            if op not in ("NOP", "EXIT"):
+                counts[op] += steps - 1
+    return counts
+
+
+def variants(N: int, K: int, fused: bool, swiglu: bool):
+    """(name, config, kernel fn, signature, constexprs, steps, rows a program) for every tile the GPU sweeps try."""
+    F = N // 2 if swiglu else N
+    flags = dict(HAS_ADD=fused, NORM=fused, SWIGLU=swiglu)
+    for c in tg.SWEEP_CONFIGS:
+        bn, bk = c[0], min(c[1], triton.next_power_of_2(K))
+        sig = dict(COMMON, W="*bf16", Y="*bf16", N="i32", UP_OFF="i64", eps="fp32", stride_w="i32")
+        yield ("bf16", c, tg._gemv_kernel, sig, dict(K=K, **flags, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0),
+               -(-K // bk), bn, F)
+    for c in tg.W4_SWEEP_CONFIGS:
+        kind = c[4] if len(c) > 4 else 0
+        halves = kind in (1, 2)
+        bk = tg.w4_block_k(K, K, c[1], halves)
+        even = (K // 2) % (bk // 2) == 0 if halves else K % bk == 0
+        sig = dict(COMMON, P="*u8", S="*fp32", Z="*fp32", Y="*bf16", N="i32", F_OFF="i32", UP_OFF="i64", eps="fp32",
+                   stride_p="i32", n_groups="i32")
+        steps = -(-(K // 2) // (bk // 2)) if halves else -(-K // bk)
+        if kind == 2:
+            yield ("int4 tensor cores", c, tg._gemv_w4_tc_kernel, sig,
+                   dict(K=K, GROUP=K, **flags, BLOCK_N=c[0], BLOCK_K=bk, EVEN=even, USE_ASM=True, FP16=False),
+                   steps, c[0], F)
+        else:
+            yield ("int4 halves" if halves else "int4 pairs", c, tg._gemv_w4_kernel, sig,
+                   dict(K=K, GROUP=K, **flags, HALVES=halves, BLOCK_N=c[0], BLOCK_K=bk, EVEN=even), steps, c[0], F)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--roles", default=",".join(ROLES))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    issue_rate = H200["sms"] * 4 * 32 * H200["clock_ghz"] * 1e9            # thread-instructions per second
+    rows = []
+    for role in a.roles.split(","):
+        N, K, fused, swiglu = ROLES[role]
+        for kind, cfg, fn, sig, cst, steps, bn, F in variants(N, K, fused, swiglu):
+            try:
+                k = build(fn, sig, cst, cfg[2], cfg[3])
+                ops = dynamic_counts(sass(k), steps)
+            except Exception as e:                                       # a tile ptxas refuses
+                rows.append(dict(role=role, kind=kind, config=list(cfg), error=f"{type(e).__name__}: {str(e)[:160]}"))
+                continue
+            per_thread = sum(ops.values())
+            threads = -(-F // bn) * cfg[2] * 32
+            weights = N * K
+            total = per_thread * threads
+            code_bytes = weights * (2 if kind == "bf16" else 0.5)
+            rows.append(dict(role=role, kind=kind, config=list(cfg), steps=steps, per_thread=per_thread,
+                             per_weight=total / weights, issue_us=1e6 * total / issue_rate,
+                             bytes_us=1e6 * code_bytes / (H200["copy_tb_s"] * 1e12),
+                             spills=ops["LDL"] + ops["STL"], shared_ops=ops["LDS"] + ops["STS"] + ops["LDSM"],
+                             mma=ops["HMMA"] + ops["HGMMA"], top=ops.most_common(8)))
+            r = rows[-1]
+            print(f"{role:8s} {kind:18s} {str(tuple(cfg)):22s} {r['per_weight']:6.2f} instr/weight  issue "
+                  f"{r['issue_us']:6.2f} us  bytes {r['bytes_us']:5.2f} us  spills {r['spills']}", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"target": "sm_90 (Triton's ptxas, offline)", "triton": triton.__version__, "machine": H200,
+           "rows": rows, "elapsed_s": time.perf_counter() - t0}
+    (out / "gemv_sass.json").write_text(json.dumps(res, indent=1))
+    best = {}
+    for r in rows:
+        if "error" not in r:
+            key = (r["role"], r["kind"])
+            if key not in best or r["issue_us"] < best[key]["issue_us"]:
+                best[key] = r
+    print("\nleast issue time per role and kernel:")
+    for (role, kind), r in sorted(best.items()):
+        print(f"  {role:8s} {kind:18s} {tuple(r['config'])}: {r['per_weight']:.2f} instr/weight, issue {r['issue_us']:.2f} us, "
+              f"bytes {r['bytes_us']:.2f} us")
+
+
+if __name__ == "__main__":
+    main()
