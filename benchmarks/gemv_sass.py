@@ -33,9 +33,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from afford.models import triton_gemv as tg  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import TINYLLAMA, matrix_roles  # noqa: E402
+
 H200 = dict(sms=132, clock_ghz=1.98, copy_tb_s=4.2)
-ROLES = {"qkv": (2560, 2048, True, False), "o": (2048, 2048, False, False),
-         "gate_up": (2 * 5632, 2048, True, True), "down": (2048, 5632, False, False)}
+ROLES = matrix_roles(TINYLLAMA)
 COMMON = {"X": "*bf16", "A": "*bf16", "XO": "*bf16", "G": "*bf16"}
 
 

@@ -63,6 +63,14 @@ TINY = dict(TINYLLAMA, hidden_size=128, num_hidden_layers=2, num_attention_heads
 PROMPT, NEW, SHORT = 64, 128, 8
 
 
+def matrix_roles(shape: dict) -> dict[str, tuple[int, int, bool, bool]]:
+    """The matrices of a layer by role: (N, K, the add + RMSNorm fused before it, SwiGLU after it)."""
+    H, I = shape["hidden_size"], shape["intermediate_size"]
+    D = H // shape["num_attention_heads"]
+    return {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
+            "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -392,10 +400,7 @@ def main():
         from afford.models import triton_gemv as tg
         from afford.models.quant import _graph_us
         from afford.models.triton_ops import add_rmsnorm, silu_mul
-        H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-        D = H // shape["num_attention_heads"]
-        roles = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
-                 "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+        L, roles = shape["num_hidden_layers"], matrix_roles(shape)
         gen = torch.Generator(device=device).manual_seed(2)
         out = {"configs": [list(c) for c in tg.SWEEP_CONFIGS], "layers": L, "roles": {}, "chosen": {}}
         for role, (N, K, fused, swiglu) in roles.items():
@@ -604,10 +609,7 @@ def main():
         from afford.models.quant import QuantLinear, _graph_us, dequantize, quantize
         from afford.models.triton_int4 import pack
         from afford.models.triton_ops import add_rmsnorm, silu_mul
-        H, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-        D = H // shape["num_attention_heads"]
-        roles = {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
-                 "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+        L, roles = shape["num_hidden_layers"], matrix_roles(shape)
         gen = torch.Generator(device=device).manual_seed(3)
         out = {"configs": [list(c) for c in tg.W4_SWEEP_CONFIGS], "layers": L, "roles": {}, "chosen": {}}
         for role, (N, K, fused, swiglu) in roles.items():

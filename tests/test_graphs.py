@@ -17,6 +17,15 @@ from afford.core.runner import ModelRunner
 from afford.kv.paged import BlockPool
 from afford.models.loader import load_for_inference
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def interpret(code: str) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (Triton's kernels on the CPU); it prints "ok"."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
 
 def test_bucket_sizes():
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
@@ -81,7 +90,7 @@ def test_engine_with_static_graph_path_gives_the_same_greedy_tokens(random_pair)
         assert all(r.replays > 0 for r in runners)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_triton_paged_kernel_in_the_interpreter():
     code = """
 import torch
@@ -103,12 +112,10 @@ for H, KV, D, BS, dt, mc in ((4, 2, 16, 4, torch.float32, None), (4, 2, 16, 4, t
     assert (a - b).abs().max() < tol, (H, KV, D, BS, dt, mc, (a - b).abs().max())
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_rope_store_kernel_in_the_interpreter():
     """RoPE on q|k and the K/V store as one kernel: bitwise what torch's apply_rope and index_copy_ give,
     in fp32 and in half precision (rounded where torch's separate operators round); -1 slots go to the
@@ -132,12 +139,10 @@ for dt in (torch.float32, torch.float16):
     assert torch.equal(q, qk[:, :H]) and torch.equal(kp, kr) and torch.equal(vp, vr), dt
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_layer_kernels_in_the_interpreter(random_pair):
     """Residual add + RMSNorm and silu * up as Triton kernels (the CUDA step's), run by Triton's interpreter
     through a whole model: the hidden states of torch's operators."""
@@ -158,12 +163,10 @@ out = m._hidden_fused(x, cos, sin, runner.backend.prepare_metadata(batch, runner
 assert (out - ref).abs().max() < 1e-5, (out - ref).abs().max()
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_gemv_kernel_in_the_interpreter():
     """The one-row product with the residual add, RMSNorm and SwiGLU fused in (triton_gemv.py): torch's
     operators, for K a multiple of the tile and not, N a multiple of the row tile and not, every
@@ -193,12 +196,10 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                 (dt, N, K, add, norm, swiglu, (y.float() - yr).abs().max())
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_gemv_layers_in_the_interpreter(random_pair):
     """A one-row decode step through Transformer._hidden_gemv (every product a fused Triton GEMV, RoPE + K/V
     store and paged attention in Triton too, the interpreter running them all): the hidden state of the
@@ -226,12 +227,10 @@ for cfgs in (dict(triton_gemv.GEMV_CONFIGS), dict(triton_gemv.GEMV_CONFIGS, o=No
         assert (k - kr).abs().max() < 1e-4 and (v - vr).abs().max() < 1e-4
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_int4_gemv_kernel_in_the_interpreter():
     """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4), both code layouts
     (pairs, halves) and the tensor-core kernel (its int4 -> 16-bit conversion in Triton ops here; the PTX form
@@ -280,12 +279,10 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                 (dt, N, K, group, halves, tc, add, norm, swiglu, (y.float() - yr).abs().max())
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_int4_gemv_layers_in_the_interpreter(random_pair):
     """An int4 model (q|k|v and gate|up fused as on CUDA) through _hidden_gemv with the fused int4 GEMV (down
     on it and on its own kernel; both code layouts): the hidden state of its own unfused forward (the CPU's int4 kernel); without
@@ -333,12 +330,10 @@ for cfgs in (dict(down=None), dict(down=(8, 128, 4, 1)), halves, tc):
     assert out.shape == ref.shape and err < 1e-2, (cfgs, err)   # 0.004 measured
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_int4_gemv_kernel_in_the_interpreter():
     """The few-row int4 kernels (tiles within one scale group, tiles over several groups, a group that is no
     power of two, rows padded to 2 / 4, rows past N masked; the one-row variant 2): the dequantized product. Interpreted with fp16
@@ -361,9 +356,7 @@ for N, K, group, cfg in ((24, 256, 32, (8, 128, 4, 3)), (40, 512, 512, (8, 256, 
         assert y.shape == (M, N) and (y - ref).abs().max() < 2e-3 * ref.abs().max(), (N, K, group, cfg, M)
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    interpret(code)
 
 
 def test_paged_forward_from_unrotated_qkv_equals_the_model_path():
