@@ -6,8 +6,8 @@ work around it fused in: `gemv(x, w, add=a, norm=g, swiglu=True)` computes, in O
     y = silu(y_gate) * y_up            (SwiGLU, when w is gate|up stacked: gate rows, then up rows)
 
 and returns y and h (the new residual stream). Why: in a batch-1 CUDA-graph step of a 1.1 B Llama on an
-H200, cuBLAS runs q|k|v and o (N = 2048-2560) with 64-row tiles, i.e. 32-40 thread blocks on a card of
-132 SMs, at 1.5-1.8 TB/s, and each layer adds two add + RMSNorm launches, SwiGLU's product and a split-K
+H200, cuBLAS runs q|k|v and o (N = 2048-2560) at 1.5-1.8 TB/s with 64 x 8 tiles (its kernels' names), i.e.
+by that tiling 32-40 thread blocks on a card of 132 SMs, and each layer adds two add + RMSNorm launches, SwiGLU's product and a split-K
 reduce (benchmarks/gpu_decode.py's kernel profile, run 6). Here a program takes BLOCK_N rows and streams
 them over the whole K (hundreds of programs in flight), accumulates x * w in a (BLOCK_N, BLOCK_K) fp32
 tile, and reads h in the same loop for the norm's sum of squares, so the norm costs no extra pass: its
