@@ -63,6 +63,43 @@ W4_SWEEP_CONFIGS += [c + (2,) for c in ((16, 1024, 4, 1), (32, 1024, 4, 1), (32,
 
 if triton is not None:
     @triton.jit
+    def _inv_rms(ss, eps, K: tl.constexpr, NORM: tl.constexpr):
+        """1 / rms from the summed squares (1 without the norm)."""
+        r = 1.0
+        if NORM:
+            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        return r
+
+    @triton.jit
+    def _store_out(Y, n, nm, y, yu, SWIGLU: tl.constexpr):
+        """The rows' fp32 results (with SwiGLU: y the gate rows, yu the up rows) into Y in its dtype; silu
+        rounded to the dtype before the product, as torch's operators round."""
+        dt = Y.dtype.element_ty
+        if SWIGLU:
+            g = y.to(dt).to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            y = act * yu.to(dt).to(tl.float32)
+        tl.store(Y + n, y.to(dt), mask=nm)
+
+    @triton.jit
+    def _w4_finish(Y, S, Z, n, nm, F_OFF, sums, sums_u, zacc, zacc_u, xt, off, r, ONE: tl.constexpr,
+                   SWIGLU: tl.constexpr):
+        """int4 rows' sums -> outputs. One group a row: s * (sum - off * sum(x)) + z * sum(x), off the code
+        offset the sums carry; several: the scales are in the sums already, the zero points in zacc."""
+        if ONE:
+            y = tl.load(S + n, mask=nm, other=0.0) * (sums - off * xt) + tl.load(Z + n, mask=nm, other=0.0) * xt
+        else:
+            y = sums + zacc
+        yu = y
+        if SWIGLU:
+            if ONE:
+                yu = tl.load(S + n + F_OFF, mask=nm, other=0.0) * (sums_u - off * xt) \
+                    + tl.load(Z + n + F_OFF, mask=nm, other=0.0) * xt
+            else:
+                yu = sums_u + zacc_u
+        _store_out(Y, n, nm, y * r, yu * r, SWIGLU)
+
+    @triton.jit
     def _gemv_kernel(X, A, XO, G, W, Y, N, UP_OFF, eps, stride_w, K: tl.constexpr,
                      HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
@@ -106,16 +143,8 @@ if triton is not None:
                 if SWIGLU:
                     u = tl.load(rows + UP_OFF + k[None, :], mask=m2, other=0.0)
                     acc_u += u.to(tl.float32) * xf[None, :]
-        r = 1.0
-        if NORM:
-            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-        y = tl.sum(acc, axis=1) * r
-        dt = Y.dtype.element_ty
-        if SWIGLU:                          # silu rounded to the dtype before the product, as torch's operators
-            g = y.to(dt).to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            y = act * (tl.sum(acc_u, axis=1) * r).to(dt).to(tl.float32)
-        tl.store(Y + n, y.to(dt), mask=nm)
+        r = _inv_rms(ss, eps, K, NORM)
+        _store_out(Y, n, nm, tl.sum(acc, axis=1) * r, tl.sum(acc_u, axis=1) * r, SWIGLU)
 
     @triton.jit
     def _x_part(X, A, XO, G, k, km, pid, HAS_ADD: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
@@ -222,26 +251,8 @@ if triton is not None:
                     acc_u += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
                     zacc_u += tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
                         + tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
-        r = 1.0
-        if NORM:
-            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-        if ONE:
-            xt = tl.sum(xsum, axis=0)
-            y = tl.load(S + n, mask=nm, other=0.0) * tl.sum(acc, axis=1) + tl.load(Z + n, mask=nm, other=0.0) * xt
-        else:
-            y = tl.sum(acc, axis=1) + zacc
-        y = y * r
-        dt = Y.dtype.element_ty
-        if SWIGLU:
-            if ONE:
-                yu = tl.load(S + n + F_OFF, mask=nm, other=0.0) * tl.sum(acc_u, axis=1) \
-                    + tl.load(Z + n + F_OFF, mask=nm, other=0.0) * xt
-            else:
-                yu = tl.sum(acc_u, axis=1) + zacc_u
-            g = y.to(dt).to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            y = act * (yu * r).to(dt).to(tl.float32)
-        tl.store(Y + n, y.to(dt), mask=nm)
+        _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
+                   tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
 
 if triton is not None:
@@ -249,28 +260,20 @@ if triton is not None:
     # two halves of a register, one lop3 keeps a nibble of each and ORs in the exponent of 128 (bf16 0x4300; fp16
     # 1024, 0x6400), so each half reads 128 + q (1024 + q) exactly; a shift by 4 gives the high nibbles. Output 0
     # holds the low nibbles of bytes 0-3, output 1 the high ones (element i of a register pair: byte i).
-    _W4_ASM_BF16 = tl.constexpr("""{
+    def _w4_asm(magic: str) -> str:
+        return f"""{{
         .reg .b32 t0, t1;
         prmt.b32 t0, $4, 0, 0x4140;
         prmt.b32 t1, $4, 0, 0x4342;
-        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xea;
-        lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xea;
+        lop3.b32 $0, t0, 0x000F000F, {magic}, 0xea;
+        lop3.b32 $1, t1, 0x000F000F, {magic}, 0xea;
         shr.b32 t0, t0, 4;
         shr.b32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xea;
-        lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xea;
-        }""")
-    _W4_ASM_F16 = tl.constexpr("""{
-        .reg .b32 t0, t1;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea;
-        lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;
-        shr.b32 t0, t0, 4;
-        shr.b32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xea;
-        lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xea;
-        }""")
+        lop3.b32 $2, t0, 0x000F000F, {magic}, 0xea;
+        lop3.b32 $3, t1, 0x000F000F, {magic}, 0xea;
+        }}"""
+    _W4_ASM_BF16 = tl.constexpr(_w4_asm("0x43004300"))
+    _W4_ASM_F16 = tl.constexpr(_w4_asm("0x64006400"))
 
     @triton.jit
     def _w4_operands(b, USE_ASM: tl.constexpr, FP16: tl.constexpr):
@@ -358,28 +361,10 @@ if triton is not None:
                     acc_u += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
                     zacc_u += (tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
                         + (tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
-        r = 1.0
-        if NORM:
-            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-        y = tl.sum(tl.where(r16[None, :] == 0, acc, 0.0), axis=1)                          # column 0: (BLOCK_N,)
-        if ONE:
-            xt = tl.sum(xsum, axis=0)
-            y = tl.load(S + n, mask=nm, other=0.0) * (y - OFF * xt) + tl.load(Z + n, mask=nm, other=0.0) * xt
-        else:
-            y = y + zacc
-        y = y * r
-        dt = Y.dtype.element_ty
-        if SWIGLU:
-            yu = tl.sum(tl.where(r16[None, :] == 0, acc_u, 0.0), axis=1)
-            if ONE:
-                yu = tl.load(S + n + F_OFF, mask=nm, other=0.0) * (yu - OFF * xt) \
-                    + tl.load(Z + n + F_OFF, mask=nm, other=0.0) * xt
-            else:
-                yu = yu + zacc_u
-            g = y.to(dt).to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            y = act * (yu * r).to(dt).to(tl.float32)
-        tl.store(Y + n, y.to(dt), mask=nm)
+        col0 = r16[None, :] == 0                                                            # x's column of the sums
+        _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(tl.where(col0, acc, 0.0), axis=1),
+                   tl.sum(tl.where(col0, acc_u, 0.0), axis=1), zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
+                   _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
 
 def pack_halves(codes: torch.Tensor) -> torch.Tensor:
