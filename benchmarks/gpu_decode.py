@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,6 +70,38 @@ def matrix_roles(shape: dict) -> dict[str, tuple[int, int, bool, bool]]:
     D = H // shape["num_attention_heads"]
     return {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
             "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+
+
+def unfused_chain(x, a, gam, fused: bool, swiglu: bool, products):
+    """What the fused one-row GEMV replaces, over a list of products p(h): the add + RMSNorm kernel before each
+    (where it fuses them), SwiGLU's product after (gate|up)."""
+    from afford.models.triton_ops import add_rmsnorm, silu_mul
+
+    def run():
+        for p in products:
+            y = p(add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x)
+            if swiglu:
+                silu_mul(y)
+    return run
+
+
+def time_tiles(configs, first, chain, ref, layers: int, nbytes: int) -> dict:
+    """Each tile c: first(c) -> the product of the first matrix (its error against ref), chain(c) -> the
+    product over all `layers` matrices, timed in a CUDA graph (us per matrix; None where the card refuses
+    the tile); the fastest one's config, time and TB/s."""
+    from afford.models.quant import _graph_us
+    row = {"triton_us": [], "max_rel_err": 0.0}
+    for c in configs:
+        try:
+            y = first(c).float()
+            row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
+            row["triton_us"].append(_graph_us(chain(c), 2) / layers)
+        except Exception as e:                       # a tile this card cannot hold
+            row["triton_us"].append(None)
+            row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
+    us, i = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
+    row["best"] = {"config": list(configs[i]), "us": us, "tb_s": nbytes / us / 1e6}
+    return row
 
 
 def sync():
@@ -408,32 +441,17 @@ def main():
             x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
             gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
             kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
-
-            def cublas_chain():
-                for w in ws:
-                    h = add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x
-                    y = F.linear(h, w)
-                    if swiglu:
-                        silu_mul(y)
             ref = F.linear(add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x, ws[0]).float()
             if swiglu:
                 ref = silu_mul(ref.to(torch.bfloat16)).float()
             row = {"shape": [N, K], "weight_bytes": N * K * 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
-                   "cublas_us": _graph_us(cublas_chain, 2) / L, "triton_us": [], "max_rel_err": 0.0}
-            for c in tg.SWEEP_CONFIGS:
-                try:
-                    y = tg.gemv(x, ws[0], c, **kw)[0].float()
-                    row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
-                    row["triton_us"].append(_graph_us(lambda c=c: [tg.gemv(x, w, c, **kw) for w in ws], 2) / L)
-                except Exception as e:                       # a tile this card cannot hold
-                    row["triton_us"].append(None)
-                    row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
-            best = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
-            row["best"] = {"config": list(tg.SWEEP_CONFIGS[best[1]]), "us": best[0],
-                           "tb_s": row["weight_bytes"] / best[0] / 1e6}
+                   "cublas_us": _graph_us(unfused_chain(x, a, gam, fused, swiglu, [partial(F.linear, weight=w)
+                                                                                   for w in ws]), 2) / L}
+            row.update(time_tiles(tg.SWEEP_CONFIGS, lambda c: tg.gemv(x, ws[0], c, **kw)[0],
+                                  lambda c: lambda: [tg.gemv(x, w, c, **kw) for w in ws], ref, L, N * K * 2))
             row["cublas_tb_s"] = row["weight_bytes"] / row["cublas_us"] / 1e6
             # the fused roles remove launches, so they take the fused kernel at any tile; the plain ones the faster
-            choice = tg.SWEEP_CONFIGS[best[1]] if fused or best[0] < row["cublas_us"] else None
+            choice = row["best"]["config"] if fused or row["best"]["us"] < row["cublas_us"] else None
             out["chosen"][role] = list(choice) if choice else None
             out["roles"][role] = row
         return out
@@ -620,35 +638,21 @@ def main():
             x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
             gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
             kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
-
-            def tiny_chain():
-                for ql in qls:
-                    y = ql(add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x)
-                    if swiglu:
-                        silu_mul(y)
             h = add_rmsnorm(x, a, gam, 1e-5)[1] if fused else x
             ref = h.float() @ dequantize(*mats[0]).t()
             if swiglu:
                 ref = silu_mul(ref.to(torch.bfloat16)).float()
             row = {"shape": [N, K], "code_bytes": N * K // 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
-                   "tinygemm_us": _graph_us(tiny_chain, 2) / L, "triton_us": [], "max_rel_err": 0.0}
-            for c in tg.W4_SWEEP_CONFIGS:               # a fifth element 1: the halves layout, 2: and tensor cores
+                   "tinygemm_us": _graph_us(unfused_chain(x, a, gam, fused, swiglu, qls), 2) / L}
+
+            def w4(c, ms):                           # a fifth element 1: the halves layout, 2: and tensor cores
                 halves, tc = len(c) > 4 and c[4] in (1, 2), len(c) > 4 and c[4] == 2
-                mine = ops_h if halves else ops
-                try:
-                    y = tg.gemv_w4(x, *mine[0], K, c[:4], halves=halves, tc=tc, **kw)[0].float()
-                    row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
-                    row["triton_us"].append(_graph_us(
-                        lambda c=c, mine=mine, halves=halves, tc=tc: [
-                            tg.gemv_w4(x, *op, K, c[:4], halves=halves, tc=tc, **kw) for op in mine], 2) / L)
-                except Exception as e:
-                    row["triton_us"].append(None)
-                    row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
-            best = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
-            row["best"] = {"config": list(tg.W4_SWEEP_CONFIGS[best[1]]), "us": best[0],
-                           "tb_s": row["code_bytes"] / best[0] / 1e6}
+                return [tg.gemv_w4(x, *op, K, c[:4], halves=halves, tc=tc, **kw)[0]
+                        for op in (ops_h if halves else ops)[:ms]]
+            row.update(time_tiles(tg.W4_SWEEP_CONFIGS, lambda c: w4(c, 1)[0], lambda c: lambda: w4(c, L), ref, L,
+                                  N * K // 2))
             row["tinygemm_tb_s"] = row["code_bytes"] / row["tinygemm_us"] / 1e6
-            choice = tg.W4_SWEEP_CONFIGS[best[1]] if best[0] < row["tinygemm_us"] else None
+            choice = row["best"]["config"] if row["best"]["us"] < row["tinygemm_us"] else None
             out["chosen"][role] = list(choice) if choice else None
             out["roles"][role] = row
         return out
