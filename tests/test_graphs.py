@@ -27,6 +27,19 @@ def interpret(code: str) -> None:
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+# the interpreter tests' one-row decode step of a model `m` after a 7-token prefill: its metadata and the
+# torch path's hidden state `ref`
+ONE_ROW_STEP = """from afford.core.runner import ModelRunner
+from afford.kv.paged import BlockPool
+runner = ModelRunner(m, BlockPool(16, 4), attention="paged", native=False)
+runner.pool.prepare_write(0, 12)
+runner.forward([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
+batch, ids = runner.prepare_ragged([0], [7], [[11]])
+meta = runner.backend.prepare_metadata(batch, runner.kv)
+ref = m.hidden(ids, batch.positions, meta)
+"""
+
+
 def test_bucket_sizes():
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
     assert bucket_sizes(1) == [1]
@@ -206,19 +219,11 @@ def test_fused_gemv_layers_in_the_interpreter(random_pair):
     torch path, and the same K/V written; with a role on F.linear (config None) as well."""
     code = f"""
 import torch
-from afford.core.runner import ModelRunner
-from afford.kv.paged import BlockPool
 from afford.models import triton_gemv
 from afford.models.loader import load_for_inference
 from afford.models.triton_ops import add_rmsnorm
 m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32")
-runner = ModelRunner(m, BlockPool(16, 4), attention="paged", native=False)
-runner.pool.prepare_write(0, 12)
-runner.forward([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
-batch, ids = runner.prepare_ragged([0], [7], [[11]])
-meta = runner.backend.prepare_metadata(batch, runner.kv)
-ref = m.hidden(ids, batch.positions, meta)
-kv_ref = [(k.clone(), v.clone()) for k, v in runner.kv]
+{ONE_ROW_STEP}kv_ref = [(k.clone(), v.clone()) for k, v in runner.kv]
 for cfgs in (dict(triton_gemv.GEMV_CONFIGS), dict(triton_gemv.GEMV_CONFIGS, o=None, gate_up=None)):
     triton_gemv.GEMV_CONFIGS.update(cfgs)
     out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
@@ -289,8 +294,6 @@ def test_fused_int4_gemv_layers_in_the_interpreter(random_pair):
     a tile for a role whose norm is fused the model is not taken down that path."""
     code = f"""
 import torch
-from afford.core.runner import ModelRunner
-from afford.kv.paged import BlockPool
 from afford.models import triton_gemv
 from afford.models.loader import load_for_inference
 from afford.models.triton_ops import add_rmsnorm
@@ -312,13 +315,7 @@ triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 128, 4, 1), o=(4, 64, 2, 1))
 assert not m._gemv_ready()                       # gate|up (norm and SwiGLU fused) has no tile
 triton_gemv.GEMV_W4_CONFIGS["gate_up"] = (8, 128, 4, 1)
 assert m._gemv_ready()                           # down keeps its own kernel
-runner = ModelRunner(m, BlockPool(16, 4), attention="paged", native=False)
-runner.pool.prepare_write(0, 12)
-runner.forward([0], [0], [[3, 4, 5, 6, 7, 8, 9]])
-batch, ids = runner.prepare_ragged([0], [7], [[11]])
-meta = runner.backend.prepare_metadata(batch, runner.kv)
-ref = m.hidden(ids, batch.positions, meta)
-halves = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 1))     # the halves code layout
+{ONE_ROW_STEP}halves = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 1))     # the halves code layout
 tc = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2))        # halves, tensor cores
 for cfgs in (dict(down=None), dict(down=(8, 128, 4, 1)), halves, tc):
     triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
