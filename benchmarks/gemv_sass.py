@@ -4,13 +4,16 @@ Triton compiles each kernel of afford/models/triton_gemv.py here, on the CPU, fo
 own ptxas, then nvdisasm), with the 1.1 B Llama's shapes (q|k|v 2560 x 2048 with the add + norm fused,
 o 2048 x 2048, gate|up 2 x 5632 x 2048 with add + norm + SwiGLU, down 2048 x 5632) and each tile the GPU
 sweeps try (SWEEP_CONFIGS, W4_SWEEP_CONFIGS). From the SASS: the instructions a thread executes (the loop
-body counted once per step, the rest once), times the threads of the grid, per weight; and what that
+body once per step after the first, which runs before the loop, the rest once), times the threads of the grid, per weight; and what that
 is worth on an H200 if instruction issue were the only limit (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz:
 ~33 T thread-instructions/s) beside the time the bytes take at the card's copy rate (4.2 TB/s, run 8).
 A kernel whose issue time is near or above its measured time (gpu_decode.py's sweeps) is instruction-bound:
 fewer instructions per weight is what makes it faster. Writes benchmarks/results/gemv_sass.json.
 
-Usage: python benchmarks/gemv_sass.py [--roles qkv,gate_up] [--out DIR]   (needs triton; ~4 min on 2 cores)
+--pdl compiles them as programmatic dependent launch does (afford/models/triton_lib.py: griddepcontrol's
+PREEXIT and ACQBULK, the first step's weights loaded before the wait; gemv_sass_pdl.json).
+
+Usage: python benchmarks/gemv_sass.py [--roles qkv,gate_up] [--pdl] [--out DIR]   (needs triton; ~1.5 min on 2 cores)
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ def sass(kernel) -> list[str]:
 
 
 def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
-    """Instructions one thread executes: those of the (one) loop `steps` times, the others once."""
+    """Instructions one thread executes over `steps` steps of K: the kernels do the first step before their loop
+    (its weights load before PDL's wait), so the (one) loop's instructions run steps - 1 times, the others once."""
     instr = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
     labels, body, loop = {}, [], None
     for line in lines:
@@ -78,17 +82,17 @@ def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
         if b and b.group(1) in labels and labels[b.group(1)] < len(body) - 1 and loop is None:
             loop = (labels[b.group(1)], len(body))                       # a backward branch: the K loop
     counts = collections.Counter(op for op in body if op not in ("NOP", "EXIT"))
-    if loop is not None and steps > 1:
+    if loop is not None and steps > 2:
         for op in body[loop[0]:loop[1]]:
             if op not in ("NOP", "EXIT"):
-                counts[op] += steps - 1
+                counts[op] += steps - 2
     return counts
 
 
-def variants(N: int, K: int, fused: bool, swiglu: bool):
+def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
     """(name, config, kernel fn, signature, constexprs, steps, rows a program) for every tile the GPU sweeps try."""
     F = N // 2 if swiglu else N
-    flags = dict(HAS_ADD=fused, NORM=fused, SWIGLU=swiglu)
+    flags = dict(HAS_ADD=fused, NORM=fused, SWIGLU=swiglu, PDL=pdl)
     for c in tg.SWEEP_CONFIGS:
         bn, bk = c[0], min(c[1], triton.next_power_of_2(K))
         sig = dict(COMMON, W="*bf16", Y="*bf16", N="i32", UP_OFF="i64", eps="fp32", stride_w="i32")
@@ -115,13 +119,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--roles", default=",".join(ROLES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--pdl", action="store_true", help="the kernels as programmatic dependent launch compiles them "
+                    "(afford/models/triton_lib.py); writes gemv_sass_pdl.json")
     a = ap.parse_args()
     t0 = time.perf_counter()
     issue_rate = H200["sms"] * 4 * 32 * H200["clock_ghz"] * 1e9            # thread-instructions per second
     rows = []
     for role in a.roles.split(","):
         N, K, fused, swiglu = ROLES[role]
-        for kind, cfg, fn, sig, cst, steps, bn, F in variants(N, K, fused, swiglu):
+        for kind, cfg, fn, sig, cst, steps, bn, F in variants(N, K, fused, swiglu, a.pdl):
             try:
                 k = build(fn, sig, cst, cfg[2], cfg[3])
                 ops = dynamic_counts(sass(k), steps)
@@ -137,7 +143,8 @@ def main():
                              per_weight=total / weights, issue_us=1e6 * total / issue_rate,
                              bytes_us=1e6 * code_bytes / (H200["copy_tb_s"] * 1e12),
                              spills=ops["LDL"] + ops["STL"], shared_ops=ops["LDS"] + ops["STS"] + ops["LDSM"],
-                             mma=ops["HMMA"] + ops["HGMMA"], top=ops.most_common(8)))
+                             mma=ops["HMMA"] + ops["HGMMA"], top=ops.most_common(8),
+                             griddepcontrol=ops["ACQBULK"] + ops["PREEXIT"]))
             r = rows[-1]
             print(f"{role:8s} {kind:18s} {str(tuple(cfg)):22s} {r['per_weight']:6.2f} instr/weight  issue "
                   f"{r['issue_us']:6.2f} us  bytes {r['bytes_us']:5.2f} us  spills {r['spills']}", flush=True)
@@ -145,7 +152,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     res = {"target": "sm_90 (Triton's ptxas, offline)", "triton": triton.__version__, "machine": H200,
            "rows": rows, "elapsed_s": time.perf_counter() - t0}
-    (out / "gemv_sass.json").write_text(json.dumps(res, indent=1))
+    (out / ("gemv_sass_pdl.json" if a.pdl else "gemv_sass.json")).write_text(json.dumps(res, indent=1))
     best = {}
     for r in rows:
         if "error" not in r:

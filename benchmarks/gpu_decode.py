@@ -25,6 +25,8 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
 - `gemv_sweep` / `afford_graphs_gemv_b1`: afford's fused one-row Triton GEMV (residual add, RMSNorm and
   SwiGLU inside the product's kernel; afford/models/triton_gemv.py) per matrix role against cuBLAS, then
   the whole batch-1 step with it (A/B against the default, its roofline share and kernel profile);
+- `afford_graphs_pdl_b*` / `afford_int4_pdl`: programmatic dependent launch of afford's decode kernels
+  (afford/models/triton_lib.py) switched against the default, bf16 at every batch and int4 at batch 1 / 16;
 - `int4_sweep`: the batch-1 int4 kernels per matrix of the model (tinygemm, cuBLAS bf16, afford's Triton
   GEMV over a grid of tiles), inside CUDA graphs;
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
@@ -496,6 +498,22 @@ def main():
     if graph_runner is not None and "gemv_sweep" in res["arms"]:
         run_arm("afford_graphs_swept_b1", swept_arm)
 
+    from afford.models import triton_lib
+
+    def pdl_arm(B):
+        """Programmatic dependent launch (triton_lib.PDL: each decode kernel of afford's starts while the one
+        before it finishes, its first weights loaded before it waits) switched against the default, graphs
+        recaptured."""
+        if device != "cuda" or not triton_lib._pdl_capable(torch.cuda.current_device()):
+            return None
+        r = switched(B, triton_lib, "PDL", not triton_lib.PDL)
+        r["pdl"] = not triton_lib.PDL
+        r["gpu_busy_share"] = r["graph_replay_ms"] / r["decode_ms"] if r.get("graph_replay_ms") else None
+        return r
+    if graph_runner is not None:
+        for B in batches:
+            run_arm(f"afford_graphs_{'nopdl' if triton_lib.PDL else 'pdl'}_b{B}", partial(pdl_arm, B))
+
     if graph_runner is not None and hasattr(runner.backend, "fused_rope"):
         for B in (batches[0], batches[-1]):
             # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up as torch's
@@ -680,20 +698,29 @@ def main():
     # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm; run 8 (4e77d7c), before
     # the fused int4 GEMV was a default, named tinygemm alone afford_int4 and the fused one afford_int4_gemv
     defaults_w4 = dict(triton_gemv.GEMV_W4_CONFIGS)
-    for name, q, mode in (("afford_int4", "int4", "default"), ("afford_int4_tinygemm", "int4", "tinygemm"),
+    for name, q, mode in (("afford_int4", "int4", "default"), ("afford_int4_pdl", "int4", "pdl"),
+                          ("afford_int4_tinygemm", "int4", "tinygemm"),
                           ("afford_int4_swept", "int4", "swept"), ("afford_int4_auto", "int4", "auto"),
                           ("afford_int4_triton", "int4", "triton"), ("afford_int8", "int8", "default")):
         def quant_arms(q=q, mode=mode):
-            w4_cfg = {"default": defaults_w4, "swept": w4_chosen}.get(mode, {})
+            w4_cfg = {"default": defaults_w4, "swept": w4_chosen, "pdl": defaults_w4}.get(mode, {})
             if mode == "swept" and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
                 return None                 # the defaults ran already, or no fused tile beat tinygemm
+            pdl = triton_lib.PDL
+            if mode == "pdl":               # the defaults with programmatic dependent launch switched
+                if device != "cuda" or not triton_lib._pdl_capable(torch.cuda.current_device()):
+                    return None
+                triton_lib.PDL = not pdl
             keep = quant.CUDA_INT4_KERNEL
             quant.CUDA_INT4_KERNEL = mode if mode in ("auto", "triton", "tinygemm") else keep
             triton_gemv.GEMV_W4_CONFIGS.clear()           # the fused int4 GEMV's tiles for this arm
             triton_gemv.GEMV_W4_CONFIGS.update(w4_cfg)
             try:
-                return quant_measure(LLM(str(target), quantization=q, **common), mode)
+                r = quant_measure(LLM(str(target), quantization=q, **common), mode)
+                r["pdl"] = triton_lib.PDL
+                return r
             finally:
+                triton_lib.PDL = pdl
                 quant.CUDA_INT4_KERNEL = keep
                 triton_gemv.GEMV_W4_CONFIGS.clear()
                 triton_gemv.GEMV_W4_CONFIGS.update(defaults_w4)

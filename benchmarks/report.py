@@ -435,6 +435,27 @@ def gpu_decode(r) -> None:
                   f"{v.get('graph_replay_ms') or 0:.3f} ms, roofline share {v['roofline_share']:.2f}, "
                   f"{kp.get('kernels_per_step', 0):.0f} kernels a step, same tokens as the default "
                   f"{v['same_tokens_as_default']:.0%}")
+    pdl = []
+    for b in (1, 16, 64):                  # programmatic dependent launch switched against the default
+        v, g = a.get(f"afford_graphs_pdl_b{b}") or a.get(f"afford_graphs_nopdl_b{b}"), a.get(f"afford_graphs_b{b}")
+        if v and g:
+            on, off = (v, g) if v["pdl"] else (g, v)
+            pdl.append([f"bf16, batch {b}", f"{on['tok_s']:.0f}", f"{off['tok_s']:.0f}", f"{on['tok_s'] / off['tok_s']:.2f}x",
+                        f"{on['decode_ms']:.3f} / {off['decode_ms']:.3f}", f"{v.get('graph_replay_ms') or 0:.3f}",
+                        f"{v['same_tokens_as_default']:.0%}"])
+    v, g = a.get("afford_int4_pdl"), a.get("afford_int4")
+    if v and g:
+        on, off = (v, g) if v["pdl"] else (g, v)
+        for b in (1, 16):
+            if f"b{b}" in on and f"b{b}" in off:
+                pdl.append([f"int4, batch {b}", f"{on[f'b{b}']['tok_s']:.0f}", f"{off[f'b{b}']['tok_s']:.0f}",
+                            f"{on[f'b{b}']['tok_s'] / off[f'b{b}']['tok_s']:.2f}x",
+                            f"{on[f'b{b}']['decode_ms']:.3f} / {off[f'b{b}']['decode_ms']:.3f}",
+                            f"{v[f'b{b}'].get('graph_replay_ms') or 0:.3f}", ""])
+    if pdl:
+        print("\nProgrammatic dependent launch (afford/models/triton_lib.py) on vs off, graphs:\n\n"
+              + table(["arm", "PDL tok/s", "no PDL tok/s", "PDL / no PDL", "decode ms PDL / no PDL",
+                       "switched arm's graph replay ms", "same tokens"], pdl))
     sv, g = a.get("afford_graphs_swept_b1"), a.get("afford_graphs_b1")
     if sv and g:
         print(f"\nThe sweep's tiles {sv['configs']} instead of the defaults, batch 1: {sv['tok_s']:.0f} vs "

@@ -425,3 +425,37 @@ def test_a_failed_capture_leaves_that_shape_eager(random_pair):
     graphs._capture = capture_fails
     assert [o.token_ids for o in llm.generate(ps, params)] == ref
     assert graphs.shapes and all(s.failed for s in graphs.shapes.values()) and graphs.replays == 0
+
+
+@needs_triton
+def test_pdl_kernels_load_their_first_weights_before_the_wait():
+    """Programmatic dependent launch (triton_lib.PDL), compiled here for an sm_90 card (Triton's ptxas and
+    nvdisasm, no GPU): each one-row GEMV kernel signals its dependents (PREEXIT), loads exactly its first step's
+    weights -- the tile's bytes in 16-byte vectors, nothing else -- and only then waits for the kernel before
+    it (ACQBULK), writing nothing before the wait; without PDL neither instruction is there."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gemv_sass
+    picks = {("qkv", "bf16", (4, 2048, 4, 1)), ("qkv", "int4 pairs", (4, 2048, 4, 1)),
+             ("gate_up", "bf16", (4, 2048, 4, 1)), ("gate_up", "int4 pairs", (16, 512, 4, 1)),
+             ("gate_up", "int4 halves", (8, 1024, 4, 1, 1)), ("gate_up", "int4 tensor cores", (32, 512, 4, 1, 2)),
+             ("down", "bf16", (4, 2048, 4, 1)), ("down", "int4 pairs", (8, 1024, 4, 1))}
+    seen = 0
+    for role, (N, K, fused, swiglu) in gemv_sass.ROLES.items():
+        for pdl in (True, False):
+            for kind, cfg, fn, sig, cst, steps, bn, F in gemv_sass.variants(N, K, fused, swiglu, pdl):
+                if (role, kind, cfg) not in picks:
+                    continue
+                ops = [line.split("*/")[1].split(";")[0].strip() for line in
+                       gemv_sass.sass(gemv_sass.build(fn, sig, cst, cfg[2], cfg[3])) if "*/" in line]
+                names = [o.split()[1] if o.startswith("@") else o.split()[0] for o in ops if o]
+                if not pdl:
+                    assert "ACQBULK" not in names and "PREEXIT" not in names
+                    continue
+                seen += 1
+                wait = names.index("ACQBULK")
+                before = names[:wait]
+                rows_bytes = cst["BLOCK_K"] * (2 if kind == "bf16" else 0.5) * bn * (2 if swiglu else 1)
+                assert "PREEXIT" in before and not any(n.startswith("STG") for n in before), (role, cfg)
+                assert before.count("LDG.E.128") == rows_bytes / (cfg[2] * 32 * 16), (role, cfg, kind, before)
+                assert sum(n.startswith("LDG") for n in before) == before.count("LDG.E.128"), (role, cfg, before)
+    assert seen == len(picks)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, pdl_args, tl, triton  # noqa: F401  (available: re-exported)
 
 if triton is not None:
     @triton.jit
@@ -25,7 +25,10 @@ if triton is not None:
                       stride_qr, stride_qh, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
                       H: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                       D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      IEEE: tl.constexpr, PDL: tl.constexpr):
+        if PDL:                              # (triton_lib: programmatic dependent launch)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -78,7 +81,10 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(Acc, Ml, O, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                      SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+                      SPLITS: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, S_PAD)
@@ -130,10 +136,10 @@ def attend_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tab
                                    out.stride(0), out.stride(1), tables.stride(0),
                                    H=H, BS=block_size, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD,
                                    BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
-                                   IEEE=k_pool.dtype == torch.float32, num_warps=4)
+                                   IEEE=k_pool.dtype == torch.float32, num_warps=4, **pdl_args(q))
     if splits > 1:
         _merge_kernel[(R, H)](acc, ml, out, out.stride(0), out.stride(1), H=H, D=D, D_PAD=D_PAD, SPLITS=splits,
-                              S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1)
+                              S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1, **pdl_args(q))
     return out
 
 
@@ -141,7 +147,11 @@ if triton is not None:
     @triton.jit
     def _rope_store_kernel(QKV, COS, SIN, POS, SLOTS, KP, VP, QO, scratch,
                            stride_n, stride_h, stride_cos, stride_ks, stride_kh, stride_qn, stride_qh,
-                           H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                           H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                           PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         n = tl.program_id(0)
         h = tl.program_id(1)                 # one of the H + 2 KV heads of token n's q|k|v
         j = tl.arange(0, HALF_PAD)
@@ -190,5 +200,5 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
         _rope_store_kernel[(N, HH)](qkv, cos, sin, positions, slots, k_pool, v_pool, q, scratch,
                                     qkv.stride(0), qkv.stride(1), cos.stride(0), k_pool.stride(0), k_pool.stride(1),
                                     q.stride(0), q.stride(1), H=heads, KV=KV, HALF=D // 2,
-                                    HALF_PAD=max(2, triton.next_power_of_2(D // 2)), num_warps=1)
+                                    HALF_PAD=max(2, triton.next_power_of_2(D // 2)), num_warps=1, **pdl_args(qkv))
     return q

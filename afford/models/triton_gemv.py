@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, pdl_args, tl, triton  # noqa: F401  (available: re-exported)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role. The
 # defaults: gpu_decode.py's gemv_sweep on an H200 (797054a), each role's fastest of SWEEP_CONFIGS over 22
@@ -100,56 +100,9 @@ if triton is not None:
         _store_out(Y, n, nm, y * r, yu * r, SWIGLU)
 
     @triton.jit
-    def _gemv_kernel(X, A, XO, G, W, Y, N, UP_OFF, eps, stride_w, K: tl.constexpr,
-                     HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
-        kk = tl.arange(0, BLOCK_K)
-        rows = W + n[:, None].to(tl.int64) * stride_w
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        ss = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            if EVEN_K:                      # no mask along K: the loads stay 16-byte vectors
-                x = tl.load(X + k)
-                if HAS_ADD:
-                    x = (x.to(tl.float32) + tl.load(A + k).to(tl.float32)).to(x.dtype)
-                    tl.store(XO + k, x, mask=(k < K) & (pid == 0))
-                xf = x.to(tl.float32)
-                if NORM:
-                    ss += xf * xf
-                    xf = xf * tl.load(G + k).to(tl.float32)
-                w = tl.load(rows + k[None, :], mask=nm[:, None], other=0.0)
-                acc += w.to(tl.float32) * xf[None, :]
-                if SWIGLU:
-                    u = tl.load(rows + UP_OFF + k[None, :], mask=nm[:, None], other=0.0)
-                    acc_u += u.to(tl.float32) * xf[None, :]
-            else:
-                km = k < K
-                x = tl.load(X + k, mask=km, other=0.0)
-                if HAS_ADD:
-                    x = (x.to(tl.float32) + tl.load(A + k, mask=km, other=0.0).to(tl.float32)).to(x.dtype)
-                    tl.store(XO + k, x, mask=km & (pid == 0))
-                xf = x.to(tl.float32)
-                if NORM:
-                    ss += xf * xf
-                    xf = xf * tl.load(G + k, mask=km, other=0.0).to(tl.float32)
-                m2 = nm[:, None] & km[None, :]
-                w = tl.load(rows + k[None, :], mask=m2, other=0.0)
-                acc += w.to(tl.float32) * xf[None, :]
-                if SWIGLU:
-                    u = tl.load(rows + UP_OFF + k[None, :], mask=m2, other=0.0)
-                    acc_u += u.to(tl.float32) * xf[None, :]
-        r = _inv_rms(ss, eps, K, NORM)
-        _store_out(Y, n, nm, tl.sum(acc, axis=1) * r, tl.sum(acc_u, axis=1) * r, SWIGLU)
-
-    @triton.jit
     def _x_part(X, A, XO, G, k, km, pid, HAS_ADD: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
         """x at k (+ the addend, written back by program 0), fp32, times the norm's weight; and its squares.
-        km: which k exist (EVEN: all; the loads then carry no mask)."""
+        km: which k exist (EVEN: all; the loads then carry no mask, so they stay 16-byte vectors)."""
         if EVEN:
             x = tl.load(X + k)
         else:
@@ -171,25 +124,144 @@ if triton is not None:
         return xf, sq
 
     @triton.jit
-    def _nibbles(P, rows, col, nm, cm):
-        """The (BLOCK_N, len(col)) bytes' low and high nibbles minus 8, as fp32: each nibble becomes the low
-        mantissa bits of 2^23 (or-ed into 0x4B000000), minus 2^23 + 8 -- no conversion instruction. Bytes
-        masked off (rows past N, columns cm False) read 0: -8, against an x of 0."""
-        b = tl.load(rows + col[None, :], mask=nm[:, None] & cm[None, :], other=0).to(tl.uint32)
+    def _rows(R, k, nm, km, EVEN: tl.constexpr):
+        """A (BLOCK_N, len(k)) tile of the rows R at columns k: rows past N (nm False) and, unless EVEN, columns
+        past K (km False) read 0."""
+        if EVEN:
+            t = tl.load(R + k[None, :], mask=nm[:, None], other=0.0)
+        else:
+            t = tl.load(R + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        return t
+
+    @triton.jit
+    def _gemv_step(X, A, XO, G, pid, k, km, w, u, acc, acc_u, ss, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
+                   SWIGLU: tl.constexpr, EVEN: tl.constexpr):
+        """One step of _gemv_kernel over columns k, its weights w (and the up rows' u) loaded."""
+        xf, sq = _x_part(X, A, XO, G, k, km, pid, HAS_ADD, NORM, EVEN)
+        acc += w.to(tl.float32) * xf[None, :]
+        if SWIGLU:
+            acc_u += u.to(tl.float32) * xf[None, :]
+        return acc, acc_u, ss + sq
+
+    @triton.jit
+    def _gemv_kernel(X, A, XO, G, W, Y, N, UP_OFF, eps, stride_w, K: tl.constexpr,
+                     HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        kk = tl.arange(0, BLOCK_K)
+        rows = W + n[:, None].to(tl.int64) * stride_w
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        # the first step's weights: no kernel writes them, so under PDL they load while the kernel before
+        # this one still runs; x and the addend (that kernel's output) only after the wait
+        w = _rows(rows, kk, nm, kk < K, EVEN_K)
+        u = w
+        if SWIGLU:
+            u = _rows(rows + UP_OFF, kk, nm, kk < K, EVEN_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc, acc_u, ss = _gemv_step(X, A, XO, G, pid, kk, kk < K, w, u, acc, acc_u, ss, HAS_ADD, NORM, SWIGLU, EVEN_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + kk
+            w = _rows(rows, k, nm, k < K, EVEN_K)
+            u = w
+            if SWIGLU:
+                u = _rows(rows + UP_OFF, k, nm, k < K, EVEN_K)
+            acc, acc_u, ss = _gemv_step(X, A, XO, G, pid, k, k < K, w, u, acc, acc_u, ss, HAS_ADD, NORM, SWIGLU, EVEN_K)
+        r = _inv_rms(ss, eps, K, NORM)
+        _store_out(Y, n, nm, tl.sum(acc, axis=1) * r, tl.sum(acc_u, axis=1) * r, SWIGLU)
+
+    @triton.jit
+    def _w4_col(c, j, K: tl.constexpr, HALVES: tl.constexpr):
+        """The byte columns of gemv_w4's step at c (a byte column in the halves layout, a k in the pairs one)
+        and which exist."""
+        if HALVES:
+            col = c + j
+        else:
+            col = c // 2 + j
+        return col, col < K // 2
+
+    @triton.jit
+    def _codes(rows, col, nm, cm):
+        """The (BLOCK_N, len(col)) bytes of the rows at col (rows past N, columns cm False: 0)."""
+        return tl.load(rows + col[None, :], mask=nm[:, None] & cm[None, :], other=0)
+
+    @triton.jit
+    def _nibbles(b):
+        """Bytes' low and high nibbles minus 8, as fp32: each nibble becomes the low mantissa bits of 2^23 (or-ed
+        into 0x4B000000), minus 2^23 + 8 -- no conversion instruction. A masked byte (0) reads -8, against an x
+        of 0."""
+        b = b.to(tl.uint32)
         lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         return lo, hi
 
     @triton.jit
+    def _w4_step(X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
+                 K: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
+                 SWIGLU: tl.constexpr, HALVES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+        """One step of _gemv_w4_kernel at c, its code bytes b (the up rows' bu) loaded."""
+        ONE: tl.constexpr = GROUP == K
+        if HALVES:
+            cm = (c + j) < K // 2
+            xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
+            xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
+            ss += sqe + sqo
+            g_lo = c // GROUP
+            g_hi = (K // 2 + c) // GROUP
+            xs_lo = tl.sum(xe, axis=0)
+            xs_hi = tl.sum(xo, axis=0)
+            if ONE:
+                xsum += xe + xo
+        else:
+            xf, sq = _x_part(X, A, XO, G, c + kk, (c + kk) < K, pid, HAS_ADD, NORM, EVEN)
+            ss += sq
+            xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
+            g_lo = c // GROUP
+            g_hi = g_lo
+            xs_lo = tl.sum(xf, axis=0)
+            xs_hi = 0.0
+            if ONE:
+                xsum += xf
+        lo, hi = _nibbles(b)
+        if ONE:
+            acc += lo * xe[None, :] + hi * xo[None, :]
+        else:
+            s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
+            s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
+            acc += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
+            zacc += tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
+                + tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
+        if SWIGLU:
+            lo, hi = _nibbles(bu)
+            if ONE:
+                acc_u += lo * xe[None, :] + hi * xo[None, :]
+            else:
+                nu = n + F_OFF
+                s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
+                s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
+                acc_u += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
+                zacc_u += tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
+                    + tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
+        return acc, acc_u, zacc, zacc_u, ss, xsum
+
+    @triton.jit
     def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
                         GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                        HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                        HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                        PDL: tl.constexpr):
         # int4 codes two a byte, w = (q - 8) * s + z per (row, group). Layouts: pairs (triton_int4.pack: k
         # and k + 1 share a byte; x is loaded whole and split in registers) or halves (pack_halves: k and
         # k + K / 2 share a byte; x is loaded as two contiguous halves, no split). A step covers BLOCK_K
         # weights of a row inside one group per nibble; the zero point multiplies the sum of x once per
         # row; one group per row (GROUP == K): the scale applies at the end, and the last step may run past
-        # the row (EVEN False: masked), so a K of no power of two still takes long steps.
+        # the row (EVEN False: masked), so a K of no power of two still takes long steps. The first step's
+        # codes load before PDL's wait, as _gemv_kernel's weights do.
         ONE: tl.constexpr = GROUP == K
         END: tl.constexpr = K // 2 if HALVES else K
         STEP: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
@@ -206,51 +278,27 @@ if triton is not None:
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((STEP,), tl.float32)
         xsum = tl.zeros((STEP,), tl.float32)
-        for c in range(0, END, STEP):
-            if HALVES:
-                cm = (c + j) < K // 2
-                xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
-                xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
-                ss += sqe + sqo
-                col = c + j
-                g_lo = c // GROUP
-                g_hi = (K // 2 + c) // GROUP
-                xs_lo = tl.sum(xe, axis=0)
-                xs_hi = tl.sum(xo, axis=0)
-                if ONE:
-                    xsum += xe + xo
-            else:
-                xf, sq = _x_part(X, A, XO, G, c + kk, (c + kk) < K, pid, HAS_ADD, NORM, EVEN)
-                ss += sq
-                xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
-                col = c // 2 + j
-                cm = col < K // 2
-                g_lo = c // GROUP
-                g_hi = g_lo
-                xs_lo = tl.sum(xf, axis=0)
-                xs_hi = 0.0
-                if ONE:
-                    xsum += xf
-            lo, hi = _nibbles(P, rows, col, nm, cm)
-            if ONE:
-                acc += lo * xe[None, :] + hi * xo[None, :]
-            else:
-                s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
-                s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
-                acc += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
-                zacc += tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
-                    + tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        col, cm = _w4_col(0, j, K, HALVES)
+        b = _codes(rows, col, nm, cm)
+        bu = b
+        if SWIGLU:
+            bu = _codes(rows_u, col, nm, cm)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
+            X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, 0, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
+            K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
+        for c in range(STEP, END, STEP):
+            col, cm = _w4_col(c, j, K, HALVES)
+            b = _codes(rows, col, nm, cm)
+            bu = b
             if SWIGLU:
-                lo, hi = _nibbles(P, rows_u, col, nm, cm)
-                if ONE:
-                    acc_u += lo * xe[None, :] + hi * xo[None, :]
-                else:
-                    nu = n + F_OFF
-                    s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
-                    s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
-                    acc_u += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
-                    zacc_u += tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
-                        + tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
+                bu = _codes(rows_u, col, nm, cm)
+            acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
+                X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
+                K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
         _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
                    tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
@@ -296,20 +344,64 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _w4_tc_step(X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss,
+                    xsum, K: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
+                    SWIGLU: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr):
+        """One step of _gemv_w4_tc_kernel at byte column c, its code bytes b (the up rows' bu) loaded."""
+        ONE: tl.constexpr = GROUP == K
+        OFF: tl.constexpr = 1032.0 if FP16 else 136.0
+        OPDT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+        cm = (c + j) < K // 2
+        xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
+        xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
+        ss += sqe + sqo
+        xe_op = xe.to(OPDT)
+        xo_op = xo.to(OPDT)
+        xe16 = tl.where(r16[None, :] == 0, xe_op[:, None], 0.0).to(OPDT)             # (HALF, 16), column 0 = x
+        xo16 = tl.where(r16[None, :] == 0, xo_op[:, None], 0.0).to(OPDT)
+        lo, hi = _w4_operands(b, USE_ASM, FP16)                                        # (BLOCK_N, HALF)
+        if ONE:
+            acc = tl.dot(lo, xe16, acc)
+            acc = tl.dot(hi, xo16, acc)
+            xsum += xe_op.to(tl.float32) + xo_op.to(tl.float32)
+        else:
+            g_lo = c // GROUP
+            g_hi = (K // 2 + c) // GROUP
+            s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
+            s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
+            xs_lo = tl.sum(xe_op.to(tl.float32), axis=0)
+            xs_hi = tl.sum(xo_op.to(tl.float32), axis=0)
+            acc += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
+            zacc += (tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
+                + (tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
+        if SWIGLU:
+            lo, hi = _w4_operands(bu, USE_ASM, FP16)
+            if ONE:
+                acc_u = tl.dot(lo, xe16, acc_u)
+                acc_u = tl.dot(hi, xo16, acc_u)
+            else:
+                nu = n + F_OFF
+                s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
+                s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
+                acc_u += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
+                zacc_u += (tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
+                    + (tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
+        return acc, acc_u, zacc, zacc_u, ss, xsum
+
+    @triton.jit
     def _gemv_w4_tc_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
                            GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
-                           FP16: tl.constexpr):
+                           FP16: tl.constexpr, PDL: tl.constexpr):
         # gemv_w4 through the tensor cores (the halves layout): the codes become 16-bit operands (128 + q, see
         # _w4_operands), the rows of W the product's M, x a 16-column operand whose column 0 is x, so the
         # products cost mma instructions instead of a multiply-add per weight; 128 + 8 (1024 + 8) times the
         # operand x's sum comes off after the sums, which are fp32. Rows of a program: BLOCK_N >= 16. Offline
-        # (sm_90 SASS of a one-step tile, benchmarks/gemv_sass.py) ~5-6 instructions a weight against ~12 for
-        # _gemv_w4_kernel; on a card: not yet run.
+        # (sm_90 SASS, benchmarks/gemv_sass.py) 3.2-4.3 instructions a weight at its best tiles against 7-12
+        # for _gemv_w4_kernel; on a card: not yet run.
         ONE: tl.constexpr = GROUP == K
         HALF: tl.constexpr = BLOCK_K // 2
         OFF: tl.constexpr = 1032.0 if FP16 else 136.0
-        OPDT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -323,44 +415,27 @@ if triton is not None:
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((HALF,), tl.float32)
         xsum = tl.zeros((HALF,), tl.float32)
-        for c in range(0, K // 2, HALF):
-            cm = (c + j) < K // 2
-            xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
-            xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
-            ss += sqe + sqo
-            xe_op = xe.to(OPDT)
-            xo_op = xo.to(OPDT)
-            xe16 = tl.where(r16[None, :] == 0, xe_op[:, None], 0.0).to(OPDT)             # (HALF, 16), column 0 = x
-            xo16 = tl.where(r16[None, :] == 0, xo_op[:, None], 0.0).to(OPDT)
-            b = tl.load(rows + (c + j)[None, :], mask=nm[:, None] & cm[None, :], other=0)
-            lo, hi = _w4_operands(b, USE_ASM, FP16)                                        # (BLOCK_N, HALF)
-            if ONE:
-                acc = tl.dot(lo, xe16, acc)
-                acc = tl.dot(hi, xo16, acc)
-                xsum += xe_op.to(tl.float32) + xo_op.to(tl.float32)
-            else:
-                g_lo = c // GROUP
-                g_hi = (K // 2 + c) // GROUP
-                s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
-                s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
-                xs_lo = tl.sum(xe_op.to(tl.float32), axis=0)
-                xs_hi = tl.sum(xo_op.to(tl.float32), axis=0)
-                acc += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
-                zacc += (tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
-                    + (tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        col, cm = _w4_col(0, j, K, True)                # the first step's codes before PDL's wait
+        b = _codes(rows, col, nm, cm)
+        bu = b
+        if SWIGLU:
+            bu = _codes(rows_u, col, nm, cm)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
+            X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, 0, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
+            K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16)
+        for c in range(HALF, K // 2, HALF):
+            col, cm = _w4_col(c, j, K, True)
+            b = _codes(rows, col, nm, cm)
+            bu = b
             if SWIGLU:
-                b = tl.load(rows_u + (c + j)[None, :], mask=nm[:, None] & cm[None, :], other=0)
-                lo, hi = _w4_operands(b, USE_ASM, FP16)
-                if ONE:
-                    acc_u = tl.dot(lo, xe16, acc_u)
-                    acc_u = tl.dot(hi, xo16, acc_u)
-                else:
-                    nu = n + F_OFF
-                    s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
-                    s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
-                    acc_u += tl.dot(lo, xe16) * s_lo[:, None] + tl.dot(hi, xo16) * s_hi[:, None]
-                    zacc_u += (tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
-                        + (tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
+                bu = _codes(rows_u, col, nm, cm)
+            acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
+                X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
+                K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16)
         col0 = r16[None, :] == 0                                                            # x's column of the sums
         _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(tl.where(col0, acc, 0.0), axis=1),
                    tl.sum(tl.where(col0, acc_u, 0.0), axis=1), zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
@@ -424,13 +499,14 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
             y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group,
             HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
             EVEN=(K // 2) % (bk // 2) == 0, USE_ASM=x.is_cuda, FP16=x.dtype != torch.bfloat16, num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, **pdl_args(x))
         return y, h
     _gemv_w4_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
         F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
         NORM=norm is not None, SWIGLU=swiglu, HALVES=halves, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN=(K // 2) % (bk // 2) == 0 if halves else K % bk == 0, num_warps=warps, num_stages=stages)
+        EVEN=(K // 2) % (bk // 2) == 0 if halves else K % bk == 0, num_warps=warps, num_stages=stages,
+        **pdl_args(x))
     return y, h
 
 
@@ -453,5 +529,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int], *,
     _gemv_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, w, y, F, F * w.stride(0), eps,
         w.stride(0), K=K, HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
+        EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages, **pdl_args(x))
     return y, h

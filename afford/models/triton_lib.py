@@ -1,12 +1,44 @@
 """Triton where it is installed (every CUDA build of torch brings it), None elsewhere: afford's kernels
-(attention/triton_paged.py, models/triton_int8.py, triton_int4.py, triton_ops.py) import it from here and
-define themselves only when it is there; the CPU runs torch."""
+(attention/triton_paged.py, models/triton_int8.py, triton_int4.py, triton_ops.py, triton_gemv.py) import it
+from here and define themselves only when it is there; the CPU runs torch.
+
+Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may start while the kernel
+before it in the stream is still finishing; it must wait (griddepcontrol.wait, `gdc_wait`) before it reads
+anything an earlier kernel wrote. The decode step's own kernels -- the one-row GEMVs (which load their first
+weights, written by no kernel, before the wait), the fused RoPE + K/V store, paged attention and its merge --
+take a `PDL` constexpr and launch with `**pdl_args(tensor)`. Every such kernel waits in all its programs
+before it writes or reads a predecessor's output, so an earlier kernel's writes are visible to a later one
+through the chain of waits; a kernel launched without PDL (torch's, cuBLAS) waits for the whole stream as
+always. Off unless AFFORD_PDL=1 (or `triton_lib.PDL = True` before a graph is captured): not yet measured on
+a card (benchmarks/gpu_decode.py's afford_graphs_pdl arms)."""
+from __future__ import annotations
+
+import functools
+import os
+
 try:
     import triton
     import triton.language as tl
 except ImportError:                     # CPU-only installs
     triton = tl = None
 
+PDL = os.environ.get("AFFORD_PDL", "0") == "1"
+
 
 def available() -> bool:
     return triton is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    import torch
+    from triton.language.extra import cuda as tl_cuda
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl_cuda, "gdc_wait")
+
+
+def pdl_args(t) -> dict:
+    """The launch arguments of a PDL-aware kernel for tensors on t's device: the kernel's PDL constexpr, and
+    Triton's launch_pdl where PDL is switched on and the card has it (compute capability 9.0+)."""
+    if PDL and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else 0):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
