@@ -99,14 +99,19 @@ def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
         yield ("bf16", c, tg._gemv_kernel, sig, dict(K=K, **flags, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0),
                -(-K // bk), bn, F)
     for c in tg.W4_SWEEP_CONFIGS:
-        kind = c[4] if len(c) > 4 else 0
-        halves = kind in (1, 2)
-        bk = tg.w4_block_k(K, K, c[1], halves)
+        layout, tc = tg.w4_kind(c)
+        halves = layout == "halves"
+        bk = tg.w4_block_k(K, K, c[1], layout)
         even = (K // 2) % (bk // 2) == 0 if halves else K % bk == 0
         sig = dict(COMMON, P="*u8", S="*fp32", Z="*fp32", Y="*bf16", N="i32", F_OFF="i32", UP_OFF="i64", eps="fp32",
                    stride_p="i32", n_groups="i32")
         steps = -(-(K // 2) // (bk // 2)) if halves else -(-K // bk)
-        if kind == 2:
+        if layout == "octets":
+            sig = {k: ("*i32" if k == "P" else v) for k, v in sig.items() if k != "n_groups"}
+            yield ("int4 octets", c, tg._gemv_w4o_kernel, sig,
+                   dict(K=K, **flags, BLOCK_N=c[0], BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=True),
+                   -(-(K // 8) // (bk // 8)), c[0], F)
+        elif tc:
             yield ("int4 tensor cores", c, tg._gemv_w4_tc_kernel, sig,
                    dict(K=K, GROUP=K, **flags, BLOCK_N=c[0], BLOCK_K=bk, EVEN=even, USE_ASM=True, FP16=False),
                    steps, c[0], F)

@@ -635,7 +635,7 @@ def main():
 
     def gemv_w4_sweep():
         """gemv_sweep for int4 (per-channel scales, what the model's auto group picks for these weights): the
-        fused int4 GEMV (triton_gemv.gemv_w4, both code layouts) over W4_SWEEP_CONFIGS against tinygemm, with
+        fused int4 GEMV (triton_gemv.gemv_w4, every code layout and kernel) over W4_SWEEP_CONFIGS against tinygemm, with
         the fused add + RMSNorm and SwiGLU kernels around it where the GEMV does that work, over 22 matrices per
         role. Each role's choice: its fastest tile where it beats tinygemm (afford_int4_swept runs with the
         choice where it differs from GEMV_W4_CONFIGS)."""
@@ -643,7 +643,6 @@ def main():
             return None
         from afford.models import triton_gemv as tg
         from afford.models.quant import QuantLinear, _graph_us, dequantize, quantize
-        from afford.models.triton_int4 import pack
         from afford.models.triton_ops import add_rmsnorm, silu_mul
         L, roles = shape["num_hidden_layers"], matrix_roles(shape)
         gen = torch.Generator(device=device).manual_seed(3)
@@ -651,8 +650,8 @@ def main():
         for role, (N, K, fused, swiglu) in roles.items():
             mats = [quantize(torch.randn(N, K, generator=gen, device=device) * 0.02, 4, K) for _ in range(L)]
             qls = [QuantLinear(q, s_, z, 4, kernel="int4cuda") for q, s_, z in mats]
-            ops = [(pack(q), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
-            ops_h = [(tg.pack_halves(q), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
+            ops = {lay: [(tg.w4_pack(q, lay), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
+                   for lay in sorted({tg.w4_kind(c)[0] for c in tg.W4_SWEEP_CONFIGS})}
             x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
             gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
             kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
@@ -663,10 +662,8 @@ def main():
             row = {"shape": [N, K], "code_bytes": N * K // 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
                    "tinygemm_us": _graph_us(unfused_chain(x, a, gam, fused, swiglu, qls), 2) / L}
 
-            def w4(c, ms):                           # a fifth element 1: the halves layout, 2: and tensor cores
-                halves, tc = len(c) > 4 and c[4] in (1, 2), len(c) > 4 and c[4] == 2
-                return [tg.gemv_w4(x, *op, K, c[:4], halves=halves, tc=tc, **kw)[0]
-                        for op in (ops_h if halves else ops)[:ms]]
+            def w4(c, ms):                           # a fifth element: the layout (and kernel), tg.w4_kind
+                return [tg.gemv_w4(x, *op, K, c, **kw)[0] for op in ops[tg.w4_kind(c)[0]][:ms]]
             row.update(time_tiles(tg.W4_SWEEP_CONFIGS, lambda c: w4(c, 1)[0], lambda c: lambda: w4(c, L), ref, L,
                                   N * K // 2))
             row["tinygemm_tb_s"] = row["code_bytes"] / row["tinygemm_us"] / 1e6

@@ -243,12 +243,11 @@ def test_fused_gemv_gives_the_layer_logits(random_pair, dtype):
 def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
     """The int4 one-row GEMV with add / RMSNorm / SwiGLU fused: the same formula over the dequantized
     weights within bf16 rounding, per-channel and grouped scales, every tile, layout and kernel (pairs, halves,
-    tensor cores with the PTX conversion) the sweep tries."""
+    tensor cores with the PTX conversion, octets with the lop3) the sweep tries."""
     import torch.nn.functional as F
 
     from afford.models import triton_gemv
     from afford.models.quant import dequantize, quantize
-    from afford.models.triton_int4 import pack
     g = torch.Generator(device="cuda").manual_seed(0)
     for N, K, group, add, norm, swiglu in ((2560, 2048, 2048, True, True, False), (2048, 5632, 5632, False, False, False),
                                            (2 * 1408, 2048, 128, True, True, True), (1000, 768, 256, False, True, True),
@@ -265,14 +264,15 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
             gate, up = yr.chunk(2, dim=-1)
             yr = F.silu(gate) * up
         # every swept tile on the first shape, one of each kernel on the others (each tile is a compile)
-        tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2)]
+        tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2),
+                                                                (8, 1024, 4, 1, 3)]
         for cfg in tiles:
-            halves, tc = len(cfg) > 4 and cfg[4] in (1, 2), len(cfg) > 4 and cfg[4] == 2
-            if triton_gemv.w4_block_k(K, group, cfg[1], halves) is None:
-                continue                                   # halves: the group must divide K / 2
-            packed = triton_gemv.pack_halves(q) if halves else pack(q)
-            y, h = triton_gemv.gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg[:4], add=a, norm=gam,
-                                       eps=1e-5, swiglu=swiglu, halves=halves, tc=tc)
+            layout = triton_gemv.w4_kind(cfg)[0]
+            if triton_gemv.w4_block_k(K, group, cfg[1], layout) is None:
+                continue                                   # halves: the group must divide K / 2; octets: one group
+            packed = triton_gemv.w4_pack(q, layout)
+            y, h = triton_gemv.gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam,
+                                       eps=1e-5, swiglu=swiglu)
             assert torch.equal(h, hr)
             err = (y.float() - yr).abs().max() / yr.abs().max()
             assert y.shape == yr.shape and err < 1.6e-2, (N, K, group, cfg, float(err))
@@ -287,7 +287,8 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
     for cfgs, graphs in (({}, False), (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 2048, 4, 1)), False),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 1024, 4, 1, 2)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 512, 4, 1, 2)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 3)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)

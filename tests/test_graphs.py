@@ -237,24 +237,25 @@ print("ok")
 
 @needs_triton
 def test_fused_int4_gemv_kernel_in_the_interpreter():
-    """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4), both code layouts
-    (pairs, halves) and the tensor-core kernel (its int4 -> 16-bit conversion in Triton ops here; the PTX form
-    runs on the card, tests/test_gpu.py): the same formula over the dequantized weights, one group per row (also with a last step
-    past the row, masked) and several, tiles of one group and of part of one; a halves layout whose groups do
-    not divide K / 2 is refused."""
+    """The int4 one-row product with add / RMSNorm / SwiGLU fused (triton_gemv.gemv_w4), every code layout and
+    kernel (pairs, halves, the tensor-core kernel -- its int4 -> 16-bit conversion in Triton ops here, the PTX
+    form runs on the card, tests/test_gpu.py -- and octets, whose and-or is Triton ops here too): the same
+    formula over the dequantized weights, one group per row (also with a last step past the row, masked) and
+    several, tiles of one group and of part of one; a halves layout whose groups do not divide K / 2, and an
+    octets layout with more than one group a row, are refused."""
     code = """
 import torch
 import torch.nn.functional as F
 from afford.models.quant import dequantize, quantize
-from afford.models.triton_gemv import gemv_w4, pack_halves, w4_block_k
-from afford.models.triton_int4 import pack
+from afford.models.triton_gemv import gemv_w4, w4_block_k, w4_kind, w4_pack
 g = torch.Generator().manual_seed(0)
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
                              (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
-      for halves, tc in ((False, False), (True, False), (True, True)):
-        cfg = (max(16, cfg[0]),) + cfg[1:] if tc else cfg              # the tensor-core kernel: 16+ rows a program
+      for kind in (0, 1, 2, 3):
+        cfg5 = (max(16, cfg[0]) if kind == 2 else cfg[0],) + cfg[1:] + (kind,)   # tensor cores: 16+ rows a program
+        layout, tc = w4_kind(cfg5)
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
             rows = 2 * N if swiglu else N
             q, sc, z = quantize(torch.randn(rows, K, generator=g) * 0.1, 4, group)
@@ -262,15 +263,15 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             x = torch.randn(1, K, generator=g).to(dt)
             a = torch.randn(1, K, generator=g).to(dt) if add else None
             gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
-            packed = pack_halves(q) if halves else pack(q)
-            if w4_block_k(K, group, cfg[1], halves) is None:       # halves: the group must divide K / 2
+            packed = w4_pack(q, layout)
+            if w4_block_k(K, group, cfg[1], layout) is None:       # halves: the group must divide K / 2
                 try:
-                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, halves=halves, tc=tc)
+                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5)
                     raise AssertionError("no error")
                 except ValueError:
                     continue
-            y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam, eps=1e-5,
-                           swiglu=swiglu, halves=halves, tc=tc)
+            y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5, add=a, norm=gam, eps=1e-5,
+                           swiglu=swiglu)
             # the tensor cores take x as a 16-bit operand: its rounding (~1e-3 relative in fp16) on top
             tol_v = max(tol, 2e-3) if tc else tol
             hr = x + a if add else x
@@ -281,7 +282,7 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                 yr = F.silu(gate) * up
             assert torch.equal(h, hr)
             assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol_v * (1 + yr.abs().max()), \
-                (dt, N, K, group, halves, tc, add, norm, swiglu, (y.float() - yr).abs().max())
+                (dt, N, K, group, cfg5, add, norm, swiglu, (y.float() - yr).abs().max())
 print("ok")
 """
     interpret(code)
@@ -317,10 +318,12 @@ triton_gemv.GEMV_W4_CONFIGS["gate_up"] = (8, 128, 4, 1)
 assert m._gemv_ready()                           # down keeps its own kernel
 {ONE_ROW_STEP}halves = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 1))     # the halves code layout
 tc = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2))        # halves, tensor cores
-for cfgs in (dict(down=None), dict(down=(8, 128, 4, 1)), halves, tc):
+octets = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 3))     # the octets code layout
+for cfgs, layout in ((dict(down=None), "pairs"), (dict(down=(8, 128, 4, 1)), "pairs"), (halves, "halves"),
+                     (tc, "halves"), (octets, "octets")):
     triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
     assert m._gemv_ready()
-    assert all(getattr(mod, "_w4_halves", None) == (cfgs in (halves, tc)) for mod in m.modules() if getattr(mod, "_w4", None))
+    assert all(mod._w4_layout == layout for mod in m.modules() if getattr(mod, "_w4", None))
     out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
     # the CPU's int4 kernel rounds activations to bf16, the fused GEMV keeps them in fp32
     err = float((out - ref).abs().max() / ref.abs().max())
@@ -438,7 +441,8 @@ def test_pdl_kernels_load_their_first_weights_before_the_wait():
     picks = {("qkv", "bf16", (4, 2048, 4, 1)), ("qkv", "int4 pairs", (4, 2048, 4, 1)),
              ("gate_up", "bf16", (4, 2048, 4, 1)), ("gate_up", "int4 pairs", (16, 512, 4, 1)),
              ("gate_up", "int4 halves", (8, 1024, 4, 1, 1)), ("gate_up", "int4 tensor cores", (32, 512, 4, 1, 2)),
-             ("down", "bf16", (4, 2048, 4, 1)), ("down", "int4 pairs", (8, 1024, 4, 1))}
+             ("down", "bf16", (4, 2048, 4, 1)), ("down", "int4 pairs", (8, 1024, 4, 1)),
+             ("gate_up", "int4 octets", (8, 1024, 4, 1, 3)), ("down", "int4 octets", (16, 512, 4, 1, 3))}
     seen = 0
     for role, (N, K, fused, swiglu) in gemv_sass.ROLES.items():
         for pdl in (True, False):
@@ -454,7 +458,8 @@ def test_pdl_kernels_load_their_first_weights_before_the_wait():
                 seen += 1
                 wait = names.index("ACQBULK")
                 before = names[:wait]
-                rows_bytes = cst["BLOCK_K"] * (2 if kind == "bf16" else 0.5) * bn * (2 if swiglu else 1)
+                step = cst["BLOCK_C"] * 8 if "BLOCK_C" in cst else cst["BLOCK_K"]         # weights a row a step
+                rows_bytes = step * (2 if kind == "bf16" else 0.5) * bn * (2 if swiglu else 1)
                 assert "PREEXIT" in before and not any(n.startswith("STG") for n in before), (role, cfg)
                 assert before.count("LDG.E.128") == rows_bytes / (cfg[2] * 32 * 16), (role, cfg, kind, before)
                 assert sum(n.startswith("LDG") for n in before) == before.count("LDG.E.128"), (role, cfg, before)

@@ -508,16 +508,16 @@ class Transformer(nn.Module):
                 if m.bits != 4 or m.zeros is None or m.bias is not None \
                         or triton_gemv.w4_block_k(m.in_features, m.group, 32) is None:
                     return False
-                halves = cfg is not None and len(cfg) > 4 and cfg[4] in (1, 2)
-                fits = cfg is not None and m.group >= min(cfg[1] // (2 if halves else 1), m.in_features) \
-                    and triton_gemv.w4_block_k(m.in_features, m.group, 32, halves) is not None
+                layout = triton_gemv.w4_kind(cfg)[0] if cfg is not None else "pairs"
+                fits = cfg is not None and m.group >= min(cfg[1] // (2 if layout == "halves" else 1), m.in_features) \
+                    and triton_gemv.w4_block_k(m.in_features, m.group, 32, layout) is not None
                 if not fits:
                     m._w4 = None
                     return role not in ("qkv", "gate_up")
-                if getattr(m, "_w4", None) is None or m._w4_halves != halves:   # the GEMV's layout, beside tinygemm's
-                    from afford.models.triton_int4 import pack
-                    codes = triton_gemv.pack_halves(m.codes) if halves else pack(m.codes)
-                    m._w4, m._w4_halves = (codes, m.scales.float().contiguous(), m.zeros.float().contiguous()), halves
+                if getattr(m, "_w4", None) is None or m._w4_layout != layout:   # the GEMV's layout, beside tinygemm's
+                    m._w4 = (triton_gemv.w4_pack(m.codes, layout), m.scales.float().contiguous(),
+                             m.zeros.float().contiguous())
+                    m._w4_layout = layout
                 return True
             return isinstance(m, (PackedLinear, nn.Linear)) and m.bias is None and m.weight.stride(1) == 1
         self._gemv_ok = all(
@@ -537,9 +537,7 @@ class Transformer(nn.Module):
         def mm(role, v, m, **kw):
             if isinstance(m, QuantLinear):
                 if GEMV_W4_CONFIGS.get(role) is not None and getattr(m, "_w4", None) is not None:
-                    cfg = GEMV_W4_CONFIGS[role]
-                    return gemv_w4(v, *m._w4, m.group, cfg[:4], halves=m._w4_halves, tc=len(cfg) > 4 and cfg[4] == 2,
-                                   **kw)
+                    return gemv_w4(v, *m._w4, m.group, GEMV_W4_CONFIGS[role], **kw)
             elif GEMV_CONFIGS.get(role) is not None:
                 return gemv(v, m.weight, GEMV_CONFIGS[role], **kw)
             h = v if kw.get("add") is None else v + kw["add"]

@@ -46,20 +46,21 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
 # gate|up with add + norm + SwiGLU 11.3 vs 12.2; o 4.18 vs tinygemm's 3.71 and down 12.2 vs 6.25 stay on
 # tinygemm. The whole batch-1 int4 step: 0.804 vs 0.856 ms (1,146 vs 1,082 tok/s); run 9 (69fc557) with these
 # defaults: 0.755 vs 0.873 ms.
-# A fifth element: 0 (or none) the pairs layout, 1 the halves layout (pack_halves), 2 the halves layout
-# through the tensor cores (_gemv_w4_tc_kernel); 1 and 2 not yet measured on a card.
+# A fifth element (W4_KINDS): 0 (or none) the pairs layout, 1 the halves layout (pack_halves), 2 the halves
+# layout through the tensor cores (_gemv_w4_tc_kernel), 3 the octets layout (pack_octets, one group a row;
+# _gemv_w4o_kernel); 1-3 not yet measured on a card.
 GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (4, 2048, 4, 1), "gate_up": (16, 512, 4, 1)}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
                  (16, 512, 4, 1), (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3), (4, 1024, 4, 2), (16, 256, 4, 3)]
-W4_SWEEP_CONFIGS = [(2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1), (16, 2048, 8, 1), (4, 1024, 2, 1), (8, 1024, 4, 1),
-                    (16, 1024, 8, 1), (8, 512, 4, 1), (16, 512, 4, 1), (32, 512, 8, 1)]
-W4_SWEEP_CONFIGS += [(4, 2048, 4, 2), (8, 1024, 4, 3), (16, 512, 4, 3), (1, 2048, 1, 1)]   # pipelined; one row a program
-W4_SWEEP_CONFIGS += [c + (1,) for c in ((2, 2048, 2, 1), (4, 2048, 4, 1), (8, 2048, 4, 1), (16, 2048, 8, 1),
-                                        (8, 1024, 4, 1), (16, 1024, 8, 1), (16, 512, 4, 1), (32, 512, 8, 1),
-                                        (4, 2048, 4, 2), (8, 1024, 4, 3))]
-W4_SWEEP_CONFIGS += [c + (2,) for c in ((16, 1024, 4, 1), (32, 1024, 4, 1), (32, 512, 4, 1), (64, 512, 4, 1),
-                                        (64, 256, 4, 1), (128, 256, 8, 1))]          # tensor cores
+# (run 8 timed ten pairs tiles; five, each slower on every role than a tile kept here, left the list to keep the
+# card's sweep short: 2 x 2048, 16 x 2048, 16 x 1024, 8 x 512 and 32 x 512 rows x K)
+W4_SWEEP_CONFIGS = [(4, 2048, 4, 1), (8, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1),
+                    (8, 1024, 4, 3)]                                                 # pairs (the last pipelined)
+W4_SWEEP_CONFIGS += [c + (1,) for c in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1))]  # halves
+W4_SWEEP_CONFIGS += [c + (2,) for c in ((32, 512, 4, 1), (64, 256, 4, 1), (128, 256, 8, 1))]   # tensor cores
+W4_SWEEP_CONFIGS += [c + (3,) for c in ((8, 1024, 4, 1), (16, 512, 4, 1), (8, 2048, 4, 1), (4, 1024, 2, 1),
+                                        (16, 512, 4, 2))]                            # octets
 
 if triton is not None:
     @triton.jit
@@ -303,6 +304,97 @@ if triton is not None:
                    tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
 
+    @triton.constexpr_function
+    def _nib_shift(j):
+        """Where nibble j of an octets word sits: bit 4j of the word for j < 5, else bit 4(j - 3) of word >> 12
+        (bits 20 and up would reach 2^23's exponent)."""
+        j = int(getattr(j, "value", j))
+        return 4 * j if j < 5 else 4 * (j - 3)
+
+    @triton.constexpr_function
+    def _nib_lop3(j):
+        return f"lop3.b32 $0, $1, {15 << _nib_shift(j)}, 0x4B000000, 0xea;"    # (a & mask) | 0x4B000000
+
+    @triton.jit
+    def _mant(src, J: tl.constexpr, USE_ASM: tl.constexpr):
+        """Nibble J's bits of src in 2^23's mantissa, read as fp32: 2^23 + 2^sh * q. One lop3 on a card (ptxas
+        emits an and and an or for the Triton ops, which the interpreter runs)."""
+        if USE_ASM:
+            v = tl.inline_asm_elementwise(_nib_lop3(J), "=r,r", [src], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            v = ((src & (15 << _nib_shift(J))) | 0x4B000000).to(tl.float32, bitcast=True)
+        return v
+
+    @triton.jit
+    def _w4o_step(X, A, XO, G, pid, c0, c, w, wu, acc, acc_u, ss, xsum, K: tl.constexpr, HAS_ADD: tl.constexpr,
+                  NORM: tl.constexpr, SWIGLU: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+        """One step of _gemv_w4o_kernel at word column c0, its code words w (the up rows' wu) loaded."""
+        SEG: tl.constexpr = K // 8
+        cm = (c0 + c) < SEG
+        w_hi = w >> 12                                   # nibbles 5-7 to bits 8-19
+        wu_hi = wu >> 12
+        for j in tl.static_range(8):
+            xj, sqj = _x_part(X, A, XO, G, j * SEG + c0 + c, cm, pid, HAS_ADD, NORM, EVEN)
+            ss += sqj
+            xsum += xj
+            # nibble j, or-ed into 2^23's mantissa at bit sh, reads 2^23 + p * q (p = 2^sh) exactly; minus
+            # 2^23 + 8p that is p * (q - 8), and x scaled by 1 / p (exact) takes p off inside the multiply-add
+            p = 1 << _nib_shift(j)
+            xs = xj * (1.0 / p)
+            if j < 5:
+                v = _mant(w, j, USE_ASM)
+            else:
+                v = _mant(w_hi, j, USE_ASM)
+            acc = acc + (v - (8388608.0 + 8.0 * p)) * xs[None, :]
+            if SWIGLU:
+                if j < 5:
+                    v = _mant(wu, j, USE_ASM)
+                else:
+                    v = _mant(wu_hi, j, USE_ASM)
+                acc_u = acc_u + (v - (8388608.0 + 8.0 * p)) * xs[None, :]
+        return acc, acc_u, ss, xsum
+
+    @triton.jit
+    def _gemv_w4o_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, K: tl.constexpr,
+                         HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_C: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
+        # gemv_w4 in the octets layout (pack_octets; one group a row): a row is K / 8 int32 words, word c holding
+        # the codes of k = c, c + K/8, ..., c + 7K/8 in its eight nibbles, so a step reads BLOCK_C words of a row
+        # and eight contiguous runs of x. Each weight costs an and-or (the nibble into a float's mantissa, no
+        # shift but one per word), a subtraction and a multiply-add (_w4o_step) -- against the pairs kernel's
+        # byte unpacking, shifts and split sums. USE_ASM: the and-or as one lop3 (inline PTX).
+        SEG: tl.constexpr = K // 8
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        c = tl.arange(0, BLOCK_C)
+        rows = P + n[:, None].to(tl.int64) * stride_p
+        rows_u = rows + UP_OFF
+        acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        ss = tl.zeros((BLOCK_C,), tl.float32)
+        xsum = tl.zeros((BLOCK_C,), tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        w = _codes(rows, c, nm, c < SEG)                # the first step's codes before PDL's wait
+        wu = w
+        if SWIGLU:
+            wu = _codes(rows_u, c, nm, c < SEG)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc, acc_u, ss, xsum = _w4o_step(X, A, XO, G, pid, 0, c, w, wu, acc, acc_u, ss, xsum, K, HAS_ADD, NORM,
+                                         SWIGLU, EVEN, USE_ASM)
+        for c0 in range(BLOCK_C, SEG, BLOCK_C):
+            w = _codes(rows, c0 + c, nm, (c0 + c) < SEG)
+            wu = w
+            if SWIGLU:
+                wu = _codes(rows_u, c0 + c, nm, (c0 + c) < SEG)
+            acc, acc_u, ss, xsum = _w4o_step(X, A, XO, G, pid, c0, c, w, wu, acc, acc_u, ss, xsum, K, HAS_ADD,
+                                             NORM, SWIGLU, EVEN, USE_ASM)
+        _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), 0.0, 0.0,
+                   tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), True, SWIGLU)
+
+
 if triton is not None:
     # int4 -> 16-bit operands as Marlin does it, four bytes at a time: prmt spreads bytes 0 / 1 (2 / 3) into the
     # two halves of a register, one lop3 keeps a nibble of each and ORs in the exponent of 128 (bf16 0x4300; fp16
@@ -442,6 +534,16 @@ if triton is not None:
                    _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
 
+# a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it
+W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False)}
+
+
+def w4_kind(config: tuple[int, ...]) -> tuple[str, bool]:
+    """(layout, tensor cores) of an int4 tile: pairs (triton_int4.pack), halves (pack_halves) or octets
+    (pack_octets)."""
+    return W4_KINDS[config[4] if len(config) > 4 else 0]
+
+
 def pack_halves(codes: torch.Tensor) -> torch.Tensor:
     """codes (N, K) in 0..15 -> (N, K / 2) uint8: k in the low nibble of byte k, k + K / 2 in its high one."""
     u = codes.to(torch.uint8)
@@ -449,15 +551,35 @@ def pack_halves(codes: torch.Tensor) -> torch.Tensor:
     return (u[:, :K // 2] | (u[:, K // 2:] << 4)).contiguous()
 
 
-def w4_block_k(K: int, group: int, want: int, halves: bool = False) -> int | None:
+def pack_octets(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (N, K / 8) int32: nibble j of word c (bits 4j..4j+3) holds k = c + j * K / 8."""
+    N, K = codes.shape
+    u = codes.to(torch.int64).view(N, 8, K // 8)
+    words = sum(u[:, j] << (4 * j) for j in range(8))
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
+def w4_pack(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "octets":
+        return pack_octets(codes)
+    if layout == "halves":
+        return pack_halves(codes)
+    from afford.models.triton_int4 import pack
+    return pack(codes)
+
+
+def w4_block_k(K: int, group: int, want: int, layout: str = "pairs") -> int | None:
     """The step of a row's weights (a power of two <= want) for gemv_w4. One group a row (group == K): any,
-    the last step masked where it runs past the row. Several: each nibble's K-tile inside one group --
-    pairs, BLOCK_K dividing K and the group; halves, BLOCK_K / 2 dividing K / 2 and the group (and the group
-    dividing K / 2)."""
+    the last step masked where it runs past the row (octets: K / 8 words a row, steps of at least 8 words).
+    Several (not octets): each nibble's K-tile inside one group -- pairs, BLOCK_K dividing K and the group;
+    halves, BLOCK_K / 2 dividing K / 2 and the group (and the group dividing K / 2)."""
     if K % 2 or K < 32:
         return None
+    if layout == "octets":
+        return max(64, min(want, 8 << (K // 8 - 1).bit_length())) if K % 8 == 0 and group == K else None
     if group == K:
         return min(want, 1 << (K - 1).bit_length())
+    halves = layout == "halves"
     if halves and (K // 2) % group:
         return None
     b = want
@@ -470,43 +592,48 @@ def w4_block_k(K: int, group: int, want: int, halves: bool = False) -> int | Non
 
 
 def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-            config: tuple[int, int, int, int], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-            eps: float = 0.0, swiglu: bool = False, halves: bool = False, tc: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """gemv() for int4 weights: packed (N, K / 2) uint8 -- triton_int4.pack's pairs, or pack_halves' layout
-    with halves=True -- scales / zeros (N, K / group) fp32, w = (q - 8) * s + z. tc: the products through
-    the tensor cores (_gemv_w4_tc_kernel; the halves layout, at least 16 rows a program; x as a bf16 operand
-    for bf16 activations, fp16 for the others)."""
+            config: tuple[int, ...], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+            eps: float = 0.0, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemv() for int4 weights, w = (q - 8) * s + z: packed in the layout config's fifth element names
+    (w4_kind: triton_int4.pack's pairs or pack_halves' halves, (N, K / 2) uint8; pack_octets' octets, (N, K / 8)
+    int32, one group a row), scales / zeros (N, K / group) fp32. The tensor-core kernel (_gemv_w4_tc_kernel;
+    halves, at least 16 rows a program) takes x as a bf16 operand for bf16 activations, fp16 for the others."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
+    layout, tc = w4_kind(config)
     N, K = packed.shape[0], x.shape[1]
     bn, bk, warps, stages = config[:4]
-    bk = w4_block_k(K, group, bk, halves)
-    if bk is None or packed.shape[1] * 2 != K or K % group or tuple(scales.shape) != (N, K // group) \
-            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1:
-        raise ValueError(f"gemv_w4 needs K ({K}) and the group ({group}) in steps of 32, packed (N, K / 2) with "
-                         f"contiguous rows and scales / zeros (N, K / group); got {tuple(packed.shape)}, "
-                         f"{tuple(scales.shape)}, {tuple(zeros.shape)}")
+    bk = w4_block_k(K, group, bk, layout)
+    per_row = K // 8 if layout == "octets" else K // 2
+    if bk is None or packed.shape[1] != per_row or K % group or tuple(scales.shape) != (N, K // group) \
+            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1 or (tc and bn < 16):
+        raise ValueError(f"gemv_w4 ({layout}{', tensor cores' if tc else ''}) needs K ({K}) and the group ({group}) "
+                         f"in steps of 32 (octets: one group a row, K a multiple of 8), packed (N, {per_row}) with "
+                         f"contiguous rows, scales / zeros (N, K / group) (and 16+ rows a program for the tensor "
+                         f"cores); got {tuple(packed.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}, {config}")
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
     y = torch.empty(1, F, dtype=x.dtype, device=x.device)
-    if tc:
-        if not halves or bn < 16:
-            raise ValueError("gemv_w4(tc=True) needs the halves layout and BLOCK_N >= 16")
+    a = add.contiguous() if add is not None else x
+    g = norm if norm is not None else x
+    common = dict(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
+                  num_stages=stages, **pdl_args(x))
+    if layout == "octets":
+        _gemv_w4o_kernel[(triton.cdiv(F, bn),)](
+            x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), K=K,
+            BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=x.is_cuda, **common)
+    elif tc:
         _gemv_w4_tc_kernel[(triton.cdiv(F, bn),)](
-            x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros,
-            y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group,
-            HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
-            EVEN=(K // 2) % (bk // 2) == 0, USE_ASM=x.is_cuda, FP16=x.dtype != torch.bfloat16, num_warps=warps,
-            num_stages=stages, **pdl_args(x))
-        return y, h
-    _gemv_w4_kernel[(triton.cdiv(F, bn),)](
-        x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, packed, scales, zeros, y,
-        F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1], K=K, GROUP=group, HAS_ADD=add is not None,
-        NORM=norm is not None, SWIGLU=swiglu, HALVES=halves, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN=(K // 2) % (bk // 2) == 0 if halves else K % bk == 0, num_warps=warps, num_stages=stages,
-        **pdl_args(x))
+            x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1],
+            K=K, GROUP=group, BLOCK_K=bk, EVEN=(K // 2) % (bk // 2) == 0, USE_ASM=x.is_cuda,
+            FP16=x.dtype != torch.bfloat16, **common)
+    else:
+        halves = layout == "halves"
+        _gemv_w4_kernel[(triton.cdiv(F, bn),)](
+            x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1],
+            K=K, GROUP=group, HALVES=halves, BLOCK_K=bk, EVEN=(K // 2) % (bk // 2) == 0 if halves else K % bk == 0,
+            **common)
     return y, h
 
 
