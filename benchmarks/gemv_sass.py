@@ -8,7 +8,8 @@ body once per step after the first, which runs before the loop, the rest once), 
 is worth on an H200 if instruction issue were the only limit (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz:
 ~33 T thread-instructions/s) beside the time the bytes take at the card's copy rate (4.2 TB/s, run 8).
 A kernel whose issue time is near or above its measured time (gpu_decode.py's sweeps) is instruction-bound:
-fewer instructions per weight is what makes it faster. Writes benchmarks/results/gemv_sass.json.
+fewer instructions per weight is what makes it faster. "per SM": the same on the SMs the grid occupies (a grid
+of fewer programs than SMs leaves SMs idle; each SM issues ceil(programs / 132) programs' instructions). Writes benchmarks/results/gemv_sass.json.
 
 --pdl compiles them as programmatic dependent launch does (afford/models/triton_lib.py: griddepcontrol's
 PREEXIT and ACQBULK, the first step's weights loaded before the wait; gemv_sass_pdl.json).
@@ -52,6 +53,7 @@ def aligned(fn, sig, ints=("stride_p", "stride_w", "UP_OFF")) -> dict:
 
 def build(fn, sig: dict, constexprs: dict, warps: int, stages: int):
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
+    sig = {k: sig[k] for k in fn.arg_names}                  # in the kernel's argument order
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned(fn, sig))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
@@ -112,9 +114,13 @@ def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
                    dict(K=K, **flags, BLOCK_N=c[0], BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=True),
                    -(-(K // 8) // (bk // 8)), c[0], F)
         elif tc:
+            split = c[5] if len(c) > 5 else 1
+            ks = -(-(-(-(K // 2) // split)) // (bk // 2)) * (bk // 2)
+            sig = dict(sig, WS="*fp32", CNT="*i32")
             yield ("int4 tensor cores", c, tg._gemv_w4_tc_kernel, sig,
-                   dict(K=K, GROUP=K, **flags, BLOCK_N=c[0], BLOCK_K=bk, EVEN=even, USE_ASM=True, FP16=False),
-                   steps, c[0], F)
+                   dict(K=K, GROUP=K, **flags, BLOCK_N=c[0], BLOCK_K=bk, SPLIT=split,
+                        EVEN=even and ks * split == K // 2, USE_ASM=True, FP16=False, PACK2=c[0] // c[2] >= 16),
+                   -(-ks // (bk // 2)), c[0], F)
         else:
             yield ("int4 halves" if halves else "int4 pairs", c, tg._gemv_w4_kernel, sig,
                    dict(K=K, GROUP=K, **flags, HALVES=halves, BLOCK_N=c[0], BLOCK_K=bk, EVEN=even), steps, c[0], F)
@@ -140,11 +146,16 @@ def main():
                 rows.append(dict(role=role, kind=kind, config=list(cfg), error=f"{type(e).__name__}: {str(e)[:160]}"))
                 continue
             per_thread = sum(ops.values())
-            threads = -(-F // bn) * cfg[2] * 32
+            programs = -(-F // bn) * (cfg[5] if len(cfg) > 5 else 1)          # (a sixth element: K split)
+            threads = programs * cfg[2] * 32
             weights = N * K
             total = per_thread * threads
             code_bytes = weights * (2 if kind == "bf16" else 0.5)
+            # one SM issues 4 warp-instructions a clock: a program of w warps takes w * per_thread / 4 clocks, and
+            # an SM runs ceil(programs / SMs) of them -- the bound where the grid has fewer programs than SMs
+            sm_clocks = -(-programs // H200["sms"]) * cfg[2] * per_thread / 4
             rows.append(dict(role=role, kind=kind, config=list(cfg), steps=steps, per_thread=per_thread,
+                             programs=programs, sm_issue_us=sm_clocks / (H200["clock_ghz"] * 1e3),
                              per_weight=total / weights, issue_us=1e6 * total / issue_rate,
                              bytes_us=1e6 * code_bytes / (H200["copy_tb_s"] * 1e12),
                              spills=ops["LDL"] + ops["STL"], shared_ops=ops["LDS"] + ops["STS"] + ops["LDSM"],
@@ -152,7 +163,8 @@ def main():
                              griddepcontrol=ops["ACQBULK"] + ops["PREEXIT"]))
             r = rows[-1]
             print(f"{role:8s} {kind:18s} {str(tuple(cfg)):22s} {r['per_weight']:6.2f} instr/weight  issue "
-                  f"{r['issue_us']:6.2f} us  bytes {r['bytes_us']:5.2f} us  spills {r['spills']}", flush=True)
+                  f"{r['issue_us']:6.2f} us (per SM {r['sm_issue_us']:6.2f}, {programs} programs)  bytes "
+                  f"{r['bytes_us']:5.2f} us  spills {r['spills']}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"target": "sm_90 (Triton's ptxas, offline)", "triton": triton.__version__, "machine": H200,
@@ -162,12 +174,12 @@ def main():
     for r in rows:
         if "error" not in r:
             key = (r["role"], r["kind"])
-            if key not in best or r["issue_us"] < best[key]["issue_us"]:
+            if key not in best or r["sm_issue_us"] < best[key]["sm_issue_us"]:
                 best[key] = r
-    print("\nleast issue time per role and kernel:")
+    print("\nleast per-SM issue time per role and kernel:")
     for (role, kind), r in sorted(best.items()):
-        print(f"  {role:8s} {kind:18s} {tuple(r['config'])}: {r['per_weight']:.2f} instr/weight, issue {r['issue_us']:.2f} us, "
-              f"bytes {r['bytes_us']:.2f} us")
+        print(f"  {role:8s} {kind:18s} {tuple(r['config'])}: {r['per_weight']:.2f} instr/weight, issue {r['issue_us']:.2f} us "
+              f"(per SM {r['sm_issue_us']:.2f}, {r['programs']} programs), bytes {r['bytes_us']:.2f} us")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,8 @@ def test_fused_gemv_gives_the_layer_logits(random_pair, dtype):
 def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
     """The int4 one-row GEMV with add / RMSNorm / SwiGLU fused: the same formula over the dequantized
     weights within bf16 rounding, per-channel and grouped scales, every tile, layout and kernel (pairs, halves,
-    tensor cores with the PTX conversion, octets with the lop3) the sweep tries."""
+    tensor cores with the PTX conversion and with K split over programs, octets with the lop3) the sweep tries
+    (a split tile twice: its workspace is zero again after a call)."""
     import torch.nn.functional as F
 
     from afford.models import triton_gemv
@@ -265,17 +266,18 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
             yr = F.silu(gate) * up
         # every swept tile on the first shape, one of each kernel on the others (each tile is a compile)
         tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2),
-                                                                (8, 1024, 4, 1, 3)]
+                                                                (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4)]
         for cfg in tiles:
             layout = triton_gemv.w4_kind(cfg)[0]
-            if triton_gemv.w4_block_k(K, group, cfg[1], layout) is None:
-                continue                                   # halves: the group must divide K / 2; octets: one group
+            if triton_gemv.w4_block_k(K, group, cfg[1], layout) is None or (len(cfg) > 5 and group != K):
+                continue                          # halves: the group must divide K / 2; octets, a split K: one group
             packed = triton_gemv.w4_pack(q, layout)
-            y, h = triton_gemv.gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam,
-                                       eps=1e-5, swiglu=swiglu)
-            assert torch.equal(h, hr)
-            err = (y.float() - yr).abs().max() / yr.abs().max()
-            assert y.shape == yr.shape and err < 1.6e-2, (N, K, group, cfg, float(err))
+            for _ in range(2 if len(cfg) > 5 else 1):
+                y, h = triton_gemv.gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg, add=a, norm=gam,
+                                           eps=1e-5, swiglu=swiglu)
+                assert torch.equal(h, hr)
+                err = (y.float() - yr).abs().max() / yr.abs().max()
+                assert y.shape == yr.shape and err < 1.6e-2, (N, K, group, cfg, float(err))
 
 
 def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
@@ -288,7 +290,8 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 512, 4, 1, 2)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 3)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 3)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (64, 256, 4, 1, 2, 4)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)

@@ -241,8 +241,9 @@ def test_fused_int4_gemv_kernel_in_the_interpreter():
     kernel (pairs, halves, the tensor-core kernel -- its int4 -> 16-bit conversion in Triton ops here, the PTX
     form runs on the card, tests/test_gpu.py -- and octets, whose and-or is Triton ops here too): the same
     formula over the dequantized weights, one group per row (also with a last step past the row, masked) and
-    several, tiles of one group and of part of one; a halves layout whose groups do not divide K / 2, and an
-    octets layout with more than one group a row, are refused."""
+    several, tiles of one group and of part of one, the tensor-core kernel with K split over three programs
+    twice in a row (its workspace left zero); a halves layout whose groups do not divide K / 2, and an octets
+    layout or a split K with more than one group a row, are refused."""
     code = """
 import torch
 import torch.nn.functional as F
@@ -253,8 +254,8 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
                              (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
-      for kind in (0, 1, 2, 3):
-        cfg5 = (max(16, cfg[0]) if kind == 2 else cfg[0],) + cfg[1:] + (kind,)   # tensor cores: 16+ rows a program
+      for kind in ((0,), (1,), (2,), (2, 3), (3,)):             # (2, 3): tensor cores, K split over 3 programs
+        cfg5 = (max(16, cfg[0]) if kind[0] == 2 else cfg[0],) + cfg[1:] + kind   # tensor cores: 16+ rows a program
         layout, tc = w4_kind(cfg5)
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
             rows = 2 * N if swiglu else N
@@ -264,14 +265,15 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             a = torch.randn(1, K, generator=g).to(dt) if add else None
             gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
             packed = w4_pack(q, layout)
-            if w4_block_k(K, group, cfg[1], layout) is None:       # halves: the group must divide K / 2
-                try:
+            if w4_block_k(K, group, cfg[1], layout) is None or (len(kind) > 1 and group != K):
+                try:                                  # halves: the group must divide K / 2; a split K: one group
                     gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5)
                     raise AssertionError("no error")
                 except ValueError:
                     continue
-            y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5, add=a, norm=gam, eps=1e-5,
-                           swiglu=swiglu)
+            for _ in range(2 if len(kind) > 1 else 1):
+                y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5, add=a, norm=gam, eps=1e-5,
+                               swiglu=swiglu)
             # the tensor cores take x as a 16-bit operand: its rounding (~1e-3 relative in fp16) on top
             tol_v = max(tol, 2e-3) if tc else tol
             hr = x + a if add else x
@@ -310,6 +312,8 @@ triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 64, 4, 1), gate_up=(8, 64, 4, 1))
 assert not m._gemv_ready()
 triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 32, 4, 1), gate_up=(8, 32, 4, 1))
 assert m._gemv_ready()
+triton_gemv.GEMV_W4_CONFIGS.update(qkv=(16, 32, 4, 1, 2, 2))     # a split K needs one group a row: not taken
+assert not m._gemv_ready()
 m = load("per-channel")
 triton_gemv.GEMV_W4_CONFIGS.clear()
 triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 128, 4, 1), o=(4, 64, 2, 1))
@@ -319,8 +323,9 @@ assert m._gemv_ready()                           # down keeps its own kernel
 {ONE_ROW_STEP}halves = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 1))     # the halves code layout
 tc = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2))        # halves, tensor cores
 octets = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 3))     # the octets code layout
+tc_split = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2, 2))   # tensor cores, K split in two
 for cfgs, layout in ((dict(down=None), "pairs"), (dict(down=(8, 128, 4, 1)), "pairs"), (halves, "halves"),
-                     (tc, "halves"), (octets, "octets")):
+                     (tc, "halves"), (octets, "octets"), (tc_split, "halves")):
     triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
     assert m._gemv_ready()
     assert all(mod._w4_layout == layout for mod in m.modules() if getattr(mod, "_w4", None))

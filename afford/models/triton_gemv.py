@@ -58,7 +58,8 @@ SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 
 W4_SWEEP_CONFIGS = [(4, 2048, 4, 1), (8, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1),
                     (8, 1024, 4, 3)]                                                 # pairs (the last pipelined)
 W4_SWEEP_CONFIGS += [c + (1,) for c in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1))]  # halves
-W4_SWEEP_CONFIGS += [c + (2,) for c in ((32, 512, 4, 1), (64, 256, 4, 1), (128, 256, 8, 1))]   # tensor cores
+W4_SWEEP_CONFIGS += [c + (2,) for c in ((32, 512, 4, 1), (64, 256, 4, 1))]           # tensor cores
+W4_SWEEP_CONFIGS += [(32, 512, 4, 1, 2, 2), (64, 256, 4, 1, 2, 4), (64, 512, 4, 1, 2, 4), (128, 256, 8, 1, 2, 4)]  # split K
 W4_SWEEP_CONFIGS += [c + (3,) for c in ((8, 1024, 4, 1), (16, 512, 4, 1), (8, 2048, 4, 1), (4, 1024, 2, 1),
                                         (16, 512, 4, 2))]                            # octets
 
@@ -396,10 +397,12 @@ if triton is not None:
 
 
 if triton is not None:
-    # int4 -> 16-bit operands as Marlin does it, four bytes at a time: prmt spreads bytes 0 / 1 (2 / 3) into the
-    # two halves of a register, one lop3 keeps a nibble of each and ORs in the exponent of 128 (bf16 0x4300; fp16
-    # 1024, 0x6400), so each half reads 128 + q (1024 + q) exactly; a shift by 4 gives the high nibbles. Output 0
-    # holds the low nibbles of bytes 0-3, output 1 the high ones (element i of a register pair: byte i).
+    # int4 -> 16-bit operands as Marlin does it: prmt spreads bytes 0 / 1 (2 / 3) into the two halves of a
+    # register, one lop3 keeps a nibble of each and ORs in the exponent of 128 (bf16 0x4300; fp16 1024, 0x6400),
+    # so each half reads 128 + q (1024 + q) exactly; a shift by 4 gives the high nibbles. Four bytes at a time
+    # (output 0 the low nibbles of bytes 0-3, output 1 the high ones; element i of a register pair: byte i), or
+    # two (a 16-bit input: what a warpgroup mma's register operand holds per register -- offline, 2.6-3.0
+    # instructions a weight instead of 3.3-3.6 for those tiles; the four-byte form suits mma.sync's tiles).
     def _w4_asm(magic: str) -> str:
         return f"""{{
         .reg .b32 t0, t1;
@@ -412,14 +415,34 @@ if triton is not None:
         lop3.b32 $2, t0, 0x000F000F, {magic}, 0xea;
         lop3.b32 $3, t1, 0x000F000F, {magic}, 0xea;
         }}"""
+
+    def _w4_asm2(magic: str) -> str:
+        return f"""{{
+        .reg .b32 t0;
+        mov.b32 t0, {{$2, 0}};
+        prmt.b32 t0, t0, 0, 0x4140;
+        lop3.b32 $0, t0, 0x000F000F, {magic}, 0xea;
+        shr.b32 t0, t0, 4;
+        lop3.b32 $1, t0, 0x000F000F, {magic}, 0xea;
+        }}"""
     _W4_ASM_BF16 = tl.constexpr(_w4_asm("0x43004300"))
     _W4_ASM_F16 = tl.constexpr(_w4_asm("0x64006400"))
+    _W4_ASM2_BF16 = tl.constexpr(_w4_asm2("0x43004300"))
+    _W4_ASM2_F16 = tl.constexpr(_w4_asm2("0x64006400"))
 
     @triton.jit
-    def _w4_operands(b, USE_ASM: tl.constexpr, FP16: tl.constexpr):
-        """Bytes (uint8) -> (128 + low nibble, 128 + high nibble) in bf16 (1024 + q in fp16), exact."""
+    def _w4_operands(b, USE_ASM: tl.constexpr, FP16: tl.constexpr, PACK2: tl.constexpr):
+        """Bytes (uint8) -> (128 + low nibble, 128 + high nibble) in bf16 (1024 + q in fp16), exact. PACK2: two
+        bytes an asm (the warpgroup-mma tiles), else four."""
         if USE_ASM:
-            if FP16:
+            if PACK2:
+                if FP16:
+                    lo, hi = tl.inline_asm_elementwise(_W4_ASM2_F16, "=r,=r,h", [b], dtype=(tl.float16, tl.float16),
+                                                       is_pure=True, pack=2)
+                else:
+                    lo, hi = tl.inline_asm_elementwise(_W4_ASM2_BF16, "=r,=r,h", [b],
+                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            elif FP16:
                 lo, hi = tl.inline_asm_elementwise(_W4_ASM_F16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                                    is_pure=True, pack=4)
             else:
@@ -436,14 +459,16 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _w4_tc_step(X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss,
-                    xsum, K: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
-                    SWIGLU: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr):
-        """One step of _gemv_w4_tc_kernel at byte column c, its code bytes b (the up rows' bu) loaded."""
+    def _w4_tc_step(X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, hi, j, r16, b, bu, acc, acc_u, zacc, zacc_u,
+                    ss, xsum, K: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
+                    SWIGLU: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr,
+                    PACK2: tl.constexpr):
+        """One step of _gemv_w4_tc_kernel at byte column c (columns from hi on masked), its code bytes b (the up
+        rows' bu) loaded."""
         ONE: tl.constexpr = GROUP == K
         OFF: tl.constexpr = 1032.0 if FP16 else 136.0
         OPDT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
-        cm = (c + j) < K // 2
+        cm = (c + j) < hi
         xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
         xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
         ss += sqe + sqo
@@ -451,7 +476,7 @@ if triton is not None:
         xo_op = xo.to(OPDT)
         xe16 = tl.where(r16[None, :] == 0, xe_op[:, None], 0.0).to(OPDT)             # (HALF, 16), column 0 = x
         xo16 = tl.where(r16[None, :] == 0, xo_op[:, None], 0.0).to(OPDT)
-        lo, hi = _w4_operands(b, USE_ASM, FP16)                                        # (BLOCK_N, HALF)
+        lo, hi = _w4_operands(b, USE_ASM, FP16, PACK2)                                        # (BLOCK_N, HALF)
         if ONE:
             acc = tl.dot(lo, xe16, acc)
             acc = tl.dot(hi, xo16, acc)
@@ -467,7 +492,7 @@ if triton is not None:
             zacc += (tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) - OFF * s_lo) * xs_lo \
                 + (tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) - OFF * s_hi) * xs_hi
         if SWIGLU:
-            lo, hi = _w4_operands(bu, USE_ASM, FP16)
+            lo, hi = _w4_operands(bu, USE_ASM, FP16, PACK2)
             if ONE:
                 acc_u = tl.dot(lo, xe16, acc_u)
                 acc_u = tl.dot(hi, xo16, acc_u)
@@ -481,20 +506,29 @@ if triton is not None:
         return acc, acc_u, zacc, zacc_u, ss, xsum
 
     @triton.jit
-    def _gemv_w4_tc_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
-                           GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
-                           FP16: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_w4_tc_kernel(X, A, XO, G, P, S, Z, Y, WS, CNT, N, F_OFF, UP_OFF, eps, stride_p, n_groups,
+                           K: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
+                           SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                           EVEN: tl.constexpr, USE_ASM: tl.constexpr, FP16: tl.constexpr, PACK2: tl.constexpr,
+                           PDL: tl.constexpr):
         # gemv_w4 through the tensor cores (the halves layout): the codes become 16-bit operands (128 + q, see
         # _w4_operands), the rows of W the product's M, x a 16-column operand whose column 0 is x, so the
         # products cost mma instructions instead of a multiply-add per weight; 128 + 8 (1024 + 8) times the
         # operand x's sum comes off after the sums, which are fp32. Rows of a program: BLOCK_N >= 16. Offline
-        # (sm_90 SASS, benchmarks/gemv_sass.py) 3.2-4.3 instructions a weight at its best tiles against 7-12
-        # for _gemv_w4_kernel; on a card: not yet run.
+        # (sm_90 SASS, benchmarks/gemv_sass.py) 2.6-4.7 instructions a weight against 7-12 for _gemv_w4_kernel;
+        # on a card: not yet run.
+        # SPLIT > 1 (one group a row): the K of a row is split over SPLIT programs (program_id 1), since a
+        # warpgroup mma takes 64 rows and a 2048-row matrix would give 32 programs to 132 SMs. Each adds its
+        # row sums, squares and x sum into WS (fp32, zero between calls) and counts itself in CNT; the program
+        # that counts last reads the totals (atomically, from L2), zeroes WS and CNT for the next call (and a
+        # graph's next replay) and finishes the rows.
         ONE: tl.constexpr = GROUP == K
         HALF: tl.constexpr = BLOCK_K // 2
+        KS: tl.constexpr = ((K // 2 + SPLIT - 1) // SPLIT + HALF - 1) // HALF * HALF     # byte columns a split
         OFF: tl.constexpr = 1032.0 if FP16 else 136.0
         pid = tl.program_id(0)
+        lo = tl.program_id(1) * KS
+        hi = tl.minimum(lo + KS, K // 2)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         j = tl.arange(0, HALF)
@@ -509,33 +543,74 @@ if triton is not None:
         xsum = tl.zeros((HALF,), tl.float32)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        col, cm = _w4_col(0, j, K, True)                # the first step's codes before PDL's wait
-        b = _codes(rows, col, nm, cm)
+        b = _codes(rows, lo + j, nm, (lo + j) < hi)      # the first step's codes before PDL's wait
         bu = b
         if SWIGLU:
-            bu = _codes(rows_u, col, nm, cm)
+            bu = _codes(rows_u, lo + j, nm, (lo + j) < hi)
         if PDL:
             tl.extra.cuda.gdc_wait()
         acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
-            X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, 0, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
-            K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16)
-        for c in range(HALF, K // 2, HALF):
-            col, cm = _w4_col(c, j, K, True)
-            b = _codes(rows, col, nm, cm)
+            X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, lo, hi, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
+            K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16, PACK2)
+        c = lo + HALF
+        while c < hi:                                   # (a while loop: its bounds are the split's, at run time)
+            b = _codes(rows, c + j, nm, (c + j) < hi)
             bu = b
             if SWIGLU:
-                bu = _codes(rows_u, col, nm, cm)
+                bu = _codes(rows_u, c + j, nm, (c + j) < hi)
             acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
-                X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
-                K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16)
+                X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, hi, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss,
+                xsum, K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16, PACK2)
+            c += HALF
         col0 = r16[None, :] == 0                                                            # x's column of the sums
-        _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(tl.where(col0, acc, 0.0), axis=1),
-                   tl.sum(tl.where(col0, acc_u, 0.0), axis=1), zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
-                   _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
+        ys = tl.sum(tl.where(col0, acc, 0.0), axis=1)
+        yu = tl.sum(tl.where(col0, acc_u, 0.0), axis=1)
+        if SPLIT == 1:
+            _w4_finish(Y, S, Z, n, nm, F_OFF, ys, yu, zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
+                       _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
+        else:
+            i = tl.arange(0, BLOCK_N)
+            ws = WS + pid * (2 * BLOCK_N + 2)            # this row block's sums, up sums, squares, x sum
+            tl.atomic_add(ws + i, ys, mask=nm)
+            if SWIGLU:
+                tl.atomic_add(ws + BLOCK_N + i, yu, mask=nm)
+            tl.atomic_add(ws + 2 * BLOCK_N, tl.sum(ss, axis=0))
+            tl.atomic_add(ws + 2 * BLOCK_N + 1, tl.sum(xsum, axis=0))
+            if tl.atomic_add(CNT + pid, 1) == SPLIT - 1:  # (acq_rel: every split's sums are in)
+                zero = tl.zeros((BLOCK_N,), tl.float32)
+                ys = tl.atomic_add(ws + i, zero, mask=nm)  # read where the adds went (L2), then zero for next time
+                tl.store(ws + i, zero, mask=nm)
+                if SWIGLU:
+                    yu = tl.atomic_add(ws + BLOCK_N + i, zero, mask=nm)
+                    tl.store(ws + BLOCK_N + i, zero, mask=nm)
+                sst = tl.atomic_add(ws + 2 * BLOCK_N, 0.0)
+                xst = tl.atomic_add(ws + 2 * BLOCK_N + 1, 0.0)
+                tl.store(ws + 2 * BLOCK_N + tl.arange(0, 2), tl.zeros((2,), tl.float32))
+                tl.store(CNT + pid, 0)
+                r = 1.0
+                if NORM:
+                    r = 1.0 / tl.sqrt(sst / K + eps)
+                _w4_finish(Y, S, Z, n, nm, F_OFF, ys, yu, zacc, zacc_u, xst, OFF, r, ONE, SWIGLU)
 
 
-# a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it
+# a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it; a sixth
+# (tensor cores, one group a row): the programs a row's K is split over
 W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False)}
+_SPLIT_WS: dict = {}          # device -> (fp32 sums, int32 counters) of the split tensor-core GEMV, zero between calls
+
+
+def _split_workspace(device: torch.device, blocks: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed sums and counters for `blocks` row blocks, shared by every split GEMV on the device: each call
+    leaves them zero, and the kernels of a step run one after another (a PDL launch waits before it adds)."""
+    ws, cnt = _SPLIT_WS.get(device, (None, None))
+    need = blocks * (2 * block_n + 2)
+    if ws is None or ws.numel() < need or cnt.numel() < blocks:
+        if ws is not None:                # a captured graph may still point at the old pair: kept alive
+            _SPLIT_WS.setdefault("outgrown", []).append((ws, cnt))
+        ws = torch.zeros(max(need, 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(blocks, 1 << 12), dtype=torch.int32, device=device)
+        _SPLIT_WS[device] = ws, cnt
+    return ws, cnt
 
 
 def w4_kind(config: tuple[int, ...]) -> tuple[str, bool]:
@@ -624,10 +699,16 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
             x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), K=K,
             BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=x.is_cuda, **common)
     elif tc:
-        _gemv_w4_tc_kernel[(triton.cdiv(F, bn),)](
-            x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1],
-            K=K, GROUP=group, BLOCK_K=bk, EVEN=(K // 2) % (bk // 2) == 0, USE_ASM=x.is_cuda,
-            FP16=x.dtype != torch.bfloat16, **common)
+        split = config[5] if len(config) > 5 else 1
+        if split > 1 and group != K:
+            raise ValueError(f"gemv_w4: a split K (tile {config}) needs one scale group a row; got groups of {group}")
+        ks = -(-(-(-(K // 2) // split)) // (bk // 2)) * (bk // 2)          # byte columns a split (the kernel's KS)
+        ws, cnt = _split_workspace(x.device, triton.cdiv(F, bn), bn) if split > 1 else (y, y)
+        _gemv_w4_tc_kernel[(triton.cdiv(F, bn), split)](
+            x, a, h, g, packed, scales, zeros, y, ws, cnt, F, F, F * packed.stride(0), eps, packed.stride(0),
+            scales.shape[1], K=K, GROUP=group, BLOCK_K=bk, SPLIT=split,
+            EVEN=(K // 2) % (bk // 2) == 0 and ks * split == K // 2, USE_ASM=x.is_cuda,
+            FP16=x.dtype != torch.bfloat16, PACK2=bn // warps >= 16, **common)
     else:
         halves = layout == "halves"
         _gemv_w4_kernel[(triton.cdiv(F, bn),)](
