@@ -403,7 +403,18 @@ if triton is not None:
     # (output 0 the low nibbles of bytes 0-3, output 1 the high ones; element i of a register pair: byte i), or
     # two (a 16-bit input: what a warpgroup mma's register operand holds per register -- offline, 2.6-3.0
     # instructions a weight instead of 3.3-3.6 for those tiles; the four-byte form suits mma.sync's tiles).
-    def _w4_asm(magic: str) -> str:
+    @triton.constexpr_function
+    def _w4_asm_for(fp16, pack2):
+        magic = "0x64006400" if getattr(fp16, "value", fp16) else "0x43004300"
+        if getattr(pack2, "value", pack2):
+            return f"""{{
+            .reg .b32 t0;
+            mov.b32 t0, {{$2, 0}};
+            prmt.b32 t0, t0, 0, 0x4140;
+            lop3.b32 $0, t0, 0x000F000F, {magic}, 0xea;
+            shr.b32 t0, t0, 4;
+            lop3.b32 $1, t0, 0x000F000F, {magic}, 0xea;
+            }}"""
         return f"""{{
         .reg .b32 t0, t1;
         prmt.b32 t0, $4, 0, 0x4140;
@@ -416,46 +427,25 @@ if triton is not None:
         lop3.b32 $3, t1, 0x000F000F, {magic}, 0xea;
         }}"""
 
-    def _w4_asm2(magic: str) -> str:
-        return f"""{{
-        .reg .b32 t0;
-        mov.b32 t0, {{$2, 0}};
-        prmt.b32 t0, t0, 0, 0x4140;
-        lop3.b32 $0, t0, 0x000F000F, {magic}, 0xea;
-        shr.b32 t0, t0, 4;
-        lop3.b32 $1, t0, 0x000F000F, {magic}, 0xea;
-        }}"""
-    _W4_ASM_BF16 = tl.constexpr(_w4_asm("0x43004300"))
-    _W4_ASM_F16 = tl.constexpr(_w4_asm("0x64006400"))
-    _W4_ASM2_BF16 = tl.constexpr(_w4_asm2("0x43004300"))
-    _W4_ASM2_F16 = tl.constexpr(_w4_asm2("0x64006400"))
-
     @triton.jit
     def _w4_operands(b, USE_ASM: tl.constexpr, FP16: tl.constexpr, PACK2: tl.constexpr):
         """Bytes (uint8) -> (128 + low nibble, 128 + high nibble) in bf16 (1024 + q in fp16), exact. PACK2: two
         bytes an asm (the warpgroup-mma tiles), else four."""
+        OPDT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
         if USE_ASM:
-            if PACK2:
-                if FP16:
-                    lo, hi = tl.inline_asm_elementwise(_W4_ASM2_F16, "=r,=r,h", [b], dtype=(tl.float16, tl.float16),
-                                                       is_pure=True, pack=2)
-                else:
-                    lo, hi = tl.inline_asm_elementwise(_W4_ASM2_BF16, "=r,=r,h", [b],
-                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
-            elif FP16:
-                lo, hi = tl.inline_asm_elementwise(_W4_ASM_F16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                                   is_pure=True, pack=4)
+            PACK: tl.constexpr = 2 if PACK2 else 4
+            CONS: tl.constexpr = "=r,=r,h" if PACK2 else "=r,=r,=r,=r,r"
+            if FP16:
+                lo, hi = tl.inline_asm_elementwise(_w4_asm_for(FP16, PACK2), CONS, [b], dtype=(tl.float16, tl.float16),
+                                                   is_pure=True, pack=PACK)
             else:
-                lo, hi = tl.inline_asm_elementwise(_W4_ASM_BF16, "=r,=r,=r,=r,r", [b],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                lo, hi = tl.inline_asm_elementwise(_w4_asm_for(FP16, PACK2), CONS, [b],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=PACK)
         else:                                # the same bits without PTX (Triton's CPU interpreter)
             b16 = b.to(tl.uint16)
-            if FP16:
-                lo = ((b16 & 15) | 0x6400).to(tl.float16, bitcast=True)
-                hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True)
-            else:
-                lo = ((b16 & 15) | 0x4300).to(tl.bfloat16, bitcast=True)
-                hi = ((b16 >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+            MAGIC: tl.constexpr = 0x6400 if FP16 else 0x4300
+            lo = ((b16 & 15) | MAGIC).to(OPDT, bitcast=True)
+            hi = ((b16 >> 4) | MAGIC).to(OPDT, bitcast=True)
         return lo, hi
 
     @triton.jit
