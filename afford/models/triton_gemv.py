@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, pdl_args, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, nvidia, pdl_args, tl, triton  # noqa: F401  (available: re-exported)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role. The
 # defaults: gpu_decode.py's gemv_sweep on an H200 (797054a), each role's fastest of SWEEP_CONFIGS over 22
@@ -508,10 +508,10 @@ if triton is not None:
         # (sm_90 SASS, benchmarks/gemv_sass.py) 2.6-4.7 instructions a weight against 7-12 for _gemv_w4_kernel;
         # on a card: not yet run.
         # SPLIT > 1 (one group a row): the K of a row is split over SPLIT programs (program_id 1), since a
-        # warpgroup mma takes 64 rows and a 2048-row matrix would give 32 programs to 132 SMs. Each adds its
-        # row sums, squares and x sum into WS (fp32, zero between calls) and counts itself in CNT; the program
-        # that counts last reads the totals (atomically, from L2), zeroes WS and CNT for the next call (and a
-        # graph's next replay) and finishes the rows.
+        # warpgroup mma takes 64 rows and a 2048-row matrix would give 32 programs to 132 SMs. Each stores its
+        # row sums, squares and x sum in its own slot of WS and counts itself in CNT (zero between calls); the
+        # program that counts last sums the slots in split order -- deterministic, unlike atomic adds -- resets
+        # its counter and finishes the rows.
         ONE: tl.constexpr = GROUP == K
         HALF: tl.constexpr = BLOCK_K // 2
         KS: tl.constexpr = ((K // 2 + SPLIT - 1) // SPLIT + HALF - 1) // HALF * HALF     # byte columns a split
@@ -560,23 +560,29 @@ if triton is not None:
                        _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
         else:
             i = tl.arange(0, BLOCK_N)
-            ws = WS + pid * (2 * BLOCK_N + 2)            # this row block's sums, up sums, squares, x sum
-            tl.atomic_add(ws + i, ys, mask=nm)
+            SLOT: tl.constexpr = 2 * BLOCK_N + 2         # a split's row sums, up sums, squares, x sum
+            ws = WS + pid * (SPLIT * SLOT)
+            mine = ws + tl.program_id(1) * SLOT
+            tl.store(mine + i, ys, mask=nm)
             if SWIGLU:
-                tl.atomic_add(ws + BLOCK_N + i, yu, mask=nm)
-            tl.atomic_add(ws + 2 * BLOCK_N, tl.sum(ss, axis=0))
-            tl.atomic_add(ws + 2 * BLOCK_N + 1, tl.sum(xsum, axis=0))
-            if tl.atomic_add(CNT + pid, 1) == SPLIT - 1:  # (acq_rel: every split's sums are in)
-                zero = tl.zeros((BLOCK_N,), tl.float32)
-                ys = tl.atomic_add(ws + i, zero, mask=nm)  # read where the adds went (L2), then zero for next time
-                tl.store(ws + i, zero, mask=nm)
-                if SWIGLU:
-                    yu = tl.atomic_add(ws + BLOCK_N + i, zero, mask=nm)
-                    tl.store(ws + BLOCK_N + i, zero, mask=nm)
-                sst = tl.atomic_add(ws + 2 * BLOCK_N, 0.0)
-                xst = tl.atomic_add(ws + 2 * BLOCK_N + 1, 0.0)
-                tl.store(ws + 2 * BLOCK_N + tl.arange(0, 2), tl.zeros((2,), tl.float32))
-                tl.store(CNT + pid, 0)
+                tl.store(mine + BLOCK_N + i, yu, mask=nm)
+            tl.store(mine + 2 * BLOCK_N + tl.arange(0, 2),
+                     tl.where(tl.arange(0, 2) == 0, tl.sum(ss, axis=0), tl.sum(xsum, axis=0)))
+            tl.debug_barrier()                           # every thread's stores before the count (release)
+            if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
+                # the last split: the others' slots, summed in split order (the same sums every call, graphs or
+                # not), read from L2
+                ys = tl.zeros((BLOCK_N,), tl.float32)
+                yu = tl.zeros((BLOCK_N,), tl.float32)
+                tot = tl.zeros((2,), tl.float32)
+                for sp in tl.static_range(SPLIT):
+                    ys += tl.load(ws + sp * SLOT + i, mask=nm, other=0.0, cache_modifier=".cg")
+                    if SWIGLU:
+                        yu += tl.load(ws + sp * SLOT + BLOCK_N + i, mask=nm, other=0.0, cache_modifier=".cg")
+                    tot += tl.load(ws + sp * SLOT + 2 * BLOCK_N + tl.arange(0, 2), cache_modifier=".cg")
+                tl.store(CNT + pid, 0)                   # ready for the next call, and a graph's next replay
+                sst = tl.sum(tl.where(tl.arange(0, 2) == 0, tot, 0.0), axis=0)
+                xst = tl.sum(tl.where(tl.arange(0, 2) == 1, tot, 0.0), axis=0)
                 r = 1.0
                 if NORM:
                     r = 1.0 / tl.sqrt(sst / K + eps)
@@ -586,14 +592,15 @@ if triton is not None:
 # a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it; a sixth
 # (tensor cores, one group a row): the programs a row's K is split over
 W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False)}
-_SPLIT_WS: dict = {}          # device -> (fp32 sums, int32 counters) of the split tensor-core GEMV, zero between calls
+_SPLIT_WS: dict = {}          # device -> (fp32 partial sums, int32 counters) of the split tensor-core GEMV
 
 
-def _split_workspace(device: torch.device, blocks: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed sums and counters for `blocks` row blocks, shared by every split GEMV on the device: each call
-    leaves them zero, and the kernels of a step run one after another (a PDL launch waits before it adds)."""
+def _split_workspace(device: torch.device, blocks: int, block_n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial sums for `blocks` row blocks of `split` splits, and counters (zero between calls), shared by
+    every split GEMV on the device: each call leaves the counters zero, and the kernels of a step run one
+    after another (a PDL launch waits before it writes)."""
     ws, cnt = _SPLIT_WS.get(device, (None, None))
-    need = blocks * (2 * block_n + 2)
+    need = blocks * split * (2 * block_n + 2)
     if ws is None or ws.numel() < need or cnt.numel() < blocks:
         if ws is not None:                # a captured graph may still point at the old pair: kept alive
             _SPLIT_WS.setdefault("outgrown", []).append((ws, cnt))
@@ -671,9 +678,10 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     bk = w4_block_k(K, group, bk, layout)
     per_row = K // 8 if layout == "octets" else K // 2
     if bk is None or packed.shape[1] != per_row or K % group or tuple(scales.shape) != (N, K // group) \
-            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1 or (tc and bn < 16):
+            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1 or (tc and bn < 16) \
+            or packed.dtype != (torch.int32 if layout == "octets" else torch.uint8):
         raise ValueError(f"gemv_w4 ({layout}{', tensor cores' if tc else ''}) needs K ({K}) and the group ({group}) "
-                         f"in steps of 32 (octets: one group a row, K a multiple of 8), packed (N, {per_row}) with "
+                         f"in steps of 32 (octets: one group a row, K a multiple of 8), packed (N, {per_row}) as w4_pack packs it with "
                          f"contiguous rows, scales / zeros (N, K / group) (and 16+ rows a program for the tensor "
                          f"cores); got {tuple(packed.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}, {config}")
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
@@ -681,23 +689,23 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     F = N // 2 if swiglu else N
     y = torch.empty(1, F, dtype=x.dtype, device=x.device)
     a = add.contiguous() if add is not None else x
-    g = norm if norm is not None else x
+    g = norm.contiguous() if norm is not None else x
     common = dict(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
                   num_stages=stages, **pdl_args(x))
     if layout == "octets":
         _gemv_w4o_kernel[(triton.cdiv(F, bn),)](
             x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), K=K,
-            BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=x.is_cuda, **common)
+            BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=nvidia(x), **common)
     elif tc:
         split = config[5] if len(config) > 5 else 1
         if split > 1 and group != K:
             raise ValueError(f"gemv_w4: a split K (tile {config}) needs one scale group a row; got groups of {group}")
         ks = -(-(-(-(K // 2) // split)) // (bk // 2)) * (bk // 2)          # byte columns a split (the kernel's KS)
-        ws, cnt = _split_workspace(x.device, triton.cdiv(F, bn), bn) if split > 1 else (y, y)
+        ws, cnt = _split_workspace(x.device, triton.cdiv(F, bn), bn, split) if split > 1 else (y, y)
         _gemv_w4_tc_kernel[(triton.cdiv(F, bn), split)](
             x, a, h, g, packed, scales, zeros, y, ws, cnt, F, F, F * packed.stride(0), eps, packed.stride(0),
             scales.shape[1], K=K, GROUP=group, BLOCK_K=bk, SPLIT=split,
-            EVEN=(K // 2) % (bk // 2) == 0 and ks * split == K // 2, USE_ASM=x.is_cuda,
+            EVEN=(K // 2) % (bk // 2) == 0 and ks * split == K // 2, USE_ASM=nvidia(x),
             FP16=x.dtype != torch.bfloat16, PACK2=bn // warps >= 16, **common)
     else:
         halves = layout == "halves"

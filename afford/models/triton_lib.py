@@ -29,16 +29,27 @@ def available() -> bool:
     return triton is not None
 
 
+def nvidia(t) -> bool:
+    """t lives on an NVIDIA card (inline PTX can run; ROCm builds of torch call their GPUs "cuda" too)."""
+    import torch
+    return t.is_cuda and torch.version.hip is None
+
+
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(index: int) -> bool:
     import torch
     from triton.language.extra import cuda as tl_cuda
-    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl_cuda, "gdc_wait")
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl_cuda, "gdc_wait")
+
+
+def torch_current() -> int:
+    import torch
+    return torch.cuda.current_device()
 
 
 def pdl_args(t) -> dict:
     """The launch arguments of a PDL-aware kernel for tensors on t's device: the kernel's PDL constexpr, and
     Triton's launch_pdl where PDL is switched on and the card has it (compute capability 9.0+)."""
-    if PDL and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else 0):
+    if PDL and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else torch_current()):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
