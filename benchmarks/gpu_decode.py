@@ -27,6 +27,7 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   the whole batch-1 step with it (A/B against the default, its roofline share and kernel profile);
 - `afford_graphs_pdl_b*` / `afford_int4_pdl`: programmatic dependent launch of afford's decode kernels
   (afford/models/triton_lib.py) switched against the default, bf16 at every batch and int4 at batch 1 / 16;
+  `afford_int4_swept_pdl` both the sweep's int4 tiles and PDL switched (what the two together give);
 - `int4_sweep`: the batch-1 int4 kernels per matrix of the model (tinygemm, cuBLAS bf16, afford's Triton
   GEMV over a grid of tiles), inside CUDA graphs;
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
@@ -697,14 +698,15 @@ def main():
     defaults_w4 = dict(triton_gemv.GEMV_W4_CONFIGS)
     for name, q, mode in (("afford_int4", "int4", "default"), ("afford_int4_pdl", "int4", "pdl"),
                           ("afford_int4_tinygemm", "int4", "tinygemm"),
-                          ("afford_int4_swept", "int4", "swept"), ("afford_int4_auto", "int4", "auto"),
-                          ("afford_int4_triton", "int4", "triton"), ("afford_int8", "int8", "default")):
+                          ("afford_int4_swept", "int4", "swept"), ("afford_int4_swept_pdl", "int4", "swept_pdl"),
+                          ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),
+                          ("afford_int8", "int8", "default")):
         def quant_arms(q=q, mode=mode):
-            w4_cfg = {"default": defaults_w4, "swept": w4_chosen, "pdl": defaults_w4}.get(mode, {})
-            if mode == "swept" and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
+            w4_cfg = {"default": defaults_w4, "pdl": defaults_w4, "swept": w4_chosen, "swept_pdl": w4_chosen}.get(mode, {})
+            if mode.startswith("swept") and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
                 return None                 # the defaults ran already, or no fused tile beat tinygemm
             pdl = triton_lib.PDL
-            if mode == "pdl":               # the defaults with programmatic dependent launch switched
+            if mode.endswith("pdl"):        # programmatic dependent launch switched
                 if device != "cuda" or not triton_lib._pdl_capable(torch.cuda.current_device()):
                     return None
                 triton_lib.PDL = not pdl

@@ -469,3 +469,56 @@ def test_pdl_kernels_load_their_first_weights_before_the_wait():
                 assert before.count("LDG.E.128") == rows_bytes / (cfg[2] * 32 * 16), (role, cfg, kind, before)
                 assert sum(n.startswith("LDG") for n in before) == before.count("LDG.E.128"), (role, cfg, before)
     assert seen == len(picks)
+
+
+@needs_triton
+def test_gpu_kernels_compile_for_sm90_in_every_dtype():
+    """What tests/test_gpu.py and the card's sweep launch, compiled here for an sm_90 card (Triton's ptxas, no GPU),
+    so that a kernel that would not compile is found before a card's few minutes: the four one-row GEMV kernels
+    with fp32 / bf16 / fp16 activations and each add / norm / SwiGLU combination, grouped scales, the tensor-core
+    kernel's both PTX forms and a split K, and paged attention, its merge and RoPE + K/V store -- all with PDL."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gemv_sass
+
+    from afford.attention import triton_paged as tp
+    from afford.models import triton_gemv as tg
+    K, built = 256, 0
+    for dt in ("fp32", "bf16", "fp16"):
+        act = dict.fromkeys(("X", "A", "XO", "G", "Y"), "*" + dt)
+        w4 = dict(act, S="*fp32", Z="*fp32", N="i32", F_OFF="i32", UP_OFF="i64", eps="fp32", stride_p="i32")
+        for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True)):
+            flags = dict(HAS_ADD=add, NORM=norm, SWIGLU=swiglu, PDL=True)
+            kernels = [
+                (tg._gemv_kernel, dict(act, W="*" + dt, N="i32", UP_OFF="i64", eps="fp32", stride_w="i32"),
+                 dict(K=K, BLOCK_N=4, BLOCK_K=128, EVEN_K=True), 4),
+                (tg._gemv_w4o_kernel, dict(w4, P="*i32"), dict(K=K, BLOCK_N=8, BLOCK_C=16, EVEN=True, USE_ASM=True), 4)]
+            for group in (K, 128):
+                for halves in (False, True):
+                    kernels.append((tg._gemv_w4_kernel, dict(w4, P="*u8", n_groups="i32"),
+                                    dict(K=K, GROUP=group, HALVES=halves, BLOCK_N=8, BLOCK_K=128, EVEN=True), 4))
+                for bn, warps, split in ((32, 4, 1), (64, 4, 1), (64, 4, 2 if group == K else 1)):
+                    kernels.append((tg._gemv_w4_tc_kernel, dict(w4, P="*u8", WS="*fp32", CNT="*i32", n_groups="i32"),
+                                    dict(K=K, GROUP=group, BLOCK_N=bn, BLOCK_K=128, SPLIT=split, EVEN=True, USE_ASM=True,
+                                         FP16=dt != "bf16", PACK2=bn // warps >= 16), warps))
+            for fn, sig, cst, warps in kernels:
+                k = gemv_sass.build(fn, sig, dict(cst, **flags), warps, 1)
+                assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt, cst)
+                built += 1
+        pool = "*" + dt
+        for fn, sig, cst, warps in (
+                (tp._split_kernel, dict(Q=pool, K=pool, V=pool, O=pool, Acc="*fp32", Ml="*fp32", tables="*i32",
+                                        row_seq="*i32", limits="*i32", scale="fp32", stride_qr="i32", stride_qh="i32",
+                                        stride_ks="i32", stride_kh="i32", stride_or="i32", stride_oh="i32",
+                                        stride_tb="i32"),
+                 dict(H=32, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, CHUNK=64, SPLITS=4, IEEE=dt == "fp32"), 4),
+                (tp._merge_kernel, dict(Acc="*fp32", Ml="*fp32", O=pool, stride_or="i32", stride_oh="i32"),
+                 dict(H=32, D=64, D_PAD=64, SPLITS=4, S_PAD=4), 1),
+                (tp._rope_store_kernel, dict(QKV=pool, COS="*fp32", SIN="*fp32", POS="*i32", SLOTS="*i32", KP=pool,
+                                             VP=pool, QO=pool, scratch="i32", stride_n="i32", stride_h="i32",
+                                             stride_cos="i32", stride_ks="i32", stride_kh="i32", stride_qn="i32",
+                                             stride_qh="i32"),
+                 dict(H=32, KV=4, HALF=32, HALF_PAD=32), 1)):
+            k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
+            assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
+            built += 1
+    assert built == 3 * (3 * 12 + 3)
