@@ -88,23 +88,74 @@ def unfused_chain(x, a, gam, fused: bool, swiglu: bool, products):
     return run
 
 
-def time_tiles(configs, first, chain, ref, layers: int, nbytes: int) -> dict:
+def time_tiles(configs, first, chain, ref, layers: int, nbytes: int, tol: float = 0.05) -> dict:
     """Each tile c: first(c) -> the product of the first matrix (its error against ref), chain(c) -> the
     product over all `layers` matrices, timed in a CUDA graph (us per matrix; None where the card refuses
-    the tile); the fastest one's config, time and TB/s."""
+    the tile, or where its error passes tol -- a wrong kernel is not a fast one); the fastest one's config,
+    time and TB/s."""
     from afford.models.quant import _graph_us
-    row = {"triton_us": [], "max_rel_err": 0.0}
+    row = {"triton_us": [], "rel_err": [], "max_rel_err": 0.0}
     for c in configs:
         try:
             y = first(c).float()
-            row["max_rel_err"] = max(row["max_rel_err"], float((y - ref).abs().max() / ref.abs().max()))
+            err = float((y - ref).abs().max() / ref.abs().max())
+            row["rel_err"].append(err)
+            row["max_rel_err"] = max(row["max_rel_err"], err)
+            if not err <= tol:
+                raise ValueError(f"relative error {err:.3g} against the reference")
             row["triton_us"].append(_graph_us(chain(c), 2) / layers)
-        except Exception as e:                       # a tile this card cannot hold
+        except Exception as e:                       # a tile this card cannot hold, or a wrong one
             row["triton_us"].append(None)
             row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
     us, i = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
     row["best"] = {"config": list(configs[i]), "us": us, "tb_s": nbytes / us / 1e6}
     return row
+
+
+W4_PROBE = """
+import sys, torch
+from afford.models import triton_gemv as tg
+from afford.models.quant import quantize
+sys.path.insert(0, {bench!r})
+import gpu_decode
+configs, dev, dt = {configs!r}, {device!r}, getattr(torch, {dtype!r})
+g = torch.Generator(device=dev).manual_seed(0)
+probs = []
+for N, K, fused, swiglu in gpu_decode.matrix_roles(getattr(gpu_decode, {shape!r})).values():
+    q, sc, z = quantize(torch.randn(N, K, generator=g, device=dev) * 0.02, 4, K)
+    x, a = (torch.randn(1, K, generator=g, device=dev).to(dt) for _ in range(2))
+    kw = dict(add=a, norm=torch.ones(K, device=dev, dtype=dt), eps=1e-5, swiglu=swiglu) if fused else {{}}
+    probs.append((q, sc, z, x, K, kw))
+for i, c in enumerate(configs):
+    for q, sc, z, x, K, kw in probs:
+        tg.gemv_w4(x, tg.w4_pack(q, tg.w4_kind(c)[0]), sc, z, K, c, **kw)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print("ok", i, flush=True)
+"""
+
+
+def w4_runnable(configs: list, device: str = "cuda", shape: str = "TINYLLAMA", dtype: str = "bfloat16",
+                env: dict | None = None) -> tuple[list, list]:
+    """(the int4 tiles that run on this card, those that crashed): each is first run on every role's shape in a
+    child process, since an illegal address poisons the CUDA context of the process that meets it; a child that
+    dies marks the tile it was on, and a new one goes on from the next. The compiled kernels land in Triton's
+    cache, so the sweep does not compile them again."""
+    import subprocess
+    todo, good, bad = list(configs), [], []
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), **(env or {}))
+    while todo:
+        code = W4_PROBE.format(bench=str(Path(__file__).resolve().parent), configs=[tuple(c) for c in todo],
+                               device=device, shape=shape, dtype=dtype)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=400)
+        done = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("ok ")]
+        good += [todo[i] for i in done]
+        if out.returncode == 0:
+            break
+        crashed = todo[len(done)]
+        bad.append((tuple(crashed), out.stderr.strip().splitlines()[-1][:200] if out.stderr.strip() else "died"))
+        todo = todo[len(done) + 1:]
+    return good, bad
 
 
 def sync():
@@ -647,12 +698,14 @@ def main():
         from afford.models.triton_ops import add_rmsnorm, silu_mul
         L, roles = shape["num_hidden_layers"], matrix_roles(shape)
         gen = torch.Generator(device=device).manual_seed(3)
-        out = {"configs": [list(c) for c in tg.W4_SWEEP_CONFIGS], "layers": L, "roles": {}, "chosen": {}}
+        configs, crashed = w4_runnable(tg.W4_SWEEP_CONFIGS)
+        out = {"configs": [list(c) for c in configs], "layers": L, "roles": {}, "chosen": {},
+               "crashed": [[list(c), why] for c, why in crashed]}
         for role, (N, K, fused, swiglu) in roles.items():
             mats = [quantize(torch.randn(N, K, generator=gen, device=device) * 0.02, 4, K) for _ in range(L)]
             qls = [QuantLinear(q, s_, z, 4, kernel="int4cuda") for q, s_, z in mats]
             ops = {lay: [(tg.w4_pack(q, lay), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
-                   for lay in sorted({tg.w4_kind(c)[0] for c in tg.W4_SWEEP_CONFIGS})}
+                   for lay in sorted({tg.w4_kind(c)[0] for c in configs})}
             x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
             gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
             kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
@@ -665,8 +718,7 @@ def main():
 
             def w4(c, ms):                           # a fifth element: the layout (and kernel), tg.w4_kind
                 return [tg.gemv_w4(x, *op, K, c, **kw)[0] for op in ops[tg.w4_kind(c)[0]][:ms]]
-            row.update(time_tiles(tg.W4_SWEEP_CONFIGS, lambda c: w4(c, 1)[0], lambda c: lambda: w4(c, L), ref, L,
-                                  N * K // 2))
+            row.update(time_tiles(configs, lambda c: w4(c, 1)[0], lambda c: lambda: w4(c, L), ref, L, N * K // 2))
             row["tinygemm_tb_s"] = row["code_bytes"] / row["tinygemm_us"] / 1e6
             choice = row["best"]["config"] if row["best"]["us"] < row["tinygemm_us"] else None
             out["chosen"][role] = list(choice) if choice else None

@@ -522,3 +522,16 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
     assert built == 3 * (3 * 12 + 3)
+
+
+@needs_triton
+def test_int4_sweep_isolates_a_crashing_tile():
+    """gpu_decode.py's int4 sweep first runs each tile in a child process (on the card an illegal address would
+    poison the sweep's own CUDA context): a tile whose child dies is set aside and the next child goes on from the
+    tile after it. Here in Triton's interpreter, with a tile gemv_w4 refuses (tensor cores on 8 rows)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_decode
+    good, bad = gpu_decode.w4_runnable([(4, 64, 4, 1), (8, 64, 4, 1, 2), (8, 64, 4, 1, 3)], device="cpu", shape="TINY",
+                                       dtype="float16", env={"TRITON_INTERPRET": "1"})
+    assert good == [(4, 64, 4, 1), (8, 64, 4, 1, 3)]
+    assert [c for c, _ in bad] == [(8, 64, 4, 1, 2)] and "ValueError" in bad[0][1]
