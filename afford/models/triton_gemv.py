@@ -304,7 +304,6 @@ if triton is not None:
         _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
                    tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
-
     @triton.constexpr_function
     def _nib_shift(j):
         """Where nibble j of an octets word sits: bit 4j of the word for j < 5, else bit 4(j - 3) of word >> 12
