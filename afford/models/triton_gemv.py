@@ -136,6 +136,21 @@ if triton is not None:
         return t
 
     @triton.jit
+    def _step_rows(rows, rows_u, col, nm, cm, EVEN: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+        """A step's tile of the rows (and of the up rows, with SwiGLU): weights or int4 codes. PDL (the first
+        step): no kernel writes them, so they load after this kernel lets the next one start and before it
+        waits for the one before (triton_lib); x and the addend, that kernel's output, only after."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        w = _rows(rows, col, nm, cm, EVEN)
+        u = w
+        if SWIGLU:
+            u = _rows(rows_u, col, nm, cm, EVEN)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        return w, u
+
+    @triton.jit
     def _gemv_step(X, A, XO, G, pid, k, km, w, u, acc, acc_u, ss, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
                    SWIGLU: tl.constexpr, EVEN: tl.constexpr):
         """One step of _gemv_kernel over columns k, its weights w (and the up rows' u) loaded."""
@@ -157,23 +172,11 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         ss = tl.zeros((BLOCK_K,), tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        # the first step's weights: no kernel writes them, so under PDL they load while the kernel before
-        # this one still runs; x and the addend (that kernel's output) only after the wait
-        w = _rows(rows, kk, nm, kk < K, EVEN_K)
-        u = w
-        if SWIGLU:
-            u = _rows(rows + UP_OFF, kk, nm, kk < K, EVEN_K)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        w, u = _step_rows(rows, rows + UP_OFF, kk, nm, kk < K, EVEN_K, SWIGLU, PDL)
         acc, acc_u, ss = _gemv_step(X, A, XO, G, pid, kk, kk < K, w, u, acc, acc_u, ss, HAS_ADD, NORM, SWIGLU, EVEN_K)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + kk
-            w = _rows(rows, k, nm, k < K, EVEN_K)
-            u = w
-            if SWIGLU:
-                u = _rows(rows + UP_OFF, k, nm, k < K, EVEN_K)
+            w, u = _step_rows(rows, rows + UP_OFF, k, nm, k < K, EVEN_K, SWIGLU, False)
             acc, acc_u, ss = _gemv_step(X, A, XO, G, pid, k, k < K, w, u, acc, acc_u, ss, HAS_ADD, NORM, SWIGLU, EVEN_K)
         r = _inv_rms(ss, eps, K, NORM)
         _store_out(Y, n, nm, tl.sum(acc, axis=1) * r, tl.sum(acc_u, axis=1) * r, SWIGLU)
@@ -187,11 +190,6 @@ if triton is not None:
         else:
             col = c // 2 + j
         return col, col < K // 2
-
-    @triton.jit
-    def _codes(rows, col, nm, cm):
-        """The (BLOCK_N, len(col)) bytes of the rows at col (rows past N, columns cm False: 0)."""
-        return tl.load(rows + col[None, :], mask=nm[:, None] & cm[None, :], other=0)
 
     @triton.jit
     def _nibbles(b):
@@ -280,24 +278,14 @@ if triton is not None:
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((STEP,), tl.float32)
         xsum = tl.zeros((STEP,), tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         col, cm = _w4_col(0, j, K, HALVES)
-        b = _codes(rows, col, nm, cm)
-        bu = b
-        if SWIGLU:
-            bu = _codes(rows_u, col, nm, cm)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        b, bu = _step_rows(rows, rows_u, col, nm, cm, False, SWIGLU, PDL)
         acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
             X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, 0, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
             K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
         for c in range(STEP, END, STEP):
             col, cm = _w4_col(c, j, K, HALVES)
-            b = _codes(rows, col, nm, cm)
-            bu = b
-            if SWIGLU:
-                bu = _codes(rows_u, col, nm, cm)
+            b, bu = _step_rows(rows, rows_u, col, nm, cm, False, SWIGLU, False)
             acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
                 X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
                 K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
@@ -374,21 +362,11 @@ if triton is not None:
         acc_u = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         ss = tl.zeros((BLOCK_C,), tl.float32)
         xsum = tl.zeros((BLOCK_C,), tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        w = _codes(rows, c, nm, c < SEG)                # the first step's codes before PDL's wait
-        wu = w
-        if SWIGLU:
-            wu = _codes(rows_u, c, nm, c < SEG)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        w, wu = _step_rows(rows, rows_u, c, nm, c < SEG, False, SWIGLU, PDL)
         acc, acc_u, ss, xsum = _w4o_step(X, A, XO, G, pid, 0, c, w, wu, acc, acc_u, ss, xsum, K, HAS_ADD, NORM,
                                          SWIGLU, EVEN, USE_ASM)
         for c0 in range(BLOCK_C, SEG, BLOCK_C):
-            w = _codes(rows, c0 + c, nm, (c0 + c) < SEG)
-            wu = w
-            if SWIGLU:
-                wu = _codes(rows_u, c0 + c, nm, (c0 + c) < SEG)
+            w, wu = _step_rows(rows, rows_u, c0 + c, nm, (c0 + c) < SEG, False, SWIGLU, False)
             acc, acc_u, ss, xsum = _w4o_step(X, A, XO, G, pid, c0, c, w, wu, acc, acc_u, ss, xsum, K, HAS_ADD,
                                              NORM, SWIGLU, EVEN, USE_ASM)
         _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), 0.0, 0.0,
@@ -530,23 +508,13 @@ if triton is not None:
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((HALF,), tl.float32)
         xsum = tl.zeros((HALF,), tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        b = _codes(rows, lo + j, nm, (lo + j) < hi)      # the first step's codes before PDL's wait
-        bu = b
-        if SWIGLU:
-            bu = _codes(rows_u, lo + j, nm, (lo + j) < hi)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        b, bu = _step_rows(rows, rows_u, lo + j, nm, (lo + j) < hi, False, SWIGLU, PDL)
         acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
             X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, lo, hi, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
             K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16, PACK2)
         c = lo + HALF
         while c < hi:                                   # (a while loop: its bounds are the split's, at run time)
-            b = _codes(rows, c + j, nm, (c + j) < hi)
-            bu = b
-            if SWIGLU:
-                bu = _codes(rows_u, c + j, nm, (c + j) < hi)
+            b, bu = _step_rows(rows, rows_u, c + j, nm, (c + j) < hi, False, SWIGLU, False)
             acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
                 X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, hi, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss,
                 xsum, K, GROUP, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM, FP16, PACK2)
