@@ -5,6 +5,7 @@ backend on ragged batches; the int4 / int8 CUDA kernels equal the dequantize fal
 that bf16 rounding of the products allows; `afford compress` round-trips on the card."""
 import pytest
 import torch
+from gemv_reference import gemv_reference
 
 from afford import LLM, SamplingParams
 from afford.attention import triton_paged
@@ -196,8 +197,6 @@ def test_fused_layer_kernels_give_torch_logits(random_pair, dtype):
 def test_fused_gemv_kernel_equals_torch(dtype):
     """The one-row product with the residual add, RMSNorm and SwiGLU fused in: torch's operators within the
     rounding of the dtype, on the model's shapes and uneven ones, every tile the sweep tries."""
-    import torch.nn.functional as F
-
     from afford.models import triton_gemv
     g = torch.Generator(device="cuda").manual_seed(0)
     configs = sorted({c for c in triton_gemv.GEMV_CONFIGS.values() if c} | set(triton_gemv.SWEEP_CONFIGS))
@@ -208,12 +207,7 @@ def test_fused_gemv_kernel_equals_torch(dtype):
         a = torch.randn(1, K, generator=g, device="cuda").to(dtype) if add else None
         w = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(dtype)
         gam = (1 + 0.1 * torch.randn(K, generator=g, device="cuda")).to(dtype) if norm else None
-        hr = x + a if add else x
-        v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
-        yr = v @ w.float().t()
-        if swiglu:
-            gate, up = yr.chunk(2, dim=-1)
-            yr = F.silu(gate) * up
+        yr, hr = gemv_reference(x, w, a, gam, swiglu)
         tol = 1e-4 if dtype == torch.float32 else 1.6e-2
         for cfg in configs:
             y, h = triton_gemv.gemv(x, w, cfg, add=a, norm=gam, eps=1e-5, swiglu=swiglu)
@@ -245,8 +239,6 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
     weights within bf16 rounding, per-channel and grouped scales, every tile, layout and kernel (pairs, halves,
     tensor cores with the PTX conversion and with K split over programs, octets with the lop3) the sweep tries
     (a split tile twice: its workspace is zero again after a call)."""
-    import torch.nn.functional as F
-
     from afford.models import triton_gemv
     from afford.models.quant import dequantize, quantize
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -258,12 +250,7 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
         x = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16)
         a = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16) if add else None
         gam = (1 + 0.1 * torch.randn(K, generator=g, device="cuda")).to(torch.bfloat16) if norm else None
-        hr = x + a if add else x
-        v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
-        yr = v @ w.t()
-        if swiglu:
-            gate, up = yr.chunk(2, dim=-1)
-            yr = F.silu(gate) * up
+        yr, hr = gemv_reference(x, w, a, gam, swiglu)
         # every swept tile on the first shape, one of each kernel on the others (each tile is a compile)
         tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2),
                                                                 (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4)]

@@ -186,8 +186,8 @@ def test_fused_gemv_kernel_in_the_interpreter():
     combination of add / norm / swiglu; fp32 and fp16 (the interpreter mis-converts bf16)."""
     code = """
 import torch
-import torch.nn.functional as F
 from afford.models.triton_gemv import gemv
+from tests.gemv_reference import gemv_reference
 g = torch.Generator().manual_seed(0)
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, cfg in ((24, 256, (8, 128, 4, 1)), (21, 200, (4, 64, 2, 1)), (40, 96, (16, 128, 4, 1))):
@@ -198,12 +198,7 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             w = (torch.randn(2 * N if swiglu else N, K, generator=g) * 0.1).to(dt)
             gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
             y, h = gemv(x, w, cfg, add=a, norm=gam, eps=1e-5, swiglu=swiglu)
-            hr = x + a if add else x
-            v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
-            yr = v @ w.float().t()
-            if swiglu:
-                gate, up = yr.chunk(2, dim=-1)
-                yr = F.silu(gate) * up
+            yr, hr = gemv_reference(x, w, a, gam, swiglu)
             assert torch.equal(h, hr), (N, K, add)
             assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol * (1 + yr.abs().max()), \
                 (dt, N, K, add, norm, swiglu, (y.float() - yr).abs().max())
@@ -246,9 +241,9 @@ def test_fused_int4_gemv_kernel_in_the_interpreter():
     layout or a split K with more than one group a row, are refused."""
     code = """
 import torch
-import torch.nn.functional as F
 from afford.models.quant import dequantize, quantize
 from afford.models.triton_gemv import gemv_w4, w4_block_k, w4_kind, w4_pack
+from tests.gemv_reference import gemv_reference
 g = torch.Generator().manual_seed(0)
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
@@ -276,12 +271,7 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                                swiglu=swiglu)
             # the tensor cores take x as a 16-bit operand: its rounding (~1e-3 relative in fp16) on top
             tol_v = max(tol, 2e-3) if tc else tol
-            hr = x + a if add else x
-            v = F.rms_norm(hr.float(), (K,), gam.float(), 1e-5) if norm else hr.float()
-            yr = v @ w.t()
-            if swiglu:
-                gate, up = yr.chunk(2, dim=-1)
-                yr = F.silu(gate) * up
+            yr, hr = gemv_reference(x, w, a, gam, swiglu)
             assert torch.equal(h, hr)
             assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol_v * (1 + yr.abs().max()), \
                 (dt, N, K, group, cfg5, add, norm, swiglu, (y.float() - yr).abs().max())
