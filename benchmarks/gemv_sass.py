@@ -100,30 +100,22 @@ def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
         sig = dict(COMMON, W="*bf16", Y="*bf16", N="i32", UP_OFF="i64", eps="fp32", stride_w="i32")
         yield ("bf16", c, tg._gemv_kernel, sig, dict(K=K, **flags, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0),
                -(-K // bk), bn, F)
+    names = {tg._gemv_w4o_kernel: "int4 octets", tg._gemv_w4_tc_kernel: "int4 tensor cores"}
     for c in tg.W4_SWEEP_CONFIGS:
-        layout, tc = tg.w4_kind(c)
-        halves = layout == "halves"
-        bk = tg.w4_block_k(K, K, c[1], layout)
-        even = (K // 2) % (bk // 2) == 0 if halves else K % bk == 0
-        sig = dict(COMMON, P="*u8", S="*fp32", Z="*fp32", Y="*bf16", N="i32", F_OFF="i32", UP_OFF="i64", eps="fp32",
-                   stride_p="i32", n_groups="i32")
-        steps = -(-(K // 2) // (bk // 2)) if halves else -(-K // bk)
-        if layout == "octets":
-            sig = {k: ("*i32" if k == "P" else v) for k, v in sig.items() if k != "n_groups"}
-            yield ("int4 octets", c, tg._gemv_w4o_kernel, sig,
-                   dict(K=K, **flags, BLOCK_N=c[0], BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=True),
-                   -(-(K // 8) // (bk // 8)), c[0], F)
-        elif tc:
-            split = c[5] if len(c) > 5 else 1
-            ks = -(-(-(-(K // 2) // split)) // (bk // 2)) * (bk // 2)
-            sig = dict(sig, WS="*fp32", CNT="*i32")
-            yield ("int4 tensor cores", c, tg._gemv_w4_tc_kernel, sig,
-                   dict(K=K, GROUP=K, **flags, BLOCK_N=c[0], BLOCK_K=bk, SPLIT=split,
-                        EVEN=even and ks * split == K // 2, USE_ASM=True, FP16=False, PACK2=c[0] // c[2] >= 16),
-                   -(-ks // (bk // 2)), c[0], F)
-        else:
-            yield ("int4 halves" if halves else "int4 pairs", c, tg._gemv_w4_kernel, sig,
-                   dict(K=K, GROUP=K, **flags, HALVES=halves, BLOCK_N=c[0], BLOCK_K=bk, EVEN=even), steps, c[0], F)
+        fn, cst, split, steps = tg.w4_plan(K, K, c)            # what gemv_w4 launches, per-channel scales
+        yield (names.get(fn, f"int4 {tg.w4_kind(c)[0]}"), c, fn, w4_signature(fn), dict(cst, **flags, BLOCK_N=c[0]),
+               steps, c[0], F)
+
+
+def w4_signature(fn, dt: str = "bf16") -> dict:
+    """The argument types of an int4 GEMV kernel (triton_gemv.w4_plan's) for activations of dtype dt."""
+    sig = dict(dict.fromkeys(("X", "A", "XO", "G", "Y"), "*" + dt), S="*fp32", Z="*fp32", N="i32", F_OFF="i32",
+               UP_OFF="i64", eps="fp32", stride_p="i32", P="*i32" if fn is tg._gemv_w4o_kernel else "*u8")
+    if fn is not tg._gemv_w4o_kernel:
+        sig["n_groups"] = "i32"
+    if fn is tg._gemv_w4_tc_kernel:
+        sig.update(WS="*fp32", CNT="*i32")
+    return sig
 
 
 def main():

@@ -96,17 +96,18 @@ def time_tiles(configs, first, chain, ref, layers: int, nbytes: int, tol: float 
     from afford.models.quant import _graph_us
     row = {"triton_us": [], "rel_err": [], "max_rel_err": 0.0}
     for c in configs:
+        err = us = None
         try:
             y = first(c).float()
             err = float((y - ref).abs().max() / ref.abs().max())
-            row["rel_err"].append(err)
             row["max_rel_err"] = max(row["max_rel_err"], err)
             if not err <= tol:
                 raise ValueError(f"relative error {err:.3g} against the reference")
-            row["triton_us"].append(_graph_us(chain(c), 2) / layers)
+            us = _graph_us(chain(c), 2) / layers
         except Exception as e:                       # a tile this card cannot hold, or a wrong one
-            row["triton_us"].append(None)
             row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {str(e)[:120]}")
+        row["rel_err"].append(err)                   # (per tile, in the order of configs)
+        row["triton_us"].append(us)
     us, i = min((t, i) for i, t in enumerate(row["triton_us"]) if t is not None)
     row["best"] = {"config": list(configs[i]), "us": us, "tb_s": nbytes / us / 1e6}
     return row

@@ -475,21 +475,20 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
     K, built = 256, 0
     for dt in ("fp32", "bf16", "fp16"):
         act = dict.fromkeys(("X", "A", "XO", "G", "Y"), "*" + dt)
-        w4 = dict(act, S="*fp32", Z="*fp32", N="i32", F_OFF="i32", UP_OFF="i64", eps="fp32", stride_p="i32")
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True)):
             flags = dict(HAS_ADD=add, NORM=norm, SWIGLU=swiglu, PDL=True)
-            kernels = [
-                (tg._gemv_kernel, dict(act, W="*" + dt, N="i32", UP_OFF="i64", eps="fp32", stride_w="i32"),
-                 dict(K=K, BLOCK_N=4, BLOCK_K=128, EVEN_K=True), 4),
-                (tg._gemv_w4o_kernel, dict(w4, P="*i32"), dict(K=K, BLOCK_N=8, BLOCK_C=16, EVEN=True, USE_ASM=True), 4)]
+            kernels = [(tg._gemv_kernel, dict(act, W="*" + dt, N="i32", UP_OFF="i64", eps="fp32", stride_w="i32"),
+                        dict(K=K, BLOCK_N=4, BLOCK_K=128, EVEN_K=True), 4)]
+            # gemv_w4's own launch plans (w4_plan): pairs, halves, tensor cores (mma.sync's 32 rows, a warpgroup's
+            # 64, K split in two), octets; per-channel and grouped scales (where the tile takes them)
             for group in (K, 128):
-                for halves in (False, True):
-                    kernels.append((tg._gemv_w4_kernel, dict(w4, P="*u8", n_groups="i32"),
-                                    dict(K=K, GROUP=group, HALVES=halves, BLOCK_N=8, BLOCK_K=128, EVEN=True), 4))
-                for bn, warps, split in ((32, 4, 1), (64, 4, 1), (64, 4, 2 if group == K else 1)):
-                    kernels.append((tg._gemv_w4_tc_kernel, dict(w4, P="*u8", WS="*fp32", CNT="*i32", n_groups="i32"),
-                                    dict(K=K, GROUP=group, BLOCK_N=bn, BLOCK_K=128, SPLIT=split, EVEN=True, USE_ASM=True,
-                                         FP16=dt != "bf16", PACK2=bn // warps >= 16), warps))
+                for cfg in ((8, 128, 4, 1), (8, 128, 4, 1, 1), (32, 128, 4, 1, 2), (64, 128, 4, 1, 2),
+                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3)):
+                    plan = tg.w4_plan(K, group, cfg, fp16=dt != "bf16")
+                    if plan is None:
+                        continue
+                    kernels.append((plan[0], gemv_sass.w4_signature(plan[0], dt), dict(plan[1], BLOCK_N=cfg[0]),
+                                    cfg[2]))
             for fn, sig, cst, warps in kernels:
                 k = gemv_sass.build(fn, sig, dict(cst, **flags), warps, 1)
                 assert k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt, cst)
@@ -511,7 +510,7 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
-    assert built == 3 * (3 * 12 + 3)
+    assert built == 3 * (3 * (1 + 6 + 4) + 3)                   # octets and a split K: per-channel only
 
 
 @needs_triton

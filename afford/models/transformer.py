@@ -510,8 +510,7 @@ class Transformer(nn.Module):
                     return False
                 layout = triton_gemv.w4_kind(cfg)[0] if cfg is not None else "pairs"
                 fits = cfg is not None and m.group >= min(cfg[1] // (2 if layout == "halves" else 1), m.in_features) \
-                    and triton_gemv.w4_block_k(m.in_features, m.group, 32, layout) is not None \
-                    and (len(cfg) < 6 or m.group == m.in_features)          # a split K: one group a row
+                    and triton_gemv.w4_plan(m.in_features, m.group, cfg) is not None
                 if not fits:
                     m._w4 = None
                     return role not in ("qkv", "gate_up")

@@ -630,6 +630,33 @@ def w4_block_k(K: int, group: int, want: int, layout: str = "pairs") -> int | No
     return None
 
 
+def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm: bool = True):
+    """What gemv_w4 launches for rows of K weights in scale groups of `group` with this tile: (the kernel, its
+    constexprs besides the fusion flags, the programs a row block's K is split over, the steps a program walks)
+    -- None where the tile does not take these rows. fp16: 16-bit operands as fp16 (else bf16); asm: inline
+    PTX (an NVIDIA card). benchmarks/gemv_sass.py compiles the same plans offline."""
+    layout, tc = w4_kind(config)
+    bn, want, warps = config[:3]
+    split = config[5] if tc and len(config) > 5 else 1
+    bk = w4_block_k(K, group, want, layout)
+    if bk is None or (tc and bn < 16) or (split > 1 and group != K):
+        return None
+    if layout == "octets":
+        words = K // 8
+        return (_gemv_w4o_kernel, dict(K=K, BLOCK_C=bk // 8, EVEN=words % (bk // 8) == 0, USE_ASM=asm), 1,
+                -(-words // (bk // 8)))
+    half = bk // 2
+    if tc:
+        ks = -(-(-(-(K // 2) // split)) // half) * half              # byte columns a split (the kernel's KS)
+        return (_gemv_w4_tc_kernel, dict(K=K, GROUP=group, BLOCK_K=bk, SPLIT=split,
+                                         EVEN=(K // 2) % half == 0 and ks * split == K // 2, USE_ASM=asm,
+                                         FP16=fp16, PACK2=bn // warps >= 16), split, ks // half)
+    halves = layout == "halves"
+    return (_gemv_w4_kernel, dict(K=K, GROUP=group, HALVES=halves, BLOCK_K=bk,
+                                  EVEN=(K // 2) % half == 0 if halves else K % bk == 0), 1,
+            -(-(K // 2) // half) if halves else -(-K // bk))
+
+
 def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
             config: tuple[int, ...], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
             eps: float = 0.0, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -641,45 +668,35 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     layout, tc = w4_kind(config)
     N, K = packed.shape[0], x.shape[1]
-    bn, bk, warps, stages = config[:4]
-    bk = w4_block_k(K, group, bk, layout)
+    bn, warps, stages = config[0], config[2], config[3]
+    plan = w4_plan(K, group, config, fp16=x.dtype != torch.bfloat16, asm=nvidia(x))
     per_row = K // 8 if layout == "octets" else K // 2
-    if bk is None or packed.shape[1] != per_row or K % group or tuple(scales.shape) != (N, K // group) \
-            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1 or (tc and bn < 16) \
+    if plan is None or packed.shape[1] != per_row or K % group or tuple(scales.shape) != (N, K // group) \
+            or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1 \
             or packed.dtype != (torch.int32 if layout == "octets" else torch.uint8):
         raise ValueError(f"gemv_w4 ({layout}{', tensor cores' if tc else ''}) needs K ({K}) and the group ({group}) "
-                         f"in steps of 32 (octets: one group a row, K a multiple of 8), packed (N, {per_row}) as w4_pack packs it with "
-                         f"contiguous rows, scales / zeros (N, K / group) (and 16+ rows a program for the tensor "
-                         f"cores); got {tuple(packed.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}, {config}")
+                         f"in steps of 32 (octets and a split K: one group a row, K a multiple of 8 for octets), "
+                         f"packed (N, {per_row}) as w4_pack packs it with contiguous rows, scales / zeros "
+                         f"(N, K / group) (and 16+ rows a program for the tensor cores); got {tuple(packed.shape)}, "
+                         f"{tuple(scales.shape)}, {tuple(zeros.shape)}, {config}")
+    kernel, cst, split, _ = plan
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
     y = torch.empty(1, F, dtype=x.dtype, device=x.device)
     a = add.contiguous() if add is not None else x
     g = norm.contiguous() if norm is not None else x
-    common = dict(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
-                  num_stages=stages, **pdl_args(x))
+    cst.update(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
+               num_stages=stages, **pdl_args(x))
+    rows = (F, F, F * packed.stride(0), eps, packed.stride(0))          # N, F_OFF, UP_OFF, eps, stride_p
     if layout == "octets":
-        _gemv_w4o_kernel[(triton.cdiv(F, bn),)](
-            x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), K=K,
-            BLOCK_C=bk // 8, EVEN=(K // 8) % (bk // 8) == 0, USE_ASM=nvidia(x), **common)
+        kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, *rows, **cst)
     elif tc:
-        split = config[5] if len(config) > 5 else 1
-        if split > 1 and group != K:
-            raise ValueError(f"gemv_w4: a split K (tile {config}) needs one scale group a row; got groups of {group}")
-        ks = -(-(-(-(K // 2) // split)) // (bk // 2)) * (bk // 2)          # byte columns a split (the kernel's KS)
         ws, cnt = _split_workspace(x.device, triton.cdiv(F, bn), bn, split) if split > 1 else (y, y)
-        _gemv_w4_tc_kernel[(triton.cdiv(F, bn), split)](
-            x, a, h, g, packed, scales, zeros, y, ws, cnt, F, F, F * packed.stride(0), eps, packed.stride(0),
-            scales.shape[1], K=K, GROUP=group, BLOCK_K=bk, SPLIT=split,
-            EVEN=(K // 2) % (bk // 2) == 0 and ks * split == K // 2, USE_ASM=nvidia(x),
-            FP16=x.dtype != torch.bfloat16, PACK2=bn // warps >= 16, **common)
+        kernel[(triton.cdiv(F, bn), split)](x, a, h, g, packed, scales, zeros, y, ws, cnt, *rows, scales.shape[1],
+                                            **cst)
     else:
-        halves = layout == "halves"
-        _gemv_w4_kernel[(triton.cdiv(F, bn),)](
-            x, a, h, g, packed, scales, zeros, y, F, F, F * packed.stride(0), eps, packed.stride(0), scales.shape[1],
-            K=K, GROUP=group, HALVES=halves, BLOCK_K=bk, EVEN=(K // 2) % (bk // 2) == 0 if halves else K % bk == 0,
-            **common)
+        kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, *rows, scales.shape[1], **cst)
     return y, h
 
 
