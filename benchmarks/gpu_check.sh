@@ -17,7 +17,7 @@ PY=${PY:-python3}
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/gpu_info.txt" 2>&1
 cat "$OUT/gpu_info.txt"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_graphs.py} 2>&1 | tee "$OUT/gpu_tests.log"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_graphs.py} 2>&1 | tee "$OUT/gpu_tests.log"
 tests=$?                                  # the benchmark runs either way; the exit status reports both
 timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log"
 bench=$?

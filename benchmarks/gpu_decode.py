@@ -25,9 +25,10 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
 - `gemv_sweep` / `afford_graphs_gemv_b1`: afford's fused one-row Triton GEMV (residual add, RMSNorm and
   SwiGLU inside the product's kernel; afford/models/triton_gemv.py) per matrix role against cuBLAS, then
   the whole batch-1 step with it (A/B against the default, its roofline share and kernel profile);
-- `afford_graphs_pdl_b*` / `afford_int4_pdl`: programmatic dependent launch of afford's decode kernels
-  (afford/models/triton_lib.py) switched against the default, bf16 at every batch and int4 at batch 1 / 16;
-  `afford_int4_swept_pdl` both the sweep's int4 tiles and PDL switched (what the two together give);
+- `afford_graphs_nopdl_b*` / `afford_int4_nopdl`: programmatic dependent launch of afford's decode kernels
+  (afford/models/triton_lib.py) switched against the default (on since run 10; the arms were `*_pdl` while
+  it was off), bf16 at every batch and int4 at batch 1 / 16; `afford_int4_swept_nopdl` both the sweep's int4
+  tiles and PDL switched;
 - `int4_sweep`: the batch-1 int4 kernels per matrix of the model (tinygemm, cuBLAS bf16, afford's Triton
   GEMV over a grid of tiles), inside CUDA graphs;
 - `kernel_profile`: torch.profiler's CUDA kernels of batch-1 decode steps (afford eager / graphs / torch's
@@ -749,9 +750,10 @@ def main():
     # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm; run 8 (4e77d7c), before
     # the fused int4 GEMV was a default, named tinygemm alone afford_int4 and the fused one afford_int4_gemv
     defaults_w4 = dict(triton_gemv.GEMV_W4_CONFIGS)
-    for name, q, mode in (("afford_int4", "int4", "default"), ("afford_int4_pdl", "int4", "pdl"),
+    sw = "nopdl" if triton_lib.PDL else "pdl"      # the arms with PDL switched: named for what they run (run 10's
+    for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),   # default: off)
                           ("afford_int4_tinygemm", "int4", "tinygemm"),
-                          ("afford_int4_swept", "int4", "swept"), ("afford_int4_swept_pdl", "int4", "swept_pdl"),
+                          ("afford_int4_swept", "int4", "swept"), (f"afford_int4_swept_{sw}", "int4", "swept_pdl"),
                           ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),
                           ("afford_int8", "int8", "default")):
         def quant_arms(q=q, mode=mode):

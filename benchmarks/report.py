@@ -443,7 +443,7 @@ def gpu_decode(r) -> None:
             pdl.append([f"bf16, batch {b}", f"{on['tok_s']:.0f}", f"{off['tok_s']:.0f}", f"{on['tok_s'] / off['tok_s']:.2f}x",
                         f"{on['decode_ms']:.3f} / {off['decode_ms']:.3f}", f"{v.get('graph_replay_ms') or 0:.3f}",
                         f"{v['same_tokens_as_default']:.0%}"])
-    v, g = a.get("afford_int4_pdl"), a.get("afford_int4")
+    v, g = a.get("afford_int4_pdl") or a.get("afford_int4_nopdl"), a.get("afford_int4")
     if v and g:
         on, off = (v, g) if v["pdl"] else (g, v)
         for b in (1, 16):

@@ -524,3 +524,14 @@ def test_int4_sweep_isolates_a_crashing_tile():
                                        dtype="float16", env={"TRITON_INTERPRET": "1"})
     assert good == [(4, 64, 4, 1), (8, 64, 4, 1, 3)]
     assert [c for c, _ in bad] == [(8, 64, 4, 1, 2)] and "ValueError" in bad[0][1]
+
+
+def test_gemv_scaling_fit_splits_fixed_and_streaming_time():
+    """benchmarks/gemv_scaling.py's least squares: points on us = 3 + bytes / (2 TB/s) give back 3 us and 2 TB/s;
+    one point or none gives no fit."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gemv_scaling
+    pts = [(b, 3.0 + b / 2e6) for b in (1e6, 4e6, 2.3e7)]
+    f = gemv_scaling.fit(pts + [(5e6, None)])
+    assert abs(f["fixed_us"] - 3.0) < 1e-9 and abs(f["rate_tb_s"] - 2.0) < 1e-9 and f["worst_rel_residual"] < 1e-9
+    assert gemv_scaling.fit(pts[:1]) is None

@@ -38,18 +38,18 @@ from afford.models.triton_lib import available, nvidia, pdl_args, tl, triton  # 
 # gate|up with add + norm + SwiGLU 13.5 vs 17.5, down 7.70 vs 10.6 (a 1.1 B Llama's shapes)
 GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
     "qkv": (4, 2048, 4, 1), "o": (2, 2048, 4, 1), "gate_up": (4, 2048, 4, 1), "down": (4, 2048, 4, 1)}
-# int4 (triton_int4.pack layout, per-group scales and zero points): the same per role. o and down without
-# one keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group
-# smaller than the tile, which this kernel would walk in short steps -- not measured) keep the model on the
-# fused-layer path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (4e77d7c), per-channel scales,
-# 22 streamed matrices a role: q|k|v with add + norm 4.58 us against tinygemm + the norm kernel's 5.74,
-# gate|up with add + norm + SwiGLU 11.3 vs 12.2; o 4.18 vs tinygemm's 3.71 and down 12.2 vs 6.25 stay on
-# tinygemm. The whole batch-1 int4 step: 0.804 vs 0.856 ms (1,146 vs 1,082 tok/s); run 9 (69fc557) with these
-# defaults: 0.755 vs 0.873 ms.
-# A fifth element (W4_KINDS): 0 (or none) the pairs layout, 1 the halves layout (pack_halves), 2 the halves
-# layout through the tensor cores (_gemv_w4_tc_kernel), 3 the octets layout (pack_octets, one group a row;
-# _gemv_w4o_kernel); 1-3 not yet measured on a card.
-GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (4, 2048, 4, 1), "gate_up": (16, 512, 4, 1)}
+# int4 (per-group scales and zero points): the same per role, a fifth element naming the code layout and kernel
+# (W4_KINDS: 0 or none the pairs layout, triton_int4.pack; 1 halves, pack_halves; 2 halves through the tensor
+# cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel). o and down without one
+# keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group smaller than
+# the tile, which this kernel would walk in short steps -- not measured) keep the model on the fused-layer
+# path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (run 10, 1c57dce), per-channel scales, 22
+# streamed matrices a role, each role's fastest of W4_SWEEP_CONFIGS where it beats tinygemm: q|k|v with add +
+# norm 4.65 us against tinygemm + the norm kernel's 5.08, o 3.47 vs 3.69, gate|up with add + norm + SwiGLU
+# 10.9 vs 12.2; down stays on tinygemm (6.42 vs 6.91). The tensor-core and octets tiles lost on every role.
+# The whole batch-1 int4 step with these and PDL: 0.676 ms, against 0.849 with run 8's tiles.
+GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (8, 1024, 4, 1), "o": (4, 1024, 2, 1, 1),
+                                                      "gate_up": (8, 1024, 4, 3)}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
                  (16, 512, 4, 1), (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3), (4, 1024, 4, 2), (16, 256, 4, 3)]

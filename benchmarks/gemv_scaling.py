@@ -1,0 +1,172 @@
+"""How a one-row product's time grows with its matrix on a card (issue #13's int4 goal): bf16 against int4
+over a range of shapes, to split each kernel's time into a fixed part and a streaming part.
+
+For each (N, K): cuBLAS bf16 (F.linear), afford's bf16 one-row GEMV (triton_gemv.gemv, fastest of a few tiles),
+torch's tinygemm int4 and afford's int4 GEMV (triton_gemv.gemv_w4, per-channel scales, fastest of a few
+tiles), each timed as a chain of distinct matrices inside one CUDA graph (as the engine's captured step runs
+them: launches excluded, enough matrices that none is still in L2 when its turn comes). No fusion (no add,
+norm or SwiGLU), so every arm does the same work. Then per arm a least-squares fit over the K = 2048 family
+(TinyLlama's K): time = fixed + bytes / rate -- the fixed part is what a matrix of this model cannot stream
+away -- and the int4 / bf16 ratio per shape, for TinyLlama's four roles and Llama-3-8B's.
+Usage: python benchmarks/gemv_scaling.py [--out DIR] [--tiny (a CPU smoke test under TRITON_INTERPRET=1)]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from afford.models import triton_gemv as tg  # noqa: E402
+from afford.models.quant import QuantLinear, dequantize, quantize  # noqa: E402
+
+FAMILY = [(512, 2048), (2048, 2048), (2560, 2048), (5632, 2048), (11264, 2048), (22528, 2048)]   # K = 2048
+LLAMA8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+TINYLLAMA = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
+BF16_TILES = [(2, 2048, 4, 1), (4, 2048, 4, 1), (4, 1024, 4, 1), (8, 1024, 4, 1), (8, 512, 4, 3)]
+W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), (4, 1024, 2, 1, 1), (4, 2048, 4, 1, 1)]
+
+
+def chain_us(fns, device: str) -> float:
+    """Microseconds per call of the fns run one after another: one CUDA graph of them replayed (on the CPU,
+    the wall clock of a plain loop)."""
+    def run():
+        for f in fns:
+            f()
+    run()
+    if device != "cuda":
+        t = time.perf_counter()
+        run()
+        return 1e6 * (time.perf_counter() - t) / len(fns)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (5 * len(fns))
+
+
+def best_tile(tiles, call, ref, copies: int, device: str) -> dict:
+    """The fastest tile of call(tile, i) (the product with matrix i) over the copies; a tile whose error passes
+    5 % against ref (matrix 0's product) or that the card refuses is left out with its reason."""
+    out = {"us": None, "tile": None, "errors": []}
+    for t in tiles:
+        try:
+            err = float((call(t, 0).float() - ref).abs().max() / ref.abs().max())
+            if not err <= 0.05:
+                raise ValueError(f"relative error {err:.3g}")
+            us = chain_us([lambda t=t, i=i: call(t, i) for i in range(copies)], device)
+        except Exception as e:
+            out["errors"].append(f"{t}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        if out["us"] is None or us < out["us"]:
+            out["us"], out["tile"] = us, list(t)
+    return out
+
+
+def measure(N: int, K: int, device: str, copies_for: int) -> dict:
+    gen = torch.Generator(device=device).manual_seed(N * 7 + K)
+    copies = max(4, min(256, -(-copies_for // (N * K // 2))))      # int4 codes of all copies >= copies_for bytes
+    ws = [torch.randn(N, K, generator=gen, device=device) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16)
+    row = {"shape": [N, K], "copies": copies, "bf16_bytes": N * K * 2, "int4_bytes": N * K // 2}
+    wb = [w.to(torch.bfloat16) for w in ws]
+    qs = [quantize(w, 4, K) for w in ws]
+    del ws
+    ref_b = x.float() @ wb[0].float().t()
+    ref_q = x.float() @ dequantize(*qs[0]).t()
+    arms = {}
+    try:
+        arms["cublas_bf16"] = {"us": chain_us([lambda w=w: F.linear(x, w) for w in wb], device)}
+    except Exception as e:
+        arms["cublas_bf16"] = {"us": None, "errors": [f"{type(e).__name__}: {str(e)[:100]}"]}
+    arms["afford_bf16"] = best_tile(BF16_TILES, lambda t, i: tg.gemv(x, wb[i], t)[0], ref_b, copies, device)
+    wb.clear()                                   # free the card for the int4 copies
+    try:
+        qls = [QuantLinear(q, s, z, 4, kernel="int4cuda") for q, s, z in qs]
+        arms["tinygemm_int4"] = {"us": chain_us([lambda m=m: m(x) for m in qls], device)}
+        del qls
+    except Exception as e:                        # the CPU: no tinygemm
+        arms["tinygemm_int4"] = {"us": None, "errors": [f"{type(e).__name__}: {str(e)[:100]}"]}
+    packed = {lay: [(tg.w4_pack(q, lay), s.contiguous(), z.contiguous()) for q, s, z in qs]
+              for lay in sorted({tg.w4_kind(t)[0] for t in W4_TILES})}
+    arms["afford_int4"] = best_tile(
+        W4_TILES, lambda t, i: tg.gemv_w4(x, *packed[tg.w4_kind(t)[0]][i], K, t)[0], ref_q, copies, device)
+    for name, arm in arms.items():
+        nbytes = row["int4_bytes" if "int4" in name else "bf16_bytes"]
+        arm["tb_s"] = nbytes / arm["us"] / 1e6 if arm["us"] else None
+    row["arms"] = arms
+    return row
+
+
+def fit(points: list[tuple[float, float]]) -> dict | None:
+    """Least squares of us = fixed + bytes / rate over (bytes, us) points: fixed us, rate TB/s."""
+    pts = [(b, u) for b, u in points if u]
+    if len(pts) < 2:
+        return None
+    n, sx, sy = len(pts), sum(b for b, _ in pts), sum(u for _, u in pts)
+    sxx, sxy = sum(b * b for b, _ in pts), sum(b * u for b, u in pts)
+    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+    fixed = (sy - slope * sx) / n
+    worst = max(abs(fixed + slope * b - u) / u for b, u in pts)
+    return {"fixed_us": fixed, "rate_tb_s": 1 / slope / 1e6 if slope > 0 else None, "worst_rel_residual": worst}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU (TRITON_INTERPRET=1): a smoke test")
+    a = ap.parse_args()
+    device = "cpu" if a.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gemv_scaling.py times CUDA kernels: run it on a machine with an NVIDIA card (or --tiny on the CPU)")
+    if a.tiny and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--tiny runs afford's Triton kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    global FAMILY, LLAMA8B, TINYLLAMA
+    if a.tiny:
+        FAMILY, LLAMA8B, TINYLLAMA = [(32, 64), (64, 64)], {"o": (32, 128)}, {"o": (64, 64)}
+    t0 = time.time()
+    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test)",
+           "torch": torch.__version__, "commit": os.environ.get("AFFORD_COMMIT"), "pdl": tg.pdl_args(
+               torch.zeros(1, device=device)).get("PDL", False), "shapes": {}}
+    copies_for = 1 << 12 if a.tiny else 200 << 20
+    for N, K in dict.fromkeys(FAMILY + list(TINYLLAMA.values()) + list(LLAMA8B.values())):
+        row = measure(N, K, device, copies_for)
+        res["shapes"][f"{N}x{K}"] = row
+        print(f"{N}x{K}", {k: (round(v['us'], 2) if v['us'] else None, v.get('tile')) for k, v in row["arms"].items()},
+              flush=True)
+        torch.cuda.empty_cache() if device == "cuda" else None
+    arms = ["cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4"]
+    res["fit_k2048"] = {arm: fit([(r["int4_bytes" if "int4" in arm else "bf16_bytes"], r["arms"][arm]["us"])
+                                  for r in (res["shapes"][f"{N}x{K}"] for N, K in FAMILY)]) for arm in arms}
+
+    def layer(roles):                        # one layer's four products: the faster of each kind's two kernels
+        rows = [res["shapes"][f"{N}x{K}"]["arms"] for N, K in roles.values()]
+        pick = [min((r[k]["us"] for k in ks if r[k]["us"]), default=None)
+                for r in rows for ks in (("cublas_bf16", "afford_bf16"), ("tinygemm_int4", "afford_int4"))]
+        bf16, int4 = pick[0::2], pick[1::2]
+        if None in bf16 or None in int4:
+            return None
+        return {"bf16_us": sum(bf16), "int4_us": sum(int4), "int4_speedup": sum(bf16) / sum(int4)}
+    res["layer"] = {"tinyllama": layer(TINYLLAMA), "llama3_8b": layer(LLAMA8B)}
+    res["elapsed_s"] = time.time() - t0
+    print(json.dumps({k: res[k] for k in ("fit_k2048", "layer", "elapsed_s")}, indent=1))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / ("gemv_scaling_tiny.json" if a.tiny else "gemv_scaling.json")).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
