@@ -72,6 +72,7 @@ def best_tile(tiles, call, ref, copies: int, device: str) -> dict:
         except Exception as e:
             out["errors"].append(f"{t}: {type(e).__name__}: {str(e)[:100]}")
             continue
+        out.setdefault("per_tile", []).append([list(t), us])
         if out["us"] is None or us < out["us"]:
             out["us"], out["tile"] = us, list(t)
     return out
@@ -129,7 +130,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU (TRITON_INTERPRET=1): a smoke test")
+    ap.add_argument("--shapes", help="NxK,NxK,...: time these instead (no fit or layer sums)")
+    ap.add_argument("--w4-tiles", help="int4 tiles as BLOCK_N,BLOCK_K,warps,stages[,kind];... instead of W4_TILES")
+    ap.add_argument("--bf16-tiles", help="bf16 tiles as BLOCK_N,BLOCK_K,warps,stages;... instead of BF16_TILES")
+    ap.add_argument("--name", default="gemv_scaling", help="the result file's name (without .json)")
     a = ap.parse_args()
+    global W4_TILES, BF16_TILES
+    tiles = lambda spec: [tuple(int(v) for v in t.split(",")) for t in spec.split(";") if t.strip()]  # noqa: E731
+    W4_TILES = tiles(a.w4_tiles) if a.w4_tiles else W4_TILES
+    BF16_TILES = tiles(a.bf16_tiles) if a.bf16_tiles else BF16_TILES
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gemv_scaling.py times CUDA kernels: run it on a machine with an NVIDIA card (or --tiny on the CPU)")
@@ -143,12 +152,19 @@ def main():
            "torch": torch.__version__, "commit": os.environ.get("AFFORD_COMMIT"), "pdl": tg.pdl_args(
                torch.zeros(1, device=device)).get("PDL", False), "shapes": {}}
     copies_for = 1 << 12 if a.tiny else 200 << 20
-    for N, K in dict.fromkeys(FAMILY + list(TINYLLAMA.values()) + list(LLAMA8B.values())):
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")] if a.shapes else \
+        list(dict.fromkeys(FAMILY + list(TINYLLAMA.values()) + list(LLAMA8B.values())))
+    res["w4_tiles"], res["bf16_tiles"] = [list(t) for t in W4_TILES], [list(t) for t in BF16_TILES]
+    for N, K in shapes:
         row = measure(N, K, device, copies_for)
         res["shapes"][f"{N}x{K}"] = row
         print(f"{N}x{K}", {k: (round(v['us'], 2) if v['us'] else None, v.get('tile')) for k, v in row["arms"].items()},
+              "int4 tiles", [(tuple(t), round(us, 2)) for t, us in row["arms"]["afford_int4"].get("per_tile", [])],
               flush=True)
         torch.cuda.empty_cache() if device == "cuda" else None
+    if a.shapes:                             # a tile probe: the shapes' rows alone
+        write(res, a, t0)
+        return
     arms = ["cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4"]
     res["fit_k2048"] = {arm: fit([(r["int4_bytes" if "int4" in arm else "bf16_bytes"], r["arms"][arm]["us"])
                                   for r in (res["shapes"][f"{N}x{K}"] for N, K in FAMILY)]) for arm in arms}
@@ -162,10 +178,15 @@ def main():
             return None
         return {"bf16_us": sum(bf16), "int4_us": sum(int4), "int4_speedup": sum(bf16) / sum(int4)}
     res["layer"] = {"tinyllama": layer(TINYLLAMA), "llama3_8b": layer(LLAMA8B)}
+    print(json.dumps({k: res[k] for k in ("fit_k2048", "layer")}, indent=1))
+    write(res, a, t0)
+
+
+def write(res: dict, a, t0: float):
     res["elapsed_s"] = time.time() - t0
-    print(json.dumps({k: res[k] for k in ("fit_k2048", "layer", "elapsed_s")}, indent=1))
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / ("gemv_scaling_tiny.json" if a.tiny else "gemv_scaling.json")).write_text(json.dumps(res, indent=1))
+    (Path(a.out) / f"{a.name}{'_tiny' if a.tiny else ''}.json").write_text(json.dumps(res, indent=1))
+    print(f"elapsed {res['elapsed_s']:.0f} s")
 
 
 if __name__ == "__main__":
