@@ -84,19 +84,37 @@ if triton is not None:
         tl.store(Y + n, y.to(dt), mask=nm)
 
     @triton.jit
-    def _w4_finish(Y, S, Z, n, nm, F_OFF, sums, sums_u, zacc, zacc_u, xt, off, r, ONE: tl.constexpr,
+    def _row_affine(S, Z, n, nm, F_OFF, ONE: tl.constexpr, SWIGLU: tl.constexpr):
+        """One group a row: the rows' scales and zero points (and the up rows', with SwiGLU); 0 otherwise. The
+        kernels load them first, with their first codes: left to _w4_finish, they were a DRAM round trip after
+        the row sums' reduction, at the end of every program (the sm_90 SASS put the loads there)."""
+        s = 0.0
+        z = 0.0
+        su = 0.0
+        zu = 0.0
+        if ONE:
+            s = tl.load(S + n, mask=nm, other=0.0)
+            z = tl.load(Z + n, mask=nm, other=0.0)
+            su, zu = s, z
+            if SWIGLU:
+                su = tl.load(S + n + F_OFF, mask=nm, other=0.0)
+                zu = tl.load(Z + n + F_OFF, mask=nm, other=0.0)
+        return s, z, su, zu
+
+    @triton.jit
+    def _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, zacc, zacc_u, xt, off, r, ONE: tl.constexpr,
                    SWIGLU: tl.constexpr):
         """int4 rows' sums -> outputs. One group a row: s * (sum - off * sum(x)) + z * sum(x), off the code
-        offset the sums carry; several: the scales are in the sums already, the zero points in zacc."""
+        offset the sums carry, s / z (su / zu for the up rows) from _row_affine; several: the scales are in the
+        sums already, the zero points in zacc."""
         if ONE:
-            y = tl.load(S + n, mask=nm, other=0.0) * (sums - off * xt) + tl.load(Z + n, mask=nm, other=0.0) * xt
+            y = s * (sums - off * xt) + z * xt
         else:
             y = sums + zacc
         yu = y
         if SWIGLU:
             if ONE:
-                yu = tl.load(S + n + F_OFF, mask=nm, other=0.0) * (sums_u - off * xt) \
-                    + tl.load(Z + n + F_OFF, mask=nm, other=0.0) * xt
+                yu = su * (sums_u - off * xt) + zu * xt
             else:
                 yu = sums_u + zacc_u
         _store_out(Y, n, nm, y * r, yu * r, SWIGLU)
@@ -278,6 +296,7 @@ if triton is not None:
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((STEP,), tl.float32)
         xsum = tl.zeros((STEP,), tl.float32)
+        s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, ONE, SWIGLU)
         col, cm = _w4_col(0, j, K, HALVES)
         b, bu = _step_rows(rows, rows_u, col, nm, cm, False, SWIGLU, PDL)
         acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
@@ -289,7 +308,7 @@ if triton is not None:
             acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
                 X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
                 K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
-        _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
+        _w4_finish(Y, n, nm, s, z, su, zu, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
                    tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
 
     @triton.constexpr_function
@@ -362,6 +381,7 @@ if triton is not None:
         acc_u = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         ss = tl.zeros((BLOCK_C,), tl.float32)
         xsum = tl.zeros((BLOCK_C,), tl.float32)
+        s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, True, SWIGLU)
         w, wu = _step_rows(rows, rows_u, c, nm, c < SEG, False, SWIGLU, PDL)
         acc, acc_u, ss, xsum = _w4o_step(X, A, XO, G, pid, 0, c, w, wu, acc, acc_u, ss, xsum, K, HAS_ADD, NORM,
                                          SWIGLU, EVEN, USE_ASM)
@@ -369,7 +389,7 @@ if triton is not None:
             w, wu = _step_rows(rows, rows_u, c0 + c, nm, (c0 + c) < SEG, False, SWIGLU, False)
             acc, acc_u, ss, xsum = _w4o_step(X, A, XO, G, pid, c0, c, w, wu, acc, acc_u, ss, xsum, K, HAS_ADD,
                                              NORM, SWIGLU, EVEN, USE_ASM)
-        _w4_finish(Y, S, Z, n, nm, F_OFF, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), 0.0, 0.0,
+        _w4_finish(Y, n, nm, s, z, su, zu, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), 0.0, 0.0,
                    tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), True, SWIGLU)
 
 
@@ -508,6 +528,7 @@ if triton is not None:
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((HALF,), tl.float32)
         xsum = tl.zeros((HALF,), tl.float32)
+        s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, ONE, SWIGLU)
         b, bu = _step_rows(rows, rows_u, lo + j, nm, (lo + j) < hi, False, SWIGLU, PDL)
         acc, acc_u, zacc, zacc_u, ss, xsum = _w4_tc_step(
             X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, lo, hi, j, r16, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
@@ -523,7 +544,7 @@ if triton is not None:
         ys = tl.sum(tl.where(col0, acc, 0.0), axis=1)
         yu = tl.sum(tl.where(col0, acc_u, 0.0), axis=1)
         if SPLIT == 1:
-            _w4_finish(Y, S, Z, n, nm, F_OFF, ys, yu, zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
+            _w4_finish(Y, n, nm, s, z, su, zu, ys, yu, zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
                        _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
         else:
             i = tl.arange(0, BLOCK_N)
@@ -553,7 +574,7 @@ if triton is not None:
                 r = 1.0
                 if NORM:
                     r = 1.0 / tl.sqrt(sst / K + eps)
-                _w4_finish(Y, S, Z, n, nm, F_OFF, ys, yu, zacc, zacc_u, xst, OFF, r, ONE, SWIGLU)
+                _w4_finish(Y, n, nm, s, z, su, zu, ys, yu, zacc, zacc_u, xst, OFF, r, ONE, SWIGLU)
 
 
 # a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it; a sixth
