@@ -103,7 +103,8 @@ def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
     names = {tg._gemv_w4o_kernel: "int4 octets", tg._gemv_w4_tc_kernel: "int4 tensor cores"}
     for c in tg.W4_SWEEP_CONFIGS:
         fn, cst, split, steps = tg.w4_plan(K, K, c)            # what gemv_w4 launches, per-channel scales
-        yield (names.get(fn, f"int4 {tg.w4_kind(c)[0]}"), c, fn, w4_signature(fn), dict(cst, **flags, BLOCK_N=c[0]),
+        name = names.get(fn, f"int4 {tg.w4_kind(c)[0]}{' x2d' if cst.get('X2D') else ''}")
+        yield (name, c, fn, w4_signature(fn), dict(cst, **flags, BLOCK_N=c[0]),
                steps, c[0], F)
 
 
@@ -151,12 +152,12 @@ def main():
                              per_weight=total / weights, issue_us=1e6 * total / issue_rate,
                              bytes_us=1e6 * code_bytes / (H200["copy_tb_s"] * 1e12),
                              spills=ops["LDL"] + ops["STL"], shared_ops=ops["LDS"] + ops["STS"] + ops["LDSM"],
-                             mma=ops["HMMA"] + ops["HGMMA"], top=ops.most_common(8),
+                             mma=ops["HMMA"] + ops["HGMMA"], barriers=ops["BAR"], top=ops.most_common(8),
                              griddepcontrol=ops["ACQBULK"] + ops["PREEXIT"]))
             r = rows[-1]
             print(f"{role:8s} {kind:18s} {str(tuple(cfg)):22s} {r['per_weight']:6.2f} instr/weight  issue "
                   f"{r['issue_us']:6.2f} us (per SM {r['sm_issue_us']:6.2f}, {programs} programs)  bytes "
-                  f"{r['bytes_us']:5.2f} us  spills {r['spills']}", flush=True)
+                  f"{r['bytes_us']:5.2f} us  spills {r['spills']}  barriers {r['barriers']}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"target": "sm_90 (Triton's ptxas, offline)", "triton": triton.__version__, "machine": H200,

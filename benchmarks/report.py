@@ -498,6 +498,22 @@ def gpu_decode(r) -> None:
         rows.append(["one layer", f"{lu['bf16']:.1f}", f"{lu['tinygemm']:.1f}", f"{lu['gemlite']:.1f}", ""])
         print(f"\nGemLite {gl['gemlite']} probe (benchmarks/gemlite_probe.py, group {gl['group']}, {gl['device']}):\n\n"
               + table(["matrix", "cuBLAS bf16 us", "tinygemm us", "GemLite us", "max rel. error: tinygemm / GemLite"], rows))
+    gs = load("gemv_scaling")
+    if gs and gs.get("fit_k2048"):
+        arms = ("cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4")
+        rows = [[k] + [f"{v['arms'][a]['us']:.2f}" if v["arms"][a]["us"] else "" for a in arms]
+                + [f"{v['arms']['afford_int4']['tile']}", f"{v['copies']}"] for k, v in gs["shapes"].items()]
+        fits = [[a, f"{f['fixed_us']:.2f}", f"{f['rate_tb_s']:.2f}", f"{f['worst_rel_residual']:.0%}"]
+                for a, f in gs["fit_k2048"].items() if f]
+        lay = "; ".join(f"{k}: bf16 {v['bf16_us']:.1f} us, int4 {v['int4_us']:.1f} us, {v['int4_speedup']:.2f}x"
+                        for k, v in gs["layer"].items() if v)
+        print(f"\nOne-row products by size (benchmarks/gemv_scaling.py, {gs['device']}, commit {gs.get('commit')}, "
+              f"PDL {'on' if gs.get('pdl') else 'off'}; us per product, chained distinct matrices in a CUDA graph):\n\n"
+              + table(["N x K", "cuBLAS bf16", "afford bf16", "tinygemm int4", "afford int4", "afford int4 tile",
+                       "matrices chained"], rows)
+              + "\n\nFit over K = 2048 (us = fixed + bytes / rate):\n\n"
+              + table(["kernel", "fixed us", "rate TB/s", "worst residual"], fits)
+              + f"\n\nOne layer's four products, the faster kernel of each kind per role: {lay}")
 
 
 def compress(r) -> None:

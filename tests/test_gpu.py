@@ -237,8 +237,8 @@ def test_fused_gemv_gives_the_layer_logits(random_pair, dtype):
 def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
     """The int4 one-row GEMV with add / RMSNorm / SwiGLU fused: the same formula over the dequantized
     weights within bf16 rounding, per-channel and grouped scales, every tile, layout and kernel (pairs, halves,
-    tensor cores with the PTX conversion and with K split over programs, octets with the lop3) the sweep tries
-    (a split tile twice: its workspace is zero again after a call)."""
+    tensor cores with the PTX conversion and with K split over programs, octets with the lop3, halves with x in
+    the codes' layout) the sweep tries (a split tile twice: its workspace is zero again after a call)."""
     from afford.models import triton_gemv
     from afford.models.quant import dequantize, quantize
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -253,7 +253,8 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
         yr, hr = gemv_reference(x, w, a, gam, swiglu)
         # every swept tile on the first shape, one of each kernel on the others (each tile is a compile)
         tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2),
-                                                                (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4)]
+                                                                (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4),
+                                                                (4, 1024, 2, 1, 4)]
         for cfg in tiles:
             layout = triton_gemv.w4_kind(cfg)[0]
             if triton_gemv.w4_block_k(K, group, cfg[1], layout) is None or (len(cfg) > 5 and group != K):

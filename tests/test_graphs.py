@@ -249,7 +249,7 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
                              (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
-      for kind in ((0,), (1,), (2,), (2, 3), (3,)):             # (2, 3): tensor cores, K split over 3 programs
+      for kind in ((0,), (1,), (2,), (2, 3), (3,), (4,)):       # (2, 3): tensor cores, K split over 3 programs
         cfg5 = (max(16, cfg[0]) if kind[0] == 2 else cfg[0],) + cfg[1:] + kind   # tensor cores: 16+ rows a program
         layout, tc = w4_kind(cfg5)
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
@@ -314,8 +314,9 @@ assert m._gemv_ready()                           # down keeps its own kernel
 tc = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2))        # halves, tensor cores
 octets = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 3))     # the octets code layout
 tc_split = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2, 2))   # tensor cores, K split in two
+x2d = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 4))        # halves, x in the codes' layout
 for cfgs, layout in ((dict(down=None), "pairs"), (dict(down=(8, 128, 4, 1)), "pairs"), (halves, "halves"),
-                     (tc, "halves"), (octets, "octets"), (tc_split, "halves")):
+                     (tc, "halves"), (octets, "octets"), (tc_split, "halves"), (x2d, "halves")):
     triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
     assert m._gemv_ready()
     assert all(mod._w4_layout == layout for mod in m.modules() if getattr(mod, "_w4", None))
@@ -438,7 +439,8 @@ def test_pdl_kernels_load_their_first_weights_before_the_wait():
              ("gate_up", "bf16", (4, 2048, 4, 1)), ("gate_up", "int4 pairs", (16, 512, 4, 1)),
              ("gate_up", "int4 halves", (8, 1024, 4, 1, 1)), ("gate_up", "int4 tensor cores", (32, 512, 4, 1, 2)),
              ("down", "bf16", (4, 2048, 4, 1)), ("down", "int4 pairs", (8, 1024, 4, 1)),
-             ("gate_up", "int4 octets", (8, 1024, 4, 1, 3)), ("down", "int4 octets", (16, 512, 4, 1, 3))}
+             ("gate_up", "int4 octets", (8, 1024, 4, 1, 3)), ("down", "int4 octets", (16, 512, 4, 1, 3)),
+             ("qkv", "int4 halves x2d", (8, 1024, 4, 1, 4))}
     seen = 0
     for role, (N, K, fused, swiglu) in gemv_sass.ROLES.items():
         for pdl in (True, False):
@@ -485,10 +487,11 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             kernels = [(tg._gemv_kernel, dict(act, W="*" + dt, N="i32", UP_OFF="i64", eps="fp32", stride_w="i32"),
                         dict(K=K, BLOCK_N=4, BLOCK_K=128, EVEN_K=True), 4)]
             # gemv_w4's own launch plans (w4_plan): pairs, halves, tensor cores (mma.sync's 32 rows, a warpgroup's
-            # 64, K split in two), octets; per-channel and grouped scales (where the tile takes them)
+            # 64, K split in two), octets, halves with x in the codes' layout; per-channel and grouped scales (where
+            # the tile takes them)
             for group in (K, 128):
                 for cfg in ((8, 128, 4, 1), (8, 128, 4, 1, 1), (32, 128, 4, 1, 2), (64, 128, 4, 1, 2),
-                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3)):
+                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3), (8, 128, 4, 1, 4)):
                     plan = tg.w4_plan(K, group, cfg, fp16=dt != "bf16")
                     if plan is None:
                         continue
@@ -515,7 +518,7 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
-    assert built == 3 * (3 * (1 + 6 + 4) + 3)                   # octets and a split K: per-channel only
+    assert built == 3 * (3 * (1 + 7 + 5) + 3)                   # octets and a split K: per-channel only
 
 
 @needs_triton

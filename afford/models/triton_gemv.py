@@ -40,7 +40,8 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
     "qkv": (4, 2048, 4, 1), "o": (2, 2048, 4, 1), "gate_up": (4, 2048, 4, 1), "down": (4, 2048, 4, 1)}
 # int4 (per-group scales and zero points): the same per role, a fifth element naming the code layout and kernel
 # (W4_KINDS: 0 or none the pairs layout, triton_int4.pack; 1 halves, pack_halves; 2 halves through the tensor
-# cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel). o and down without one
+# cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel; 4 halves with x loaded
+# in the codes' layout, _gemv_w4_kernel's X2D -- not yet run on a card). o and down without one
 # keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group smaller than
 # the tile, which this kernel would walk in short steps -- not measured) keep the model on the fused-layer
 # path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (run 10, 1c57dce), per-channel scales, 22
@@ -62,14 +63,16 @@ W4_SWEEP_CONFIGS += [c + (2,) for c in ((32, 512, 4, 1), (64, 256, 4, 1))]      
 W4_SWEEP_CONFIGS += [(32, 512, 4, 1, 2, 2), (64, 256, 4, 1, 2, 4), (64, 512, 4, 1, 2, 4), (128, 256, 8, 1, 2, 4)]  # split K
 W4_SWEEP_CONFIGS += [c + (3,) for c in ((8, 1024, 4, 1), (16, 512, 4, 1), (8, 2048, 4, 1), (4, 1024, 2, 1),
                                         (16, 512, 4, 2))]                            # octets
+W4_SWEEP_CONFIGS += [c + (4,) for c in ((8, 1024, 4, 1), (4, 1024, 2, 1), (8, 512, 2, 1), (8, 1024, 4, 3))]
+# (the last: halves with x in the codes' layout; no 2048-weight steps, whose rows span warps: barriers again)
 
 if triton is not None:
     @triton.jit
-    def _inv_rms(ss, eps, K: tl.constexpr, NORM: tl.constexpr):
-        """1 / rms from the summed squares (1 without the norm)."""
+    def _inv_rms(ss, eps, K: tl.constexpr, NORM: tl.constexpr, AXIS: tl.constexpr = 0):
+        """1 / rms from the summed squares along AXIS (1 without the norm)."""
         r = 1.0
         if NORM:
-            r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            r = 1.0 / tl.sqrt(tl.sum(ss, axis=AXIS) / K + eps)
         return r
 
     @triton.jit
@@ -120,9 +123,11 @@ if triton is not None:
         _store_out(Y, n, nm, y * r, yu * r, SWIGLU)
 
     @triton.jit
-    def _x_part(X, A, XO, G, k, km, pid, HAS_ADD: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
-        """x at k (+ the addend, written back by program 0), fp32, times the norm's weight; and its squares.
-        km: which k exist (EVEN: all; the loads then carry no mask, so they stay 16-byte vectors)."""
+    def _x_part(X, A, XO, G, k, km, wm, HAS_ADD: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr,
+                WRITE: tl.constexpr = True):
+        """x at k (+ the addend, written back where wm -- program 0's one copy of each k -- unless WRITE is
+        False), fp32, times the norm's weight; and its squares. km: which k exist (EVEN: all; the loads then
+        carry no mask, so they stay 16-byte vectors)."""
         if EVEN:
             x = tl.load(X + k)
         else:
@@ -133,7 +138,8 @@ if triton is not None:
             else:
                 a = tl.load(A + k, mask=km, other=0.0)
             x = (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype)
-            tl.store(XO + k, x, mask=km & (pid == 0))
+            if WRITE:
+                tl.store(XO + k, x, mask=wm)
         xf = x.to(tl.float32)
         sq = xf * xf
         if NORM:
@@ -172,7 +178,7 @@ if triton is not None:
     def _gemv_step(X, A, XO, G, pid, k, km, w, u, acc, acc_u, ss, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
                    SWIGLU: tl.constexpr, EVEN: tl.constexpr):
         """One step of _gemv_kernel over columns k, its weights w (and the up rows' u) loaded."""
-        xf, sq = _x_part(X, A, XO, G, k, km, pid, HAS_ADD, NORM, EVEN)
+        xf, sq = _x_part(X, A, XO, G, k, km, km & (pid == 0), HAS_ADD, NORM, EVEN)
         acc += w.to(tl.float32) * xf[None, :]
         if SWIGLU:
             acc_u += u.to(tl.float32) * xf[None, :]
@@ -222,24 +228,40 @@ if triton is not None:
     @triton.jit
     def _w4_step(X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
                  K: tl.constexpr, GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr,
-                 SWIGLU: tl.constexpr, HALVES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                 SWIGLU: tl.constexpr, HALVES: tl.constexpr, X2D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
         """One step of _gemv_w4_kernel at c, its code bytes b (the up rows' bu) loaded."""
         ONE: tl.constexpr = GROUP == K
         if HALVES:
-            cm = (c + j) < K // 2
-            xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
-            xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
+            if X2D:         # x loaded in the codes' own layout, every row a copy: no conversion through shared memory
+                kx = c + j[None, :] + tl.zeros((BLOCK_N, 1), tl.int32)   # (the sum x + a: _write_sum)
+                cm = kx < K // 2
+                xe, sqe = _x_part(X, A, XO, G, kx, cm, cm, HAS_ADD, NORM, EVEN, False)           # the low nibbles' x
+                xo, sqo = _x_part(X, A, XO, G, K // 2 + kx, cm, cm, HAS_ADD, NORM, EVEN, False)  # the high nibbles'
+                xs_lo = tl.sum(xe, axis=1)
+                xs_hi = tl.sum(xo, axis=1)
+                xe2 = xe
+                xo2 = xo
+            else:
+                cm = (c + j) < K // 2
+                xe, sqe = _x_part(X, A, XO, G, c + j, cm, cm & (pid == 0), HAS_ADD, NORM, EVEN)
+                xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, cm & (pid == 0), HAS_ADD, NORM, EVEN)
+                xs_lo = tl.sum(xe, axis=0)
+                xs_hi = tl.sum(xo, axis=0)
+                xe2 = xe[None, :]
+                xo2 = xo[None, :]
             ss += sqe + sqo
             g_lo = c // GROUP
             g_hi = (K // 2 + c) // GROUP
-            xs_lo = tl.sum(xe, axis=0)
-            xs_hi = tl.sum(xo, axis=0)
             if ONE:
                 xsum += xe + xo
         else:
-            xf, sq = _x_part(X, A, XO, G, c + kk, (c + kk) < K, pid, HAS_ADD, NORM, EVEN)
+            km = (c + kk) < K
+            xf, sq = _x_part(X, A, XO, G, c + kk, km, km & (pid == 0), HAS_ADD, NORM, EVEN)
             ss += sq
             xe, xo = tl.split(tl.reshape(xf, (BLOCK_K // 2, 2)))
+            xe2 = xe[None, :]
+            xo2 = xo[None, :]
             g_lo = c // GROUP
             g_hi = g_lo
             xs_lo = tl.sum(xf, axis=0)
@@ -248,39 +270,53 @@ if triton is not None:
                 xsum += xf
         lo, hi = _nibbles(b)
         if ONE:
-            acc += lo * xe[None, :] + hi * xo[None, :]
+            acc += lo * xe2 + hi * xo2
         else:
             s_lo = tl.load(S + n * n_groups + g_lo, mask=nm, other=0.0)
             s_hi = tl.load(S + n * n_groups + g_hi, mask=nm, other=0.0)
-            acc += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
+            acc += s_lo[:, None] * lo * xe2 + s_hi[:, None] * hi * xo2
             zacc += tl.load(Z + n * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
                 + tl.load(Z + n * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
         if SWIGLU:
             lo, hi = _nibbles(bu)
             if ONE:
-                acc_u += lo * xe[None, :] + hi * xo[None, :]
+                acc_u += lo * xe2 + hi * xo2
             else:
                 nu = n + F_OFF
                 s_lo = tl.load(S + nu * n_groups + g_lo, mask=nm, other=0.0)
                 s_hi = tl.load(S + nu * n_groups + g_hi, mask=nm, other=0.0)
-                acc_u += s_lo[:, None] * lo * xe[None, :] + s_hi[:, None] * hi * xo[None, :]
+                acc_u += s_lo[:, None] * lo * xe2 + s_hi[:, None] * hi * xo2
                 zacc_u += tl.load(Z + nu * n_groups + g_lo, mask=nm, other=0.0) * xs_lo \
                     + tl.load(Z + nu * n_groups + g_hi, mask=nm, other=0.0) * xs_hi
         return acc, acc_u, zacc, zacc_u, ss, xsum
 
     @triton.jit
+    def _write_sum(X, A, XO, K: tl.constexpr, STEP: tl.constexpr):
+        """XO = x + a, rounded as _x_part rounds it (X2D's write-back, one 1-D pass of program 0: a store from
+        the codes' layout would go through shared memory)."""
+        k = tl.arange(0, STEP)
+        for k0 in range(0, K, STEP):
+            km = k0 + k < K
+            x = tl.load(X + k0 + k, mask=km, other=0.0)
+            a = tl.load(A + k0 + k, mask=km, other=0.0)
+            tl.store(XO + k0 + k, (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype), mask=km)
+
+    @triton.jit
     def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
                         GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                        HALVES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                        PDL: tl.constexpr):
+                        HALVES: tl.constexpr, X2D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EVEN: tl.constexpr, PDL: tl.constexpr):
         # int4 codes two a byte, w = (q - 8) * s + z per (row, group). Layouts: pairs (triton_int4.pack: k
         # and k + 1 share a byte; x is loaded whole and split in registers) or halves (pack_halves: k and
         # k + K / 2 share a byte; x is loaded as two contiguous halves, no split). A step covers BLOCK_K
         # weights of a row inside one group per nibble; the zero point multiplies the sum of x once per
         # row; one group per row (GROUP == K): the scale applies at the end, and the last step may run past
         # the row (EVEN False: masked), so a K of no power of two still takes long steps. The first step's
-        # codes load before PDL's wait, as _gemv_kernel's weights do.
+        # codes load before PDL's wait, as _gemv_kernel's weights do. X2D (halves): x, its squares and sums
+        # live in the codes' layout, every row of the tile a copy (each warp reads x from L1), instead of one
+        # copy that shared memory hands to every warp at each step (sm_90 SASS: 1 barrier instead of 11-39).
         ONE: tl.constexpr = GROUP == K
+        XAX: tl.constexpr = 1 if X2D else 0
         END: tl.constexpr = K // 2 if HALVES else K
         STEP: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
         pid = tl.program_id(0)
@@ -294,22 +330,29 @@ if triton is not None:
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
         zacc_u = tl.zeros((BLOCK_N,), tl.float32)
-        ss = tl.zeros((STEP,), tl.float32)
-        xsum = tl.zeros((STEP,), tl.float32)
+        if X2D:
+            ss = tl.zeros((BLOCK_N, STEP), tl.float32)
+            xsum = tl.zeros((BLOCK_N, STEP), tl.float32)
+        else:
+            ss = tl.zeros((STEP,), tl.float32)
+            xsum = tl.zeros((STEP,), tl.float32)
         s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, ONE, SWIGLU)
         col, cm = _w4_col(0, j, K, HALVES)
         b, bu = _step_rows(rows, rows_u, col, nm, cm, False, SWIGLU, PDL)
         acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
             X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, 0, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
-            K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
+            K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, X2D, BLOCK_N, BLOCK_K, EVEN)
         for c in range(STEP, END, STEP):
             col, cm = _w4_col(c, j, K, HALVES)
             b, bu = _step_rows(rows, rows_u, col, nm, cm, False, SWIGLU, False)
             acc, acc_u, zacc, zacc_u, ss, xsum = _w4_step(
                 X, A, XO, G, S, Z, pid, n, nm, F_OFF, n_groups, c, j, kk, b, bu, acc, acc_u, zacc, zacc_u, ss, xsum,
-                K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, BLOCK_K, EVEN)
+                K, GROUP, HAS_ADD, NORM, SWIGLU, HALVES, X2D, BLOCK_N, BLOCK_K, EVEN)
+        if X2D and HAS_ADD:
+            if pid == 0:
+                _write_sum(X, A, XO, K, STEP)
         _w4_finish(Y, n, nm, s, z, su, zu, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
-                   tl.sum(xsum, axis=0), 0.0, _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
+                   tl.sum(xsum, axis=XAX), 0.0, _inv_rms(ss, eps, K, NORM, XAX), ONE, SWIGLU)
 
     @triton.constexpr_function
     def _nib_shift(j):
@@ -341,7 +384,7 @@ if triton is not None:
         w_hi = w >> 12                                   # nibbles 5-7 to bits 8-19
         wu_hi = wu >> 12
         for j in tl.static_range(8):
-            xj, sqj = _x_part(X, A, XO, G, j * SEG + c0 + c, cm, pid, HAS_ADD, NORM, EVEN)
+            xj, sqj = _x_part(X, A, XO, G, j * SEG + c0 + c, cm, cm & (pid == 0), HAS_ADD, NORM, EVEN)
             ss += sqj
             xsum += xj
             # nibble j, or-ed into 2^23's mantissa at bit sh, reads 2^23 + p * q (p = 2^sh) exactly; minus
@@ -456,8 +499,8 @@ if triton is not None:
         OFF: tl.constexpr = 1032.0 if FP16 else 136.0
         OPDT: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
         cm = (c + j) < hi
-        xe, sqe = _x_part(X, A, XO, G, c + j, cm, pid, HAS_ADD, NORM, EVEN)            # the low nibbles' x
-        xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, pid, HAS_ADD, NORM, EVEN)   # the high nibbles'
+        xe, sqe = _x_part(X, A, XO, G, c + j, cm, cm & (pid == 0), HAS_ADD, NORM, EVEN)            # low nibbles' x
+        xo, sqo = _x_part(X, A, XO, G, K // 2 + c + j, cm, cm & (pid == 0), HAS_ADD, NORM, EVEN)   # high ones'
         ss += sqe + sqo
         xe_op = xe.to(OPDT)
         xo_op = xo.to(OPDT)
@@ -579,7 +622,8 @@ if triton is not None:
 
 # a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it; a sixth
 # (tensor cores, one group a row): the programs a row's K is split over
-W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False)}
+W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False),
+            4: ("halves", False)}         # 4: halves with x in the codes' layout (_gemv_w4_kernel's X2D)
 _SPLIT_WS: dict = {}          # device -> (fp32 partial sums, int32 counters) of the split tensor-core GEMV
 
 
@@ -673,7 +717,8 @@ def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm
                                          EVEN=(K // 2) % half == 0 and ks * split == K // 2, USE_ASM=asm,
                                          FP16=fp16, PACK2=bn // warps >= 16), split, ks // half)
     halves = layout == "halves"
-    return (_gemv_w4_kernel, dict(K=K, GROUP=group, HALVES=halves, BLOCK_K=bk,
+    x2d = len(config) > 4 and config[4] == 4
+    return (_gemv_w4_kernel, dict(K=K, GROUP=group, HALVES=halves, X2D=x2d, BLOCK_K=bk,
                                   EVEN=(K // 2) % half == 0 if halves else K % bk == 0), 1,
             -(-(K // 2) // half) if halves else -(-K // bk))
 
