@@ -269,8 +269,8 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
 
 
 def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
-    """An int4 model's one-row forwards through the fused int4 GEMVs: its logits through tinygemm and the
-    fused-layer kernels, eager and from a graph."""
+    """An int4 model's one-row forwards through the fused int4 GEMVs (every layout and kernel, in graphs with
+    PDL where the card has it): its logits through tinygemm and the fused-layer kernels, eager and from a graph."""
     from afford.models import triton_gemv
     model = load_for_inference(random_pair[0], "cuda", "bfloat16", quantization="int4")
     outs = []
@@ -279,7 +279,8 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 512, 4, 1, 2)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 3)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (64, 256, 4, 1, 2, 4)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (64, 256, 4, 1, 2, 4)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 1024, 2, 1, 4)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)
