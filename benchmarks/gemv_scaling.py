@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from afford.models import triton_gemv as tg  # noqa: E402
-from afford.models.quant import QuantLinear, dequantize, quantize  # noqa: E402
+from afford.models.quant import QuantLinear, _graph_us, dequantize, quantize  # noqa: E402
 
 FAMILY = [(512, 2048), (2048, 2048), (2560, 2048), (5632, 2048), (11264, 2048), (22528, 2048)]   # K = 2048
 LLAMA8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -37,28 +37,17 @@ W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), 
 
 
 def chain_us(fns, device: str) -> float:
-    """Microseconds per call of the fns run one after another: one CUDA graph of them replayed (on the CPU,
-    the wall clock of a plain loop)."""
+    """Microseconds per call of the fns run one after another: one CUDA graph of them replayed (quant._graph_us;
+    on the CPU, the wall clock of a plain loop)."""
     def run():
         for f in fns:
             f()
+    if device == "cuda":
+        return _graph_us(run, 1) / len(fns)
     run()
-    if device != "cuda":
-        t = time.perf_counter()
-        run()
-        return 1e6 * (time.perf_counter() - t) / len(fns)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / (5 * len(fns))
+    t = time.perf_counter()
+    run()
+    return 1e6 * (time.perf_counter() - t) / len(fns)
 
 
 def best_tile(tiles, call, ref, copies: int, device: str) -> dict:
