@@ -750,8 +750,8 @@ def main():
     # run 6 (309dbd7) named the auto arm afford_int4 and the default afford_int4_tinygemm; run 8 (4e77d7c), before
     # the fused int4 GEMV was a default, named tinygemm alone afford_int4 and the fused one afford_int4_gemv
     defaults_w4 = dict(triton_gemv.GEMV_W4_CONFIGS)
-    sw = "nopdl" if triton_lib.PDL else "pdl"      # the arms with PDL switched: named for what they run (run 10's
-    for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),   # default: off)
+    sw = "nopdl" if triton_lib.PDL else "pdl"      # the arms with PDL switched, named for what they run
+    for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),
                           ("afford_int4_tinygemm", "int4", "tinygemm"),
                           ("afford_int4_swept", "int4", "swept"), (f"afford_int4_swept_{sw}", "int4", "swept_pdl"),
                           ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),

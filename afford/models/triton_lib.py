@@ -10,8 +10,8 @@ take a `PDL` constexpr and launch with `**pdl_args(tensor)`. Every such kernel w
 before it writes or reads a predecessor's output, so an earlier kernel's writes are visible to a later one
 through the chain of waits; a kernel launched without PDL (torch's, cuBLAS) waits for the whole stream as
 always. On by default where the card has it (AFFORD_PDL=0, or `triton_lib.PDL = False` before a graph is
-captured, switches it off): on an H200 it made the batch-1 decode step 1.09x faster in bf16 and 1.18x in int4
-with the same logits bit for bit (BENCHMARKS.md, GPU decode run 10)."""
+captured, switches it off): on an H200 it made the batch-1 decode step 1.09-1.18x faster in bf16 and
+1.08-1.18x in int4 with the same logits bit for bit (BENCHMARKS.md, GPU decode runs 10 and 11)."""
 from __future__ import annotations
 
 import functools
