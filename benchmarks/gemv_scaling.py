@@ -27,9 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from afford.models import triton_gemv as tg  # noqa: E402
 from afford.models.quant import QuantLinear, _graph_us, dequantize, quantize  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import TINYLLAMA as TINYLLAMA_SHAPE  # noqa: E402
+from gpu_decode import matrix_roles  # noqa: E402
+
 FAMILY = [(512, 2048), (2048, 2048), (2560, 2048), (5632, 2048), (11264, 2048), (22528, 2048)]   # K = 2048
-LLAMA8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-TINYLLAMA = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
+TINYLLAMA = {role: (N, K) for role, (N, K, _, _) in matrix_roles(TINYLLAMA_SHAPE).items()}
+LLAMA8B = {role: (N, K) for role, (N, K, _, _) in matrix_roles(dict(
+    hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)).items()}
 BF16_TILES = [(2, 2048, 4, 1), (4, 2048, 4, 1), (4, 1024, 4, 1), (8, 1024, 4, 1), (8, 512, 4, 3)]
 W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), (4, 1024, 2, 1, 1), (4, 2048, 4, 1, 1),
             (4, 1024, 2, 1, 4), (8, 512, 2, 1, 4),         # halves with x in the codes' layout (X2D)
@@ -69,7 +74,7 @@ def best_tile(tiles, call, ref, copies: int, device: str) -> dict:
     return out
 
 
-def measure(N: int, K: int, device: str, copies_for: int) -> dict:
+def measure(N: int, K: int, device: str, copies_for: int, bf16_tiles: list, w4_tiles: list) -> dict:
     gen = torch.Generator(device=device).manual_seed(N * 7 + K)
     copies = max(4, min(256, -(-copies_for // (N * K // 2))))      # int4 codes of all copies >= copies_for bytes
     ws = [torch.randn(N, K, generator=gen, device=device) * 0.02 for _ in range(copies)]
@@ -85,7 +90,7 @@ def measure(N: int, K: int, device: str, copies_for: int) -> dict:
         arms["cublas_bf16"] = {"us": chain_us([lambda w=w: F.linear(x, w) for w in wb], device)}
     except Exception as e:
         arms["cublas_bf16"] = {"us": None, "errors": [f"{type(e).__name__}: {str(e)[:100]}"]}
-    arms["afford_bf16"] = best_tile(BF16_TILES, lambda t, i: tg.gemv(x, wb[i], t)[0], ref_b, copies, device)
+    arms["afford_bf16"] = best_tile(bf16_tiles, lambda t, i: tg.gemv(x, wb[i], t)[0], ref_b, copies, device)
     wb.clear()                                   # free the card for the int4 copies
     try:
         qls = [QuantLinear(q, s, z, 4, kernel="int4cuda") for q, s, z in qs]
@@ -94,9 +99,9 @@ def measure(N: int, K: int, device: str, copies_for: int) -> dict:
     except Exception as e:                        # the CPU: no tinygemm
         arms["tinygemm_int4"] = {"us": None, "errors": [f"{type(e).__name__}: {str(e)[:100]}"]}
     packed = {lay: [(tg.w4_pack(q, lay), s.contiguous(), z.contiguous()) for q, s, z in qs]
-              for lay in sorted({tg.w4_kind(t)[0] for t in W4_TILES})}
+              for lay in sorted({tg.w4_kind(t)[0] for t in w4_tiles})}
     arms["afford_int4"] = best_tile(
-        W4_TILES, lambda t, i: tg.gemv_w4(x, *packed[tg.w4_kind(t)[0]][i], K, t)[0], ref_q, copies, device)
+        w4_tiles, lambda t, i: tg.gemv_w4(x, *packed[tg.w4_kind(t)[0]][i], K, t)[0], ref_q, copies, device)
     for name, arm in arms.items():
         nbytes = row["int4_bytes" if "int4" in name else "bf16_bytes"]
         arm["tb_s"] = nbytes / arm["us"] / 1e6 if arm["us"] else None
@@ -126,28 +131,27 @@ def main():
     ap.add_argument("--bf16-tiles", help="bf16 tiles as BLOCK_N,BLOCK_K,warps,stages;... instead of BF16_TILES")
     ap.add_argument("--name", default="gemv_scaling", help="the result file's name (without .json)")
     a = ap.parse_args()
-    global W4_TILES, BF16_TILES
     tiles = lambda spec: [tuple(int(v) for v in t.split(",")) for t in spec.split(";") if t.strip()]  # noqa: E731
-    W4_TILES = tiles(a.w4_tiles) if a.w4_tiles else W4_TILES
-    BF16_TILES = tiles(a.bf16_tiles) if a.bf16_tiles else BF16_TILES
+    w4_tiles = tiles(a.w4_tiles) if a.w4_tiles else W4_TILES
+    bf16_tiles = tiles(a.bf16_tiles) if a.bf16_tiles else BF16_TILES
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gemv_scaling.py times CUDA kernels: run it on a machine with an NVIDIA card (or --tiny on the CPU)")
     if a.tiny and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("--tiny runs afford's Triton kernels in Triton's interpreter: set TRITON_INTERPRET=1")
-    global FAMILY, LLAMA8B, TINYLLAMA
+    family, llama8b, tinyllama = FAMILY, LLAMA8B, TINYLLAMA
     if a.tiny:
-        FAMILY, LLAMA8B, TINYLLAMA = [(32, 64), (64, 64)], {"o": (32, 128)}, {"o": (64, 64)}
+        family, llama8b, tinyllama = [(32, 64), (64, 64)], {"o": (32, 128)}, {"o": (64, 64)}
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test)",
            "torch": torch.__version__, "commit": os.environ.get("AFFORD_COMMIT"), "pdl": tg.pdl_args(
                torch.zeros(1, device=device)).get("PDL", False), "shapes": {}}
     copies_for = 1 << 12 if a.tiny else 200 << 20
     shapes = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")] if a.shapes else \
-        list(dict.fromkeys(FAMILY + list(TINYLLAMA.values()) + list(LLAMA8B.values())))
-    res["w4_tiles"], res["bf16_tiles"] = [list(t) for t in W4_TILES], [list(t) for t in BF16_TILES]
+        list(dict.fromkeys(family + list(tinyllama.values()) + list(llama8b.values())))
+    res["w4_tiles"], res["bf16_tiles"] = [list(t) for t in w4_tiles], [list(t) for t in bf16_tiles]
     for N, K in shapes:
-        row = measure(N, K, device, copies_for)
+        row = measure(N, K, device, copies_for, bf16_tiles, w4_tiles)
         res["shapes"][f"{N}x{K}"] = row
         print(f"{N}x{K}", {k: (round(v['us'], 2) if v['us'] else None, v.get('tile')) for k, v in row["arms"].items()},
               "int4 tiles", [(tuple(t), round(us, 2)) for t, us in row["arms"]["afford_int4"].get("per_tile", [])],
@@ -158,7 +162,7 @@ def main():
         return
     arms = ["cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4"]
     res["fit_k2048"] = {arm: fit([(r["int4_bytes" if "int4" in arm else "bf16_bytes"], r["arms"][arm]["us"])
-                                  for r in (res["shapes"][f"{N}x{K}"] for N, K in FAMILY)]) for arm in arms}
+                                  for r in (res["shapes"][f"{N}x{K}"] for N, K in family)]) for arm in arms}
 
     def layer(roles):                        # one layer's four products: the faster of each kind's two kernels
         rows = [res["shapes"][f"{N}x{K}"]["arms"] for N, K in roles.values()]
@@ -168,7 +172,7 @@ def main():
         if None in bf16 or None in int4:
             return None
         return {"bf16_us": sum(bf16), "int4_us": sum(int4), "int4_speedup": sum(bf16) / sum(int4)}
-    res["layer"] = {"tinyllama": layer(TINYLLAMA), "llama3_8b": layer(LLAMA8B)}
+    res["layer"] = {"tinyllama": layer(tinyllama), "llama3_8b": layer(llama8b)}
     print(json.dumps({k: res[k] for k in ("fit_k2048", "layer")}, indent=1))
     write(res, a, t0)
 
