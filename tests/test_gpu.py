@@ -257,7 +257,7 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
                                                                 (4, 1024, 2, 1, 4)]
         for cfg in tiles:
             layout = triton_gemv.w4_kind(cfg)[0]
-            if triton_gemv.w4_block_k(K, group, cfg[1], layout) is None or (len(cfg) > 5 and group != K):
+            if triton_gemv.w4_plan(K, group, cfg) is None:
                 continue                          # halves: the group must divide K / 2; octets, a split K: one group
             packed = triton_gemv.w4_pack(q, layout)
             for _ in range(2 if len(cfg) > 5 else 1):
