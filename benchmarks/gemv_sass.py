@@ -3,10 +3,11 @@
 Triton compiles each kernel of afford/models/triton_gemv.py here, on the CPU, for an sm_90 card (Triton's
 own ptxas, then nvdisasm), with the 1.1 B Llama's shapes (q|k|v 2560 x 2048 with the add + norm fused,
 o 2048 x 2048, gate|up 2 x 5632 x 2048 with add + norm + SwiGLU, down 2048 x 5632) and each tile the GPU
-sweeps try (SWEEP_CONFIGS, W4_SWEEP_CONFIGS). From the SASS: the instructions a thread executes (the loop
-body once per step after the first, which runs before the loop, the rest once), times the threads of the grid, per weight; and what that
-is worth on an H200 if instruction issue were the only limit (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz:
-~33 T thread-instructions/s) beside the time the bytes take at the card's copy rate (4.2 TB/s, run 8).
+sweeps try (SWEEP_CONFIGS, W4_SWEEP_CONFIGS; and OFFLINE_W4, tiles the card no longer sweeps). From the SASS:
+the instructions a thread executes (the loop body once per step after the first, which runs before the loop,
+the rest once), times the threads of the grid, per weight; and what that is worth on an H200 if instruction
+issue were the only limit (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz: ~33 T thread-instructions/s)
+beside the time the bytes take at the card's copy rate (4.2 TB/s, run 8).
 A kernel whose issue time is near or above its measured time (gpu_decode.py's sweeps) is instruction-bound:
 fewer instructions per weight is what makes it faster. "per SM": the same on the SMs the grid occupies (a grid
 of fewer programs than SMs leaves SMs idle; each SM issues ceil(programs / 132) programs' instructions). Writes benchmarks/results/gemv_sass.json.
@@ -43,6 +44,11 @@ from gpu_decode import TINYLLAMA, matrix_roles  # noqa: E402
 H200 = dict(sms=132, clock_ghz=1.98, copy_tb_s=4.2)
 ROLES = matrix_roles(TINYLLAMA)
 COMMON = {"X": "*bf16", "A": "*bf16", "XO": "*bf16", "G": "*bf16"}
+# compiled here besides the card's sweep: the tensor-core and octets tiles it dropped after run 10 (each lost on
+# every role there), so that their instruction counts stay beside the others'
+OFFLINE_W4 = [(32, 512, 4, 1, 2), (64, 256, 4, 1, 2), (32, 512, 4, 1, 2, 2), (64, 256, 4, 1, 2, 4),
+              (64, 512, 4, 1, 2, 4), (128, 256, 8, 1, 2, 4), (8, 1024, 4, 1, 3), (16, 512, 4, 1, 3),
+              (8, 2048, 4, 1, 3), (4, 1024, 2, 1, 3), (16, 512, 4, 2, 3)]
 
 
 def aligned(fn, sig, ints=("stride_p", "stride_w", "UP_OFF")) -> dict:
@@ -92,7 +98,8 @@ def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
 
 
 def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
-    """(name, config, kernel fn, signature, constexprs, steps, rows a program) for every tile the GPU sweeps try."""
+    """(name, config, kernel fn, signature, constexprs, steps, rows a program) for every tile the GPU sweeps try
+    (and OFFLINE_W4)."""
     F = N // 2 if swiglu else N
     flags = dict(HAS_ADD=fused, NORM=fused, SWIGLU=swiglu, PDL=pdl)
     for c in tg.SWEEP_CONFIGS:
@@ -100,8 +107,9 @@ def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
         sig = dict(COMMON, W="*bf16", Y="*bf16", N="i32", UP_OFF="i64", eps="fp32", stride_w="i32")
         yield ("bf16", c, tg._gemv_kernel, sig, dict(K=K, **flags, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0),
                -(-K // bk), bn, F)
-    names = {tg._gemv_w4o_kernel: "int4 octets", tg._gemv_w4_tc_kernel: "int4 tensor cores"}
-    for c in tg.W4_SWEEP_CONFIGS:
+    names = {tg._gemv_w4o_kernel: "int4 octets", tg._gemv_w4_tc_kernel: "int4 tensor cores",
+             tg._gemv_w4q_kernel: "int4 quads"}
+    for c in tg.W4_SWEEP_CONFIGS + OFFLINE_W4:
         fn, cst, split, steps = tg.w4_plan(K, K, c)            # what gemv_w4 launches, per-channel scales
         name = names.get(fn, f"int4 {tg.w4_kind(c)[0]}{' x2d' if cst.get('X2D') else ''}")
         yield (name, c, fn, w4_signature(fn), dict(cst, **flags, BLOCK_N=c[0]),
@@ -111,8 +119,9 @@ def variants(N: int, K: int, fused: bool, swiglu: bool, pdl: bool = False):
 def w4_signature(fn, dt: str = "bf16") -> dict:
     """The argument types of an int4 GEMV kernel (triton_gemv.w4_plan's) for activations of dtype dt."""
     sig = dict(dict.fromkeys(("X", "A", "XO", "G", "Y"), "*" + dt), S="*fp32", Z="*fp32", N="i32", F_OFF="i32",
-               UP_OFF="i64", eps="fp32", stride_p="i32", P="*i32" if fn is tg._gemv_w4o_kernel else "*u8")
-    if fn is not tg._gemv_w4o_kernel:
+               UP_OFF="i64", eps="fp32", stride_p="i32",
+               P="*i32" if fn in (tg._gemv_w4o_kernel, tg._gemv_w4q_kernel) else "*u8")
+    if fn not in (tg._gemv_w4o_kernel, tg._gemv_w4q_kernel):
         sig["n_groups"] = "i32"
     if fn is tg._gemv_w4_tc_kernel:
         sig.update(WS="*fp32", CNT="*i32")

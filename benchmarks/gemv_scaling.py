@@ -38,7 +38,8 @@ LLAMA8B = {role: (N, K) for role, (N, K, _, _) in matrix_roles(dict(
 BF16_TILES = [(2, 2048, 4, 1), (4, 2048, 4, 1), (4, 1024, 4, 1), (8, 1024, 4, 1), (8, 512, 4, 3)]
 W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), (4, 1024, 2, 1, 1), (4, 2048, 4, 1, 1),
             (4, 1024, 2, 1, 4), (8, 512, 2, 1, 4),         # halves with x in the codes' layout (X2D)
-            (8, 1024, 4, 1, 3), (64, 512, 4, 1, 2, 4)]     # octets, tensor cores: fewer instructions a weight
+            (16, 256, 1, 1, 5), (16, 256, 1, 2, 5), (16, 512, 2, 1, 5), (32, 256, 1, 1, 5)]   # quads (integer dot
+# products; run 11's octets and tensor-core tiles, slower than the others on every shape, left this list)
 
 
 def chain_us(fns, device: str) -> float:
@@ -163,6 +164,12 @@ def main():
     arms = ["cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4"]
     res["fit_k2048"] = {arm: fit([(r["int4_bytes" if "int4" in arm else "bf16_bytes"], r["arms"][arm]["us"])
                                   for r in (res["shapes"][f"{N}x{K}"] for N, K in family)]) for arm in arms}
+    per_tile = {}                            # each int4 tile's own fit: a kernel's fixed part and rate, not the best's
+    for N, K in family:
+        r = res["shapes"][f"{N}x{K}"]
+        for t, us in r["arms"]["afford_int4"].get("per_tile", []):
+            per_tile.setdefault(str(tuple(t)), []).append((r["int4_bytes"], us))
+    res["fit_k2048_int4_tiles"] = {t: fit(pts) for t, pts in per_tile.items()}
 
     def layer(roles):                        # one layer's four products: the faster of each kind's two kernels
         rows = [res["shapes"][f"{N}x{K}"]["arms"] for N, K in roles.values()]

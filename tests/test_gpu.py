@@ -238,7 +238,8 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
     """The int4 one-row GEMV with add / RMSNorm / SwiGLU fused: the same formula over the dequantized
     weights within bf16 rounding, per-channel and grouped scales, every tile, layout and kernel (pairs, halves,
     tensor cores with the PTX conversion and with K split over programs, octets with the lop3, halves with x in
-    the codes' layout) the sweep tries (a split tile twice: its workspace is zero again after a call)."""
+    the codes' layout, quads' integer dot products) the sweep tries (a split tile twice: its workspace is zero
+    again after a call)."""
     from afford.models import triton_gemv
     from afford.models.quant import dequantize, quantize
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -254,7 +255,10 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
         # every swept tile on the first shape, one of each kernel on the others (each tile is a compile)
         tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2),
                                                                 (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4),
-                                                                (4, 1024, 2, 1, 4)]
+                                                                (4, 1024, 2, 1, 4), (16, 256, 1, 2, 5),
+                                                                (16, 1024, 4, 1, 5)]
+        if N == 2560:                                   # the kernels the sweep no longer tries, on this shape too
+            tiles = tiles + [(32, 512, 4, 1, 2), (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4)]
         for cfg in tiles:
             layout = triton_gemv.w4_kind(cfg)[0]
             if triton_gemv.w4_plan(K, group, cfg) is None:
@@ -280,7 +284,8 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 512, 4, 1, 2)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 3)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (64, 256, 4, 1, 2, 4)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 1024, 2, 1, 4)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 1024, 2, 1, 4)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 256, 1, 2, 5)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)

@@ -249,8 +249,10 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
                              (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
-      for kind in ((0,), (1,), (2,), (2, 3), (3,), (4,)):       # (2, 3): tensor cores, K split over 3 programs
-        cfg5 = (max(16, cfg[0]) if kind[0] == 2 else cfg[0],) + cfg[1:] + kind   # tensor cores: 16+ rows a program
+      for kind in ((0,), (1,), (2,), (2, 3), (3,), (4,), (5,), (5, "prefetch")):  # (2, 3): tensor cores, K split
+        cfg5 = (max(16, cfg[0]) if kind[0] == 2 else cfg[0],) + cfg[1:] + kind[:1 if kind[-1] == "prefetch" else 2]
+        if kind[-1] == "prefetch":                                # over 3 programs; tensor cores: 16+ rows a program
+            cfg5 = cfg5[:3] + (2, 5)                              # quads with the next step's codes loaded early
         layout, tc = w4_kind(cfg5)
         for add, norm, swiglu in ((False, False, False), (True, True, False), (True, True, True), (False, False, True)):
             rows = 2 * N if swiglu else N
@@ -260,10 +262,10 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             a = torch.randn(1, K, generator=g).to(dt) if add else None
             gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt) if norm else None
             packed = w4_pack(q, layout)
-            if w4_plan(K, group, cfg5) is None:
-                try:                                  # halves: the group must divide K / 2; a split K: one group
-                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5)
-                    raise AssertionError("no error")
+            if w4_plan(K, group, cfg5) is None or (layout == "quads" and swiglu and N % 4):
+                try:                     # halves: the group must divide K / 2; a split K: one group; quads, SwiGLU:
+                    gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5, swiglu=swiglu)
+                    raise AssertionError("no error")                         # the gate rows in groups of 4
                 except ValueError:
                     continue
             for _ in range(2 if len(kind) > 1 else 1):
@@ -278,6 +280,74 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
 print("ok")
 """
     interpret(code)
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """The few PTX instructions the quads kernel's inline asm uses, on 32-bit integers: regs maps "$i" and the
+    asm's own registers to values; returns them after the asm ran."""
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0) & 0xFFFFFFFF
+
+    def s8(v):
+        return v - 256 if v >= 128 else v
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." and not line.startswith(("and", "shr")):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        v = [val(a) for a in src]
+        if op == "mov.b32":
+            out = v[0]
+        elif op == "and.b32":
+            out = v[0] & v[1]
+        elif op == "shr.u32":
+            out = v[0] >> v[1]
+        elif op == "prmt.b32":                   # default mode: selector nibble i picks byte i of {b, a}
+            pool = v[0] | (v[1] << 32)
+            out = sum(((pool >> (8 * ((v[2] >> (4 * i)) & 7))) & 255) << (8 * i) for i in range(4))
+        elif op.startswith("dp4a."):             # d = c + sum of a.byte(i) * b.byte(i)
+            sa, sb = (t == "s32" for t in op.split(".")[1:])
+            out = v[2] + sum((s8 if sa else int)((v[0] >> 8 * i) & 255) * (s8 if sb else int)((v[1] >> 8 * i) & 255)
+                             for i in range(4))
+        elif op.startswith("dp2a."):             # d = c + a.half(0) * b.byte(h) + a.half(1) * b.byte(h + 1)
+            h = 2 if op.split(".")[1] == "hi" else 0
+            out = v[2] + ((v[0] & 0xFFFF) * ((v[1] >> 8 * h) & 255) + (v[0] >> 16) * ((v[1] >> 8 * (h + 1)) & 255))
+        else:
+            raise AssertionError(f"an instruction this emulator does not know: {line}")
+        regs[d] = out & 0xFFFFFFFF
+    return regs
+
+
+@needs_triton
+def test_quads_inline_ptx_computes_the_integer_dot_product():
+    """The quads kernel's two inline PTX snippets (triton_gemv._Q_PIECES and _Q_DOT), run by a small emulator of
+    their instructions -- the part of that kernel Triton's interpreter cannot run (it runs the same integers in
+    Triton ops): for random code words and fixed-point x (|m| < 2^22, the kernel's range), four words' sums of
+    q * H and q * ML put together equal the integer dot product of the nibbles with m; Triton's pack=4 hands the
+    pieces' asm its four elements as $12..$15 and takes each output from four registers in turn."""
+    from afford.models.triton_gemv import _Q_DOT, _Q_PIECES
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        words = torch.randint(0, 1 << 32, (4,), generator=g, dtype=torch.int64).tolist()    # four steps' words
+        m_lo = torch.randint(-(1 << 22) + 1, 1 << 22, (4, 4), generator=g).tolist()         # [word][byte]
+        m_hi = torch.randint(-(1 << 22) + 1, 1 << 22, (4, 4), generator=g).tolist()
+        aH = aL = 0
+        want = 0
+        for w, ml, mh in zip(words, m_lo, m_hi):
+            pieces = []
+            for m in (ml, mh):
+                r = _run_ptx(_Q_PIECES.value, {f"${12 + i}": m[i] & 0xFFFFFFFF for i in range(4)})
+                assert r["$1"] == r["$2"] == r["$3"] == r["$0"] and r["$5"] == r["$4"] and r["$11"] == r["$8"]
+                pieces.append((r["$0"], r["$4"], r["$8"]))
+            (eH, e01, e23), (oH, o01, o23) = pieces
+            r = _run_ptx(_Q_DOT.value, {"$2": w, "$3": eH, "$4": oH, "$5": e01, "$6": e23, "$7": o01, "$8": o23,
+                                        "$9": aH, "$10": aL})
+            aH, aL = r["$0"], r["$1"]
+            want += sum(((w >> 8 * i) & 15) * ml[i] + ((w >> (8 * i + 4)) & 15) * mh[i] for i in range(4))
+        aH = aH - (1 << 32) if aH >= 1 << 31 else aH
+        assert aH * 65536 + aL == want
 
 
 @needs_triton
@@ -315,8 +385,9 @@ tc = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2))        # 
 octets = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 3))     # the octets code layout
 tc_split = dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 64, 4, 1, 2, 2))   # tensor cores, K split in two
 x2d = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 4, 1, 4))        # halves, x in the codes' layout
+quads = dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 64, 1, 2, 5))      # integer dot products, prefetch
 for cfgs, layout in ((dict(down=None), "pairs"), (dict(down=(8, 128, 4, 1)), "pairs"), (halves, "halves"),
-                     (tc, "halves"), (octets, "octets"), (tc_split, "halves"), (x2d, "halves")):
+                     (tc, "halves"), (octets, "octets"), (tc_split, "halves"), (x2d, "halves"), (quads, "quads")):
     triton_gemv.GEMV_W4_CONFIGS.update(cfgs)
     assert m._gemv_ready()
     assert all(mod._w4_layout == layout for mod in m.modules() if getattr(mod, "_w4", None))
@@ -440,7 +511,8 @@ def test_pdl_kernels_load_their_first_weights_before_the_wait():
              ("gate_up", "int4 halves", (8, 1024, 4, 1, 1)), ("gate_up", "int4 tensor cores", (32, 512, 4, 1, 2)),
              ("down", "bf16", (4, 2048, 4, 1)), ("down", "int4 pairs", (8, 1024, 4, 1)),
              ("gate_up", "int4 octets", (8, 1024, 4, 1, 3)), ("down", "int4 octets", (16, 512, 4, 1, 3)),
-             ("qkv", "int4 halves x2d", (8, 1024, 4, 1, 4))}
+             ("qkv", "int4 halves x2d", (8, 1024, 4, 1, 4)), ("gate_up", "int4 quads", (16, 256, 1, 1, 5)),
+             ("qkv", "int4 quads", (16, 256, 1, 2, 5))}
     seen = 0
     for role, (N, K, fused, swiglu) in gemv_sass.ROLES.items():
         for pdl in (True, False):
@@ -491,7 +563,7 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             # the tile takes them)
             for group in (K, 128):
                 for cfg in ((8, 128, 4, 1), (8, 128, 4, 1, 1), (32, 128, 4, 1, 2), (64, 128, 4, 1, 2),
-                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3), (8, 128, 4, 1, 4)):
+                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3), (8, 128, 4, 1, 4), (16, 128, 1, 2, 5)):
                     plan = tg.w4_plan(K, group, cfg, fp16=dt != "bf16")
                     if plan is None:
                         continue
@@ -518,7 +590,7 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
-    assert built == 3 * (3 * (1 + 7 + 5) + 3)                   # octets and a split K: per-channel only
+    assert built == 3 * (3 * (1 + 8 + 5) + 3)                   # octets, quads and a split K: per-channel only
 
 
 @needs_triton

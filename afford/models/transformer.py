@@ -510,7 +510,8 @@ class Transformer(nn.Module):
                     return False
                 layout = triton_gemv.w4_kind(cfg)[0] if cfg is not None else "pairs"
                 fits = cfg is not None and m.group >= min(cfg[1] // (2 if layout == "halves" else 1), m.in_features) \
-                    and triton_gemv.w4_plan(m.in_features, m.group, cfg) is not None
+                    and triton_gemv.w4_plan(m.in_features, m.group, cfg) is not None \
+                    and not (layout == "quads" and role == "gate_up" and m.out_features % 8)  # gate rows: groups of 4
                 if not fits:
                     m._w4 = None
                     return role not in ("qkv", "gate_up")

@@ -41,7 +41,8 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
 # int4 (per-group scales and zero points): the same per role, a fifth element naming the code layout and kernel
 # (W4_KINDS: 0 or none the pairs layout, triton_int4.pack; 1 halves, pack_halves; 2 halves through the tensor
 # cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel; 4 halves with x loaded
-# in the codes' layout, _gemv_w4_kernel's X2D -- not yet run on a card). o and down without one
+# in the codes' layout, _gemv_w4_kernel's X2D; 5 quads, pack_quads, one group a row, integer dot products on x in
+# fixed point, _gemv_w4q_kernel -- 4 and 5 not yet run on a card). o and down without one
 # keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group smaller than
 # the tile, which this kernel would walk in short steps -- not measured) keep the model on the fused-layer
 # path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (run 10, 1c57dce), per-channel scales, 22
@@ -59,12 +60,14 @@ SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 
 W4_SWEEP_CONFIGS = [(4, 2048, 4, 1), (8, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1),
                     (8, 1024, 4, 3)]                                                 # pairs (the last pipelined)
 W4_SWEEP_CONFIGS += [c + (1,) for c in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1))]  # halves
-W4_SWEEP_CONFIGS += [c + (2,) for c in ((32, 512, 4, 1), (64, 256, 4, 1))]           # tensor cores
-W4_SWEEP_CONFIGS += [(32, 512, 4, 1, 2, 2), (64, 256, 4, 1, 2, 4), (64, 512, 4, 1, 2, 4), (128, 256, 8, 1, 2, 4)]  # split K
-W4_SWEEP_CONFIGS += [c + (3,) for c in ((8, 1024, 4, 1), (16, 512, 4, 1), (8, 2048, 4, 1), (4, 1024, 2, 1),
-                                        (16, 512, 4, 2))]                            # octets
 W4_SWEEP_CONFIGS += [c + (4,) for c in ((8, 1024, 4, 1), (4, 1024, 2, 1), (8, 512, 2, 1), (8, 1024, 4, 3))]
-# (the last: halves with x in the codes' layout; no 2048-weight steps, whose rows span warps: barriers again)
+# (halves with x in the codes' layout; no 2048-weight steps, whose rows span warps: barriers again)
+W4_SWEEP_CONFIGS += [c + (5,) for c in ((16, 256, 1, 1), (16, 256, 1, 2), (32, 256, 1, 1), (8, 256, 1, 1),
+                                        (16, 512, 2, 1), (32, 512, 2, 1), (16, 1024, 4, 1))]
+# (quads, integer dot products: a step of 256 weights a warp keeps one word column a thread; stages 2 prefetch.
+# The tensor-core tiles (32 / 64 / 128 rows, K split in 2-4) and the octets tiles lost on every role in run 10 --
+# their best 1.25-1.44x / 1.14-1.33x the best tile's time: left out of the card's sweep, their kernels kept and
+# tested.)
 
 if triton is not None:
     @triton.jit
@@ -437,6 +440,208 @@ if triton is not None:
 
 
 if triton is not None:
+    # The quads layout's integer dot products (kind 5, _gemv_w4q_kernel). x becomes 24-bit fixed point: m = round(x *
+    # 2^(21 - e)), e the exponent of max |x| (so |m| < 2^22: x is exact to 2^-22 of its largest element, about
+    # fp32's own rounding of the sums), split into H = m >> 16 (signed, one byte) and ML = m & 0xFFFF. dp4a
+    # multiplies four code bytes' nibbles (unsigned) by four bytes of H and adds them to an int32 in one instruction,
+    # dp2a two of them by two 16-bit ML; so a word of eight weights costs three unpacking instructions, two dp4a and
+    # four dp2a -- against seven to eleven instructions A WEIGHT for the fp32 kernels above (their sm_90 SASS: the
+    # widening, subtraction and multiply-add per weight). The sums per piece are exact integers, put together once.
+    _Q_PIECES = tl.constexpr("""{
+    .reg .b32 a, b;
+    prmt.b32 a, $12, $13, 0x0062;
+    prmt.b32 b, $14, $15, 0x0062;
+    prmt.b32 $0, a, b, 0x5410;
+    prmt.b32 $4, $12, $13, 0x5410;
+    prmt.b32 $8, $14, $15, 0x5410;
+    mov.b32 $1, $0;
+    mov.b32 $2, $0;
+    mov.b32 $3, $0;
+    mov.b32 $5, $4;
+    mov.b32 $6, $4;
+    mov.b32 $7, $4;
+    mov.b32 $9, $8;
+    mov.b32 $10, $8;
+    mov.b32 $11, $8;
+    }""")
+    _Q_DOT = tl.constexpr("""{
+    .reg .b32 l, h;
+    and.b32 l, $2, 0x0F0F0F0F;
+    shr.u32 h, $2, 4;
+    and.b32 h, h, 0x0F0F0F0F;
+    dp4a.u32.s32 $0, l, $3, $9;
+    dp4a.u32.s32 $0, h, $4, $0;
+    dp2a.lo.u32.u32 $1, $5, l, $10;
+    dp2a.hi.u32.u32 $1, $6, l, $1;
+    dp2a.lo.u32.u32 $1, $7, h, $1;
+    dp2a.hi.u32.u32 $1, $8, h, $1;
+    }""")
+
+    @triton.jit
+    def _q_fixed(xf, scl):
+        """x -> round(x * scl) as int32 (scl a power of two, |x * scl| < 2^22): 1.5 * 2^23 added puts the integer in
+        the mantissa's low bits."""
+        return (xf * scl + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+    @triton.jit
+    def _q_pieces(m):
+        """Four consecutive m (the k of a code word's four bytes) -> three words, each in all four places: their H
+        bytes (byte 2 of m), the ML halves of the first two, of the last two. Five prmt."""
+        return tl.inline_asm_elementwise(_Q_PIECES, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [m],
+                                         dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=4)
+
+    @triton.jit
+    def _q_dot(wd, me, mo, aH, aL, USE_ASM: tl.constexpr):
+        """Code words wd (GN, C, 4 rows) times the fixed-point x of their columns, me (the low nibbles' k) and mo
+        (the high ones'), both (1, C, 4: the word's four k): aH += sum of q * H, aL += sum of q * ML."""
+        if USE_ASM:
+            eH, e01, e23 = _q_pieces(me)
+            oH, o01, o23 = _q_pieces(mo)
+            aH, aL = tl.inline_asm_elementwise(
+                _Q_DOT, "=r,=r,r,r,r,r,r,r,r,r,r",
+                [wd, tl.broadcast_to(eH, wd.shape), tl.broadcast_to(oH, wd.shape), tl.broadcast_to(e01, wd.shape),
+                 tl.broadcast_to(e23, wd.shape), tl.broadcast_to(o01, wd.shape), tl.broadcast_to(o23, wd.shape),
+                 aH, aL], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:                       # the same integers in Triton ops (the interpreter): byte i of each word
+            i4 = tl.arange(0, 4)[None, None, :]
+            for i in tl.static_range(4):
+                lo = (wd >> (8 * i)) & 15
+                hi = (wd >> (8 * i + 4)) & 15
+                e = tl.sum(tl.where(i4 == i, me, 0), axis=2)[:, :, None]       # (1, C, 1): x's m at byte i
+                o = tl.sum(tl.where(i4 == i, mo, 0), axis=2)[:, :, None]
+                aH += lo * (e >> 16) + hi * (o >> 16)
+                aL += lo * (e & 0xFFFF) + hi * (o & 0xFFFF)
+        return aH, aL
+
+    @triton.jit
+    def _q_sums(aH, aL, msum, inv):
+        """The rows' sum of x * (q - 8): each (row, word)'s piece sums put together in fp32 (H's exact, then
+        rounded as an fp32 multiply-add rounds), summed over the words, minus 8 * sum of m, scaled back by
+        inv = 2^(e - 21). (Summed in int64 they were exact, and 1,000 shuffles a thread.)"""
+        t = aH.to(tl.float32) * 65536.0 + aL.to(tl.float32)
+        return (tl.sum(t, axis=1) - 8.0 * msum.to(tl.float32)) * inv
+
+    @triton.jit
+    def _x_scan(X, A, XO, G, pid, K: tl.constexpr, PRE: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr):
+        """One pass over x before the codes' steps: max |x| (for the fixed point), the squares' and x's sums; program
+        0 writes x + a."""
+        EVEN: tl.constexpr = K % PRE == 0
+        kk = tl.arange(0, PRE)
+        mx = tl.zeros((PRE,), tl.float32)
+        ss = tl.zeros((PRE,), tl.float32)
+        xs = tl.zeros((PRE,), tl.float32)
+        for k0 in tl.static_range(0, K, PRE):
+            km = k0 + kk < K
+            xf, sq = _x_part(X, A, XO, G, k0 + kk, km, km & (pid == 0), HAS_ADD, NORM, EVEN)
+            mx = tl.maximum(mx, tl.abs(xf))
+            ss += sq
+            xs += xf
+        return tl.max(mx, axis=0), tl.sum(ss, axis=0), tl.sum(xs, axis=0)
+
+    @triton.jit
+    def _q_codes(P, goff, gm, c0, j, W: tl.constexpr, EVEN: tl.constexpr):
+        """A step's code words (GN, C, 4): the row groups at goff (GN,; gm: which exist -- pack_quads pads the
+        last one with zero rows), words c0.. -- loaded as (GN, 4C), each group's words for its four rows one
+        contiguous run with one mask a 16-byte vector (a (GN, C, 4) load got a layout of its own, converted
+        through shared memory every step; a mask per row split the vectors)."""
+        if EVEN:
+            m = gm[:, None]
+        else:
+            m = gm[:, None] & ((c0 + j // 4) < W)[None, :]
+        t = tl.load(P + goff[:, None] + (4 * c0 + j)[None, :], mask=m, other=0)
+        return tl.reshape(t, (goff.shape[0], j.shape[0] // 4, 4))
+
+    @triton.jit
+    def _w4q_step(X, A, XO, G, c0, c, i, wd, wu, aH, aL, uH, uL, msum, scl, K: tl.constexpr, HAS_ADD: tl.constexpr,
+                  NORM: tl.constexpr, SWIGLU: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+        """One step of _gemv_w4q_kernel at word c0, its code words wd (the up rows' wu) loaded."""
+        kx = 4 * (c0 + c)[None, :, None] + i[None, None, :]                       # (1, C, 4): a word's four k
+        cm = kx < K // 2
+        xe, _ = _x_part(X, A, XO, G, kx, cm, cm, HAS_ADD, NORM, EVEN, False)          # the low nibbles' x
+        xo, _ = _x_part(X, A, XO, G, K // 2 + kx, cm, cm, HAS_ADD, NORM, EVEN, False)   # the high nibbles'
+        me = _q_fixed(xe, scl)
+        mo = _q_fixed(xo, scl)
+        msum += me.to(tl.int64) + mo.to(tl.int64)
+        aH, aL = _q_dot(wd, me, mo, aH, aL, USE_ASM)
+        if SWIGLU:
+            uH, uL = _q_dot(wu, me, mo, uH, uL, USE_ASM)
+        return aH, aL, uH, uL, msum
+
+    @triton.jit
+    def _gemv_w4q_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, K: tl.constexpr,
+                         HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_C: tl.constexpr, PRE: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+                         USE_ASM: tl.constexpr, PDL: tl.constexpr):
+        # gemv_w4 in the quads layout (pack_quads; one group a row) with integer dot products (the section's
+        # comment). Word c of row n sits at (n // 4) * stride_p + 4 * c + n % 4: four rows' word c are one 16-byte
+        # vector, so a thread holds a column's words for many rows and converts each x once for all of them; the
+        # word holds the halves layout's bytes 4c..4c+3 (k = 4c + i in the low nibbles, K / 2 + 4c + i in the high
+        # ones). x is read once before the steps (_x_scan: its largest |x|, the norm's and the zero points' sums),
+        # then again per step, as fixed point, in the codes' own (word, byte) layout. PREFETCH: each step's codes
+        # load before the step before it computes (Triton's pipeliner leaves this loop alone: the same SASS at
+        # num_stages 1 and 2), for twice the bytes in flight at the cost of registers.
+        W: tl.constexpr = K // 8
+        GN: tl.constexpr = BLOCK_N // 4
+        pid = tl.program_id(0)
+        r = tl.arange(0, 4)
+        n = pid * BLOCK_N + 4 * tl.arange(0, GN)[:, None] + r[None, :]              # (GN, 4)
+        nm = n < N
+        grp = pid * GN + tl.arange(0, GN)
+        gm = grp < (N + 3) // 4
+        goff = grp.to(tl.int64) * stride_p
+        goff_u = goff + UP_OFF                              # (the up rows start a group: gemv_w4 checks F % 4)
+        j = tl.arange(0, 4 * BLOCK_C)
+        c = tl.arange(0, BLOCK_C)
+        aH = tl.zeros((GN, BLOCK_C, 4), tl.int32)
+        aL = tl.zeros((GN, BLOCK_C, 4), tl.int32)
+        uH = tl.zeros((GN, BLOCK_C, 4), tl.int32)
+        uL = tl.zeros((GN, BLOCK_C, 4), tl.int32)
+        msum = tl.zeros((1, BLOCK_C, 4), tl.int64)
+        s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, True, SWIGLU)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        wd = _q_codes(P, goff, gm, 0, j, W, EVEN)
+        wu = wd
+        if SWIGLU:
+            wu = _q_codes(P, goff_u, gm, 0, j, W, EVEN)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        mx, ss, xt = _x_scan(X, A, XO, G, pid, K, PRE, HAS_ADD, NORM)
+        e = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) - 127, -100)               # floor(log2(max |x|))
+        scl = ((148 - e) << 23).to(tl.float32, bitcast=True)                            # 2^(21 - e)
+        inv = ((106 + e) << 23).to(tl.float32, bitcast=True)                            # 2^(e - 21)
+        if PREFETCH:
+            for c0 in range(BLOCK_C, W, BLOCK_C):
+                wn = _q_codes(P, goff, gm, c0, j, W, EVEN)
+                un = wn
+                if SWIGLU:
+                    un = _q_codes(P, goff_u, gm, c0, j, W, EVEN)
+                aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0 - BLOCK_C, c, r, wd, wu, aH, aL, uH, uL, msum, scl,
+                                                 K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
+                wd = wn
+                wu = un
+            aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, (W - 1) // BLOCK_C * BLOCK_C, c, r, wd, wu, aH, aL, uH,
+                                             uL, msum, scl, K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
+        else:
+            aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, 0, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K, HAS_ADD,
+                                             NORM, SWIGLU, EVEN, USE_ASM)
+            for c0 in range(BLOCK_C, W, BLOCK_C):
+                wd = _q_codes(P, goff, gm, c0, j, W, EVEN)
+                if SWIGLU:
+                    wu = _q_codes(P, goff_u, gm, c0, j, W, EVEN)
+                aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K,
+                                                 HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
+        ms = tl.sum(tl.sum(tl.sum(msum, axis=2), axis=1), axis=0)           # sum of m (int64, exact)
+        sums = _q_sums(aH, aL, ms, inv)
+        sums_u = sums
+        if SWIGLU:
+            sums_u = _q_sums(uH, uL, ms, inv)
+        rr = 1.0
+        if NORM:
+            rr = 1.0 / tl.sqrt(ss / K + eps)
+        _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
+
+if triton is not None:
     # int4 -> 16-bit operands as Marlin does it: prmt spreads bytes 0 / 1 (2 / 3) into the two halves of a
     # register, one lop3 keeps a nibble of each and ORs in the exponent of 128 (bf16 0x4300; fp16 1024, 0x6400),
     # so each half reads 128 + q (1024 + q) exactly; a shift by 4 gives the high nibbles. Four bytes at a time
@@ -623,7 +828,8 @@ if triton is not None:
 # a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it; a sixth
 # (tensor cores, one group a row): the programs a row's K is split over
 W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False),
-            4: ("halves", False)}         # 4: halves with x in the codes' layout (_gemv_w4_kernel's X2D)
+            4: ("halves", False),         # 4: halves with x in the codes' layout (_gemv_w4_kernel's X2D)
+            5: ("quads", False)}          # 5: integer dot products, x in fixed point (_gemv_w4q_kernel)
 _SPLIT_WS: dict = {}          # device -> (fp32 partial sums, int32 counters) of the split tensor-core GEMV
 
 
@@ -663,7 +869,20 @@ def pack_octets(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
 
 
+def pack_quads(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (ceil(N / 4), K / 2) int32: row n's word c (its halves-layout bytes 4c..4c+3, as
+    int32) at [n // 4, 4c + n % 4] -- four rows' word c side by side; rows past N (to a multiple of 4) zero."""
+    N, K = codes.shape
+    words = pack_halves(codes).view(torch.int32)                                  # (N, K / 8)
+    pad = -N % 4
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad, K // 8)])
+    return words.view(-1, 4, K // 8).transpose(1, 2).reshape(-1, K // 2).contiguous()
+
+
 def w4_pack(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "quads":
+        return pack_quads(codes)
     if layout == "octets":
         return pack_octets(codes)
     if layout == "halves":
@@ -679,6 +898,8 @@ def w4_block_k(K: int, group: int, want: int, layout: str = "pairs") -> int | No
     halves, BLOCK_K / 2 dividing K / 2 and the group (and the group dividing K / 2)."""
     if K % 2 or K < 32:
         return None
+    if layout == "quads":
+        return max(8, min(want, 8 << (K // 8 - 1).bit_length())) if K % 8 == 0 and group == K else None
     if layout == "octets":
         return max(64, min(want, 8 << (K // 8 - 1).bit_length())) if K % 8 == 0 and group == K else None
     if group == K:
@@ -704,8 +925,13 @@ def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm
     bn, want, warps = config[:3]
     split = config[5] if tc and len(config) > 5 else 1
     bk = w4_block_k(K, group, want, layout)
-    if bk is None or (tc and bn < 16) or (split > 1 and group != K):
+    if bk is None or (tc and bn < 16) or (split > 1 and group != K) or (layout == "quads" and bn % 4):
         return None
+    if layout == "quads":
+        words = K // 8
+        return (_gemv_w4q_kernel, dict(K=K, BLOCK_C=bk // 8, PRE=min(256 * warps, triton.next_power_of_2(K)),
+                                       EVEN=words % (bk // 8) == 0, PREFETCH=config[3] > 1, USE_ASM=asm), 1,
+                -(-words // (bk // 8)))
     if layout == "octets":
         words = K // 8
         return (_gemv_w4o_kernel, dict(K=K, BLOCK_C=bk // 8, EVEN=words % (bk // 8) == 0, USE_ASM=asm), 1,
@@ -733,17 +959,19 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     layout, tc = w4_kind(config)
-    N, K = packed.shape[0], x.shape[1]
+    N, K = scales.shape[0], x.shape[1]
     bn, warps, stages = config[0], config[2], config[3]
     plan = w4_plan(K, group, config, fp16=x.dtype != torch.bfloat16, asm=nvidia(x))
     per_row = K // 8 if layout == "octets" else K // 2
     if plan is None or packed.shape[1] != per_row or K % group or tuple(scales.shape) != (N, K // group) \
+            or packed.shape[0] != (-(-N // 4) if layout == "quads" else N) \
             or tuple(zeros.shape) != (N, K // group) or packed.stride(1) != 1 \
-            or packed.dtype != (torch.int32 if layout == "octets" else torch.uint8):
+            or packed.dtype != (torch.int32 if layout in ("octets", "quads") else torch.uint8):
         raise ValueError(f"gemv_w4 ({layout}{', tensor cores' if tc else ''}) needs K ({K}) and the group ({group}) "
-                         f"in steps of 32 (octets and a split K: one group a row, K a multiple of 8 for octets), "
-                         f"packed (N, {per_row}) as w4_pack packs it with contiguous rows, scales / zeros "
-                         f"(N, K / group) (and 16+ rows a program for the tensor cores); got {tuple(packed.shape)}, "
+                         f"in steps of 32 (octets, quads and a split K: one group a row, K a multiple of 8 for "
+                         f"octets and quads), packed ({'ceil(N / 4)' if layout == 'quads' else 'N'}, {per_row}) as "
+                         f"w4_pack packs it with contiguous rows, scales / zeros (N, K / group) (and 16+ rows a "
+                         f"program for the tensor cores, a multiple of 4 for quads); got {tuple(packed.shape)}, "
                          f"{tuple(scales.shape)}, {tuple(zeros.shape)}, {config}")
     kernel, cst, split, _ = plan
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
@@ -755,7 +983,13 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     cst.update(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
                num_stages=stages, **pdl_args(x))
     rows = (F, F, F * packed.stride(0), eps, packed.stride(0))          # N, F_OFF, UP_OFF, eps, stride_p
-    if layout == "octets":
+    if layout == "quads":
+        if swiglu and F % 4:
+            raise ValueError(f"gemv_w4 (quads) with swiglu needs the gate rows ({F}) in whole groups of 4; "
+                             f"use another tile (GEMV_W4_CONFIGS) for this matrix")
+        kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, F, F, F // 4 * packed.stride(0), eps,
+                                      packed.stride(0), **cst)
+    elif layout == "octets":
         kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, *rows, **cst)
     elif tc:
         ws, cnt = _split_workspace(x.device, triton.cdiv(F, bn), bn, split) if split > 1 else (y, y)
