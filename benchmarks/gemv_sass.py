@@ -72,9 +72,9 @@ def sass(kernel) -> list[str]:
         return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
 
 
-def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
-    """Instructions one thread executes over `steps` steps of K: the kernels do the first step before their loop
-    (its weights load before PDL's wait), so the (one) loop's instructions run steps - 1 times, the others once."""
+def k_loop(lines: list[str]) -> tuple[list[str], tuple[int, int] | None]:
+    """The SASS's instruction names in order, and where the K loop is in them (the first backward branch's
+    [target, branch]; None without one)."""
     instr = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
     labels, body, loop = {}, [], None
     for line in lines:
@@ -89,6 +89,13 @@ def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
         b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", s)
         if b and b.group(1) in labels and labels[b.group(1)] < len(body) - 1 and loop is None:
             loop = (labels[b.group(1)], len(body))                       # a backward branch: the K loop
+    return body, loop
+
+
+def dynamic_counts(lines: list[str], steps: int) -> collections.Counter:
+    """Instructions one thread executes over `steps` steps of K: the kernels do the first step before their loop
+    (its weights load before PDL's wait), so the (one) loop's instructions run steps - 1 times, the others once."""
+    body, loop = k_loop(lines)
     counts = collections.Counter(op for op in body if op not in ("NOP", "EXIT"))
     if loop is not None and steps > 2:
         for op in body[loop[0]:loop[1]]:

@@ -594,6 +594,42 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
 
 
 @needs_triton
+def test_quads_kernel_hands_its_asm_one_word_per_instance():
+    """The quads kernel's pack=4 asm (_Q_PIECES) must get the four k of ONE code word as its four elements, and
+    its dp4a / dp2a asm the rows' words and those columns' pieces in one layout: compiled here for an sm_90 card
+    (no GPU), every tile of the sweep and each role's fusion, the pieces' operand keeps its size-4 dimension in
+    one thread and fastest, and the code tile's layout conversions only rename registers (a real one would go
+    through shared memory every step: what the kernel's (GN, 4C) code load and one word column a thread avoid)."""
+    import re
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gemv_sass
+
+    from afford.models import triton_gemv as tg
+    checked = 0
+    for role, (N, K, fused, swiglu) in gemv_sass.ROLES.items():
+        for kind, cfg, fn, sig, cst, steps, bn, F in gemv_sass.variants(N, K, fused, swiglu, True):
+            if fn is not tg._gemv_w4q_kernel:
+                continue
+            k = gemv_sass.build(fn, sig, cst, cfg[2], cfg[3])
+            ttgir = k.asm["ttgir"]
+            layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*?\}>)", ttgir, re.M))
+            ops = re.findall(r"packed_element = 4 : i32, pure = true\} %\S+ : tensor<1x\d+x4xi32, (#\w+)>", ttgir)
+            assert ops, (role, cfg)
+            for lay in ops:
+                spt = re.search(r"sizePerThread = \[(\d+), (\d+), (\d+)\]", layouts[lay]).groups()
+                order = re.search(r"order = \[(\d+),", layouts[lay]).group(1)
+                assert spt[2] == "4" and order == "2", (role, cfg, layouts[lay])
+            # the code tiles' conversions (the (GN, 4C) load reshaped to (GN, C, 4)): only between layouts that put
+            # the same elements in the same threads, in another register order -- no data moves
+            for src, dst in re.findall(r"ttg\.convert_layout %\S+ : tensor<\d+x\d+x4xi32, (#\w+)> -> "
+                                       r"tensor<\d+x\d+x4xi32, (#\w+)>", ttgir):
+                assert re.sub(r", order = \[.*?\]", "", layouts[src]) == \
+                    re.sub(r", order = \[.*?\]", "", layouts[dst]), (role, cfg, layouts[src], layouts[dst])
+            checked += 1
+    assert checked == 4 * sum(len(c) > 4 and c[4] == 5 for c in tg.W4_SWEEP_CONFIGS)
+
+
+@needs_triton
 def test_int4_sweep_isolates_a_crashing_tile():
     """gpu_decode.py's int4 sweep first runs each tile in a child process (on the card an illegal address would
     poison the sweep's own CUDA context): a tile whose child dies is set aside and the next child goes on from the

@@ -62,9 +62,12 @@ W4_SWEEP_CONFIGS = [(4, 2048, 4, 1), (8, 2048, 4, 1), (8, 1024, 4, 1), (16, 512,
 W4_SWEEP_CONFIGS += [c + (1,) for c in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 2, 1))]  # halves
 W4_SWEEP_CONFIGS += [c + (4,) for c in ((8, 1024, 4, 1), (4, 1024, 2, 1), (8, 512, 2, 1), (8, 1024, 4, 3))]
 # (halves with x in the codes' layout; no 2048-weight steps, whose rows span warps: barriers again)
-W4_SWEEP_CONFIGS += [c + (5,) for c in ((16, 256, 1, 1), (16, 256, 1, 2), (32, 256, 1, 1), (8, 256, 1, 1),
-                                        (16, 512, 2, 1), (32, 512, 2, 1), (16, 1024, 4, 1))]
+W4_SWEEP_CONFIGS += [c + (5,) for c in ((16, 256, 1, 1), (16, 256, 1, 2), (32, 256, 1, 1), (8, 256, 1, 2),
+                                        (16, 512, 2, 1), (32, 512, 2, 1), (8, 512, 2, 2), (16, 1024, 4, 1),
+                                        (16, 1024, 4, 2))]
 # (quads, integer dot products: a step of 256 weights a warp keeps one word column a thread; stages 2 prefetch.
+# One warp and 8 steps a row: the fewest instructions a weight (sm_90 SASS); more warps, fewer steps: more
+# programs and bytes in flight for the 2048-row matrices, whose 16-row programs would be one a SM.
 # The tensor-core tiles (32 / 64 / 128 rows, K split in 2-4) and the octets tiles lost on every role in run 10 --
 # their best 1.25-1.44x / 1.14-1.33x the best tile's time: left out of the card's sweep, their kernels kept and
 # tested.)
