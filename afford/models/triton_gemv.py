@@ -452,20 +452,11 @@ if triton is not None:
     # widening, subtraction and multiply-add per weight). The sums per piece are exact integers, put together once.
     _Q_PIECES = tl.constexpr("""{
     .reg .b32 a, b;
-    prmt.b32 a, $12, $13, 0x0062;
-    prmt.b32 b, $14, $15, 0x0062;
+    prmt.b32 a, $3, $4, 0x0062;
+    prmt.b32 b, $5, $6, 0x0062;
     prmt.b32 $0, a, b, 0x5410;
-    prmt.b32 $4, $12, $13, 0x5410;
-    prmt.b32 $8, $14, $15, 0x5410;
-    mov.b32 $1, $0;
-    mov.b32 $2, $0;
-    mov.b32 $3, $0;
-    mov.b32 $5, $4;
-    mov.b32 $6, $4;
-    mov.b32 $7, $4;
-    mov.b32 $9, $8;
-    mov.b32 $10, $8;
-    mov.b32 $11, $8;
+    prmt.b32 $1, $3, $4, 0x5410;
+    prmt.b32 $2, $5, $6, 0x5410;
     }""")
     _Q_DOT = tl.constexpr("""{
     .reg .b32 l, h;
@@ -488,10 +479,16 @@ if triton is not None:
 
     @triton.jit
     def _q_pieces(m):
-        """Four consecutive m (the k of a code word's four bytes) -> three words, each in all four places: their H
-        bytes (byte 2 of m), the ML halves of the first two, of the last two. Five prmt."""
-        return tl.inline_asm_elementwise(_Q_PIECES, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [m],
-                                         dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=4)
+        """m (1, C, 4: a code word's four k) -> three words (1, C, 1): the four H bytes (byte 2 of each m), the ML
+        halves of k 0 and 1, of k 2 and 3. Five prmt. The four k are split apart first and the asm takes them
+        as four operands: with pack=4 Triton filled the instance with undef wherever a step had fewer word
+        columns than threads (the size-4 dimension then spread over threads)."""
+        e, o = tl.split(tl.reshape(m, (m.shape[0], m.shape[1], 2, 2)))            # k 0, 2 and k 1, 3
+        m0, m2 = tl.split(e)
+        m1, m3 = tl.split(o)
+        h, l01, l23 = tl.inline_asm_elementwise(_Q_PIECES, "=r,=r,=r,r,r,r,r", [m0, m1, m2, m3],
+                                                dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return h[:, :, None], l01[:, :, None], l23[:, :, None]
 
     @triton.jit
     def _q_dot(wd, me, mo, aH, aL, USE_ASM: tl.constexpr):
@@ -518,11 +515,14 @@ if triton is not None:
 
     @triton.jit
     def _q_sums(aH, aL, msum, inv):
-        """The rows' sum of x * (q - 8): each (row, word)'s piece sums put together in fp32 (H's exact, then
-        rounded as an fp32 multiply-add rounds), summed over the words, minus 8 * sum of m, scaled back by
-        inv = 2^(e - 21). (Summed in int64 they were exact, and 1,000 shuffles a thread.)"""
-        t = aH.to(tl.float32) * 65536.0 + aL.to(tl.float32)
-        return (tl.sum(t, axis=1) - 8.0 * msum.to(tl.float32)) * inv
+        """The rows' sum of x * (q - 8): each (row, word column)'s sum of q * m, less 8 * that column's sum of m,
+        exact in int64 (aL is unsigned: dp2a adds only products of unsigned numbers), then fp32, summed over the
+        columns and scaled back by inv = 2^(e - 21). (The columns summed first, in int64, took 1,000 shuffles a
+        thread; summed in fp32 before taking off 8 * sum of m, they lost ~10x the fp32 kernels' accuracy to the
+        cancellation.)"""
+        mc = tl.sum(msum, axis=2)[:, :, None]
+        t = (aH.to(tl.int64) * 65536 + aL.to(tl.uint32, bitcast=True).to(tl.int64) - 8 * mc).to(tl.float32)
+        return tl.sum(t, axis=1) * inv
 
     @triton.jit
     def _x_scan(X, A, XO, G, pid, K: tl.constexpr, PRE: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr):
@@ -634,11 +634,10 @@ if triton is not None:
                     wu = _q_codes(P, goff_u, gm, c0, j, W, EVEN)
                 aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K,
                                                  HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
-        ms = tl.sum(tl.sum(tl.sum(msum, axis=2), axis=1), axis=0)           # sum of m (int64, exact)
-        sums = _q_sums(aH, aL, ms, inv)
+        sums = _q_sums(aH, aL, msum, inv)
         sums_u = sums
         if SWIGLU:
-            sums_u = _q_sums(uH, uL, ms, inv)
+            sums_u = _q_sums(uH, uL, msum, inv)
         rr = 1.0
         if NORM:
             rr = 1.0 / tl.sqrt(ss / K + eps)
@@ -932,6 +931,8 @@ def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm
         return None
     if layout == "quads":
         words = K // 8
+        if -(-words // (bk // 8)) > 512:     # a (row, word column)'s sum of q * ML, < 8 * 15 * 65536 a step: 32 bits
+            return None
         return (_gemv_w4q_kernel, dict(K=K, BLOCK_C=bk // 8, PRE=min(256 * warps, triton.next_power_of_2(K)),
                                        EVEN=words % (bk // 8) == 0, PREFETCH=config[3] > 1, USE_ASM=asm), 1,
                 -(-words // (bk // 8)))
