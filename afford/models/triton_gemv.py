@@ -958,8 +958,10 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
             eps: float = 0.0, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """gemv() for int4 weights, w = (q - 8) * s + z: packed in the layout config's fifth element names
     (w4_kind: triton_int4.pack's pairs or pack_halves' halves, (N, K / 2) uint8; pack_octets' octets, (N, K / 8)
-    int32, one group a row), scales / zeros (N, K / group) fp32. The tensor-core kernel (_gemv_w4_tc_kernel;
-    halves, at least 16 rows a program) takes x as a bf16 operand for bf16 activations, fp16 for the others."""
+    int32, one group a row; pack_quads' quads, (ceil(N / 4), K / 2) int32, one group a row), scales / zeros
+    (N, K / group) fp32. The tensor-core kernel (_gemv_w4_tc_kernel; halves, at least 16 rows a program) takes x
+    as a bf16 operand for bf16 activations, fp16 for the others; quads (_gemv_w4q_kernel) takes x as fixed point
+    to 2^-22 of its largest element."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     layout, tc = w4_kind(config)
