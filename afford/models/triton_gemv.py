@@ -555,6 +555,15 @@ if triton is not None:
         return tl.reshape(t, (goff.shape[0], j.shape[0] // 4, 4))
 
     @triton.jit
+    def _q_rows(P, goff, goff_u, gm, c0, j, W: tl.constexpr, EVEN: tl.constexpr, SWIGLU: tl.constexpr):
+        """A step's code words for the rows, and for the up rows with SwiGLU (else the rows' again)."""
+        wd = _q_codes(P, goff, gm, c0, j, W, EVEN)
+        wu = wd
+        if SWIGLU:
+            wu = _q_codes(P, goff_u, gm, c0, j, W, EVEN)
+        return wd, wu
+
+    @triton.jit
     def _w4q_step(X, A, XO, G, c0, c, i, wd, wu, aH, aL, uH, uL, msum, scl, K: tl.constexpr, HAS_ADD: tl.constexpr,
                   NORM: tl.constexpr, SWIGLU: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
         """One step of _gemv_w4q_kernel at word c0, its code words wd (the up rows' wu) loaded."""
@@ -581,7 +590,7 @@ if triton is not None:
         # word holds the halves layout's bytes 4c..4c+3 (k = 4c + i in the low nibbles, K / 2 + 4c + i in the high
         # ones). x is read once before the steps (_x_scan: its largest |x|, the norm's and the zero points' sums),
         # then again per step, as fixed point, in the codes' own (word, byte) layout. PREFETCH: each step's codes
-        # load before the step before it computes (Triton's pipeliner leaves this loop alone: the same SASS at
+        # load before the step before it computes (Triton's pipeliner left this loop alone: the same SASS at
         # num_stages 1 and 2), for twice the bytes in flight at the cost of registers.
         W: tl.constexpr = K // 8
         GN: tl.constexpr = BLOCK_N // 4
@@ -603,37 +612,24 @@ if triton is not None:
         s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, True, SWIGLU)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        wd = _q_codes(P, goff, gm, 0, j, W, EVEN)
-        wu = wd
-        if SWIGLU:
-            wu = _q_codes(P, goff_u, gm, 0, j, W, EVEN)
+        wd, wu = _q_rows(P, goff, goff_u, gm, 0, j, W, EVEN, SWIGLU)
         if PDL:
             tl.extra.cuda.gdc_wait()
         mx, ss, xt = _x_scan(X, A, XO, G, pid, K, PRE, HAS_ADD, NORM)
         e = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) - 127, -100)               # floor(log2(max |x|))
         scl = ((148 - e) << 23).to(tl.float32, bitcast=True)                            # 2^(21 - e)
         inv = ((106 + e) << 23).to(tl.float32, bitcast=True)                            # 2^(e - 21)
-        if PREFETCH:
-            for c0 in range(BLOCK_C, W, BLOCK_C):
-                wn = _q_codes(P, goff, gm, c0, j, W, EVEN)
-                un = wn
-                if SWIGLU:
-                    un = _q_codes(P, goff_u, gm, c0, j, W, EVEN)
-                aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0 - BLOCK_C, c, r, wd, wu, aH, aL, uH, uL, msum, scl,
-                                                 K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
-                wd = wn
-                wu = un
-            aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, (W - 1) // BLOCK_C * BLOCK_C, c, r, wd, wu, aH, aL, uH,
-                                             uL, msum, scl, K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
-        else:
-            aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, 0, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K, HAS_ADD,
-                                             NORM, SWIGLU, EVEN, USE_ASM)
-            for c0 in range(BLOCK_C, W, BLOCK_C):
-                wd = _q_codes(P, goff, gm, c0, j, W, EVEN)
-                if SWIGLU:
-                    wu = _q_codes(P, goff_u, gm, c0, j, W, EVEN)
-                aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K,
-                                                 HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
+        for c0 in range(BLOCK_C, W, BLOCK_C):             # computes the step before c0; c0's codes load before
+            if PREFETCH:                                  # that (PREFETCH) or after it
+                wn, un = _q_rows(P, goff, goff_u, gm, c0, j, W, EVEN, SWIGLU)
+            aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0 - BLOCK_C, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K,
+                                             HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
+            if not PREFETCH:
+                wn, un = _q_rows(P, goff, goff_u, gm, c0, j, W, EVEN, SWIGLU)
+            wd = wn
+            wu = un
+        aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, (W - 1) // BLOCK_C * BLOCK_C, c, r, wd, wu, aH, aL, uH, uL,
+                                         msum, scl, K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
         sums = _q_sums(aH, aL, msum, inv)
         sums_u = sums
         if SWIGLU:
@@ -875,6 +871,8 @@ def pack_quads(codes: torch.Tensor) -> torch.Tensor:
     """codes (N, K) in 0..15 -> (ceil(N / 4), K / 2) int32: row n's word c (its halves-layout bytes 4c..4c+3, as
     int32) at [n // 4, 4c + n % 4] -- four rows' word c side by side; rows past N (to a multiple of 4) zero."""
     N, K = codes.shape
+    if K % 8:
+        raise ValueError(f"pack_quads packs rows of a multiple of 8 codes (int32 words of 8 nibbles); got K = {K}")
     words = pack_halves(codes).view(torch.int32)                                  # (N, K / 8)
     pad = -N % 4
     if pad:
