@@ -471,6 +471,18 @@ def gpu_decode(r) -> None:
         print(f"\n{key} ({sw['layers']} distinct matrices a role in a row, in a CUDA graph; us per matrix):\n\n"
               + table(["role", "N x K", "fused in", f"{ref} (+ the kernels it replaces) us", "afford Triton us (best tile)",
                        f"{unit}: {ref} / Triton", "chosen"], rows))
+        if key == "gemv_w4_sweep":          # each int4 kernel's best tile per role (triton_gemv.W4_KINDS)
+            kinds = {0: "pairs", 1: "halves", 2: "tensor cores", 3: "octets", 4: "halves x2d", 5: "quads"}
+            best = {}
+            for role, m in sw["roles"].items():
+                for c, us in zip(sw["configs"], m["triton_us"]):
+                    k = kinds[c[4] if len(c) > 4 else 0]
+                    if us is not None and us < best.get((role, k), (float("inf"),))[0]:
+                        best[role, k] = (us, tuple(c))
+            present = [k for k in kinds.values() if any(kk == k for _, kk in best)]
+            rows = [[role] + [f"{best[role, k][0]:.2f} {best[role, k][1]}" if (role, k) in best else "-" for k in present]
+                    for role in sw["roles"]]
+            print("\nThe fastest tile of each int4 kernel (us per matrix):\n\n" + table(["role"] + present, rows))
     low = [[k, ", ".join(v["kernels"]) + (f" ({v['row_kernel_layers']} matrices through the Triton row kernel)"
                                           if v.get("row_kernel_layers") else "")
             + (f" + fused int4 GEMV for {', '.join(v['fused_gemv_w4'])}" if v.get("fused_gemv_w4") else ""),
@@ -512,7 +524,10 @@ def gpu_decode(r) -> None:
               + table(["N x K", "cuBLAS bf16", "afford bf16", "tinygemm int4", "afford int4", "afford int4 tile",
                        "matrices chained"], rows)
               + "\n\nFit over K = 2048 (us = fixed + bytes / rate):\n\n"
-              + table(["kernel", "fixed us", "rate TB/s", "worst residual"], fits)
+              + table(["kernel", "fixed us", "rate TB/s", "worst residual"], fits
+                      + [[f"afford int4 {t}", f"{f['fixed_us']:.2f}", f"{f['rate_tb_s']:.2f}" if f["rate_tb_s"] else "",
+                          f"{f['worst_rel_residual']:.0%}"]
+                         for t, f in gs.get("fit_k2048_int4_tiles", {}).items() if f])
               + f"\n\nOne layer's four products, the faster kernel of each kind per role: {lay}")
 
 
