@@ -325,8 +325,16 @@ def test_quads_inline_ptx_computes_the_integer_dot_product():
     """The quads kernel's two inline PTX snippets (triton_gemv._Q_PIECES and _Q_DOT), run by a small emulator of
     their instructions -- the part of that kernel Triton's interpreter cannot run (it runs the same integers in
     Triton ops): for random code words and fixed-point x (|m| < 2^22, the kernel's range), four words' sums of
-    q * H and q * ML (unsigned) put together equal the integer dot product of the nibbles with m."""
+    q * H and q * ML (unsigned) put together equal the integer dot product of the nibbles with m. And each writes
+    its outputs only after its last read of an input: LLVM may give an output an input's register (`=r`)."""
+    import re
+
     from afford.models.triton_gemv import _Q_DOT, _Q_PIECES
+    for asm, outs in ((_Q_PIECES.value, 3), (_Q_DOT.value, 2)):
+        lines = [ln.strip() for ln in asm.splitlines() if "$" in ln]
+        reads = [i for i, ln in enumerate(lines) if any(int(n) >= outs for n in re.findall(r"\$(\d+)", ln.split(",", 1)[1]))]
+        writes = [i for i, ln in enumerate(lines) if re.match(r"\S+\s+\$\d+\s*,", ln)]
+        assert writes and min(writes) > max(reads), asm
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         words = torch.randint(0, 1 << 32, (4,), generator=g, dtype=torch.int64).tolist()    # four steps' words

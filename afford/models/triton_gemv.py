@@ -450,25 +450,32 @@ if triton is not None:
     # dp2a two of them by two 16-bit ML; so a word of eight weights costs three unpacking instructions, two dp4a and
     # four dp2a -- against seven to eleven instructions A WEIGHT for the fp32 kernels above (their sm_90 SASS: the
     # widening, subtraction and multiply-add per weight). The sums per piece are exact integers, put together once.
+    # (Both write their outputs last, from local registers: LLVM may give an output the register of any input,
+    # taking the inputs as all read before an output is written.)
     _Q_PIECES = tl.constexpr("""{
-    .reg .b32 a, b;
+    .reg .b32 a, b, t0, t1, t2;
     prmt.b32 a, $3, $4, 0x0062;
     prmt.b32 b, $5, $6, 0x0062;
-    prmt.b32 $0, a, b, 0x5410;
-    prmt.b32 $1, $3, $4, 0x5410;
-    prmt.b32 $2, $5, $6, 0x5410;
+    prmt.b32 t0, a, b, 0x5410;
+    prmt.b32 t1, $3, $4, 0x5410;
+    prmt.b32 t2, $5, $6, 0x5410;
+    mov.b32 $0, t0;
+    mov.b32 $1, t1;
+    mov.b32 $2, t2;
     }""")
     _Q_DOT = tl.constexpr("""{
-    .reg .b32 l, h;
+    .reg .b32 l, h, t0, t1;
     and.b32 l, $2, 0x0F0F0F0F;
     shr.u32 h, $2, 4;
     and.b32 h, h, 0x0F0F0F0F;
-    dp4a.u32.s32 $0, l, $3, $9;
-    dp4a.u32.s32 $0, h, $4, $0;
-    dp2a.lo.u32.u32 $1, $5, l, $10;
-    dp2a.hi.u32.u32 $1, $6, l, $1;
-    dp2a.lo.u32.u32 $1, $7, h, $1;
-    dp2a.hi.u32.u32 $1, $8, h, $1;
+    dp4a.u32.s32 t0, l, $3, $9;
+    dp4a.u32.s32 t0, h, $4, t0;
+    dp2a.lo.u32.u32 t1, $5, l, $10;
+    dp2a.hi.u32.u32 t1, $6, l, t1;
+    dp2a.lo.u32.u32 t1, $7, h, t1;
+    dp2a.hi.u32.u32 t1, $8, h, t1;
+    mov.b32 $0, t0;
+    mov.b32 $1, t1;
     }""")
 
     @triton.jit
