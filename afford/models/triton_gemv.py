@@ -298,14 +298,12 @@ if triton is not None:
 
     @triton.jit
     def _write_sum(X, A, XO, K: tl.constexpr, STEP: tl.constexpr):
-        """XO = x + a, rounded as _x_part rounds it (X2D's write-back, one 1-D pass of program 0: a store from
+        """XO = x + a, by _x_part (X2D's write-back, one 1-D pass of program 0: a store from
         the codes' layout would go through shared memory)."""
         k = tl.arange(0, STEP)
         for k0 in range(0, K, STEP):
             km = k0 + k < K
-            x = tl.load(X + k0 + k, mask=km, other=0.0)
-            a = tl.load(A + k0 + k, mask=km, other=0.0)
-            tl.store(XO + k0 + k, (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype), mask=km)
+            _x_part(X, A, XO, X, k0 + k, km, km, True, False, False)
 
     @triton.jit
     def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
@@ -533,8 +531,8 @@ if triton is not None:
 
     @triton.jit
     def _x_scan(X, A, XO, G, pid, K: tl.constexpr, PRE: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr):
-        """One pass over x before the codes' steps: max |x| (for the fixed point), the squares' and x's sums; program
-        0 writes x + a."""
+        """One pass over x before the codes' steps: max |x| (for the fixed point), the squares (summed by _inv_rms)
+        and x's sum; program 0 writes x + a."""
         EVEN: tl.constexpr = K % PRE == 0
         kk = tl.arange(0, PRE)
         mx = tl.zeros((PRE,), tl.float32)
@@ -546,7 +544,7 @@ if triton is not None:
             mx = tl.maximum(mx, tl.abs(xf))
             ss += sq
             xs += xf
-        return tl.max(mx, axis=0), tl.sum(ss, axis=0), tl.sum(xs, axis=0)
+        return tl.max(mx, axis=0), ss, tl.sum(xs, axis=0)
 
     @triton.jit
     def _q_codes(P, goff, gm, c0, j, W: tl.constexpr, EVEN: tl.constexpr):
@@ -623,6 +621,7 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         mx, ss, xt = _x_scan(X, A, XO, G, pid, K, PRE, HAS_ADD, NORM)
+        rr = _inv_rms(ss, eps, K, NORM)
         e = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) - 127, -100)               # floor(log2(max |x|))
         scl = ((148 - e) << 23).to(tl.float32, bitcast=True)                            # 2^(21 - e)
         inv = ((106 + e) << 23).to(tl.float32, bitcast=True)                            # 2^(e - 21)
@@ -641,9 +640,6 @@ if triton is not None:
         sums_u = sums
         if SWIGLU:
             sums_u = _q_sums(uH, uL, msum, inv)
-        rr = 1.0
-        if NORM:
-            rr = 1.0 / tl.sqrt(ss / K + eps)
         _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
 
 if triton is not None:
