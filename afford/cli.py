@@ -202,6 +202,7 @@ ENGINE_HELP = {                      # config field -> help text (the default is
                         "stop checks, detokenizing and outputs overlap the GPU (default: on with CUDA graphs)",
     "native": "run CPU fp32 forwards as one C++ call on afford's batch-invariant kernels (a token's logits "
               "the same in any batch or verify; built once per machine, ~1 minute)",
+    "quantize_head": "with --quantization: quantize the LM head too (fewer bytes a token, more quality lost)",
     "quant_group": "quantization group size: auto (adaptive per matrix), per-channel, 32, 64, 128 ...",
     "draft": "speculative decoding: a draft model folder, 'default' (the bundled draft) or 'ngram' (prompt "
              "lookup); lossless",
@@ -403,6 +404,8 @@ def _quantize(sub):
                    help="auto (adaptive per matrix) | per-channel | 32 | 64 | 128 ...")
     q.add_argument("--tau", type=number_arg(float, 0), default=0.15,
                    help="auto: halve the group while that cuts the error by > tau")
+    q.add_argument("--head", action="store_true", help="quantize the LM head too (a tied head gets its own "
+                   "low-bit copy; the embedding lookup keeps the full table)")
     q.add_argument("--out", required=True, help="a new folder (an existing one is refused, not overwritten)")
 
 
@@ -426,7 +429,7 @@ def cmd_quantize(a) -> int:
     path = resolve_model_path(a.model)
     with torch.no_grad():
         model = load_model(path, device="cpu", dtype="float32")
-        groups = quantize_model(model, a.bits, a.group, a.tau)
+        groups = quantize_model(model, a.bits, a.group, a.tau, head=a.head)
     tok_files = [f for f in Path(path).iterdir() if f.name.startswith(("tokenizer", "special_tokens"))]
     save_quantized(model, a.out, tok_files)
     print(f"int{a.bits} checkpoint written to {a.out}; group sizes chosen: {dict(Counter(groups.values()))}")

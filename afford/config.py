@@ -271,6 +271,7 @@ class EngineConfig:
     cost_hardware: str | None = None     # report modeled USD per 1M tokens on this hardware (afford cost keys)
     quantization: str | None = None      # "int8" | "int4": weight-only, quantized on load (FineQuant)
     quant_group: str = "auto"            # auto | per-channel | 32 | 64 | 128 ...
+    quantize_head: bool = False          # with quantization: the LM head too (gpt-fast's int4 does; lossy)
     attention: str = "auto"              # attention backend: auto | paged | cpu_paged | sdpa (afford/attention/)
     native: bool = True                  # CPU fp32 forwards as one C++ call, batch-invariant (afford/models/native.py)
     enforce_eager: bool = False          # CUDA: no CUDA graphs (afford/core/graphs.py); the CPU never captures

@@ -62,7 +62,7 @@ class Engine:
         # an AFD attention side never reads the FFN / expert weights: its workers load those
         self.model = load_for_inference(path, cfg.device, cfg.dtype, max_len=self.max_model_len,
                                         quantization=cfg.quantization, quant_group=cfg.quant_group,
-                                        ffn=cfg.afd is None)
+                                        ffn=cfg.afd is None, quantize_head=cfg.quantize_head)
         self.model_config = mcfg
         per_token = mcfg.kv_bytes_per_token(next(self.model.parameters()).element_size())
         bs = cfg.block_size

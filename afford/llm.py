@@ -18,7 +18,7 @@ class LLM:
                  num_speculative_tokens: int = 4, speculation: str = "fixed", acceptance: str = "rejection",
                  draft_exit: str | int = "auto",
                  cost_hardware: str | None = None, quantization: str | None = None, quant_group: str = "auto",
-                 draft_quantization: str | None = None, attention: str = "auto",
+                 quantize_head: bool = False, draft_quantization: str | None = None, attention: str = "auto",
                  max_num_batched_tokens: int | None = None, decode_token_budget: int | None = None,
                  enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, native: bool = True, enforce_eager: bool = False,
@@ -35,7 +35,8 @@ class LLM:
         this target, an exit's layer count always drafts from that exit, "t1,t2" fixes the thresholds.
         cost_hardware (e.g. "h100") adds the Step-3 cost model's USD per 1M tokens of this model on that
         hardware to metrics and stats.
-        quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`).
+        quantization="int8"|"int4" quantizes the weights on load (lossy, weight-only; see `afford quantize`);
+        the blocks' matrices, and the LM head too with quantize_head=True (more lossy, fewer bytes a token).
         attention: the attention backend (afford/attention/): "auto", "paged", "cpu_paged" or "sdpa".
         enforce_eager: on CUDA, no CUDA graphs (decode, verify and draft steps are captured by default).
         async_scheduling: launch each greedy decode step while the host still takes the step before's tokens
@@ -73,7 +74,7 @@ class LLM:
                                          kv_blocks=kv_blocks, seed=seed, block_size=block_size,
                                          max_num_seqs=max_num_seqs, cost_hardware=cost_hardware,
                                          quantization=quantization, quant_group=quant_group,
-                                         attention=attention, max_num_batched_tokens=max_num_batched_tokens,
+                                         quantize_head=quantize_head, attention=attention, max_num_batched_tokens=max_num_batched_tokens,
                                          decode_token_budget=decode_token_budget,
                                          enable_chunked_prefill=enable_chunked_prefill,
                                          enable_prefix_caching=enable_prefix_caching, native=native,

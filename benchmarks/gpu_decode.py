@@ -11,7 +11,8 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
 - afford int8 / int4 (weight-only, quantized on load) with graphs at batch 1 and 16 (int4: the default --
   tinygemm, with the fused one-row int4 GEMV of triton_gemv.py for the roles GEMV_W4_CONFIGS names; tinygemm
   alone; the sweep's tiles where they differ from the defaults; "auto" -- tinygemm, one-row products
-  through afford's Triton row kernel where it timed faster; afford's Triton kernels alone);
+  through afford's Triton row kernel where it timed faster; afford's Triton kernels alone; `afford_int4_head`:
+  the LM head int4 too, quantize_head);
 - afford draft speculation (k = 4) with a 2-layer draft cut from the target (its first 2 layers, the same
   embeddings and head: the same vocabulary) at batch 1;
 - the card's copy bandwidth (device-to-device, read + write counted), the weight bytes one decode step
@@ -23,7 +24,8 @@ each; 128 new tokens, greedy, ignore_eos. In one run, same card:
   torch's residual add, RMSNorm, SiLU and product instead of the fused kernels (afford/models/triton_ops.py);
   synchronous scheduling (the host reads each step's tokens before it launches the next) instead of async;
 - `gemv_sweep` / `afford_graphs_gemv_b1`: afford's fused one-row Triton GEMV (residual add, RMSNorm and
-  SwiGLU inside the product's kernel; afford/models/triton_gemv.py) per matrix role against cuBLAS, then
+  SwiGLU inside the product's kernel; afford/models/triton_gemv.py) per matrix role (the LM head too, the final
+  norm fused) against cuBLAS, then
   the whole batch-1 step with it (A/B against the default, its roofline share and kernel profile);
 - `afford_graphs_nopdl_b*` / `afford_int4_nopdl`: programmatic dependent launch of afford's decode kernels
   (afford/models/triton_lib.py) switched against the default (on since run 10; the arms were `*_pdl` while
@@ -74,6 +76,15 @@ def matrix_roles(shape: dict) -> dict[str, tuple[int, int, bool, bool]]:
     D = H // shape["num_attention_heads"]
     return {"qkv": (H + 2 * shape["num_key_value_heads"] * D, H, True, False), "o": (H, H, False, False),
             "gate_up": (2 * I, H, True, True), "down": (H, I, False, False)}
+
+
+# the LM head in the GEMV sweeps: the final add + RMSNorm fused before it; timed over HEAD_COPIES distinct copies
+# (4 x 32.8 MB of int4 codes for TinyLlama's head: more than an H100's or H200's L2), not one per layer
+HEAD_COPIES = 4
+
+
+def head_role(shape: dict) -> dict[str, tuple[int, int, bool, bool]]:
+    return {"head": (shape["vocab_size"], shape["hidden_size"], True, False)}
 
 
 def unfused_chain(x, a, gam, fused: bool, swiglu: bool, products):
@@ -492,8 +503,9 @@ def main():
         L, roles = shape["num_hidden_layers"], matrix_roles(shape)
         gen = torch.Generator(device=device).manual_seed(2)
         out = {"configs": [list(c) for c in tg.SWEEP_CONFIGS], "layers": L, "roles": {}, "chosen": {}}
-        for role, (N, K, fused, swiglu) in roles.items():
-            ws = [(torch.randn(N, K, generator=gen, device=device) * 0.02).to(torch.bfloat16) for _ in range(L)]
+        for role, (N, K, fused, swiglu) in {**roles, **head_role(shape)}.items():
+            n = HEAD_COPIES if role == "head" else L           # distinct matrices streamed, one per layer
+            ws = [(torch.randn(N, K, generator=gen, device=device) * 0.02).to(torch.bfloat16) for _ in range(n)]
             x, a = (torch.randn(1, K, generator=gen, device=device).to(torch.bfloat16) for _ in range(2))
             gam = (1 + 0.1 * torch.randn(K, generator=gen, device=device)).to(torch.bfloat16)
             kw = dict(add=a, norm=gam, eps=1e-5, swiglu=swiglu) if fused else {}
@@ -502,12 +514,14 @@ def main():
                 ref = silu_mul(ref.to(torch.bfloat16)).float()
             row = {"shape": [N, K], "weight_bytes": N * K * 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
                    "cublas_us": _graph_us(unfused_chain(x, a, gam, fused, swiglu, [partial(F.linear, weight=w)
-                                                                                   for w in ws]), 2) / L}
+                                                                                   for w in ws]), 2) / n}
             row.update(time_tiles(tg.SWEEP_CONFIGS, lambda c: tg.gemv(x, ws[0], c, **kw)[0],
-                                  lambda c: lambda: [tg.gemv(x, w, c, **kw) for w in ws], ref, L, N * K * 2))
+                                  lambda c: lambda: [tg.gemv(x, w, c, **kw) for w in ws], ref, n, N * K * 2))
             row["cublas_tb_s"] = row["weight_bytes"] / row["cublas_us"] / 1e6
-            # the fused roles remove launches, so they take the fused kernel at any tile; the plain ones the faster
-            choice = row["best"]["config"] if fused or row["best"]["us"] < row["cublas_us"] else None
+            # the fused layer roles remove launches, so they take the fused kernel at any tile; the plain ones and
+            # the head (one product a step) the faster
+            choice = row["best"]["config"] if (fused and role != "head") or row["best"]["us"] < row["cublas_us"] \
+                else None
             out["chosen"][role] = list(choice) if choice else None
             out["roles"][role] = row
         return out
@@ -703,8 +717,9 @@ def main():
         configs, crashed = w4_runnable(tg.W4_SWEEP_CONFIGS)
         out = {"configs": [list(c) for c in configs], "layers": L, "roles": {}, "chosen": {},
                "crashed": [[list(c), why] for c, why in crashed]}
-        for role, (N, K, fused, swiglu) in roles.items():
-            mats = [quantize(torch.randn(N, K, generator=gen, device=device) * 0.02, 4, K) for _ in range(L)]
+        for role, (N, K, fused, swiglu) in {**roles, **head_role(shape)}.items():
+            n = HEAD_COPIES if role == "head" else L           # (the head: afford_int4_head quantizes it)
+            mats = [quantize(torch.randn(N, K, generator=gen, device=device) * 0.02, 4, K) for _ in range(n)]
             qls = [QuantLinear(q, s_, z, 4, kernel="int4cuda") for q, s_, z in mats]
             ops = {lay: [(tg.w4_pack(q, lay), s_.contiguous(), z.contiguous()) for q, s_, z in mats]
                    for lay in sorted({tg.w4_kind(c)[0] for c in configs})}
@@ -716,11 +731,11 @@ def main():
             if swiglu:
                 ref = silu_mul(ref.to(torch.bfloat16)).float()
             row = {"shape": [N, K], "code_bytes": N * K // 2, "fused": ["add", "rmsnorm"] * fused + ["swiglu"] * swiglu,
-                   "tinygemm_us": _graph_us(unfused_chain(x, a, gam, fused, swiglu, qls), 2) / L}
+                   "tinygemm_us": _graph_us(unfused_chain(x, a, gam, fused, swiglu, qls), 2) / n}
 
             def w4(c, ms):                           # a fifth element: the layout (and kernel), tg.w4_kind
                 return [tg.gemv_w4(x, *op, K, c, **kw)[0] for op in ops[tg.w4_kind(c)[0]][:ms]]
-            row.update(time_tiles(configs, lambda c: w4(c, 1)[0], lambda c: lambda: w4(c, L), ref, L, N * K // 2))
+            row.update(time_tiles(configs, lambda c: w4(c, 1)[0], lambda c: lambda: w4(c, n), ref, n, N * K // 2))
             row["tinygemm_tb_s"] = row["code_bytes"] / row["tinygemm_us"] / 1e6
             choice = row["best"]["config"] if row["best"]["us"] < row["tinygemm_us"] else None
             out["chosen"][role] = list(choice) if choice else None
@@ -751,13 +766,21 @@ def main():
     # the fused int4 GEMV was a default, named tinygemm alone afford_int4 and the fused one afford_int4_gemv
     defaults_w4 = dict(triton_gemv.GEMV_W4_CONFIGS)
     sw = "nopdl" if triton_lib.PDL else "pdl"      # the arms with PDL switched, named for what they run
+    # afford_int4_head: the LM head int4 too (quantize_head; gpt-fast's int4 quantizes it, afford's default keeps
+    # it bf16), with the sweep's tiles where they ran (else the defaults) and its head tile where one beat tinygemm
+    swept_all = w4_chosen if {"qkv", "gate_up"} <= set(w4_chosen) else defaults_w4
+    head_w4 = {k: v for k, v in swept_all.items() if k != "head"}
+    if "head" in w4_chosen:
+        head_w4["head"] = w4_chosen["head"]
     for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),
+                          ("afford_int4_head", "int4", "head"),
                           ("afford_int4_tinygemm", "int4", "tinygemm"),
                           ("afford_int4_swept", "int4", "swept"), (f"afford_int4_swept_{sw}", "int4", "swept_pdl"),
                           ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),
                           ("afford_int8", "int8", "default")):
         def quant_arms(q=q, mode=mode):
-            w4_cfg = {"default": defaults_w4, "pdl": defaults_w4, "swept": w4_chosen, "swept_pdl": w4_chosen}.get(mode, {})
+            w4_cfg = {"default": defaults_w4, "pdl": defaults_w4, "swept": w4_chosen, "swept_pdl": w4_chosen,
+                      "head": head_w4}.get(mode, {})
             if mode.startswith("swept") and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
                 return None                 # the defaults ran already, or no fused tile beat tinygemm
             pdl = triton_lib.PDL
@@ -770,7 +793,7 @@ def main():
             triton_gemv.GEMV_W4_CONFIGS.clear()           # the fused int4 GEMV's tiles for this arm
             triton_gemv.GEMV_W4_CONFIGS.update(w4_cfg)
             try:
-                r = quant_measure(LLM(str(target), quantization=q, **common), mode)
+                r = quant_measure(LLM(str(target), quantization=q, quantize_head=mode == "head", **common), mode)
                 r["pdl"] = triton_lib.PDL
                 return r
             finally:

@@ -217,12 +217,16 @@ def test_fused_gemv_kernel_equals_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_gemv_gives_the_layer_logits(random_pair, dtype):
+def test_fused_gemv_gives_the_layer_logits(random_pair, dtype, monkeypatch):
     """One-row forwards through the fused GEMVs (model.fused_gemv): the logits of the fused-layer path,
-    eager and replayed from a graph; decode and a one-row verify."""
+    eager and replayed from a graph, the LM head after the norm kernel and as a GEMV with the norm fused;
+    decode and a one-row verify."""
+    from afford.models import triton_gemv
     model = load_for_inference(random_pair[0], "cuda", dtype)
     outs = []
-    for gemv, graphs in ((False, False), (True, False), (True, True)):
+    for gemv, graphs, head in ((False, False, None), (True, False, None), (True, True, None),
+                               (True, True, (8, 1024, 4, 1))):
+        monkeypatch.setitem(triton_gemv.GEMV_CONFIGS, "head", head)
         model.fused_gemv = gemv
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)
         runner.pool.prepare_write(0, 20)
@@ -232,6 +236,7 @@ def test_fused_gemv_gives_the_layer_logits(random_pair, dtype):
     model.fused_gemv = False
     tol = 1e-4 if dtype == "float32" else 0.1
     assert (outs[0] - outs[1]).abs().max() < tol and (outs[1] - outs[2]).abs().max() < tol
+    assert (outs[2] - outs[3]).abs().max() < tol
 
 
 def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
@@ -274,18 +279,21 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
 
 def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
     """An int4 model's one-row forwards through the fused int4 GEMVs (every layout and kernel, in graphs with
-    PDL where the card has it): its logits through tinygemm and the fused-layer kernels, eager and from a graph."""
+    PDL where the card has it): its logits through tinygemm and the fused-layer kernels, eager and from a graph;
+    the LM head int4 too (quantize_head), a GEMV with the final norm fused where a tile names the head."""
     from afford.models import triton_gemv
-    model = load_for_inference(random_pair[0], "cuda", "bfloat16", quantization="int4")
+    model = load_for_inference(random_pair[0], "cuda", "bfloat16", quantization="int4", quantize_head=True)
     outs = []
     for cfgs, graphs in (({}, False), (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 2048, 4, 1)), False),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down", "head"), (4, 2048, 4, 1)), False),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (32, 512, 4, 1, 2)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 3)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (64, 256, 4, 1, 2, 4)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 1024, 2, 1, 4)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 256, 1, 2, 5)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 256, 1, 2, 5)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down", "head"), (16, 256, 1, 2, 5)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)
@@ -329,6 +337,21 @@ def test_fused_gemv_graphs_on_and_off_give_the_same_greedy_tokens(random_pair):
         llm = LLM(random_pair[0], device="cuda", dtype="float32", enforce_eager=eager)
         llm.engine.model.fused_gemv = True
         toks.append([o.token_ids for o in llm.generate(ps, params)])
+    assert toks[0] == toks[1]
+
+
+@pytest.mark.parametrize("head", [None, (16, 256, 1, 2, 5)])
+def test_quantized_head_graphs_on_and_off_give_the_same_greedy_tokens(random_pair, head, monkeypatch):
+    """int4 with the LM head quantized (the default tiles; the head on tinygemm or a fused GEMV): graphs on
+    and off give the same greedy tokens, at batch 1 (the fused GEMVs) and 3."""
+    from afford.models import triton_gemv
+    monkeypatch.setitem(triton_gemv.GEMV_W4_CONFIGS, "head", head)
+    toks = []
+    for eager in (True, False):
+        llm = LLM(random_pair[0], device="cuda", quantization="int4", quantize_head=True, enforce_eager=eager)
+        assert isinstance(llm.engine.model.lm_head, QuantLinear)
+        toks.append([[o.token_ids for o in llm.generate(_prompts(n, 5), SamplingParams(max_tokens=16, temperature=0))]
+                     for n in (1, 3)])
     assert toks[0] == toks[1]
 
 

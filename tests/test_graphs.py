@@ -225,6 +225,14 @@ for cfgs in (dict(triton_gemv.GEMV_CONFIGS), dict(triton_gemv.GEMV_CONFIGS, o=No
     assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4 * (1 + ref.abs().max()), (out - ref).abs().max()
     for (k, v), (kr, vr) in zip(runner.kv, kv_ref):
         assert (k - kr).abs().max() < 1e-4 and (v - vr).abs().max() < 1e-4
+want = m.lm_head(ref)                            # the LM head: after the norm kernel, or a GEMV with it fused
+for head in (None, (8, 64, 4, 1)):
+    triton_gemv.GEMV_CONFIGS["head"] = head
+    lg = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm, head=True)
+    assert lg.shape == want.shape and (lg - want).abs().max() < 1e-4 * (1 + want.abs().max()), (lg - want).abs().max()
+    if head is None:
+        out = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
+        assert torch.equal(lg, m.lm_head(out))
 print("ok")
 """
     interpret(code)
@@ -409,8 +417,9 @@ import torch
 from afford.models import triton_gemv
 from afford.models.loader import load_for_inference
 from afford.models.triton_ops import add_rmsnorm
-def load(group):
-    m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32", quantization="int4", quant_group=group)
+def load(group, head=False):
+    m = load_for_inference({str(random_pair[0])!r}, "cpu", "float32", quantization="int4", quant_group=group,
+                           quantize_head=head)
     for layer in m.model.layers:
         layer.self_attn.fuse_quantized()
         layer.mlp.fuse_quantized()
@@ -423,7 +432,7 @@ triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 32, 4, 1), gate_up=(8, 32, 4, 1))
 assert m._gemv_ready()
 triton_gemv.GEMV_W4_CONFIGS.update(qkv=(16, 32, 4, 1, 2, 2))     # a split K needs one group a row: not taken
 assert not m._gemv_ready()
-m = load("per-channel")
+m = load("per-channel", head=True)              # the LM head int4 too
 triton_gemv.GEMV_W4_CONFIGS.clear()
 triton_gemv.GEMV_W4_CONFIGS.update(qkv=(8, 128, 4, 1), o=(4, 64, 2, 1))
 assert not m._gemv_ready()                       # gate|up (norm and SwiGLU fused) has no tile
@@ -444,6 +453,14 @@ for cfgs, layout in ((dict(down=None), "pairs"), (dict(down=(8, 128, 4, 1)), "pa
     # the CPU's int4 kernel rounds activations to bf16, the fused GEMV keeps them in fp32
     err = float((out - ref).abs().max() / ref.abs().max())
     assert out.shape == ref.shape and err < 1e-2, (cfgs, err)   # 0.004 measured
+    head = dict(head=cfgs.get("qkv", (8, 64, 4, 1)))              # the LM head as one more fused GEMV, and not
+    for h in (head, dict(head=None)):
+        triton_gemv.GEMV_W4_CONFIGS.update(h)
+        assert m._gemv_ready() and (m.lm_head._w4 is not None) == (h["head"] is not None)
+        lg = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm, head=True)
+        want = m.lm_head(ref)
+        err = float((lg - want).abs().max() / want.abs().max())
+        assert lg.shape == want.shape and err < 1e-2, (cfgs, h, err)
 print("ok")
 """
     interpret(code)

@@ -112,6 +112,40 @@ def test_greedy_end_to_end_and_with_speculation(llama_dir, q):
     assert drafted.stats.accepted > 0
 
 
+@pytest.mark.parametrize("model", ["llama", "default"])
+def test_quantized_lm_head(tmp_path, llama_dir, model):
+    """quantize_head=True / `afford quantize --head`: the LM head becomes low-bit too (untied, and tied: the
+    bundled model, whose embedding lookup keeps the full table); the checkpoint round-trips bit for bit, the
+    step reads fewer bytes, and the log-probabilities stay near the full-precision model's."""
+    from afford.models.loader import resolve_model_path
+    from afford.models.quant import quant_bytes
+    path = str(llama_dir) if model == "llama" else str(resolve_model_path("default"))
+    full = LLM(path, dtype="float32")
+    blocks = LLM(path, dtype="float32", quantization="int4")
+    both = LLM(path, dtype="float32", quantization="int4", quantize_head=True)
+    m = both.engine.model
+    assert isinstance(m.lm_head, QuantLinear) and not isinstance(blocks.engine.model.lm_head, QuantLinear)
+    assert torch.equal(m.model.embed_tokens.weight, full.engine.model.model.embed_tokens.weight)
+    V, H = m.cfg.vocab_size, m.cfg.hidden_size
+    saved = quant_bytes(blocks.engine.model) - quant_bytes(m)      # fp32 head -> int4 codes + bf16 scales / zeros
+    assert saved == V * H * 4 - (V * H // 2 + m.lm_head.scales.numel() * 4), saved
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8]
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
+    seq = prompt + full.generate([prompt], sp)[0].token_ids
+    lp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+    ref, b, h = (torch.tensor(x.generate([seq], lp)[0].prompt_logprobs) for x in (full, blocks, both))
+    assert float((ref - h).abs().mean()) <= 0.5 and not torch.equal(b, h)     # lossy, not noise
+    out = tmp_path / "q"
+    assert cli(["quantize", "--model", path, "--bits", "4", "--head", "--out", str(out)]) == 0
+    assert "lm_head" in json.loads((out / "quantization.json").read_text())["groups"]
+    disk = LLM(str(out), dtype="float32")
+    assert isinstance(disk.engine.model.lm_head, QuantLinear)
+    a, c = both.generate([prompt], sp)[0], disk.generate([prompt], sp)[0]
+    assert a.token_ids == c.token_ids and a.logprobs == c.logprobs
+    with pytest.raises(ConfigError, match="quantize_head"):
+        LLM(path, quantize_head=True)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fused_matrices_dequantize_to_the_same_weights(bits):
     """q|k|v (or gate|up) fused into one low-bit matrix with different groups per part: every weight is

@@ -189,12 +189,10 @@ class ModelRunner:
             logits = self.native.step(ids, batch, rows)                           # (R, V); [] -> one row
             return logits if logits_rows != [] else logits[:0]
         meta = self.backend.prepare_metadata(batch, self.kv)
-        h = self.model.hidden(ids, batch.positions, meta)                          # (N, hidden)
         if logits_rows == []:                                                      # prompt chunks only
+            self.model.hidden(ids, batch.positions, meta)
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        if rows is not None:
-            h = h.index_select(0, rows)                                            # (R, hidden)
-        return self.model.lm_head(h).float()                                      # (R, V)
+        return self.model.logits(ids, batch.positions, meta, rows)                 # (R, V)
 
     def prepare(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]]) -> tuple[ForwardBatch, torch.Tensor]:
         if all(len(t) == 1 for t in tokens):

@@ -163,7 +163,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     if unknown:
         raise ConfigError(f"checkpoint {path} has weights afford does not know, e.g. {sorted(unknown)[:3]}")
     model.load_state_dict(state, strict=False)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):   # (a quantized head: its own copy)
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=dev, dtype=resolve_dtype(dtype, cfg, dev)).eval()
     for m in model.modules():
@@ -174,9 +174,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
 
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto",
                        max_len: int | None = None, quantization: str | None = None,
-                       quant_group: str = "auto", ffn: bool = True) -> Transformer:
-    """load_model, then either quantize it (quantization="int8"|"int4", weight-only, FineQuant-style)
-    or fuse and pre-transpose its matrices for fast full-precision decoding."""
+                       quant_group: str = "auto", ffn: bool = True, quantize_head: bool = False) -> Transformer:
+    """load_model, then either quantize it (quantization="int8"|"int4", weight-only, FineQuant-style; the LM
+    head too with quantize_head) or fuse and pre-transpose its matrices for fast full-precision decoding."""
     with torch.no_grad():
         model = load_model(path, device, dtype, max_len, ffn=ffn)
         done = quant_settings(model)
@@ -185,7 +185,10 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
         if quantization:
             if quantization not in ("int8", "int4"):
                 raise ConfigError(f"quantization must be int8 or int4, got {quantization!r}")
-            quantize_model(model, 8 if quantization == "int8" else 4, quant_group)
+            quantize_model(model, 8 if quantization == "int8" else 4, quant_group, head=quantize_head)
+        elif quantize_head:
+            raise ConfigError("quantize_head quantizes the LM head along with the blocks: it needs "
+                              "quantization='int8' or 'int4'")
         if quant_settings(model):
             if next(model.parameters()).device.type == "cuda":   # fewer, larger kernel calls (graph steps)
                 for layer in model.model.layers:

@@ -318,15 +318,18 @@ def fuse_quantized(linears: list[QuantLinear]) -> QuantLinear | None:
     return fused
 
 
-def quantizable(model) -> list[str]:
-    """Names of the matrices that get quantized: every linear layer of the blocks (embeddings and the
-    LM head stay in full precision, and so do MoE routers: a low-bit router would move tokens between experts)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
-            and not n.endswith((".mlp.gate", ".shared_expert_gate"))]
+def quantizable(model, head: bool = False) -> list[str]:
+    """Names of the matrices that get quantized: every linear layer of the blocks, and the LM head where
+    `head` (the embeddings stay in full precision -- a tied head gets its own low-bit copy, the lookup keeps the
+    table -- and so do MoE routers: a low-bit router would move tokens between experts)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
+             and not n.endswith((".mlp.gate", ".shared_expert_gate"))]
+    return names + ["lm_head"] * (head and isinstance(model.lm_head, nn.Linear))
 
 
-def quantize_model(model, bits: int, group: int | str = "auto", tau: float = 0.15) -> dict[str, int]:
-    """Replace the blocks' nn.Linear layers in place; returns the group size chosen per matrix."""
+def quantize_model(model, bits: int, group: int | str = "auto", tau: float = 0.15, head: bool = False) -> dict[str, int]:
+    """Replace the blocks' nn.Linear layers (and the LM head's, with head=True) in place; returns the group
+    size chosen per matrix."""
     if bits not in (4, 8):
         raise ConfigError(f"bits must be 4 or 8, got {bits}")
     if group not in ("auto", "per-channel"):
@@ -335,7 +338,7 @@ def quantize_model(model, bits: int, group: int | str = "auto", tau: float = 0.1
         except (TypeError, ValueError):
             raise ConfigError(f"group must be auto, per-channel or an integer, got {group!r}") from None
     chosen = {}
-    for name in quantizable(model):
+    for name in quantizable(model, head):
         parent, _, leaf = name.rpartition(".")
         lin = model.get_submodule(name)
         if isinstance(group, int) and lin.in_features % group:

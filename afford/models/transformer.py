@@ -446,11 +446,29 @@ class Transformer(nn.Module):
         if meta is not None and x.is_cuda and self.fused_cuda and x.dim() == 2:
             from afford.models import triton_ops
             if triton_ops.available():
-                if x.shape[0] == 1 and self.fused_gemv and meta.extra.get("fused_rope") and self._gemv_ready():
+                if self._one_row_gemv(x, meta):
                     return self._hidden_gemv(x, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
                 cos, sin = self._rope_at(positions, x.dtype)
                 return self._hidden_fused(x, cos, sin, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
         return self.model.norm(self.run_layers(x, positions, meta, 0, len(self.model.layers)))
+
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Paged: float32 logits (R, V) at the flat token rows `rows` (None: every token) -- hidden() and the
+        LM head; a one-row CUDA forward runs the head as one more fused GEMV, the final add + RMSNorm in it
+        (the "head" role of GEMV_CONFIGS / GEMV_W4_CONFIGS where one is set)."""
+        if ids.shape[0] == 1 and ids.is_cuda and meta is not None and self.fused_cuda:
+            from afford.models import triton_ops
+            x = self.model.embed_tokens(ids)
+            if triton_ops.available() and self._one_row_gemv(x, meta):
+                return self._hidden_gemv(x, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm,
+                                         head=True).float()
+        h = self.hidden(ids, positions, meta)
+        return self.lm_head(h if rows is None else h.index_select(0, rows)).float()
+
+    def _one_row_gemv(self, x: torch.Tensor, meta: AttnMetadata) -> bool:
+        return x.shape[0] == 1 and x.dim() == 2 and self.fused_gemv and bool(meta.extra.get("fused_rope")) \
+            and self._gemv_ready()
 
     def _rope_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.rope_cos[positions].unsqueeze(-2).to(dtype)             # (..., 1, D)
@@ -497,6 +515,7 @@ class Transformer(nn.Module):
         from afford.models.quant import QuantLinear
         layers = self.model.layers                    # the cached answer holds while the tiles and modules do
         key = (tuple(sorted(triton_gemv.GEMV_W4_CONFIGS.items())), self.model.embed_tokens.weight.device,
+               id(self.lm_head),
                tuple((id(la.self_attn.qkv), id(la.self_attn.o_proj), id(la.mlp), id(getattr(la.mlp, "gate_up", None)),
                       id(getattr(la.mlp, "down_proj", None))) for la in layers))
         if getattr(self, "_gemv_key", None) == key:
@@ -525,13 +544,19 @@ class Transformer(nn.Module):
             not layer.self_attn.mfa and layer.self_attn.qkv is not None and isinstance(layer.mlp, MLP)
             and layer.mlp.gate_up is not None and ok(layer.self_attn.qkv, "qkv") and ok(layer.self_attn.o_proj, "o")
             and ok(layer.mlp.gate_up, "gate_up") and ok(layer.mlp.down_proj, "down") for layer in layers)
+        head = self.lm_head                           # the LM head as one more GEMV: a dense one, or an int4 one
+        self._head_gemv = self._gemv_ok and ok(head, "head") \
+            and (getattr(head, "_w4", None) is not None or not isinstance(head, QuantLinear))   # with a tile
         self._gemv_key = key
         return self._gemv_ok
 
-    def _hidden_gemv(self, x, meta, tables, add_rmsnorm):
+    def _hidden_gemv(self, x, meta, tables, add_rmsnorm, head: bool = False):
         """The paged layers for ONE row (1, hidden): every product a Triton GEMV (triton_gemv.py; int4 ones
         too) that also does the residual add and RMSNorm before it (q|k|v, gate|up) and SwiGLU after it
-        (gate|up); a dense role configured None runs F.linear. Attention: the backend's fused RoPE + K/V store."""
+        (gate|up); a dense role configured None runs F.linear. Attention: the backend's fused RoPE + K/V store.
+        Returns the final-normed hidden state (1, hidden), or with head=True the logits (1, V) in x's dtype:
+        the LM head a GEMV with the final add + RMSNorm fused in where the "head" role has a tile, else the
+        add_rmsnorm kernel and the head's own product (cuBLAS, or the QuantLinear's kernel)."""
         from afford.models.quant import QuantLinear
         from afford.models.triton_gemv import GEMV_CONFIGS, GEMV_W4_CONFIGS, gemv, gemv_w4
 
@@ -556,7 +581,11 @@ class Transformer(nn.Module):
             act, x = mm("gate_up", x, layer.mlp.gate_up, add=a, norm=n2.weight, eps=n2.eps, swiglu=True)
             a, _ = mm("down", act, layer.mlp.down_proj)
         norm = self.model.norm
-        return add_rmsnorm(x, a, norm.weight, norm.eps)[1]
+        if head and self._gemv_ready() and self._head_gemv \
+                and (isinstance(self.lm_head, QuantLinear) or GEMV_CONFIGS.get("head") is not None):
+            return mm("head", x, self.lm_head, add=a, norm=norm.weight, eps=norm.eps)[0]
+        h = add_rmsnorm(x, a, norm.weight, norm.eps)[1]
+        return self.lm_head(h) if head else h
 
     def forward(self, ids, positions=None, meta=None):
         """Logits (..., V) for every position."""

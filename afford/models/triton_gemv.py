@@ -35,9 +35,10 @@ from afford.models.triton_lib import available, nvidia, pdl_args, tl, triton  # 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role. The
 # defaults: gpu_decode.py's gemv_sweep on an H200 (797054a), each role's fastest of SWEEP_CONFIGS over 22
 # streamed matrices -- q|k|v with add + norm 5.04 us against cuBLAS + the norm kernel's 7.96, o 4.04 vs 6.02,
-# gate|up with add + norm + SwiGLU 13.5 vs 17.5, down 7.70 vs 10.6 (a 1.1 B Llama's shapes)
+# gate|up with add + norm + SwiGLU 13.5 vs 17.5, down 7.70 vs 10.6 (a 1.1 B Llama's shapes). "head": the LM head
+# with the final add + norm fused (Transformer.logits); not yet timed on a card, so cuBLAS after the norm kernel
 GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
-    "qkv": (4, 2048, 4, 1), "o": (2, 2048, 4, 1), "gate_up": (4, 2048, 4, 1), "down": (4, 2048, 4, 1)}
+    "qkv": (4, 2048, 4, 1), "o": (2, 2048, 4, 1), "gate_up": (4, 2048, 4, 1), "down": (4, 2048, 4, 1), "head": None}
 # int4 (per-group scales and zero points): the same per role, a fifth element naming the code layout and kernel
 # (W4_KINDS: 0 or none the pairs layout, triton_int4.pack; 1 halves, pack_halves; 2 halves through the tensor
 # cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel; 4 halves with x loaded
