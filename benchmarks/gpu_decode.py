@@ -586,6 +586,8 @@ def main():
         for B in (batches[0], batches[-1]):
             # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up as torch's
             run_arm(f"afford_graphs_unfusedrope_b{B}", lambda B=B: switched(B, runner.backend, "fused_rope", False))
+            # decode attention as three kernels (rope_store, split, merge) instead of attend_decode's one
+            run_arm(f"afford_graphs_unfuseddecode_b{B}", lambda B=B: switched(B, runner.backend, "fused_decode", False))
             run_arm(f"afford_graphs_unfusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", False))
         for B in batches:                  # A/B: the host reads each step's tokens before the next launches
             run_arm(f"afford_graphs_sync_b{B}", lambda B=B: switched(B, llm.engine, "async_scheduling", False))

@@ -1,5 +1,5 @@
 """Weight-only quantization, side by side in one run: fp32, bf16, int8 and int4 (per-channel, 128,
-auto) decode tokens/s at batch 1 and 8 on random-init Llamas (34 M, 100 M) and on the bundled zoo
+auto; the blocks' matrices, and with "+ head" the LM head too) decode tokens/s at batch 1 and 8 on random-init Llamas (34 M, 100 M) and on the bundled zoo
 target; held-out perplexity (through prompt_logprobs) and greedy agreement with fp32 on the zoo target.
 
     python benchmarks/quant.py [--sizes llama-34m llama-100m] [--new-tokens 128]
@@ -24,7 +24,12 @@ ARMS = [("fp32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),
         ("int8 auto", dict(dtype="bfloat16", quantization="int8", quant_group="auto")),
         ("int4 per-channel", dict(dtype="bfloat16", quantization="int4", quant_group="per-channel")),
         ("int4 g128", dict(dtype="bfloat16", quantization="int4", quant_group="128")),
-        ("int4 auto", dict(dtype="bfloat16", quantization="int4", quant_group="auto"))]
+        ("int4 auto", dict(dtype="bfloat16", quantization="int4", quant_group="auto")),
+        # the LM head low-bit too (quantize_head): on these small models it is a large share of a token's bytes
+        ("int8 auto + head", dict(dtype="bfloat16", quantization="int8", quant_group="auto", quantize_head=True)),
+        ("int4 per-channel + head", dict(dtype="bfloat16", quantization="int4", quant_group="per-channel",
+                                         quantize_head=True)),
+        ("int4 auto + head", dict(dtype="bfloat16", quantization="int4", quant_group="auto", quantize_head=True))]
 
 
 def speed(llm, batch, new_tokens, reps=2):

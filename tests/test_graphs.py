@@ -156,6 +156,48 @@ print("ok")
 
 
 @needs_triton
+def test_fused_decode_attention_kernel_in_the_interpreter():
+    """RoPE, the K/V store, paged attention and the splits' merge as one kernel for decode rows
+    (attend_decode): the pools rope_store writes and the output of rope_store + attend_rows (the three-kernel
+    path), with one split and sixteen (the last program merging; its counters zero again after a call, twice
+    in a row), rows at the first token of a split and the last, a padding row (slot -1: the scratch slot),
+    GQA; fp32 and fp16."""
+    code = """
+import torch
+from afford.attention import triton_paged as tp
+g = torch.Generator().manual_seed(0)
+# (dtype, heads, K/V heads, head dim, block size, table width, max context): 1, 16, 16 and 4 splits
+for dt, H, KV, D, BS, W, mc in ((torch.float32, 4, 2, 16, 4, 8, None), (torch.float32, 4, 2, 16, 4, 32, 2048),
+                                (torch.float16, 8, 2, 32, 16, 32, 2048), (torch.float32, 6, 6, 24, 16, 8, None)):
+    nb, R = 160, 5
+    S = nb * BS
+    splits, chunk = tp.split_layout(max(mc or 0, W * BS))
+    cos = torch.randn(1024, D // 2, generator=g).repeat(1, 2)
+    sin = torch.randn(1024, D // 2, generator=g).repeat(1, 2)
+    tables = torch.randperm(nb, generator=g)[:R * W].view(R, W).to(torch.int32)
+    pos = torch.tensor([0, chunk - 1, chunk, 3 * chunk + 5, 17]) % (W * BS)
+    slots = (tables[torch.arange(R), (pos // BS)].long() * BS + pos % BS)
+    slots[4] = -1                                                   # a padding row
+    row_seq = torch.arange(R)
+    limits = pos + 1
+    pools = [torch.randn(S + BS, KV, D, generator=g).to(dt) for _ in range(2)]
+    qkv = torch.randn(R, H + 2 * KV, D, generator=g).to(dt)
+    ref_k, ref_v = (p.clone() for p in pools)
+    q = tp.rope_store(qkv, cos, sin, pos, slots, ref_k, ref_v, S, H)
+    ref = tp.attend_rows(q, ref_k, ref_v, tables, row_seq, limits, BS, D ** -0.5, mc)
+    for _ in range(2):
+        kp, vp = (p.clone() for p in pools)
+        out = tp.attend_decode(qkv, cos, sin, pos, slots, kp, vp, S, H, tables, row_seq, limits, BS, mc)
+        assert torch.equal(kp, ref_k) and torch.equal(vp, ref_v), dt
+        assert (out.float() - ref.float()).abs().max() <= 1e-6, (dt, splits, (out.float() - ref.float()).abs().max())
+        if splits > 1:
+            assert not tp._COUNTERS[torch.device("cpu")].any()
+print("ok")
+"""
+    interpret(code)
+
+
+@needs_triton
 def test_fused_layer_kernels_in_the_interpreter(random_pair):
     """Residual add + RMSNorm and silu * up as Triton kernels (the CUDA step's), run by Triton's interpreter
     through a whole model: the hidden states of torch's operators."""
@@ -652,11 +694,18 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
                                              VP=pool, QO=pool, scratch="i32", stride_n="i32", stride_h="i32",
                                              stride_cos="i32", stride_ks="i32", stride_kh="i32", stride_qn="i32",
                                              stride_qh="i32"),
-                 dict(H=32, KV=4, HALF=32, HALF_PAD=32), 1)):
+                 dict(H=32, KV=4, HALF=32, HALF_PAD=32), 1),
+                *[(tp._decode_kernel, dict(QKV=pool, COS="*fp32", SIN="*fp32", POS="*i32", SLOTS="*i32", KP=pool,
+                                           VP=pool, O=pool, Acc="*fp32", Ml="*fp32", CNT="*i32", tables="*i32",
+                                           row_seq="*i32", limits="*i32", scale="fp32", scratch="i32",
+                                           stride_n="i32", stride_h="i32", stride_cos="i32", stride_ks="i32",
+                                           stride_kh="i32", stride_or="i32", stride_oh="i32", stride_tb="i32"),
+                   dict(H=32, KV=4, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, CHUNK=2048 // splits,
+                        SPLITS=splits, S_PAD=max(2, splits), IEEE=dt == "fp32"), 4) for splits in (1, 16)]):
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
-    assert built == 3 * (3 * (1 + 8 + 5) + 3)                   # octets, quads and a split K: per-channel only
+    assert built == 3 * (3 * (1 + 8 + 5) + 5)                   # octets, quads and a split K: per-channel only
 
 
 @needs_triton

@@ -11,7 +11,7 @@ Contract (after mini-sglang's `BaseAttnBackend`):
 - `forward(q (N, H, D), k (N, KV, D), v (N, KV, D), layer, meta) -> (N, H, D)`: query i of a sequence
   at position p attends to that sequence's positions 0..p (its cache, including the tokens written now).
   A slot of -1 marks a padding token (graph buckets; the batch then says `padded`): its K/V is not written.
-- `prepare_for_capture(kv, slots, positions, tables, row_seq, limits, block_size, scratch)` /
+- `prepare_for_capture(kv, slots, positions, tables, row_seq, limits, block_size, scratch, decode)` /
   `prepare_for_replay(meta)`: the hooks a graph-capturing backend needs to keep its metadata in static
   buffers (the paged backend, paged.py); the CPU backends run eagerly and need neither.
 """
@@ -99,7 +99,7 @@ class AttentionBackend(ABC):
                 meta: AttnMetadata) -> torch.Tensor: ...
 
     def prepare_for_capture(self, kv, slots, positions, tables, row_seq, limits, block_size: int,
-                            scratch: int) -> AttnMetadata:
+                            scratch: int, decode: bool = False) -> AttnMetadata:
         raise NotImplementedError(f"the {self.name} backend runs eagerly (no graph capture)")
 
     def prepare_for_replay(self, meta: AttnMetadata) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from afford.attention.backend import AttentionBackend, AttnMetadata, ForwardBatch, register
-from afford.attention.triton_paged import attend_rows, available, rope_store
+from afford.attention.triton_paged import attend_decode, attend_rows, available, rope_store
 
 
 def attend_rows_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -50,6 +50,10 @@ class PagedBackend(AttentionBackend):
         # RoPE + the K/V store as one Triton kernel on the rows path (CUDA): 6 kernels a layer become 1 (a
         # batch-1 step of a 1.1 B model: 1.70 -> 1.33 ms on an H200, benchmarks/gpu_decode.py)
         self.fused_rope = True
+        # ... and for decode rows (each its sequence's only fed token) RoPE, the K/V store, attention and the
+        # splits' merge as ONE kernel (triton_paged.attend_decode): 3 kernels a layer become 1 (not yet timed
+        # on a card); False: rope_store, then attend_rows
+        self.fused_decode = True
 
     def _triton(self, q: torch.Tensor) -> bool:
         if self.use_triton is not None:
@@ -79,14 +83,17 @@ class PagedBackend(AttentionBackend):
         meta.extra["rows"] = (tables.to(dev), row_seq.to(dev), (b.positions + 1).to(dev))
         meta.extra["scratch"] = None
         meta.extra["fused_rope"] = self._fused(dev) and not b.padded
+        meta.extra["decode"] = all(n == 1 for n in b.query_lens)
 
     def prepare_for_capture(self, kv, slots: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                             row_seq: torch.Tensor, limits: torch.Tensor, block_size: int,
-                            scratch: int) -> AttnMetadata:
-        """Metadata over static buffers (a graph bucket): slots -1 go to the `scratch` slot."""
+                            scratch: int, decode: bool = False) -> AttnMetadata:
+        """Metadata over static buffers (a graph bucket): slots -1 go to the `scratch` slot. decode: every row
+        is its sequence's only fed token."""
         batch = ForwardBatch("graph", [], [], [], [], block_size, slots, positions, padded=True)
         meta = AttnMetadata(self, batch, kv, slots, None)
-        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch, fused_rope=self._fused(slots.device))
+        meta.extra.update(rows=(tables, row_seq, limits), scratch=scratch, fused_rope=self._fused(slots.device),
+                          decode=decode)
         return meta
 
     def _fused(self, dev: torch.device) -> bool:
@@ -103,9 +110,13 @@ class PagedBackend(AttentionBackend):
         scratch = meta.extra.get("scratch")
         if self.fused_rope and self.use_triton is not False:
             try:
+                tables, row_seq, limits = meta.extra["rows"]
+                if self.fused_decode and meta.extra.get("decode"):
+                    return attend_decode(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
+                                         -1 if scratch is None else scratch, heads, tables, row_seq, limits,
+                                         meta.batch.block_size, self.max_ctx)
                 q = rope_store(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
                                -1 if scratch is None else scratch, heads)
-                tables, row_seq, limits = meta.extra["rows"]
                 return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, meta.batch.block_size,
                                    q.shape[-1] ** -0.5, self.max_ctx)
             except Exception as e:           # a Triton that cannot build here: torch's operators, said once

@@ -21,32 +21,24 @@ from afford.models.triton_lib import available, pdl_args, tl, triton  # noqa: F4
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(Q, K, V, O, Acc, Ml, tables, row_seq, limits, scale,
-                      stride_qr, stride_qh, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
-                      H: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
-                      IEEE: tl.constexpr, PDL: tl.constexpr):
-        if PDL:                              # (triton_lib: programmatic dependent launch)
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        r = tl.program_id(0)
-        kvh = tl.program_id(1)
-        sp = tl.program_id(2)
-        seq = tl.load(row_seq + r).to(tl.int64)
-        n_ctx = tl.load(limits + r)
-        hi = tl.minimum(n_ctx * 0 + (sp + 1) * CHUNK, n_ctx)         # this split: tokens [sp*CHUNK, hi)
-        g = tl.arange(0, GP)                 # the G query heads sharing this K/V head (padded to GP >= 16)
+    def _rope(x, partner, c, s, sign):
+        """HF's rotate-half RoPE of x, x * cos + cat(-x2, x1) * sin: `partner` holds x's element of the other
+        half, `sign` is -1 on the first half; rounded to x's dtype after each product and after the sum as
+        torch's separate operators round."""
+        dt = x.dtype
+        a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+        b = (sign * partner.to(tl.float32) * s).to(dt).to(tl.float32)
+        return (a + b).to(dt)
+
+    @triton.jit
+    def _walk(q, K, V, tables, seq, kvh, start, hi, stride_ks, stride_kh, stride_tb, BS: tl.constexpr,
+              GP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax of q (GP, D_PAD) over the tokens [start, hi) of sequence `seq`'s K/V head kvh, each
+        token's block looked up in the table: (row max, row sum, softmax-weighted V sum), fp32."""
         d = tl.arange(0, D_PAD)
-        qm = (g < G)[:, None] & (d < D)[None, :]
-        heads = kvh * G + g
-        q = tl.load(Q + r * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
-        q = q.to(tl.float32) * scale
-        if not IEEE:
-            q = q.to(K.dtype.element_ty)     # bf16 / fp16 pools: tensor-core products, fp32 accumulation
         m = tl.full((GP,), float("-inf"), tl.float32)
         l_sum = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D_PAD), tl.float32)
-        start = n_ctx * 0 + sp * CHUNK       # loop-carried, of n_ctx's type
         while start < hi:                    # (a while loop: Triton's interpreter, the CPU tests, runs it too)
             n = start + tl.arange(0, BLOCK_N)
             valid = n < hi
@@ -70,14 +62,74 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
             start += BLOCK_N
+        return m, l_sum, acc
+
+    @triton.jit
+    def _program(row_seq, limits, CHUNK: tl.constexpr, PDL: tl.constexpr):
+        """A split program's (row, K/V head, split), the row's sequence and context length, and where its split
+        ends: it walks tokens [split * CHUNK, end)."""
+        if PDL:                              # (triton_lib: programmatic dependent launch)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        r = tl.program_id(0)
+        sp = tl.program_id(2)
+        n_ctx = tl.load(limits + r)
+        return r, tl.program_id(1), sp, tl.load(row_seq + r).to(tl.int64), n_ctx, \
+            tl.minimum(n_ctx * 0 + (sp + 1) * CHUNK, n_ctx)
+
+    @triton.jit
+    def _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H: tl.constexpr,
+              G: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+        """One split: the rows' output; several: this split's partials (merged by _merge_one)."""
         if SPLITS == 1:
             o = acc / l_sum[:, None]
             tl.store(O + r * stride_or + heads[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty), mask=qm)
-        else:                                # partials of this split: merged by _merge_kernel
+        else:
             part = (r * H + heads) * SPLITS + sp                                          # (GP,)
             tl.store(Acc + part[:, None] * D_PAD + d[None, :], acc, mask=qm)
             tl.store(Ml + part * 2, m, mask=g < G)
             tl.store(Ml + part * 2 + 1, l_sum, mask=g < G)
+
+    @triton.jit
+    def _split_kernel(Q, K, V, O, Acc, Ml, tables, row_seq, limits, scale,
+                      stride_qr, stride_qh, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
+                      H: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                      IEEE: tl.constexpr, PDL: tl.constexpr):
+        r, kvh, sp, seq, n_ctx, hi = _program(row_seq, limits, CHUNK, PDL)     # this split: [sp * CHUNK, hi)
+        g = tl.arange(0, GP)                 # the G query heads sharing this K/V head (padded to GP >= 16)
+        d = tl.arange(0, D_PAD)
+        qm = (g < G)[:, None] & (d < D)[None, :]
+        heads = kvh * G + g
+        q = tl.load(Q + r * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
+        q = q.to(tl.float32) * scale
+        if not IEEE:
+            q = q.to(K.dtype.element_ty)     # bf16 / fp16 pools: tensor-core products, fp32 accumulation
+        m, l_sum, acc = _walk(q, K, V, tables, seq, kvh, n_ctx * 0 + sp * CHUNK, hi, stride_ks, stride_kh,
+                              stride_tb, BS, GP, D, D_PAD, BLOCK_N, IEEE)     # (the start: of n_ctx's type)
+        _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H, G, D_PAD, SPLITS)
+
+    @triton.jit
+    def _merge_one(Acc, Ml, O, r, h, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   SPLITS: tl.constexpr, S_PAD: tl.constexpr, L2: tl.constexpr):
+        """Row r, head h: its splits' online-softmax partials merged into the output. L2: read them from L2
+        (written by other programs of the same kernel)."""
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        sm = s < SPLITS
+        am = sm[:, None] & (d < D)[None, :]
+        part = (r * H + h) * SPLITS + s
+        if L2:
+            m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"), cache_modifier=".cg")
+            l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
+            acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=am, other=0.0, cache_modifier=".cg")
+        else:
+            m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"))
+            l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0)
+            acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=am, other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))                   # a split past the context: m = -inf, weight 0
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+        tl.store(O + r * stride_or + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _merge_kernel(Acc, Ml, O, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -85,18 +137,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        r = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, D_PAD)
-        sm = s < SPLITS
-        part = (r * H + h) * SPLITS + s
-        m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"))
-        l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0)
-        w = tl.exp(m - tl.max(m, axis=0))                   # a split past the context: m = -inf, weight 0
-        acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=sm[:, None] & (d < D)[None, :], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
-        tl.store(O + r * stride_or + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < D)
+        _merge_one(Acc, Ml, O, tl.program_id(0), tl.program_id(1), stride_or, stride_oh, H, D, D_PAD, SPLITS, S_PAD,
+                   False)
 
 
 BLOCK_N, MAX_SPLITS = 32, 16
@@ -162,20 +204,13 @@ if triton is not None:
         slot = tl.load(SLOTS + n)
         slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
         if h < H + KV:
-            # HF's rotate-half RoPE, x * cos + cat(-x2, x1) * sin, rounded to the model's dtype after each
-            # product and after the sum as torch's separate operators round
             pos = tl.load(POS + n).to(tl.int64)
-            dt = x1.dtype
             c1 = tl.load(COS + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
             c2 = tl.load(COS + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
             s1 = tl.load(SIN + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
             s2 = tl.load(SIN + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
-            a1 = (x1.to(tl.float32) * c1).to(dt).to(tl.float32)
-            b1 = (-x2.to(tl.float32) * s1).to(dt).to(tl.float32)
-            a2 = (x2.to(tl.float32) * c2).to(dt).to(tl.float32)
-            b2 = (x1.to(tl.float32) * s2).to(dt).to(tl.float32)
-            o1 = (a1 + b1).to(dt)
-            o2 = (a2 + b2).to(dt)
+            o1 = _rope(x1, x2, c1, s1, -1.0)
+            o2 = _rope(x2, x1, c2, s2, 1.0)
             if h < H:
                 dst = QO + n * stride_qn + h * stride_qh
             else:
@@ -202,3 +237,100 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
                                     q.stride(0), q.stride(1), H=heads, KV=KV, HALF=D // 2,
                                     HALF_PAD=max(2, triton.next_power_of_2(D // 2)), num_warps=1, **pdl_args(qkv))
     return q
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_kernel(QKV, COS, SIN, POS, SLOTS, KP, VP, O, Acc, Ml, CNT, tables, row_seq, limits, scale, scratch,
+                       stride_n, stride_h, stride_cos, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
+                       H: tl.constexpr, KV: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                       D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                       SPLITS: tl.constexpr, S_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+        """_rope_store_kernel, _split_kernel and _merge_kernel as one kernel, for rows that are each their
+        sequence's only fed token (decode): every program rotates its G query heads in registers; the split
+        holding the row's own position rotates its k, stores k and v at the row's slot and (a CTA barrier)
+        then walks its tokens, which include it; the program of a (row, K/V head) that finishes last (a
+        counter per pair, zero between calls) merges the splits' partials. The same numbers as the three
+        kernels: the same rounding, the same partials, the same merge."""
+        r, kvh, sp, seq, n_ctx, hi = _program(row_seq, limits, CHUNK, PDL)
+        pos = tl.load(POS + r).to(tl.int64)
+        HALF: tl.constexpr = D // 2
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D_PAD)
+        dm = d < D
+        qm = (g < G)[:, None] & dm[None, :]
+        heads = kvh * G + g
+        other = tl.where(d < HALF, d + HALF, d - HALF)            # each element's partner in the other half
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        c = tl.load(COS + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+        s = tl.load(SIN + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+        src = QKV + r * stride_n
+        x = tl.load(src + heads[:, None] * stride_h + d[None, :], mask=qm, other=0.0)
+        xp = tl.load(src + heads[:, None] * stride_h + other[None, :], mask=qm, other=0.0)
+        q = _rope(x, xp, c[None, :], s[None, :], sign[None, :])
+        if sp == pos // CHUNK:                                     # the split that holds the row's own token
+            kx = tl.load(src + (H + kvh) * stride_h + d, mask=dm, other=0.0)
+            kp = tl.load(src + (H + kvh) * stride_h + other, mask=dm, other=0.0)
+            v = tl.load(src + (H + KV + kvh) * stride_h + d, mask=dm, other=0.0)
+            slot = tl.load(SLOTS + r)
+            slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
+            tl.store(KP + slot * stride_ks + kvh * stride_kh + d, _rope(kx, kp, c, s, sign), mask=dm)
+            tl.store(VP + slot * stride_ks + kvh * stride_kh + d, v, mask=dm)
+            tl.debug_barrier()                                      # stored before this CTA reads them back
+        q = q.to(tl.float32) * scale
+        if not IEEE:
+            q = q.to(KP.dtype.element_ty)
+        m, l_sum, acc = _walk(q, KP, VP, tables, seq, kvh, n_ctx * 0 + sp * CHUNK, hi, stride_ks, stride_kh,
+                              stride_tb, BS, GP, D, D_PAD, BLOCK_N, IEEE)
+        _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H, G, D_PAD, SPLITS)
+        if SPLITS > 1:
+            tl.debug_barrier()                                      # every thread's stores before the count
+            if tl.atomic_add(CNT + r * KV + kvh, 1, sem="acq_rel") == SPLITS - 1:
+                for i in tl.static_range(G):                        # the last split: merge, read from L2
+                    _merge_one(Acc, Ml, O, r, kvh * G + i, stride_or, stride_oh, H, D, D_PAD, SPLITS, S_PAD, True)
+                tl.store(CNT + r * KV + kvh, 0)                     # ready for the next call / graph replay
+
+
+_COUNTERS: dict = {}          # device -> int32 counters of _decode_kernel's (row, K/V head) pairs, zero between calls
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Counters shared by every decode-attention call on the device: each call leaves them zero, and the
+    kernels of a step run one after another (a PDL launch waits for the kernel before it)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None or cnt.numel() < n:
+        if cnt is not None:                  # a captured graph may still point at the old ones: kept alive
+            _COUNTERS.setdefault("outgrown", []).append(cnt)
+        cnt = _COUNTERS[device] = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
+    return cnt
+
+
+def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scratch: int, heads: int,
+                  tables: torch.Tensor, row_seq: torch.Tensor, limits: torch.Tensor, block_size: int,
+                  max_ctx: int | None = None) -> torch.Tensor:
+    """rope_store + attend_rows in one kernel, for rows that are each their sequence's only fed token at
+    `positions` (limits = positions + 1): qkv (R, H + 2 KV, D) un-rotated -> the attention output (R, H, D);
+    k and v are stored at `slots` (-1: the scratch slot) as rope_store stores them."""
+    R, HH, D = qkv.shape
+    KV = (HH - heads) // 2
+    out = torch.empty(R, heads, D, dtype=qkv.dtype, device=qkv.device)
+    if R == 0:
+        return out
+    G, D_PAD = heads // KV, max(16, triton.next_power_of_2(D))
+    splits, chunk = split_layout(max(max_ctx or 0, tables.shape[1] * block_size))
+    if splits > 1 and R * heads * splits * D_PAD * 4 > 1 << 26:      # as attend_rows: no partials of >= 64 MB
+        splits, chunk = 1, splits * chunk
+    acc = ml = cnt = out
+    if splits > 1:
+        acc = torch.empty(R * heads * splits, D_PAD, dtype=torch.float32, device=qkv.device)
+        ml = torch.empty(R * heads * splits, 2, dtype=torch.float32, device=qkv.device)
+        cnt = _counters(qkv.device, R * KV)
+    _decode_kernel[(R, KV, splits)](qkv, cos, sin, positions, slots, k_pool, v_pool, out, acc, ml, cnt, tables,
+                                    row_seq, limits, D ** -0.5, scratch, qkv.stride(0), qkv.stride(1), cos.stride(0),
+                                    k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
+                                    tables.stride(0), H=heads, KV=KV, BS=block_size, G=G,
+                                    GP=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BLOCK_N=BLOCK_N,
+                                    CHUNK=chunk, SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)),
+                                    IEEE=k_pool.dtype == torch.float32, num_warps=4, **pdl_args(qkv))
+    return out

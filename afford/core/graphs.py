@@ -143,7 +143,7 @@ class GraphRunner:
         model, runner = self.runner.model, self.runner
         d = shape.dev
         meta = runner.backend.prepare_for_capture(runner.kv, d[2], d[1], self.tables[:shape.bucket], d[3], d[4],
-                                                  self.block_size, self.scratch)
+                                                  self.block_size, self.scratch, decode=shape.q == 1)
         self.logits[:shape.rows].copy_(model.logits(d[0], d[1], meta))
 
     def _capture(self, shape: _Shape) -> None:
