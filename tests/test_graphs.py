@@ -171,7 +171,8 @@ for dt, H, KV, D, BS, W, mc in ((torch.float32, 4, 2, 16, 4, 8, None), (torch.fl
                                 (torch.float16, 8, 2, 32, 16, 32, 2048), (torch.float32, 6, 6, 24, 16, 8, None)):
     nb, R = 160, 5
     S = nb * BS
-    splits, chunk = tp.split_layout(max(mc or 0, W * BS))
+    splits = tp.split_count(max(mc or 0, W * BS))
+    chunk = 32 * -(-W * BS // splits // 32)       # the split length of a context of the table's width
     cos = torch.randn(1024, D // 2, generator=g).repeat(1, 2)
     sin = torch.randn(1024, D // 2, generator=g).repeat(1, 2)
     tables = torch.randperm(nb, generator=g)[:R * W].view(R, W).to(torch.int32)
@@ -687,9 +688,9 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
                                         row_seq="*i32", limits="*i32", scale="fp32", stride_qr="i32", stride_qh="i32",
                                         stride_ks="i32", stride_kh="i32", stride_or="i32", stride_oh="i32",
                                         stride_tb="i32"),
-                 dict(H=32, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, CHUNK=64, SPLITS=4, IEEE=dt == "fp32"), 4),
-                (tp._merge_kernel, dict(Acc="*fp32", Ml="*fp32", O=pool, stride_or="i32", stride_oh="i32"),
-                 dict(H=32, D=64, D_PAD=64, SPLITS=4, S_PAD=4), 1),
+                 dict(H=32, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, SPLITS=4, IEEE=dt == "fp32"), 4),
+                (tp._merge_kernel, dict(Acc="*fp32", Ml="*fp32", O=pool, limits="*i32", stride_or="i32",
+                                        stride_oh="i32"), dict(H=32, D=64, D_PAD=64, SPLITS=4, S_PAD=4, BLOCK_N=32), 1),
                 (tp._rope_store_kernel, dict(QKV=pool, COS="*fp32", SIN="*fp32", POS="*i32", SLOTS="*i32", KP=pool,
                                              VP=pool, QO=pool, scratch="i32", stride_n="i32", stride_h="i32",
                                              stride_cos="i32", stride_ks="i32", stride_kh="i32", stride_qn="i32",
@@ -700,8 +701,8 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
                                            row_seq="*i32", limits="*i32", scale="fp32", scratch="i32",
                                            stride_n="i32", stride_h="i32", stride_cos="i32", stride_ks="i32",
                                            stride_kh="i32", stride_or="i32", stride_oh="i32", stride_tb="i32"),
-                   dict(H=32, KV=4, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, CHUNK=2048 // splits,
-                        SPLITS=splits, S_PAD=max(2, splits), IEEE=dt == "fp32"), 4) for splits in (1, 16)]):
+                   dict(H=32, KV=4, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, SPLITS=splits,
+                        S_PAD=max(2, splits), IEEE=dt == "fp32"), 4) for splits in (1, 16)]):
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1

@@ -144,6 +144,8 @@ def test_quantized_lm_head(tmp_path, llama_dir, model):
     assert a.token_ids == c.token_ids and a.logprobs == c.logprobs
     with pytest.raises(ConfigError, match="quantize_head"):
         LLM(path, quantize_head=True)
+    with pytest.raises(ConfigError, match="already quantized"):
+        LLM(str(out), quantize_head=True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

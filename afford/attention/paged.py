@@ -112,9 +112,18 @@ class PagedBackend(AttentionBackend):
             try:
                 tables, row_seq, limits = meta.extra["rows"]
                 if self.fused_decode and meta.extra.get("decode"):
-                    return attend_decode(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
-                                         -1 if scratch is None else scratch, heads, tables, row_seq, limits,
-                                         meta.batch.block_size, self.max_ctx)
+                    try:
+                        return attend_decode(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool,
+                                             v_pool, -1 if scratch is None else scratch, heads, tables, row_seq,
+                                             limits, meta.batch.block_size, self.max_ctx)
+                    except Exception as e:   # a Triton that cannot build the one-kernel form: the three kernels
+                        if self.use_triton:
+                            raise
+                        import logging
+                        logging.getLogger("afford").warning("the one-kernel decode attention failed (%s: %s); RoPE + "
+                                                            "K/V store and attention run as separate kernels",
+                                                            type(e).__name__, e)
+                        self.fused_decode = False
                 q = rope_store(qkv, cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
                                -1 if scratch is None else scratch, heads)
                 return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, meta.batch.block_size,

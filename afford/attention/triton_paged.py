@@ -7,8 +7,9 @@ textbook one, flash-decoding: one program per (query row, K/V head, split of the
 G query heads that share that K/V head (GQA: the K/V are read once for all of them, the products on
 tensor cores in bf16 / fp16, exactly in fp32) and walks its split in chunks of BLOCK_N tokens, looking
 each token's block up in the table -- no gather, no padded (B, L) copy; a second small kernel merges
-the splits' online-softmax partials. The loop bounds are read from memory, so one CUDA graph serves any
-context length up to the one it was captured for.
+the splits' online-softmax partials. The splits divide each row's own context (a context of up to
+MAX_SPLITS x BLOCK_N tokens: one step a program; splits past it do nothing), and the loop bounds are read
+from memory, so one CUDA graph serves any context length up to the one it was captured for.
 
 Row r belongs to sequence `row_seq[r]` (a row of `tables`) and attends to that sequence's first
 `limits[r]` tokens (its position + 1: decode, verify and prefill chunks alike).
@@ -65,17 +66,25 @@ if triton is not None:
         return m, l_sum, acc
 
     @triton.jit
-    def _program(row_seq, limits, CHUNK: tl.constexpr, PDL: tl.constexpr):
-        """A split program's (row, K/V head, split), the row's sequence and context length, and where its split
-        ends: it walks tokens [split * CHUNK, end)."""
+    def _chunk(n_ctx, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Tokens a split of this context walks: the context over SPLITS, rounded up to whole BLOCK_N steps --
+        a short context's splits take one step each, a long one's a few (set by the row's own length, the
+        same in an eager forward and a graph's replay)."""
+        return ((n_ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+
+    @triton.jit
+    def _program(row_seq, limits, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """A split program's (row, K/V head, split), the row's sequence, context length and split length, and
+        its tokens [lo, hi) (empty for a split past the context)."""
         if PDL:                              # (triton_lib: programmatic dependent launch)
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         r = tl.program_id(0)
         sp = tl.program_id(2)
         n_ctx = tl.load(limits + r)
-        return r, tl.program_id(1), sp, tl.load(row_seq + r).to(tl.int64), n_ctx, \
-            tl.minimum(n_ctx * 0 + (sp + 1) * CHUNK, n_ctx)
+        chunk = _chunk(n_ctx, SPLITS, BLOCK_N)
+        return r, tl.program_id(1), sp, tl.load(row_seq + r).to(tl.int64), n_ctx, chunk, sp * chunk, \
+            tl.minimum((sp + 1) * chunk, n_ctx)
 
     @triton.jit
     def _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H: tl.constexpr,
@@ -94,29 +103,30 @@ if triton is not None:
     def _split_kernel(Q, K, V, O, Acc, Ml, tables, row_seq, limits, scale,
                       stride_qr, stride_qh, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
                       H: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                      D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                       IEEE: tl.constexpr, PDL: tl.constexpr):
-        r, kvh, sp, seq, n_ctx, hi = _program(row_seq, limits, CHUNK, PDL)     # this split: [sp * CHUNK, hi)
-        g = tl.arange(0, GP)                 # the G query heads sharing this K/V head (padded to GP >= 16)
-        d = tl.arange(0, D_PAD)
-        qm = (g < G)[:, None] & (d < D)[None, :]
-        heads = kvh * G + g
-        q = tl.load(Q + r * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
-        q = q.to(tl.float32) * scale
-        if not IEEE:
-            q = q.to(K.dtype.element_ty)     # bf16 / fp16 pools: tensor-core products, fp32 accumulation
-        m, l_sum, acc = _walk(q, K, V, tables, seq, kvh, n_ctx * 0 + sp * CHUNK, hi, stride_ks, stride_kh,
-                              stride_tb, BS, GP, D, D_PAD, BLOCK_N, IEEE)     # (the start: of n_ctx's type)
-        _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H, G, D_PAD, SPLITS)
+        r, kvh, sp, seq, n_ctx, chunk, lo, hi = _program(row_seq, limits, SPLITS, BLOCK_N, PDL)
+        if lo < n_ctx or SPLITS == 1:        # (a split past the context: no partials, the merge skips it)
+            g = tl.arange(0, GP)             # the G query heads sharing this K/V head (padded to GP >= 16)
+            d = tl.arange(0, D_PAD)
+            qm = (g < G)[:, None] & (d < D)[None, :]
+            heads = kvh * G + g
+            q = tl.load(Q + r * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
+            q = q.to(tl.float32) * scale
+            if not IEEE:
+                q = q.to(K.dtype.element_ty)     # bf16 / fp16 pools: tensor-core products, fp32 accumulation
+            m, l_sum, acc = _walk(q, K, V, tables, seq, kvh, lo, hi, stride_ks, stride_kh, stride_tb, BS, GP, D,
+                                  D_PAD, BLOCK_N, IEEE)
+            _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H, G, D_PAD, SPLITS)
 
     @triton.jit
-    def _merge_one(Acc, Ml, O, r, h, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                   SPLITS: tl.constexpr, S_PAD: tl.constexpr, L2: tl.constexpr):
-        """Row r, head h: its splits' online-softmax partials merged into the output. L2: read them from L2
-        (written by other programs of the same kernel)."""
+    def _merge_one(Acc, Ml, O, r, h, used, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr,
+                   D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, L2: tl.constexpr):
+        """Row r, head h: the online-softmax partials of its first `used` splits (those the context reaches)
+        merged into the output. L2: read them from L2 (written by other programs of the same kernel)."""
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D_PAD)
-        sm = s < SPLITS
+        sm = s < used
         am = sm[:, None] & (d < D)[None, :]
         part = (r * H + h) * SPLITS + s
         if L2:
@@ -127,30 +137,33 @@ if triton is not None:
             m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"))
             l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0)
             acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=am, other=0.0)
-        w = tl.exp(m - tl.max(m, axis=0))                   # a split past the context: m = -inf, weight 0
+        w = tl.exp(m - tl.max(m, axis=0))
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
         tl.store(O + r * stride_or + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def _merge_kernel(Acc, Ml, O, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                      SPLITS: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
+    def _merge_kernel(Acc, Ml, O, limits, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr,
+                      D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr):
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        _merge_one(Acc, Ml, O, tl.program_id(0), tl.program_id(1), stride_or, stride_oh, H, D, D_PAD, SPLITS, S_PAD,
-                   False)
+        r = tl.program_id(0)
+        n_ctx = tl.load(limits + r)
+        chunk = _chunk(n_ctx, SPLITS, BLOCK_N)
+        _merge_one(Acc, Ml, O, r, tl.program_id(1), (n_ctx + chunk - 1) // chunk, stride_or, stride_oh, H, D, D_PAD,
+                   SPLITS, S_PAD, False)
 
 
 BLOCK_N, MAX_SPLITS = 32, 16
 
 
-def split_layout(max_ctx: int) -> tuple[int, int]:
-    """(splits, tokens per split) for contexts up to max_ctx: at most MAX_SPLITS programs per (row, K/V
-    head) walk the context side by side (flash-decoding), each a multiple of BLOCK_N tokens. It depends
-    only on max_ctx, so a graph's replay and an eager forward split the same way (the same sums)."""
-    blocks = -(-max_ctx // BLOCK_N)
-    per = -(-blocks // MAX_SPLITS)
-    return -(-blocks // per), per * BLOCK_N
+def split_count(max_ctx: int) -> int:
+    """Programs per (row, K/V head) that walk a context side by side (flash-decoding): one per BLOCK_N tokens
+    of max_ctx, at most MAX_SPLITS. Each row's split length comes from its own context (_chunk: the context
+    over the splits, in whole BLOCK_N steps), so a short context takes one step a program; the count depends
+    on max_ctx only, so a graph's replay and an eager forward split a row alike (the same sums)."""
+    return max(1, min(MAX_SPLITS, -(-max_ctx // BLOCK_N)))
 
 
 def attend_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -166,9 +179,9 @@ def attend_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tab
     q = q if q.stride(-1) == 1 else q.contiguous()
     G = H // KV
     D_PAD = max(16, triton.next_power_of_2(D))
-    splits, chunk = split_layout(max(max_ctx or 0, tables.shape[1] * block_size))
+    splits = split_count(max(max_ctx or 0, tables.shape[1] * block_size))
     if splits > 1 and R * H * splits * D_PAD * 4 > 1 << 26:     # long row batches (eager prompt chunks, never a
-        splits, chunk = 1, splits * chunk                       # graph's): no partials buffer of >= 64 MB
+        splits = 1                                              # graph's): no partials buffer of >= 64 MB
     acc = ml = out
     if splits > 1:
         acc = torch.empty(R * H * splits, D_PAD, dtype=torch.float32, device=q.device)
@@ -177,11 +190,12 @@ def attend_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tab
                                    q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
                                    out.stride(0), out.stride(1), tables.stride(0),
                                    H=H, BS=block_size, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD,
-                                   BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
+                                   BLOCK_N=BLOCK_N, SPLITS=splits,
                                    IEEE=k_pool.dtype == torch.float32, num_warps=4, **pdl_args(q))
     if splits > 1:
-        _merge_kernel[(R, H)](acc, ml, out, out.stride(0), out.stride(1), H=H, D=D, D_PAD=D_PAD, SPLITS=splits,
-                              S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1, **pdl_args(q))
+        _merge_kernel[(R, H)](acc, ml, out, limits, out.stride(0), out.stride(1), H=H, D=D, D_PAD=D_PAD,
+                              SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)), BLOCK_N=BLOCK_N,
+                              num_warps=1, **pdl_args(q))
     return out
 
 
@@ -244,51 +258,55 @@ if triton is not None:
     def _decode_kernel(QKV, COS, SIN, POS, SLOTS, KP, VP, O, Acc, Ml, CNT, tables, row_seq, limits, scale, scratch,
                        stride_n, stride_h, stride_cos, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
                        H: tl.constexpr, KV: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                       D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                       SPLITS: tl.constexpr, S_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                       D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                       S_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """_rope_store_kernel, _split_kernel and _merge_kernel as one kernel, for rows that are each their
         sequence's only fed token (decode): every program rotates its G query heads in registers; the split
         holding the row's own position rotates its k, stores k and v at the row's slot and (a CTA barrier)
-        then walks its tokens, which include it; the program of a (row, K/V head) that finishes last (a
-        counter per pair, zero between calls) merges the splits' partials. The same numbers as the three
-        kernels: the same rounding, the same partials, the same merge."""
-        r, kvh, sp, seq, n_ctx, hi = _program(row_seq, limits, CHUNK, PDL)
-        pos = tl.load(POS + r).to(tl.int64)
-        HALF: tl.constexpr = D // 2
-        g = tl.arange(0, GP)
-        d = tl.arange(0, D_PAD)
-        dm = d < D
-        qm = (g < G)[:, None] & dm[None, :]
-        heads = kvh * G + g
-        other = tl.where(d < HALF, d + HALF, d - HALF)            # each element's partner in the other half
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        c = tl.load(COS + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
-        s = tl.load(SIN + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
-        src = QKV + r * stride_n
-        x = tl.load(src + heads[:, None] * stride_h + d[None, :], mask=qm, other=0.0)
-        xp = tl.load(src + heads[:, None] * stride_h + other[None, :], mask=qm, other=0.0)
-        q = _rope(x, xp, c[None, :], s[None, :], sign[None, :])
-        if sp == pos // CHUNK:                                     # the split that holds the row's own token
-            kx = tl.load(src + (H + kvh) * stride_h + d, mask=dm, other=0.0)
-            kp = tl.load(src + (H + kvh) * stride_h + other, mask=dm, other=0.0)
-            v = tl.load(src + (H + KV + kvh) * stride_h + d, mask=dm, other=0.0)
-            slot = tl.load(SLOTS + r)
-            slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
-            tl.store(KP + slot * stride_ks + kvh * stride_kh + d, _rope(kx, kp, c, s, sign), mask=dm)
-            tl.store(VP + slot * stride_ks + kvh * stride_kh + d, v, mask=dm)
-            tl.debug_barrier()                                      # stored before this CTA reads them back
-        q = q.to(tl.float32) * scale
-        if not IEEE:
-            q = q.to(KP.dtype.element_ty)
-        m, l_sum, acc = _walk(q, KP, VP, tables, seq, kvh, n_ctx * 0 + sp * CHUNK, hi, stride_ks, stride_kh,
-                              stride_tb, BS, GP, D, D_PAD, BLOCK_N, IEEE)
-        _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H, G, D_PAD, SPLITS)
-        if SPLITS > 1:
-            tl.debug_barrier()                                      # every thread's stores before the count
-            if tl.atomic_add(CNT + r * KV + kvh, 1, sem="acq_rel") == SPLITS - 1:
-                for i in tl.static_range(G):                        # the last split: merge, read from L2
-                    _merge_one(Acc, Ml, O, r, kvh * G + i, stride_or, stride_oh, H, D, D_PAD, SPLITS, S_PAD, True)
-                tl.store(CNT + r * KV + kvh, 0)                     # ready for the next call / graph replay
+        then walks its tokens, which include it; of the splits the context reaches, the program of a (row, K/V
+        head) that finishes last (a counter per pair, zero between calls) merges their partials. The three
+        kernels' numbers: the same K/V bit for bit, the same partials, the same merge formula (its sums over
+        the splits may round in another order: 4 warps here, 1 in _merge_kernel)."""
+        r, kvh, sp, seq, n_ctx, chunk, lo, hi = _program(row_seq, limits, SPLITS, BLOCK_N, PDL)
+        if lo < n_ctx:                       # (a split past the context: nothing to do, nothing to count)
+            pos = tl.load(POS + r).to(tl.int64)
+            HALF: tl.constexpr = D // 2
+            g = tl.arange(0, GP)
+            d = tl.arange(0, D_PAD)
+            dm = d < D
+            qm = (g < G)[:, None] & dm[None, :]
+            heads = kvh * G + g
+            other = tl.where(d < HALF, d + HALF, d - HALF)        # each element's partner in the other half
+            sign = tl.where(d < HALF, -1.0, 1.0)
+            c = tl.load(COS + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+            s = tl.load(SIN + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+            src = QKV + r * stride_n
+            x = tl.load(src + heads[:, None] * stride_h + d[None, :], mask=qm, other=0.0)
+            xp = tl.load(src + heads[:, None] * stride_h + other[None, :], mask=qm, other=0.0)
+            q = _rope(x, xp, c[None, :], s[None, :], sign[None, :])
+            if sp == pos // chunk:                                 # the split that holds the row's own token
+                kx = tl.load(src + (H + kvh) * stride_h + d, mask=dm, other=0.0)
+                kp = tl.load(src + (H + kvh) * stride_h + other, mask=dm, other=0.0)
+                v = tl.load(src + (H + KV + kvh) * stride_h + d, mask=dm, other=0.0)
+                slot = tl.load(SLOTS + r)
+                slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
+                tl.store(KP + slot * stride_ks + kvh * stride_kh + d, _rope(kx, kp, c, s, sign), mask=dm)
+                tl.store(VP + slot * stride_ks + kvh * stride_kh + d, v, mask=dm)
+                tl.debug_barrier()                                  # stored before this CTA reads them back
+            q = q.to(tl.float32) * scale
+            if not IEEE:
+                q = q.to(KP.dtype.element_ty)
+            m, l_sum, acc = _walk(q, KP, VP, tables, seq, kvh, lo, hi, stride_ks, stride_kh, stride_tb, BS, GP, D,
+                                  D_PAD, BLOCK_N, IEEE)
+            _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H, G, D_PAD, SPLITS)
+            if SPLITS > 1:
+                used = (n_ctx + chunk - 1) // chunk                 # the splits the context reaches
+                tl.debug_barrier()                                  # every thread's stores before the count
+                if tl.atomic_add(CNT + r * KV + kvh, 1, sem="acq_rel") == used - 1:
+                    for i in tl.static_range(G):                    # the last of them: merge, read from L2
+                        _merge_one(Acc, Ml, O, r, kvh * G + i, used, stride_or, stride_oh, H, D, D_PAD, SPLITS,
+                                   S_PAD, True)
+                    tl.store(CNT + r * KV + kvh, 0)                 # ready for the next call / graph replay
 
 
 _COUNTERS: dict = {}          # device -> int32 counters of _decode_kernel's (row, K/V head) pairs, zero between calls
@@ -318,9 +336,9 @@ def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     if R == 0:
         return out
     G, D_PAD = heads // KV, max(16, triton.next_power_of_2(D))
-    splits, chunk = split_layout(max(max_ctx or 0, tables.shape[1] * block_size))
+    splits = split_count(max(max_ctx or 0, tables.shape[1] * block_size))
     if splits > 1 and R * heads * splits * D_PAD * 4 > 1 << 26:      # as attend_rows: no partials of >= 64 MB
-        splits, chunk = 1, splits * chunk
+        splits = 1
     acc = ml = cnt = out
     if splits > 1:
         acc = torch.empty(R * heads * splits, D_PAD, dtype=torch.float32, device=qkv.device)
@@ -331,6 +349,6 @@ def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
                                     k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
                                     tables.stride(0), H=heads, KV=KV, BS=block_size, G=G,
                                     GP=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BLOCK_N=BLOCK_N,
-                                    CHUNK=chunk, SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)),
+                                    SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)),
                                     IEEE=k_pool.dtype == torch.float32, num_warps=4, **pdl_args(qkv))
     return out

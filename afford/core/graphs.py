@@ -144,7 +144,7 @@ class GraphRunner:
         d = shape.dev
         meta = runner.backend.prepare_for_capture(runner.kv, d[2], d[1], self.tables[:shape.bucket], d[3], d[4],
                                                   self.block_size, self.scratch, decode=shape.q == 1)
-        self.logits[:shape.rows].copy_(model.logits(d[0], d[1], meta))
+        self.logits[:shape.rows].copy_(model.logits(d[0], d[1], meta))   # (one kernel: copy and widen to fp32)
 
     def _capture(self, shape: _Shape) -> None:
         self._forward(shape)                        # warm up (Triton compiles, cuBLAS picks); idempotent writes

@@ -192,7 +192,7 @@ class ModelRunner:
         if logits_rows == []:                                                      # prompt chunks only
             self.model.hidden(ids, batch.positions, meta)
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        return self.model.logits(ids, batch.positions, meta, rows)                 # (R, V)
+        return self.model.logits(ids, batch.positions, meta, rows).float()         # (R, V)
 
     def prepare(self, seq_ids: list[int], starts: list[int], tokens: list[list[int]]) -> tuple[ForwardBatch, torch.Tensor]:
         if all(len(t) == 1 for t in tokens):

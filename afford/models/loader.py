@@ -180,8 +180,10 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
     with torch.no_grad():
         model = load_model(path, device, dtype, max_len, ffn=ffn)
         done = quant_settings(model)
-        if done and quantization:                               # a quantized checkpoint
-            raise ConfigError(f"{path} is already quantized ({done['bits']}-bit); drop quantization=")
+        if done and (quantization or quantize_head):            # a quantized checkpoint
+            raise ConfigError(f"{path} is already quantized ({done['bits']}-bit); drop quantization= and "
+                              f"quantize_head= (a checkpoint's LM head is quantized when `afford quantize --head` "
+                              f"wrote it)")
         if quantization:
             if quantization not in ("int8", "int4"):
                 raise ConfigError(f"quantization must be int8 or int4, got {quantization!r}")

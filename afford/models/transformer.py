@@ -446,7 +446,7 @@ class Transformer(nn.Module):
         if meta is not None and x.is_cuda and self.fused_cuda and x.dim() == 2:
             from afford.models import triton_ops
             if triton_ops.available():
-                if self._one_row_gemv(x, meta):
+                if self._one_row_gemv(x.shape[0], meta):
                     return self._hidden_gemv(x, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
                 cos, sin = self._rope_at(positions, x.dtype)
                 return self._hidden_fused(x, cos, sin, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm)
@@ -454,21 +454,20 @@ class Transformer(nn.Module):
 
     def logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Paged: float32 logits (R, V) at the flat token rows `rows` (None: every token) -- hidden() and the
-        LM head; a one-row CUDA forward runs the head as one more fused GEMV, the final add + RMSNorm in it
-        (the "head" role of GEMV_CONFIGS / GEMV_W4_CONFIGS where one is set)."""
-        if ids.shape[0] == 1 and ids.is_cuda and meta is not None and self.fused_cuda:
+        """Paged: logits (R, V) in the model's dtype at the flat token rows `rows` (None: every token) --
+        hidden() and the LM head; a one-row CUDA forward runs the head as one more fused GEMV, the final add +
+        RMSNorm in it (the "head" role of GEMV_CONFIGS / GEMV_W4_CONFIGS where one is set)."""
+        if ids.dim() == 1 and ids.shape[0] == 1 and ids.is_cuda and meta is not None and self.fused_cuda:
             from afford.models import triton_ops
-            x = self.model.embed_tokens(ids)
-            if triton_ops.available() and self._one_row_gemv(x, meta):
-                return self._hidden_gemv(x, meta, (self.rope_cos, self.rope_sin), triton_ops.add_rmsnorm,
-                                         head=True).float()
+            if triton_ops.available() and self._one_row_gemv(1, meta):
+                return self._hidden_gemv(self.model.embed_tokens(ids), meta, (self.rope_cos, self.rope_sin),
+                                         triton_ops.add_rmsnorm, head=True)
         h = self.hidden(ids, positions, meta)
-        return self.lm_head(h if rows is None else h.index_select(0, rows)).float()
+        return self.lm_head(h if rows is None else h.index_select(0, rows))
 
-    def _one_row_gemv(self, x: torch.Tensor, meta: AttnMetadata) -> bool:
-        return x.shape[0] == 1 and x.dim() == 2 and self.fused_gemv and bool(meta.extra.get("fused_rope")) \
-            and self._gemv_ready()
+    def _one_row_gemv(self, rows: int, meta: AttnMetadata) -> bool:
+        """A paged forward of `rows` tokens runs _hidden_gemv (one row, every product a fused GEMV)."""
+        return rows == 1 and self.fused_gemv and bool(meta.extra.get("fused_rope")) and self._gemv_ready()
 
     def _rope_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.rope_cos[positions].unsqueeze(-2).to(dtype)             # (..., 1, D)
