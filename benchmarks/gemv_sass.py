@@ -130,7 +130,7 @@ def w4_signature(fn, dt: str = "bf16") -> dict:
                P="*i32" if fn in (tg._gemv_w4o_kernel, tg._gemv_w4q_kernel) else "*u8")
     if fn not in (tg._gemv_w4o_kernel, tg._gemv_w4q_kernel):
         sig["n_groups"] = "i32"
-    if fn is tg._gemv_w4_tc_kernel:
+    if fn in (tg._gemv_w4_tc_kernel, tg._gemv_w4q_kernel):
         sig.update(WS="*fp32", CNT="*i32")
     return sig
 
@@ -155,7 +155,7 @@ def main():
                 rows.append(dict(role=role, kind=kind, config=list(cfg), error=f"{type(e).__name__}: {str(e)[:160]}"))
                 continue
             per_thread = sum(ops.values())
-            programs = -(-F // bn) * (cfg[5] if len(cfg) > 5 else 1)          # (a sixth element: K split)
+            programs = -(-F // bn) * cst.get("SPLIT", 1)                      # (a sixth element: K split)
             threads = programs * cfg[2] * 32
             weights = N * K
             total = per_thread * threads

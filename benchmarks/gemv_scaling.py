@@ -39,8 +39,9 @@ BF16_TILES = [(2, 2048, 4, 1), (4, 2048, 4, 1), (4, 1024, 4, 1), (8, 1024, 4, 1)
 W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), (4, 1024, 2, 1, 1), (4, 2048, 4, 1, 1),
             (4, 1024, 2, 1, 4), (8, 512, 2, 1, 4),         # halves with x in the codes' layout (X2D)
             (16, 256, 1, 1, 5), (16, 256, 1, 2, 5), (16, 512, 2, 1, 5), (32, 256, 1, 1, 5),   # quads (integer dot
-            (8, 256, 1, 2, 5), (16, 1024, 4, 2, 5)]
-# products; run 11's octets and tensor-core tiles, slower than the others on every shape, left this list)
+            (8, 256, 1, 2, 5), (16, 1024, 4, 2, 5), (16, 256, 1, 2, 5, 4)]
+# products, the last with K split over 4 programs; run 11's octets and tensor-core tiles, slower than the others on
+# every shape, left this list)
 
 
 def chain_us(fns, device: str) -> float:

@@ -291,7 +291,7 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
         tiles = triton_gemv.W4_SWEEP_CONFIGS if N == 2560 else [(4, 2048, 4, 1), (8, 1024, 4, 1, 1), (32, 512, 4, 1, 2),
                                                                 (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4),
                                                                 (4, 1024, 2, 1, 4), (16, 256, 1, 2, 5),
-                                                                (16, 1024, 4, 1, 5)]
+                                                                (16, 1024, 4, 1, 5), (16, 256, 1, 2, 5, 4)]
         if N == 2560:                                   # the kernels the sweep no longer tries, on this shape too
             tiles = tiles + [(32, 512, 4, 1, 2), (8, 1024, 4, 1, 3), (64, 256, 4, 1, 2, 4)]
         for cfg in tiles:
@@ -323,7 +323,8 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (64, 256, 4, 1, 2, 4)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 1024, 2, 1, 4)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 256, 1, 2, 5)), True),
-                         (dict.fromkeys(("qkv", "o", "gate_up", "down", "head"), (16, 256, 1, 2, 5)), True)):
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down", "head"), (16, 256, 1, 2, 5)), True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (16, 256, 1, 2, 5, 2)), True)):
         monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", cfgs)
         assert model._gemv_ready() == bool(cfgs)
         runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)

@@ -287,8 +287,8 @@ def test_fused_int4_gemv_kernel_in_the_interpreter():
     kernel (pairs, halves, the tensor-core kernel -- its int4 -> 16-bit conversion in Triton ops here, the PTX
     form runs on the card, tests/test_gpu.py -- and octets, whose and-or is Triton ops here too): the same
     formula over the dequantized weights, one group per row (also with a last step past the row, masked) and
-    several, tiles of one group and of part of one, the tensor-core kernel with K split over three programs
-    twice in a row (its workspace left zero); a halves layout whose groups do not divide K / 2, and an octets
+    several, tiles of one group and of part of one, the tensor-core and quads kernels with K split over three
+    programs twice in a row (the workspace left zero); a halves layout whose groups do not divide K / 2, and an octets
     layout or a split K with more than one group a row, are refused."""
     code = """
 import torch
@@ -300,7 +300,7 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
                              (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
-      for kind in ((0,), (1,), (2,), (2, 3), (3,), (4,), (5,), (5, "prefetch")):  # (2, 3): tensor cores, K split
+      for kind in ((0,), (1,), (2,), (2, 3), (3,), (4,), (5,), (5, "prefetch"), (5, 3)):  # (2, 3), (5, 3): K split
         cfg5 = (max(16, cfg[0]) if kind[0] == 2 else cfg[0],) + cfg[1:] + kind[:1 if kind[-1] == "prefetch" else 2]
         if kind[-1] == "prefetch":                                # over 3 programs; tensor cores: 16+ rows a program
             cfg5 = cfg5[:3] + (2, 5)                              # quads with the next step's codes loaded early
@@ -672,7 +672,8 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             # the tile takes them)
             for group in (K, 128):
                 for cfg in ((8, 128, 4, 1), (8, 128, 4, 1, 1), (32, 128, 4, 1, 2), (64, 128, 4, 1, 2),
-                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3), (8, 128, 4, 1, 4), (16, 128, 1, 2, 5)):
+                            (64, 128, 4, 1, 2, 2), (8, 128, 4, 1, 3), (8, 128, 4, 1, 4), (16, 128, 1, 2, 5),
+                            (16, 128, 1, 2, 5, 2)):
                     plan = tg.w4_plan(K, group, cfg, fp16=dt != "bf16")
                     if plan is None:
                         continue
@@ -706,7 +707,7 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
-    assert built == 3 * (3 * (1 + 8 + 5) + 5)                   # octets, quads and a split K: per-channel only
+    assert built == 3 * (3 * (1 + 9 + 5) + 5)                   # octets, quads and a split K: per-channel only
 
 
 @needs_triton

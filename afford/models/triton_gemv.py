@@ -43,7 +43,8 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
 # (W4_KINDS: 0 or none the pairs layout, triton_int4.pack; 1 halves, pack_halves; 2 halves through the tensor
 # cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel; 4 halves with x loaded
 # in the codes' layout, _gemv_w4_kernel's X2D; 5 quads, pack_quads, one group a row, integer dot products on x in
-# fixed point, _gemv_w4q_kernel -- 4 and 5 not yet run on a card). o and down without one
+# fixed point, _gemv_w4q_kernel -- 4 and 5 not yet run on a card; a sixth element for 2 and 5: K split over that
+# many programs). o and down without one
 # keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group smaller than
 # the tile, which this kernel would walk in short steps -- not measured) keep the model on the fused-layer
 # path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (run 10, 1c57dce), per-channel scales, 22
@@ -66,9 +67,11 @@ W4_SWEEP_CONFIGS += [c + (4,) for c in ((8, 1024, 4, 1), (4, 1024, 2, 1), (8, 51
 W4_SWEEP_CONFIGS += [c + (5,) for c in ((16, 256, 1, 1), (16, 256, 1, 2), (32, 256, 1, 1), (8, 256, 1, 2),
                                         (16, 512, 2, 1), (32, 512, 2, 1), (8, 512, 2, 2), (16, 1024, 4, 1),
                                         (16, 1024, 4, 2))]
+W4_SWEEP_CONFIGS += [(16, 256, 1, 2, 5, 2), (16, 256, 1, 2, 5, 4)]
 # (quads, integer dot products: a step of 256 weights a warp keeps one word column a thread; stages 2 prefetch.
-# One warp and 8 steps a row: the fewest instructions a weight (sm_90 SASS); more warps, fewer steps: more
-# programs and bytes in flight for the 2048-row matrices, whose 16-row programs would be one a SM.
+# One warp and 8 steps a row: the fewest instructions a weight (sm_90 SASS); more warps, fewer steps, or a sixth
+# element splitting a row's K over 2-4 programs: more programs and bytes in flight for the 2048-row matrices,
+# whose 16-row programs would be one a SM, each a DRAM round trip a step.
 # The tensor-core tiles (32 / 64 / 128 rows, K split in 2-4) and the octets tiles lost on every role in run 10 --
 # their best 1.25-1.44x / 1.14-1.33x the best tile's time: left out of the card's sweep, their kernels kept and
 # tested.)
@@ -586,10 +589,10 @@ if triton is not None:
         return aH, aL, uH, uL, msum
 
     @triton.jit
-    def _gemv_w4q_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, K: tl.constexpr,
+    def _gemv_w4q_kernel(X, A, XO, G, P, S, Z, Y, WS, CNT, N, F_OFF, UP_OFF, eps, stride_p, K: tl.constexpr,
                          HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_C: tl.constexpr, PRE: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
-                         USE_ASM: tl.constexpr, PDL: tl.constexpr):
+                         USE_ASM: tl.constexpr, SPLIT: tl.constexpr, WPER: tl.constexpr, PDL: tl.constexpr):
         # gemv_w4 in the quads layout (pack_quads; one group a row) with integer dot products (the section's
         # comment). Word c of row n sits at (n // 4) * stride_p + 4 * c + n % 4: four rows' word c are one 16-byte
         # vector, so a thread holds a column's words for many rows and converts each x once for all of them; the
@@ -597,10 +600,18 @@ if triton is not None:
         # ones). x is read once before the steps (_x_scan: its largest |x|, the norm's and the zero points' sums),
         # then again per step, as fixed point, in the codes' own (word, byte) layout. PREFETCH: each step's codes
         # load before the step before it computes (Triton's pipeliner left this loop alone: the same SASS at
-        # num_stages 1 and 2), for twice the bytes in flight at the cost of registers.
+        # num_stages 1 and 2), for twice the bytes in flight at the cost of registers. SPLIT > 1: a row block's
+        # word columns are split over SPLIT programs (program_id 1; WPER columns each) -- more programs, more bytes
+        # in flight for the one-warp tiles (o and down have 128 row blocks of 16 for 132 SMs); each scans all of x
+        # (the same fixed point), stores its rows' sums in its own slot of WS and counts itself in CNT (zero between
+        # calls); the one that counts last adds the slots in split order (deterministic) and finishes the rows.
         W: tl.constexpr = K // 8
         GN: tl.constexpr = BLOCK_N // 4
         pid = tl.program_id(0)
+        if SPLIT == 1:                                    # (WPER: W in whole steps; the last split's steps
+            w_lo = 0                                      # past W are masked, EVEN False)
+        else:
+            w_lo = tl.program_id(1) * WPER
         r = tl.arange(0, 4)
         n = pid * BLOCK_N + 4 * tl.arange(0, GN)[:, None] + r[None, :]              # (GN, 4)
         nm = n < N
@@ -618,16 +629,17 @@ if triton is not None:
         s, z, su, zu = _row_affine(S, Z, n, nm, F_OFF, True, SWIGLU)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        wd, wu = _q_rows(P, goff, goff_u, gm, 0, j, W, EVEN, SWIGLU)
+        wd, wu = _q_rows(P, goff, goff_u, gm, w_lo, j, W, EVEN, SWIGLU)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        mx, ss, xt = _x_scan(X, A, XO, G, pid, K, PRE, HAS_ADD, NORM)
+        mx, ss, xt = _x_scan(X, A, XO, G, pid + tl.program_id(1), K, PRE, HAS_ADD, NORM)
         rr = _inv_rms(ss, eps, K, NORM)
         e = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) - 127, -100)               # floor(log2(max |x|))
         scl = ((148 - e) << 23).to(tl.float32, bitcast=True)                            # 2^(21 - e)
         inv = ((106 + e) << 23).to(tl.float32, bitcast=True)                            # 2^(e - 21)
-        for c0 in range(BLOCK_C, W, BLOCK_C):             # computes the step before c0; c0's codes load before
-            if PREFETCH:                                  # that (PREFETCH) or after it
+        for t in range(BLOCK_C, WPER, BLOCK_C):           # computes the step before c0; c0's codes load before
+            c0 = w_lo + t                                 # that (PREFETCH) or after it
+            if PREFETCH:
                 wn, un = _q_rows(P, goff, goff_u, gm, c0, j, W, EVEN, SWIGLU)
             aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, c0 - BLOCK_C, c, r, wd, wu, aH, aL, uH, uL, msum, scl, K,
                                              HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
@@ -635,13 +647,34 @@ if triton is not None:
                 wn, un = _q_rows(P, goff, goff_u, gm, c0, j, W, EVEN, SWIGLU)
             wd = wn
             wu = un
-        aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, (W - 1) // BLOCK_C * BLOCK_C, c, r, wd, wu, aH, aL, uH, uL,
-                                         msum, scl, K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
+        aH, aL, uH, uL, msum = _w4q_step(X, A, XO, G, w_lo + (WPER - BLOCK_C), c, r, wd, wu, aH, aL, uH, uL, msum,
+                                         scl, K, HAS_ADD, NORM, SWIGLU, EVEN, USE_ASM)
         sums = _q_sums(aH, aL, msum, inv)
         sums_u = sums
         if SWIGLU:
             sums_u = _q_sums(uH, uL, msum, inv)
-        _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
+        if SPLIT == 1:
+            _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
+        else:
+            i = 4 * tl.arange(0, GN)[:, None] + r[None, :]                            # (GN, 4): a slot's rows
+            ws = WS + pid * (SPLIT * 2 * BLOCK_N)
+            mine = ws + tl.program_id(1) * (2 * BLOCK_N)
+            tl.store(mine + i, sums, mask=nm)
+            if SWIGLU:
+                tl.store(mine + BLOCK_N + i, sums_u, mask=nm)
+            tl.debug_barrier()                           # every thread's stores before the count (release)
+            if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
+                sums = tl.zeros((GN, 4), tl.float32)     # the last split: the slots in split order, from L2
+                sums_u = tl.zeros((GN, 4), tl.float32)
+                for sp in tl.static_range(SPLIT):
+                    sums += tl.load(ws + sp * (2 * BLOCK_N) + i, mask=nm, other=0.0, cache_modifier=".cg")
+                    if SWIGLU:
+                        sums_u += tl.load(ws + sp * (2 * BLOCK_N) + BLOCK_N + i, mask=nm, other=0.0,
+                                          cache_modifier=".cg")
+                tl.store(CNT + pid, 0)                   # ready for the next call, and a graph's next replay
+                if not SWIGLU:
+                    sums_u = sums
+                _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
 
 if triton is not None:
     # int4 -> 16-bit operands as Marlin does it: prmt spreads bytes 0 / 1 (2 / 3) into the two halves of a
@@ -927,17 +960,19 @@ def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm
     PTX (an NVIDIA card). benchmarks/gemv_sass.py compiles the same plans offline."""
     layout, tc = w4_kind(config)
     bn, want, warps = config[:3]
-    split = config[5] if tc and len(config) > 5 else 1
+    split = config[5] if (tc or layout == "quads") and len(config) > 5 else 1
     bk = w4_block_k(K, group, want, layout)
     if bk is None or (tc and bn < 16) or (split > 1 and group != K) or (layout == "quads" and bn % 4):
         return None
     if layout == "quads":
-        words = K // 8
-        if -(-words // (bk // 8)) > 512:     # a (row, word column)'s sum of q * ML, < 8 * 15 * 65536 a step: 32 bits
+        words, bc = K // 8, bk // 8
+        wper = -(-(-(-words // split)) // bc) * bc          # word columns a split, whole steps
+        split = -(-words // wper)                            # (no split left empty)
+        if -(-wper // bc) > 512:             # a (row, word column)'s sum of q * ML, < 8 * 15 * 65536 a step: 32 bits
             return None
-        return (_gemv_w4q_kernel, dict(K=K, BLOCK_C=bk // 8, PRE=min(256 * warps, triton.next_power_of_2(K)),
-                                       EVEN=words % (bk // 8) == 0, PREFETCH=config[3] > 1, USE_ASM=asm), 1,
-                -(-words // (bk // 8)))
+        return (_gemv_w4q_kernel, dict(K=K, BLOCK_C=bc, PRE=min(256 * warps, triton.next_power_of_2(K)),
+                                       EVEN=split * wper == words, PREFETCH=config[3] > 1, USE_ASM=asm, SPLIT=split,
+                                       WPER=wper), split, wper // bc)
     if layout == "octets":
         words = K // 8
         return (_gemv_w4o_kernel, dict(K=K, BLOCK_C=bk // 8, EVEN=words % (bk // 8) == 0, USE_ASM=asm), 1,
@@ -995,8 +1030,9 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
         if swiglu and F % 4:
             raise ValueError(f"gemv_w4 (quads) with swiglu needs the gate rows ({F}) in whole groups of 4; "
                              f"use another tile (GEMV_W4_CONFIGS) for this matrix")
-        kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, F, F, F // 4 * packed.stride(0), eps,
-                                      packed.stride(0), **cst)
+        ws, cnt = _split_workspace(x.device, triton.cdiv(F, bn), bn, split) if split > 1 else (y, y)
+        kernel[(triton.cdiv(F, bn), split)](x, a, h, g, packed, scales, zeros, y, ws, cnt, F, F,
+                                            F // 4 * packed.stride(0), eps, packed.stride(0), **cst)
     elif layout == "octets":
         kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, *rows, **cst)
     elif tc:
