@@ -456,6 +456,13 @@ def gpu_decode(r) -> None:
         print("\nProgrammatic dependent launch (afford/models/triton_lib.py) on vs off, graphs:\n\n"
               + table(["arm", "PDL tok/s", "no PDL tok/s", "PDL / no PDL", "decode ms PDL / no PDL",
                        "switched arm's graph replay ms", "same tokens"], pdl))
+    for b in (1, 16, 64):                  # decode attention in one kernel (the default) against the three kernels
+        v, g = a.get(f"afford_graphs_unfuseddecode_b{b}"), a.get(f"afford_graphs_b{b}")
+        if v and g:
+            print(f"\nDecode attention in one kernel (attend_decode) against rope_store + split + merge, batch {b}: "
+                  f"{g['tok_s']:.0f} vs {v['tok_s']:.0f} tok/s ({g['tok_s'] / v['tok_s']:.2f}x; decode step "
+                  f"{g['decode_ms']:.3f} vs {v['decode_ms']:.3f} ms, the three kernels' graph replay "
+                  f"{v.get('graph_replay_ms') or 0:.3f} ms); same tokens {v['same_tokens_as_default']:.0%}")
     sv, g = a.get("afford_graphs_swept_b1"), a.get("afford_graphs_b1")
     if sv and g:
         print(f"\nThe sweep's tiles {sv['configs']} instead of the defaults, batch 1: {sv['tok_s']:.0f} vs "
@@ -476,10 +483,10 @@ def gpu_decode(r) -> None:
             best = {}
             for role, m in sw["roles"].items():
                 for c, us in zip(sw["configs"], m["triton_us"]):
-                    k = kinds[c[4] if len(c) > 4 else 0]
+                    k = kinds[c[4] if len(c) > 4 else 0] + (" split" if len(c) > 5 else "")
                     if us is not None and us < best.get((role, k), (float("inf"),))[0]:
                         best[role, k] = (us, tuple(c))
-            present = [k for k in kinds.values() if any(kk == k for _, kk in best)]
+            present = [k for k in sorted({kk for _, kk in best}, key=lambda k: (k.split()[0] not in kinds.values(), k))]
             rows = [[role] + [f"{best[role, k][0]:.2f} {best[role, k][1]}" if (role, k) in best else "-" for k in present]
                     for role in sw["roles"]]
             print("\nThe fastest tile of each int4 kernel (us per matrix):\n\n" + table(["role"] + present, rows))
