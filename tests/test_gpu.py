@@ -280,6 +280,7 @@ def test_fused_int4_gemv_kernel_equals_the_dequantized_product():
     g = torch.Generator(device="cuda").manual_seed(0)
     for N, K, group, add, norm, swiglu in ((2560, 2048, 2048, True, True, False), (2048, 5632, 5632, False, False, False),
                                            (2 * 1408, 2048, 128, True, True, True), (1000, 768, 256, False, True, True),
+                                           (2 * 1408, 2048, 2048, True, True, True),
                                            (2048, 2048, 64, False, False, False)):
         q, sc, z = quantize(torch.randn(N, K, generator=g, device="cuda") * 0.02, 4, group)
         w = dequantize(q, sc, z)

@@ -296,10 +296,12 @@ from afford.models.quant import dequantize, quantize
 from afford.models.triton_gemv import gemv_w4, w4_kind, w4_pack, w4_plan
 from tests.gemv_reference import gemv_reference
 g = torch.Generator().manual_seed(0)
+splits = 0
 for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for N, K, group, cfg in ((24, 256, 256, (8, 128, 4, 1)), (21, 256, 64, (4, 128, 2, 1)), (40, 192, 64, (16, 64, 4, 1)),
                              (9, 512, 512, (4, 512, 4, 1)), (12, 384, 64, (4, 256, 4, 1)),
-                             (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1))):   # last step masked
+                             (9, 192, 192, (4, 128, 4, 1)), (5, 352, 352, (4, 256, 2, 1)),   # last step masked
+                             (20, 1536, 1536, (16, 256, 1, 1)), (8, 1000, 1000, (8, 64, 1, 2))):  # (quads: 3 splits)
       for kind in ((0,), (1,), (2,), (2, 3), (3,), (4,), (5,), (5, "prefetch"), (5, 3)):  # (2, 3), (5, 3): K split
         cfg5 = (max(16, cfg[0]) if kind[0] == 2 else cfg[0],) + cfg[1:] + kind[:1 if kind[-1] == "prefetch" else 2]
         if kind[-1] == "prefetch":                                # over 3 programs; tensor cores: 16+ rows a program
@@ -319,6 +321,8 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
                     raise AssertionError("no error")                         # the gate rows in groups of 4
                 except ValueError:
                     continue
+            if kind == (5, 3):
+                splits += w4_plan(K, group, cfg5)[2] > 1
             for _ in range(2 if len(kind) > 1 else 1):
                 y, h = gemv_w4(x, packed, sc.contiguous(), z.contiguous(), group, cfg5, add=a, norm=gam, eps=1e-5,
                                swiglu=swiglu)
@@ -328,6 +332,8 @@ for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
             assert torch.equal(h, hr)
             assert y.shape == yr.shape and (y.float() - yr).abs().max() <= tol_v * (1 + yr.abs().max()), \
                 (dt, N, K, group, cfg5, add, norm, swiglu, (y.float() - yr).abs().max())
+assert splits >= 4, splits                 # the quads tiles (5, 3) did split K (3 ways at K = 1536 and 1000, the
+                                           # last split of 1000's partly past the row)
 print("ok")
 """
     interpret(code)

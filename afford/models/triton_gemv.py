@@ -861,11 +861,11 @@ if triton is not None:
 
 
 # a GEMV_W4_CONFIGS tile's fifth element: the code layout, and whether the tensor-core kernel runs it; a sixth
-# (tensor cores, one group a row): the programs a row's K is split over
+# (tensor cores and quads, one group a row): the programs a row's K is split over
 W4_KINDS = {0: ("pairs", False), 1: ("halves", False), 2: ("halves", True), 3: ("octets", False),
             4: ("halves", False),         # 4: halves with x in the codes' layout (_gemv_w4_kernel's X2D)
             5: ("quads", False)}          # 5: integer dot products, x in fixed point (_gemv_w4q_kernel)
-_SPLIT_WS: dict = {}          # device -> (fp32 partial sums, int32 counters) of the split tensor-core GEMV
+_SPLIT_WS: dict = {}          # device -> (fp32 partial sums, int32 counters) of the split tensor-core and quads GEMVs
 
 
 def _split_workspace(device: torch.device, blocks: int, block_n: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -967,7 +967,8 @@ def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm
     if layout == "quads":
         words, bc = K // 8, bk // 8
         wper = -(-(-(-words // split)) // bc) * bc          # word columns a split, whole steps
-        split = -(-words // wper)                            # (no split left empty)
+        split = -(-words // wper)                            # (no split left empty; a short last split's steps
+                                                             # past the row are masked: EVEN off for all splits)
         if -(-wper // bc) > 512:             # a (row, word column)'s sum of q * ML, < 8 * 15 * 65536 a step: 32 bits
             return None
         return (_gemv_w4q_kernel, dict(K=K, BLOCK_C=bc, PRE=min(256 * warps, triton.next_power_of_2(K)),
