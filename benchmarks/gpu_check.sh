@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, as ONE command on a GPU machine (no network needed): the GPU tests, then
 # benchmarks/gpu_decode.py. Everything it writes lands in $OUT (default benchmarks/results/gpu_run):
-# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json. About 3.5 minutes on an H200 (BENCH_ARGS="--skip hf_":
+# gpu_info.txt, gpu_tests.log, gpu_decode.log, gpu_decode.json, gpu_report.md (its tables, also printed last).
+# About 3.5 minutes on an H200 (BENCH_ARGS="--skip hf_":
 # transformers' eager generate takes ~25 s more). The compress test needs constriction (pip install constriction).
 #   bash benchmarks/gpu_check.sh            # from the repository root
 # Knobs (environment): TESTS (pytest arguments), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), BUDGET (seconds
@@ -21,5 +22,8 @@ timeout ${TEST_TIMEOUT:-240} $PY -m pytest -p no:cacheprovider ${TESTS:-tests/te
 tests=$?                                  # the benchmark runs either way; the exit status reports both
 timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/gpu_decode.py --out "$OUT" --budget ${BUDGET:-250} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log"
 bench=$?
+# the run's tables (benchmarks/report.py's GPU section), last, where a caller reading only the output's tail sees them
+$PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); import report; report.gpu_decode(json.load(open(sys.argv[1])))" \
+    "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_report.md" | tail -80 || true
 echo "gpu_check: tests exit $tests, benchmark exit $bench"
 exit $(( tests != 0 ? tests : bench ))
