@@ -551,6 +551,27 @@ if triton is not None:
         return tl.max(mx, axis=0), ss, tl.sum(xs, axis=0)
 
     @triton.jit
+    def _x_scan_words(X, A, XO, G, pid, w_lo, c, i, K: tl.constexpr, WPER: tl.constexpr, BLOCK_C: tl.constexpr,
+                      HAS_ADD: tl.constexpr, NORM: tl.constexpr):
+        """_x_scan over one split's x only -- word columns [w_lo, w_lo + WPER), k = 4c + i and K / 2 + 4c + i, in
+        the steps' own layout -- for its own fixed point; its squares' and x's sums (scalars) for the last split
+        to add up. Program (0, split) writes its columns' x + a."""
+        mx = tl.zeros((1, BLOCK_C, 4), tl.float32)
+        ss = tl.zeros((1, BLOCK_C, 4), tl.float32)
+        xs = tl.zeros((1, BLOCK_C, 4), tl.float32)
+        for t in tl.static_range(0, WPER, BLOCK_C):      # (unrolled, as _x_scan: the steps' loop stays the only one)
+            kx = 4 * (w_lo + t + c)[None, :, None] + i[None, None, :]
+            km = kx < K // 2
+            xe, se = _x_part(X, A, XO, G, kx, km, km & (pid == 0), HAS_ADD, NORM, False)
+            xo, so = _x_part(X, A, XO, G, K // 2 + kx, km, km & (pid == 0), HAS_ADD, NORM, False)
+            mx = tl.maximum(mx, tl.maximum(tl.abs(xe), tl.abs(xo)))
+            ss += se + so
+            xs += xe + xo
+        mx = tl.max(tl.max(tl.max(mx, axis=2), axis=1), axis=0)
+        ss = tl.sum(tl.sum(tl.sum(ss, axis=2), axis=1), axis=0)
+        return mx, ss, tl.sum(tl.sum(tl.sum(xs, axis=2), axis=1), axis=0)
+
+    @triton.jit
     def _q_codes(P, goff, gm, c0, j, W: tl.constexpr, EVEN: tl.constexpr):
         """A step's code words (GN, C, 4): the row groups at goff (GN,; gm: which exist -- pack_quads pads the
         last one with zero rows), words c0.. -- loaded as (GN, 4C), each group's words for its four rows one
@@ -602,9 +623,10 @@ if triton is not None:
         # load before the step before it computes (Triton's pipeliner left this loop alone: the same SASS at
         # num_stages 1 and 2), for twice the bytes in flight at the cost of registers. SPLIT > 1: a row block's
         # word columns are split over SPLIT programs (program_id 1; WPER columns each) -- more programs, more bytes
-        # in flight for the one-warp tiles (o and down have 128 row blocks of 16 for 132 SMs); each scans all of x
-        # (the same fixed point), stores its rows' sums in its own slot of WS and counts itself in CNT (zero between
-        # calls); the one that counts last adds the slots in split order (deterministic) and finishes the rows.
+        # in flight for the one-warp tiles (o and down have 128 row blocks of 16 for 132 SMs); each scans only its
+        # own x (its own fixed point: a finer one), stores its rows' sums, x's squares' and x's sums in its own slot
+        # of WS and counts itself in CNT (zero between calls); the one that counts last adds the slots in split
+        # order (deterministic), takes the norm's 1 / rms from the squares, and finishes the rows.
         W: tl.constexpr = K // 8
         GN: tl.constexpr = BLOCK_N // 4
         pid = tl.program_id(0)
@@ -632,8 +654,12 @@ if triton is not None:
         wd, wu = _q_rows(P, goff, goff_u, gm, w_lo, j, W, EVEN, SWIGLU)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        mx, ss, xt = _x_scan(X, A, XO, G, pid + tl.program_id(1), K, PRE, HAS_ADD, NORM)
-        rr = _inv_rms(ss, eps, K, NORM)
+        if SPLIT == 1:
+            mx, ss, xt = _x_scan(X, A, XO, G, pid, K, PRE, HAS_ADD, NORM)
+            rr = _inv_rms(ss, eps, K, NORM)
+        else:
+            mx, ss, xt = _x_scan_words(X, A, XO, G, pid, w_lo, tl.arange(0, BLOCK_C), tl.arange(0, 4), K, WPER,
+                                       BLOCK_C, HAS_ADD, NORM)
         e = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) - 127, -100)               # floor(log2(max |x|))
         scl = ((148 - e) << 23).to(tl.float32, bitcast=True)                            # 2^(21 - e)
         inv = ((106 + e) << 23).to(tl.float32, bitcast=True)                            # 2^(e - 21)
@@ -656,24 +682,30 @@ if triton is not None:
         if SPLIT == 1:
             _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
         else:
+            SLOT: tl.constexpr = 2 * BLOCK_N + 2          # a split's row sums, up sums, x's squares and sum
             i = 4 * tl.arange(0, GN)[:, None] + r[None, :]                            # (GN, 4): a slot's rows
-            ws = WS + pid * (SPLIT * 2 * BLOCK_N)
-            mine = ws + tl.program_id(1) * (2 * BLOCK_N)
+            two = tl.arange(0, 2)
+            ws = WS + pid * (SPLIT * SLOT)
+            mine = ws + tl.program_id(1) * SLOT
             tl.store(mine + i, sums, mask=nm)
             if SWIGLU:
                 tl.store(mine + BLOCK_N + i, sums_u, mask=nm)
+            tl.store(mine + 2 * BLOCK_N + two, tl.where(two == 0, ss, xt))
             tl.debug_barrier()                           # every thread's stores before the count (release)
             if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
                 sums = tl.zeros((GN, 4), tl.float32)     # the last split: the slots in split order, from L2
                 sums_u = tl.zeros((GN, 4), tl.float32)
+                tot = tl.zeros((2,), tl.float32)
                 for sp in tl.static_range(SPLIT):
-                    sums += tl.load(ws + sp * (2 * BLOCK_N) + i, mask=nm, other=0.0, cache_modifier=".cg")
+                    sums += tl.load(ws + sp * SLOT + i, mask=nm, other=0.0, cache_modifier=".cg")
                     if SWIGLU:
-                        sums_u += tl.load(ws + sp * (2 * BLOCK_N) + BLOCK_N + i, mask=nm, other=0.0,
-                                          cache_modifier=".cg")
+                        sums_u += tl.load(ws + sp * SLOT + BLOCK_N + i, mask=nm, other=0.0, cache_modifier=".cg")
+                    tot += tl.load(ws + sp * SLOT + 2 * BLOCK_N + two, cache_modifier=".cg")
                 tl.store(CNT + pid, 0)                   # ready for the next call, and a graph's next replay
                 if not SWIGLU:
                     sums_u = sums
+                rr = _inv_rms(tl.where(two == 0, tot, 0.0), eps, K, NORM)
+                xt = tl.sum(tl.where(two == 1, tot, 0.0), axis=0)
                 _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
 
 if triton is not None:
