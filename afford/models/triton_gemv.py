@@ -86,6 +86,37 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _split_last(WS, CNT, pid, i, nm, ys, yu, ss, xs, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr):
+        """A row block's K split over SPLIT programs (program_id 1): this one's row sums ys (yu: the up rows'), at
+        i (mask nm), and x's squares' and x's sums (scalars) go to its slot of WS; it counts itself in CNT (zero
+        between calls). Returns whether it counted last and then every slot's sums added in split order
+        (deterministic, unlike atomic adds; read from L2), the norm's 1 / rms and x's sum -- the counter left at
+        zero for the next call and a graph's next replay."""
+        SLOT: tl.constexpr = 2 * BLOCK_N + 2
+        two = tl.arange(0, 2)
+        ws = WS + pid * (SPLIT * SLOT)
+        mine = ws + tl.program_id(1) * SLOT
+        tl.store(mine + i, ys, mask=nm)
+        if SWIGLU:
+            tl.store(mine + BLOCK_N + i, yu, mask=nm)
+        tl.store(mine + 2 * BLOCK_N + two, tl.where(two == 0, ss, xs))
+        tl.debug_barrier()                               # every thread's stores before the count (release)
+        last = tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1
+        ys = tl.zeros_like(ys)
+        yu = tl.zeros_like(yu)
+        tot = tl.zeros((2,), tl.float32)
+        if last:
+            for sp in tl.static_range(SPLIT):
+                ys += tl.load(ws + sp * SLOT + i, mask=nm, other=0.0, cache_modifier=".cg")
+                if SWIGLU:
+                    yu += tl.load(ws + sp * SLOT + BLOCK_N + i, mask=nm, other=0.0, cache_modifier=".cg")
+                tot += tl.load(ws + sp * SLOT + 2 * BLOCK_N + two, cache_modifier=".cg")
+            tl.store(CNT + pid, 0)
+        return last, ys, yu, _inv_rms(tl.where(two == 0, tot, 0.0), eps, K, NORM), \
+            tl.sum(tl.where(two == 1, tot, 0.0), axis=0)
+
+    @triton.jit
     def _store_out(Y, n, nm, y, yu, SWIGLU: tl.constexpr):
         """The rows' fp32 results (with SwiGLU: y the gate rows, yu the up rows) into Y in its dtype; silu
         rounded to the dtype before the product, as torch's operators round."""
@@ -681,31 +712,10 @@ if triton is not None:
             sums_u = _q_sums(uH, uL, msum, inv)
         if SPLIT == 1:
             _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
-        else:
-            SLOT: tl.constexpr = 2 * BLOCK_N + 2          # a split's row sums, up sums, x's squares and sum
-            i = 4 * tl.arange(0, GN)[:, None] + r[None, :]                            # (GN, 4): a slot's rows
-            two = tl.arange(0, 2)
-            ws = WS + pid * (SPLIT * SLOT)
-            mine = ws + tl.program_id(1) * SLOT
-            tl.store(mine + i, sums, mask=nm)
-            if SWIGLU:
-                tl.store(mine + BLOCK_N + i, sums_u, mask=nm)
-            tl.store(mine + 2 * BLOCK_N + two, tl.where(two == 0, ss, xt))
-            tl.debug_barrier()                           # every thread's stores before the count (release)
-            if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
-                sums = tl.zeros((GN, 4), tl.float32)     # the last split: the slots in split order, from L2
-                sums_u = tl.zeros((GN, 4), tl.float32)
-                tot = tl.zeros((2,), tl.float32)
-                for sp in tl.static_range(SPLIT):
-                    sums += tl.load(ws + sp * SLOT + i, mask=nm, other=0.0, cache_modifier=".cg")
-                    if SWIGLU:
-                        sums_u += tl.load(ws + sp * SLOT + BLOCK_N + i, mask=nm, other=0.0, cache_modifier=".cg")
-                    tot += tl.load(ws + sp * SLOT + 2 * BLOCK_N + two, cache_modifier=".cg")
-                tl.store(CNT + pid, 0)                   # ready for the next call, and a graph's next replay
-                if not SWIGLU:
-                    sums_u = sums
-                rr = _inv_rms(tl.where(two == 0, tot, 0.0), eps, K, NORM)
-                xt = tl.sum(tl.where(two == 1, tot, 0.0), axis=0)
+        else:                                            # the last split finishes the rows (slot rows: (GN, 4))
+            last, sums, sums_u, rr, xt = _split_last(WS, CNT, pid, 4 * tl.arange(0, GN)[:, None] + r[None, :], nm,
+                                                     sums, sums_u, ss, xt, eps, K, BLOCK_N, SPLIT, NORM, SWIGLU)
+            if last:
                 _w4_finish(Y, n, nm, s, z, su, zu, sums, sums_u, 0.0, 0.0, xt, 0.0, rr, True, SWIGLU)
 
 if triton is not None:
@@ -861,34 +871,10 @@ if triton is not None:
         if SPLIT == 1:
             _w4_finish(Y, n, nm, s, z, su, zu, ys, yu, zacc, zacc_u, tl.sum(xsum, axis=0), OFF,
                        _inv_rms(ss, eps, K, NORM), ONE, SWIGLU)
-        else:
-            i = tl.arange(0, BLOCK_N)
-            SLOT: tl.constexpr = 2 * BLOCK_N + 2         # a split's row sums, up sums, squares, x sum
-            ws = WS + pid * (SPLIT * SLOT)
-            mine = ws + tl.program_id(1) * SLOT
-            tl.store(mine + i, ys, mask=nm)
-            if SWIGLU:
-                tl.store(mine + BLOCK_N + i, yu, mask=nm)
-            tl.store(mine + 2 * BLOCK_N + tl.arange(0, 2),
-                     tl.where(tl.arange(0, 2) == 0, tl.sum(ss, axis=0), tl.sum(xsum, axis=0)))
-            tl.debug_barrier()                           # every thread's stores before the count (release)
-            if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
-                # the last split: the others' slots, summed in split order (the same sums every call, graphs or
-                # not), read from L2
-                ys = tl.zeros((BLOCK_N,), tl.float32)
-                yu = tl.zeros((BLOCK_N,), tl.float32)
-                tot = tl.zeros((2,), tl.float32)
-                for sp in tl.static_range(SPLIT):
-                    ys += tl.load(ws + sp * SLOT + i, mask=nm, other=0.0, cache_modifier=".cg")
-                    if SWIGLU:
-                        yu += tl.load(ws + sp * SLOT + BLOCK_N + i, mask=nm, other=0.0, cache_modifier=".cg")
-                    tot += tl.load(ws + sp * SLOT + 2 * BLOCK_N + tl.arange(0, 2), cache_modifier=".cg")
-                tl.store(CNT + pid, 0)                   # ready for the next call, and a graph's next replay
-                sst = tl.sum(tl.where(tl.arange(0, 2) == 0, tot, 0.0), axis=0)
-                xst = tl.sum(tl.where(tl.arange(0, 2) == 1, tot, 0.0), axis=0)
-                r = 1.0
-                if NORM:
-                    r = 1.0 / tl.sqrt(sst / K + eps)
+        else:                                            # the last split finishes the rows
+            last, ys, yu, r, xst = _split_last(WS, CNT, pid, tl.arange(0, BLOCK_N), nm, ys, yu, tl.sum(ss, axis=0),
+                                               tl.sum(xsum, axis=0), eps, K, BLOCK_N, SPLIT, NORM, SWIGLU)
+            if last:
                 _w4_finish(Y, n, nm, s, z, su, zu, ys, yu, zacc, zacc_u, xst, OFF, r, ONE, SWIGLU)
 
 
