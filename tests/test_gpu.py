@@ -87,28 +87,29 @@ def test_fused_decode_attention_equals_the_three_kernels(dtype):
     head) merging): the pools rope_store writes bit for bit, the output of rope_store + attend_rows, with one
     split and sixteen, twice in a row (its counters zero again), a padding row writing the scratch slot."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    H, KV, D, BS, nb, R, W = 32, 4, 64, 16, 256, 6, 40
+    H, KV, D, BS, nb, R = 32, 4, 64, 16, 256, 6
     S = nb * BS
     cos = torch.randn(2048, D // 2, generator=g, device="cuda").repeat(1, 2)
     sin = torch.randn(2048, D // 2, generator=g, device="cuda").repeat(1, 2)
-    tables = torch.randperm(nb, device="cuda")[:R * W].view(R, W).to(torch.int32)
-    pos = torch.tensor([0, 127, 128, 300, 639, 17], device="cuda")
-    slots = tables[torch.arange(R, device="cuda"), pos // BS].long() * BS + pos % BS
-    slots[5] = -1
-    row_seq, limits = torch.arange(R, device="cuda"), pos + 1
     pools = [torch.randn(S + BS, KV, D, generator=g, device="cuda").to(dtype) for _ in range(2)]
     qkv = torch.randn(R, H + 2 * KV, D, generator=g, device="cuda").to(dtype)
-    for max_ctx in (None, 2048):                                 # 10 splits of 64 tokens; 16 of 128
+    # a table of 2 blocks (32 tokens: one split) and of 40 (16 splits, each row's length from its context)
+    for W, pos in ((2, [0, 5, 16, 31, 30, 17]), (40, [0, 127, 128, 300, 639, 17])):
+        tables = torch.randperm(nb, device="cuda")[:R * W].view(R, W).to(torch.int32)
+        pos = torch.tensor(pos, device="cuda")
+        slots = tables[torch.arange(R, device="cuda"), pos // BS].long() * BS + pos % BS
+        slots[5] = -1
+        row_seq, limits = torch.arange(R, device="cuda"), pos + 1
         rk, rv = (p.clone() for p in pools)
         q = triton_paged.rope_store(qkv, cos, sin, pos, slots, rk, rv, S, H)
-        ref = triton_paged.attend_rows(q, rk, rv, tables, row_seq, limits, BS, D ** -0.5, max_ctx).float()
+        ref = triton_paged.attend_rows(q, rk, rv, tables, row_seq, limits, BS, D ** -0.5).float()
         for _ in range(2):
             kp, vp = (p.clone() for p in pools)
-            out = triton_paged.attend_decode(qkv, cos, sin, pos, slots, kp, vp, S, H, tables, row_seq, limits, BS,
-                                             max_ctx).float()
+            out = triton_paged.attend_decode(qkv, cos, sin, pos, slots, kp, vp, S, H, tables, row_seq, limits,
+                                             BS).float()
             assert torch.equal(kp, rk) and torch.equal(vp, rv)
             assert (out - ref).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-2), (out - ref).abs().max()
-            assert not triton_paged._COUNTERS[qkv.device].any()
+            assert not triton_paged._COUNTERS.get(qkv.device, torch.zeros(1)).any()
 
 
 def test_paged_backend_model_equals_sdpa_on_ragged_batches(random_pair):
