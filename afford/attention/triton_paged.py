@@ -22,6 +22,14 @@ from afford.models.triton_lib import available, pdl_args, tl, triton  # noqa: F4
 
 if triton is not None:
     @triton.jit
+    def _pdl(PDL: tl.constexpr):
+        """Programmatic dependent launch (triton_lib): let the next kernel launch now, then wait for the one
+        before this one to finish (every kernel here reads what the one before wrote)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _rope(x, partner, c, s, sign):
         """HF's rotate-half RoPE of x, x * cos + cat(-x2, x1) * sin: `partner` holds x's element of the other
         half, `sign` is -1 on the first half; rounded to x's dtype after each product and after the sum as
@@ -76,9 +84,7 @@ if triton is not None:
     def _program(row_seq, limits, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """A split program's (row, K/V head, split), the row's sequence, context length and split length, and
         its tokens [lo, hi) (empty for a split past the context)."""
-        if PDL:                              # (triton_lib: programmatic dependent launch)
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        _pdl(PDL)
         r = tl.program_id(0)
         sp = tl.program_id(2)
         n_ctx = tl.load(limits + r)
@@ -145,9 +151,7 @@ if triton is not None:
     def _merge_kernel(Acc, Ml, O, limits, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr,
                       D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        _pdl(PDL)
         r = tl.program_id(0)
         n_ctx = tl.load(limits + r)
         chunk = _chunk(n_ctx, SPLITS, BLOCK_N)
@@ -205,9 +209,7 @@ if triton is not None:
                            stride_n, stride_h, stride_cos, stride_ks, stride_kh, stride_qn, stride_qh,
                            H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                            PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        _pdl(PDL)
         n = tl.program_id(0)
         h = tl.program_id(1)                 # one of the H + 2 KV heads of token n's q|k|v
         j = tl.arange(0, HALF_PAD)
