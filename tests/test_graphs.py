@@ -269,6 +269,7 @@ for cfgs in (dict(triton_gemv.GEMV_CONFIGS), dict(triton_gemv.GEMV_CONFIGS, o=No
     for (k, v), (kr, vr) in zip(runner.kv, kv_ref):
         assert (k - kr).abs().max() < 1e-4 and (v - vr).abs().max() < 1e-4
 want = m.lm_head(ref)                            # the LM head: after the norm kernel, or a GEMV with it fused
+assert m._gemv_ready() and m._head_gemv
 for head in (None, (8, 64, 4, 1)):
     triton_gemv.GEMV_CONFIGS["head"] = head
     lg = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm, head=True)

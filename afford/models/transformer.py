@@ -555,7 +555,8 @@ class Transformer(nn.Module):
         (gate|up); a dense role configured None runs F.linear. Attention: the backend's fused RoPE + K/V store.
         Returns the final-normed hidden state (1, hidden), or with head=True the logits (1, V) in x's dtype:
         the LM head a GEMV with the final add + RMSNorm fused in where the "head" role has a tile, else the
-        add_rmsnorm kernel and the head's own product (cuBLAS, or the QuantLinear's kernel)."""
+        add_rmsnorm kernel and the head's own product (cuBLAS, or the QuantLinear's kernel). Runs on what
+        _gemv_ready() prepared (the int4 layouts, whether the head has a tile): call it first."""
         from afford.models.quant import QuantLinear
         from afford.models.triton_gemv import GEMV_CONFIGS, GEMV_W4_CONFIGS, gemv, gemv_w4
 
@@ -580,8 +581,8 @@ class Transformer(nn.Module):
             act, x = mm("gate_up", x, layer.mlp.gate_up, add=a, norm=n2.weight, eps=n2.eps, swiglu=True)
             a, _ = mm("down", act, layer.mlp.down_proj)
         norm = self.model.norm
-        if head and self._gemv_ready() and self._head_gemv \
-                and (isinstance(self.lm_head, QuantLinear) or GEMV_CONFIGS.get("head") is not None):
+        dense_tile = GEMV_CONFIGS.get("head") is not None
+        if head and self._head_gemv and (isinstance(self.lm_head, QuantLinear) or dense_tile):
             return mm("head", x, self.lm_head, add=a, norm=norm.weight, eps=norm.eps)[0]
         h = add_rmsnorm(x, a, norm.weight, norm.eps)[1]
         return self.lm_head(h) if head else h
