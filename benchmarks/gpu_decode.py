@@ -586,8 +586,11 @@ def main():
         for B in (batches[0], batches[-1]):
             # A/B: RoPE and the K/V store as torch's operators; residual add + RMSNorm and silu * up as torch's
             run_arm(f"afford_graphs_unfusedrope_b{B}", lambda B=B: switched(B, runner.backend, "fused_rope", False))
-            # decode attention as three kernels (rope_store, split, merge) instead of attend_decode's one
-            run_arm(f"afford_graphs_unfuseddecode_b{B}", lambda B=B: switched(B, runner.backend, "fused_decode", False))
+            # decode attention as attend_decode's one kernel against three (rope_store, split, merge), switched
+            # from the default (run 12 named the arm for three kernels: one was the default then)
+            fd = runner.backend.fused_decode
+            run_arm(f"afford_graphs_{'unfused' if fd else 'fused'}decode_b{B}",
+                    lambda B=B, fd=fd: switched(B, runner.backend, "fused_decode", not fd))
             run_arm(f"afford_graphs_unfusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", False))
         for B in batches:                  # A/B: the host reads each step's tokens before the next launches
             run_arm(f"afford_graphs_sync_b{B}", lambda B=B: switched(B, llm.engine, "async_scheduling", False))
@@ -771,9 +774,9 @@ def main():
     # afford_int4_head: the LM head int4 too (quantize_head; gpt-fast's int4 quantizes it, afford's default keeps
     # it bf16), with the sweep's tiles where they ran (else the defaults) and its head tile where one beat tinygemm
     swept_all = w4_chosen if {"qkv", "gate_up"} <= set(w4_chosen) else defaults_w4
-    head_w4 = {k: v for k, v in swept_all.items() if k != "head"}
-    if "head" in w4_chosen:
-        head_w4["head"] = w4_chosen["head"]
+    head_w4 = dict(swept_all)
+    if w4:                                  # the sweep ran: its head tile, or tinygemm where none beat it
+        head_w4["head"] = w4_chosen.get("head")
     for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),
                           ("afford_int4_head", "int4", "head"),
                           ("afford_int4_tinygemm", "int4", "tinygemm"),

@@ -456,13 +456,17 @@ def gpu_decode(r) -> None:
         print("\nProgrammatic dependent launch (afford/models/triton_lib.py) on vs off, graphs:\n\n"
               + table(["arm", "PDL tok/s", "no PDL tok/s", "PDL / no PDL", "decode ms PDL / no PDL",
                        "switched arm's graph replay ms", "same tokens"], pdl))
-    for b in (1, 16, 64):                  # decode attention in one kernel (the default) against the three kernels
-        v, g = a.get(f"afford_graphs_unfuseddecode_b{b}"), a.get(f"afford_graphs_b{b}")
-        if v and g:
-            print(f"\nDecode attention in one kernel (attend_decode) against rope_store + split + merge, batch {b}: "
-                  f"{g['tok_s']:.0f} vs {v['tok_s']:.0f} tok/s ({g['tok_s'] / v['tok_s']:.2f}x; decode step "
-                  f"{g['decode_ms']:.3f} vs {v['decode_ms']:.3f} ms, the three kernels' graph replay "
-                  f"{v.get('graph_replay_ms') or 0:.3f} ms); same tokens {v['same_tokens_as_default']:.0%}")
+    for b in (1, 16, 64):                  # decode attention in one kernel against the three kernels
+        for name, one_default in (("unfuseddecode", True), ("fuseddecode", False)):   # the switched arm's name
+            v, g = a.get(f"afford_graphs_{name}_b{b}"), a.get(f"afford_graphs_b{b}")
+            if not (v and g):
+                continue
+            one, three = (g, v) if one_default else (v, g)
+            print(f"\nDecode attention in one kernel (attend_decode) against rope_store + split + merge, batch {b}"
+                  f" ({'one' if one_default else 'three'} the default): {one['tok_s']:.0f} vs {three['tok_s']:.0f} "
+                  f"tok/s ({one['tok_s'] / three['tok_s']:.2f}x; decode step {one['decode_ms']:.3f} vs "
+                  f"{three['decode_ms']:.3f} ms, the switched arm's graph replay {v.get('graph_replay_ms') or 0:.3f}"
+                  f" ms); same tokens {v['same_tokens_as_default']:.0%}")
     sv, g = a.get("afford_graphs_swept_b1"), a.get("afford_graphs_b1")
     if sv and g:
         print(f"\nThe sweep's tiles {sv['configs']} instead of the defaults, batch 1: {sv['tok_s']:.0f} vs "

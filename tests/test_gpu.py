@@ -315,8 +315,9 @@ def test_fused_int4_gemv_gives_the_int4_logits(random_pair, monkeypatch):
     the LM head int4 too (quantize_head), a GEMV with the final norm fused where a tile names the head."""
     from afford.models import triton_gemv
     model = load_for_inference(random_pair[0], "cuda", "bfloat16", quantization="int4", quantize_head=True)
-    outs = []
-    for cfgs, graphs in (({}, False), (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 2048, 4, 1)), False),
+    outs, defaults = [], dict(triton_gemv.GEMV_W4_CONFIGS)       # (the defaults mix layouts and kernels by role)
+    for cfgs, graphs in (({}, False), (defaults, True),
+                         (dict.fromkeys(("qkv", "o", "gate_up", "down"), (4, 2048, 4, 1)), False),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down", "head"), (4, 2048, 4, 1)), False),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1)), True),
                          (dict.fromkeys(("qkv", "o", "gate_up", "down"), (8, 1024, 4, 1, 1)), True),

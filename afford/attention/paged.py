@@ -51,9 +51,10 @@ class PagedBackend(AttentionBackend):
         # batch-1 step of a 1.1 B model: 1.70 -> 1.33 ms on an H200, benchmarks/gpu_decode.py)
         self.fused_rope = True
         # ... and for decode rows (each its sequence's only fed token) RoPE, the K/V store, attention and the
-        # splits' merge as ONE kernel (triton_paged.attend_decode): 3 kernels a layer become 1 (not yet timed
-        # on a card); False: rope_store, then attend_rows
-        self.fused_decode = True
+        # splits' merge as ONE kernel (triton_paged.attend_decode): 3 kernels a layer become 1, but on an H200
+        # (run 12, 8e2fd79) the step got slower: batch 1 0.900 vs 0.805 ms, batch 16 1.331 vs 1.248 ms. Off by
+        # default (rope_store, then attend_rows); True switches it on
+        self.fused_decode = False
 
     def _triton(self, q: torch.Tensor) -> bool:
         if self.use_triton is not None:

@@ -43,17 +43,18 @@ GEMV_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
 # (W4_KINDS: 0 or none the pairs layout, triton_int4.pack; 1 halves, pack_halves; 2 halves through the tensor
 # cores, _gemv_w4_tc_kernel; 3 octets, pack_octets, one group a row, _gemv_w4o_kernel; 4 halves with x loaded
 # in the codes' layout, _gemv_w4_kernel's X2D; 5 quads, pack_quads, one group a row, integer dot products on x in
-# fixed point, _gemv_w4q_kernel -- 4 and 5 not yet run on a card; a sixth element for 2 and 5: K split over that
-# many programs). o and down without one
-# keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale group smaller than
-# the tile, which this kernel would walk in short steps -- not measured) keep the model on the fused-layer
-# path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (run 10, 1c57dce), per-channel scales, 22
-# streamed matrices a role, each role's fastest of W4_SWEEP_CONFIGS where it beats tinygemm: q|k|v with add +
-# norm 4.65 us against tinygemm + the norm kernel's 5.08, o 3.47 vs 3.69, gate|up with add + norm + SwiGLU
-# 10.9 vs 12.2; down stays on tinygemm (6.42 vs 6.91). The tensor-core and octets tiles lost on every role.
-# The whole batch-1 int4 step with these and PDL: 0.676 ms, against 0.849 with run 8's tiles.
-GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (8, 1024, 4, 1), "o": (4, 1024, 2, 1, 1),
-                                                      "gate_up": (8, 1024, 4, 3)}
+# fixed point, _gemv_w4q_kernel; a sixth element for 2 and 5: K split over that many programs). o, down and
+# the head without one keep their QuantLinear's kernel (tinygemm); q|k|v or gate|up without one (or with a scale
+# group smaller than the tile, which this kernel would walk in short steps -- not measured) keep the model on the
+# fused-layer path. The defaults: gpu_decode.py's gemv_w4_sweep on an H200 (run 12, 8e2fd79), per-channel
+# scales, 22 streamed matrices a role, each role's fastest of W4_SWEEP_CONFIGS (us a matrix, against tinygemm
+# and the kernels it replaces): q|k|v with add + norm 3.47 vs 5.07 (pairs), o 3.25 vs 3.72 (quads), gate|up with
+# add + norm + SwiGLU 7.15 vs 12.20 (quads, K split in 4), down 5.51 vs 6.43 (halves), the head (only where
+# quantize_head makes it int4) with the final add + norm 12.79 vs 23.21 (quads). Run 10's tiles (pairs for
+# q|k|v and gate|up, halves for o, tinygemm for down): 3.47-4.65, 3.43, 9.55, 6.43 us.
+GEMV_W4_CONFIGS: dict[str, tuple[int, ...] | None] = {"qkv": (8, 2048, 4, 1), "o": (16, 1024, 4, 2, 5),
+                                                      "gate_up": (16, 256, 1, 2, 5, 4), "down": (4, 2048, 4, 1, 1),
+                                                      "head": (16, 256, 1, 1, 5)}
 # the tiles gpu_decode.py's gemv_sweep times per role on the card (and tests/test_gpu.py checks)
 SWEEP_CONFIGS = [(2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1),
                  (16, 512, 4, 1), (16, 512, 8, 1), (4, 512, 2, 1), (8, 512, 4, 3), (4, 1024, 4, 2), (16, 256, 4, 3)]
