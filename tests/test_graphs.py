@@ -711,7 +711,7 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
                                            stride_n="i32", stride_h="i32", stride_cos="i32", stride_ks="i32",
                                            stride_kh="i32", stride_or="i32", stride_oh="i32", stride_tb="i32"),
                    dict(H=32, KV=4, BS=16, G=8, GP=16, D=64, D_PAD=64, BLOCK_N=32, SPLITS=splits,
-                        S_PAD=max(2, splits), IEEE=dt == "fp32"), 4) for splits in (1, 16)]):
+                        GM=8, S_PAD=max(2, splits), IEEE=dt == "fp32"), 4) for splits in (1, 16)]):
             k = gemv_sass.build(fn, sig, dict(cst, PDL=True), warps, 1)
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1

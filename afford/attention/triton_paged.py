@@ -95,7 +95,7 @@ if triton is not None:
     @triton.jit
     def _emit(O, Acc, Ml, r, sp, heads, g, d, qm, m, l_sum, acc, stride_or, stride_oh, H: tl.constexpr,
               G: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr):
-        """One split: the rows' output; several: this split's partials (merged by _merge_one)."""
+        """One split: the rows' output; several: this split's partials (merged by _merge_one or _merge_group)."""
         if SPLITS == 1:
             o = acc / l_sum[:, None]
             tl.store(O + r * stride_or + heads[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty), mask=qm)
@@ -127,25 +127,41 @@ if triton is not None:
 
     @triton.jit
     def _merge_one(Acc, Ml, O, r, h, used, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr,
-                   D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, L2: tl.constexpr):
+                   D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr):
         """Row r, head h: the online-softmax partials of its first `used` splits (those the context reaches)
-        merged into the output. L2: read them from L2 (written by other programs of the same kernel)."""
+        merged into the output."""
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D_PAD)
         sm = s < used
-        am = sm[:, None] & (d < D)[None, :]
         part = (r * H + h) * SPLITS + s
-        if L2:
-            m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"), cache_modifier=".cg")
-            l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
-            acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=am, other=0.0, cache_modifier=".cg")
-        else:
-            m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"))
-            l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0)
-            acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=am, other=0.0)
+        m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"))
+        l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0)
+        acc = tl.load(Acc + part[:, None] * D_PAD + d[None, :], mask=sm[:, None] & (d < D)[None, :], other=0.0)
         w = tl.exp(m - tl.max(m, axis=0))
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
         tl.store(O + r * stride_or + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def _merge_group(Acc, Ml, O, r, kvh, used, stride_or, stride_oh, H: tl.constexpr, G: tl.constexpr,
+                     GM: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr,
+                     S_PAD: tl.constexpr):
+        """_merge_one for the G heads of K/V head kvh at once, read from L2: one round of loads (G x splits x D
+        partials) and one of reductions. _merge_one in a loop over the heads put each head's loads after the
+        store before it (they may alias): on sm_90, 8 serial L2 round trips, each with 5 CTA barriers."""
+        g = tl.arange(0, GM)[:, None]                                   # (GM, 1)
+        s = tl.arange(0, S_PAD)[None, :]                                # (1, S_PAD)
+        d = tl.arange(0, D_PAD)[None, None, :]                          # (1, 1, D_PAD)
+        sm = (g < G) & (s < used)                                       # (GM, S_PAD)
+        part = (r * H + kvh * G + g) * SPLITS + s                       # (GM, S_PAD)
+        m = tl.load(Ml + part * 2, mask=sm, other=float("-inf"), cache_modifier=".cg")
+        l_sum = tl.load(Ml + part * 2 + 1, mask=sm, other=0.0, cache_modifier=".cg")
+        acc = tl.load(Acc + part[:, :, None] * D_PAD + d, mask=sm[:, :, None] & (d < D), other=0.0,
+                      cache_modifier=".cg")                             # (GM, S_PAD, D_PAD)
+        w = tl.exp(m - tl.max(m, axis=1)[:, None])                      # (padding heads: all NaN, never stored)
+        o = tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l_sum * w, axis=1)[:, None]      # (GM, D_PAD)
+        dd = tl.arange(0, D_PAD)[None, :]
+        tl.store(O + r * stride_or + (kvh * G + g) * stride_oh + dd, o.to(O.dtype.element_ty),
+                 mask=(g < G) & (dd < D))
 
     @triton.jit
     def _merge_kernel(Acc, Ml, O, limits, stride_or, stride_oh, H: tl.constexpr, D: tl.constexpr,
@@ -156,7 +172,7 @@ if triton is not None:
         n_ctx = tl.load(limits + r)
         chunk = _chunk(n_ctx, SPLITS, BLOCK_N)
         _merge_one(Acc, Ml, O, r, tl.program_id(1), (n_ctx + chunk - 1) // chunk, stride_or, stride_oh, H, D, D_PAD,
-                   SPLITS, S_PAD, False)
+                   SPLITS, S_PAD)
 
 
 BLOCK_N, MAX_SPLITS = 32, 16
@@ -260,8 +276,8 @@ if triton is not None:
     def _decode_kernel(QKV, COS, SIN, POS, SLOTS, KP, VP, O, Acc, Ml, CNT, tables, row_seq, limits, scale, scratch,
                        stride_n, stride_h, stride_cos, stride_ks, stride_kh, stride_or, stride_oh, stride_tb,
                        H: tl.constexpr, KV: tl.constexpr, BS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                       D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                       S_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                       GM: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SPLITS: tl.constexpr, S_PAD: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """_rope_store_kernel, _split_kernel and _merge_kernel as one kernel, for rows that are each their
         sequence's only fed token (decode): every program rotates its G query heads in registers; the split
         holding the row's own position rotates its k, stores k and v at the row's slot and (a CTA barrier)
@@ -305,9 +321,8 @@ if triton is not None:
                 used = (n_ctx + chunk - 1) // chunk                 # the splits the context reaches
                 tl.debug_barrier()                                  # every thread's stores before the count
                 if tl.atomic_add(CNT + r * KV + kvh, 1, sem="acq_rel") == used - 1:
-                    for i in tl.static_range(G):                    # the last of them: merge, read from L2
-                        _merge_one(Acc, Ml, O, r, kvh * G + i, used, stride_or, stride_oh, H, D, D_PAD, SPLITS,
-                                   S_PAD, True)
+                    # the last of them: merge its G heads, read from L2
+                    _merge_group(Acc, Ml, O, r, kvh, used, stride_or, stride_oh, H, G, GM, D, D_PAD, SPLITS, S_PAD)
                     tl.store(CNT + r * KV + kvh, 0)                 # ready for the next call / graph replay
 
 
@@ -350,7 +365,8 @@ def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
                                     row_seq, limits, D ** -0.5, scratch, qkv.stride(0), qkv.stride(1), cos.stride(0),
                                     k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
                                     tables.stride(0), H=heads, KV=KV, BS=block_size, G=G,
-                                    GP=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BLOCK_N=BLOCK_N,
+                                    GP=max(16, triton.next_power_of_2(G)), GM=max(2, triton.next_power_of_2(G)), D=D,
+                                    D_PAD=D_PAD, BLOCK_N=BLOCK_N,
                                     SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)),
                                     IEEE=k_pool.dtype == torch.float32, num_warps=4, **pdl_args(qkv))
     return out
