@@ -756,7 +756,8 @@ def main():
         out = {"kernels": kernels, "weight_bytes": qllm.engine.runner.weight_bytes,
                "groups": sorted({m.group for m in qllm.engine.model.modules() if hasattr(m, "group")}),
                "fused_gemv_w4": {k: list(v) for k, v in triton_gemv.GEMV_W4_CONFIGS.items() if v},
-               "row_kernel_layers": sum(getattr(m, "_row", None) is not None for m in qllm.engine.model.modules())}
+               "row_kernel_layers": sum(getattr(m, "_row", None) is not None for m in qllm.engine.model.modules()),
+               "quantized_head": isinstance(qllm.engine.model.lm_head, quant.QuantLinear)}
         if int4 in ("triton", "auto"):
             from afford.models import triton_int4
             out["gemv_config"] = list(triton_int4.GEMV_CONFIG)

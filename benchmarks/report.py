@@ -494,16 +494,24 @@ def gpu_decode(r) -> None:
             rows = [[role] + [f"{best[role, k][0]:.2f} {best[role, k][1]}" if (role, k) in best else "-" for k in present]
                     for role in sw["roles"]]
             print("\nThe fastest tile of each int4 kernel (us per matrix):\n\n" + table(["role"] + present, rows))
+    def fused_roles(name, v):
+        """The roles the fused int4 GEMV ran: the head's tile only where the head was int4 (runs before 843c068
+        did not record it: the arm named _head quantized it)."""
+        return [role for role in v.get("fused_gemv_w4") or {}
+                if role != "head" or v.get("quantized_head", name.endswith("_head"))]
+    bf16_replay = (a.get("busy") or {}).get("graph_replay_ms_b1")
     low = [[k, ", ".join(v["kernels"]) + (f" ({v['row_kernel_layers']} matrices through the Triton row kernel)"
                                           if v.get("row_kernel_layers") else "")
-            + (f" + fused int4 GEMV for {', '.join(v['fused_gemv_w4'])}" if v.get("fused_gemv_w4") else ""),
+            + (f" + fused int4 GEMV for {', '.join(fused_roles(k, v))}" if fused_roles(k, v) else ""),
             f"{v['b1']['tok_s']:.0f}", f"{v['b16']['tok_s']:.0f}" if "b16" in v else "",
             f"{v['b1']['tok_s'] / a['afford_graphs_b1']['tok_s']:.2f}x",
-            f"{v['b1']['decode_ms']:.3f} / {a['afford_graphs_b1']['decode_ms']:.3f}"]
+            f"{v['b1']['decode_ms']:.3f} / {a['afford_graphs_b1']['decode_ms']:.3f}",
+            f"{v['b1']['graph_replay_ms']:.3f} / {bf16_replay:.3f}" if v["b1"].get("graph_replay_ms") and bf16_replay
+            else ""]
            for k, v in a.items() if k.startswith("afford_int") and "b1" in v and "afford_graphs_b1" in a]
     if low:
         print("\n" + table(["arm", "kernels", "batch 1 tok/s", "batch 16 tok/s", "batch 1 / bf16",
-                            "decode ms / bf16's"], low))
+                            "decode ms / bf16's", "graph replay ms / bf16's"], low))
     sw = a.get("int4_sweep")
     if sw:
         rows = [[k, "x".join(map(str, m["shape"])), f"{m['bf16_us']:.2f}", f"{m['tinygemm_us']:.2f}",
