@@ -57,7 +57,16 @@ def aligned(fn, sig, ints=("stride_p", "stride_w", "UP_OFF")) -> dict:
             if t.startswith("*") or n in ints}
 
 
+# the q|k|v GEMV's RoPE + K/V store arguments (_gemv_kernel, _gemv_w4_kernel): off unless a caller sets them
+ROPE_SIG = dict(COS="*fp32", SIN="*fp32", POS="*i64", SLOTS="*i64", KP="*bf16", VP="*bf16", scratch="i32",
+                stride_cos="i32", stride_ks="i32", stride_kh="i32")
+NO_ROPE = dict(ROPE=False, RH=1, RKV=1, HALF=1)
+
+
 def build(fn, sig: dict, constexprs: dict, warps: int, stages: int):
+    if "ROPE" in fn.arg_names:                               # the kernels with the q|k|v RoPE epilogue
+        sig = {**ROPE_SIG, **sig}
+        constexprs = {**NO_ROPE, **constexprs}
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
     sig = {k: sig[k] for k in fn.arg_names}                  # in the kernel's argument order
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned(fn, sig))

@@ -592,6 +592,10 @@ def main():
             run_arm(f"afford_graphs_{'unfused' if fd else 'fused'}decode_b{B}",
                     lambda B=B, fd=fd: switched(B, runner.backend, "fused_decode", not fd))
             run_arm(f"afford_graphs_unfusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", False))
+        # the q|k|v GEMV doing RoPE + the K/V store (one-row steps: batch 1) against the rope_store kernel
+        qr = llm.engine.model.fused_qkv_rope
+        run_arm(f"afford_graphs_{'no' if qr else ''}qkvrope_b{batches[0]}",
+                lambda: switched(batches[0], llm.engine.model, "fused_qkv_rope", not qr))
         for B in batches:                  # A/B: the host reads each step's tokens before the next launches
             run_arm(f"afford_graphs_sync_b{B}", lambda B=B: switched(B, llm.engine, "async_scheduling", False))
 
@@ -779,14 +783,14 @@ def main():
     if w4:                                  # the sweep ran: its head tile, or tinygemm where none beat it
         head_w4["head"] = w4_chosen.get("head")
     for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),
-                          ("afford_int4_head", "int4", "head"),
+                          ("afford_int4_head", "int4", "head"), ("afford_int4_qkvrope", "int4", "qkvrope"),
                           ("afford_int4_tinygemm", "int4", "tinygemm"),
                           ("afford_int4_swept", "int4", "swept"), (f"afford_int4_swept_{sw}", "int4", "swept_pdl"),
                           ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),
                           ("afford_int8", "int8", "default")):
         def quant_arms(q=q, mode=mode):
             w4_cfg = {"default": defaults_w4, "pdl": defaults_w4, "swept": w4_chosen, "swept_pdl": w4_chosen,
-                      "head": head_w4}.get(mode, {})
+                      "head": head_w4, "qkvrope": defaults_w4}.get(mode, {})
             if mode.startswith("swept") and (w4_chosen == defaults_w4 or not {"qkv", "gate_up"} <= set(w4_chosen)):
                 return None                 # the defaults ran already, or no fused tile beat tinygemm
             pdl = triton_lib.PDL
@@ -799,7 +803,11 @@ def main():
             triton_gemv.GEMV_W4_CONFIGS.clear()           # the fused int4 GEMV's tiles for this arm
             triton_gemv.GEMV_W4_CONFIGS.update(w4_cfg)
             try:
-                r = quant_measure(LLM(str(target), quantization=q, quantize_head=mode == "head", **common), mode)
+                qllm = LLM(str(target), quantization=q, quantize_head=mode == "head", **common)
+                if mode == "qkvrope":       # the q|k|v GEMV doing RoPE + the K/V store, switched from the default
+                    qllm.engine.model.fused_qkv_rope = not qllm.engine.model.fused_qkv_rope
+                r = quant_measure(qllm, mode)
+                r["fused_qkv_rope"] = qllm.engine.model.fused_qkv_rope
                 r["pdl"] = triton_lib.PDL
                 return r
             finally:

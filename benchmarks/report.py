@@ -467,6 +467,15 @@ def gpu_decode(r) -> None:
                   f"tok/s ({one['tok_s'] / three['tok_s']:.2f}x; decode step {one['decode_ms']:.3f} vs "
                   f"{three['decode_ms']:.3f} ms, the switched arm's graph replay {v.get('graph_replay_ms') or 0:.3f}"
                   f" ms); same tokens {v['same_tokens_as_default']:.0%}")
+    for name, on_default in (("noqkvrope_b1", True), ("qkvrope_b1", False)):   # the switched arm's name
+        v, g = a.get(f"afford_graphs_{name}"), a.get("afford_graphs_b1")
+        if v and g:
+            on, off = (g, v) if on_default else (v, g)
+            print(f"\nThe q|k|v GEMV doing RoPE + the K/V store (fused_qkv_rope) against the rope_store kernel, batch "
+                  f"1 ({'on' if on_default else 'off'} by default): {on['tok_s']:.0f} vs {off['tok_s']:.0f} tok/s "
+                  f"({on['tok_s'] / off['tok_s']:.2f}x; decode step {on['decode_ms']:.3f} vs {off['decode_ms']:.3f} ms, "
+                  f"the switched arm's graph replay {v.get('graph_replay_ms') or 0:.3f} ms); same tokens "
+                  f"{v['same_tokens_as_default']:.0%}")
     sv, g = a.get("afford_graphs_swept_b1"), a.get("afford_graphs_b1")
     if sv and g:
         print(f"\nThe sweep's tiles {sv['configs']} instead of the defaults, batch 1: {sv['tok_s']:.0f} vs "

@@ -364,6 +364,25 @@ def test_pdl_gives_the_same_logits(random_pair, dtype, quantization, monkeypatch
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
 
 
+@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int4")])
+def test_qkv_gemv_with_rope_gives_the_same_logits(random_pair, dtype, quantization):
+    """fused_qkv_rope (the one-row q|k|v GEMV doing RoPE and the K/V store, rope_store's kernel gone): the
+    logits without it bit for bit, eager and replayed from graphs; bf16, fp32 and int4 (the default tiles)."""
+    model = load_for_inference(random_pair[0], "cuda", dtype, quantization=quantization)
+    outs = []
+    for graphs in (False, True):
+        for rope in (False, True):
+            model.fused_qkv_rope = rope
+            runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)
+            runner.pool.prepare_write(0, 24)
+            pre = runner.forward([0], [0], [list(range(3, 12))])
+            steps = [runner.forward([0], [9 + i], [[4 + i]]) for i in range(4)]
+            assert model._gemv_ready() and model._qkv_rope_tile()
+            outs.append(torch.cat([pre, *steps]))
+    model.fused_qkv_rope = False
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+
+
 def test_fused_gemv_graphs_on_and_off_give_the_same_greedy_tokens(random_pair):
     ps, params = _prompts(1, 5), SamplingParams(max_tokens=24, temperature=0)
     toks = []

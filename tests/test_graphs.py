@@ -251,6 +251,65 @@ print("ok")
 
 
 @needs_triton
+def test_qkv_gemv_with_rope_in_the_interpreter():
+    """A q|k|v GEMV that does RoPE and the K/V store itself (gemv / gemv_w4 with rope=): the q, the pools and
+    the residual sum of the GEMV followed by rope_store, bit for bit -- dense, int4 pairs and halves, per-channel
+    and grouped scales, a real slot and a padding one (-1: the scratch slot), GQA; fp32 and fp16."""
+    code = """
+import torch
+from afford.attention.triton_paged import rope_store
+from afford.models.quant import quantize
+from afford.models.triton_gemv import gemv, gemv_w4, w4_kind, w4_pack
+g = torch.Generator().manual_seed(0)
+H, KV, D, K, S = 4, 2, 16, 128, 40
+N = (H + 2 * KV) * D
+cos = torch.randn(64, D // 2, generator=g).repeat(1, 2)
+sin = torch.randn(64, D // 2, generator=g).repeat(1, 2)
+for dt in (torch.float32, torch.float16):
+    x, a = (torch.randn(1, K, generator=g).to(dt) for _ in range(2))
+    gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt)
+    w = (torch.randn(N, K, generator=g) * 0.1).to(dt)
+    products = [(lambda cfg: (lambda **kw: gemv(x, w, cfg, add=a, norm=gam, eps=1e-5, **kw)))(cfg)
+                for cfg in ((4, 64, 4, 1), (8, 128, 4, 1))]
+    for group, cfg in ((K, (8, 128, 4, 1)), (32, (4, 32, 2, 1)), (K, (8, 64, 4, 1, 1)), (64, (4, 128, 4, 1, 1))):
+        q4, s4, z4 = quantize(w.float(), 4, group)
+        op = (w4_pack(q4, w4_kind(cfg)[0]), s4, z4)
+        products.append((lambda cfg, op, group: (lambda **kw: gemv_w4(x, *op, group, cfg, add=a, norm=gam, eps=1e-5,
+                                                                      **kw)))(cfg, op, group))
+    for run in products:
+        for pos, slot in ((17, 9), (5, -1)):
+            pos, slot = torch.tensor([pos]), torch.tensor([slot])
+            pools = [torch.randn(S + 1, KV, D, generator=g).to(dt) for _ in range(2)]
+            y, h = run()
+            kr, vr = (p.clone() for p in pools)
+            qr = rope_store(y.view(1, H + 2 * KV, D), cos, sin, pos, slot, kr, vr, S, H)
+            kp, vp = (p.clone() for p in pools)
+            q, h2 = run(rope=(cos, sin, pos, slot, kp, vp, S, H))
+            assert torch.equal(h2, h) and q.shape == qr.shape and torch.equal(q, qr), (dt, (q - qr).abs().max())
+            assert torch.equal(kp, kr) and torch.equal(vp, vr), dt
+print("ok")
+"""
+    interpret(code)
+
+
+# the one-row step again with the q|k|v GEMV doing RoPE and the K/V store (fused_qkv_rope): the same hidden
+# state and the same K/V bit for bit (the new token's slot zeroed first, so the GEMV must write it)
+ROPE_CHECK = """    kv_plain = [(k.clone(), v.clone()) for k, v in runner.kv]
+    for k, v in runner.kv:
+        k[meta.slots] = 0
+        v[meta.slots] = 0
+    m.fused_qkv_rope = True
+    assert m._qkv_rope_tile() and meta.backend.qkv_rope(m.rope_cos, m.rope_sin, 0, meta, 4) is not None
+    out_rope = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
+    m.fused_qkv_rope = False
+    assert torch.equal(out_rope, out), (out_rope - out).abs().max()
+    for (k, v), (kp, vp) in zip(runner.kv, kv_plain):
+        assert torch.equal(k, kp) and torch.equal(v, vp)
+"""
+ROPE_CHECK_I = "\n".join("    " + line if line else line for line in ROPE_CHECK.split("\n"))
+
+
+@needs_triton
 def test_fused_gemv_layers_in_the_interpreter(random_pair):
     """A one-row decode step through Transformer._hidden_gemv (every product a fused Triton GEMV, RoPE + K/V
     store and paged attention in Triton too, the interpreter running them all): the hidden state of the
@@ -268,7 +327,7 @@ for cfgs in (dict(triton_gemv.GEMV_CONFIGS), dict(triton_gemv.GEMV_CONFIGS, o=No
     assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4 * (1 + ref.abs().max()), (out - ref).abs().max()
     for (k, v), (kr, vr) in zip(runner.kv, kv_ref):
         assert (k - kr).abs().max() < 1e-4 and (v - vr).abs().max() < 1e-4
-want = m.lm_head(ref)                            # the LM head: after the norm kernel, or a GEMV with it fused
+{ROPE_CHECK}want = m.lm_head(ref)                            # the LM head: after the norm kernel, or a GEMV with it fused
 assert m._gemv_ready() and m._head_gemv
 for head in (None, (8, 64, 4, 1)):
     triton_gemv.GEMV_CONFIGS["head"] = head
@@ -504,7 +563,8 @@ for cfgs, layout in ((dict(down=None), "pairs"), (dict(down=(8, 128, 4, 1)), "pa
     # the CPU's int4 kernel rounds activations to bf16, the fused GEMV keeps them in fp32
     err = float((out - ref).abs().max() / ref.abs().max())
     assert out.shape == ref.shape and err < 1e-2, (cfgs, err)   # 0.004 measured
-    head = dict(head=cfgs.get("qkv", (8, 64, 4, 1)))              # the LM head as one more fused GEMV, and not
+    if layout in ("pairs", "halves") and cfgs is not tc and cfgs is not tc_split:
+{ROPE_CHECK_I}    head = dict(head=cfgs.get("qkv", (8, 64, 4, 1)))              # the LM head as one more fused GEMV, and not
     for h in (head, dict(head=None)):
         triton_gemv.GEMV_W4_CONFIGS.update(h)
         assert m._gemv_ready() and (m.lm_head._w4 is not None) == (h["head"] is not None)
@@ -716,6 +776,18 @@ def test_gpu_kernels_compile_for_sm90_in_every_dtype():
             assert "griddepcontrol.wait" in k.asm["ptx"], (fn.__name__, dt)
             built += 1
     assert built == 3 * (3 * (1 + 9 + 5) + 5)                   # octets, quads and a split K: per-channel only
+    # the q|k|v GEMVs with RoPE + the K/V store (fused_qkv_rope): dense, int4 pairs and halves, add + norm fused
+    rope = dict(ROPE=True, RH=32, RKV=4, HALF=32, HAS_ADD=True, NORM=True, SWIGLU=False, PDL=True)
+    for dt in ("bf16", "fp16"):
+        act = dict.fromkeys(("X", "A", "XO", "G", "Y", "KP", "VP"), "*" + dt)
+        k = gemv_sass.build(tg._gemv_kernel, dict(act, W="*" + dt, N="i32", UP_OFF="i64", eps="fp32", stride_w="i32"),
+                            dict(rope, K=2048, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True), 4, 1)
+        assert "griddepcontrol.wait" in k.asm["ptx"]
+        for cfg in ((8, 2048, 4, 1), (4, 2048, 4, 1, 1)):
+            plan = tg.w4_plan(2048, 2048, cfg, fp16=dt != "bf16")
+            k = gemv_sass.build(plan[0], dict(gemv_sass.w4_signature(plan[0], dt), KP="*" + dt, VP="*" + dt),
+                                dict(plan[1], **rope, BLOCK_N=cfg[0]), cfg[2], cfg[3])
+            assert "griddepcontrol.wait" in k.asm["ptx"], cfg
 
 
 @needs_triton

@@ -144,6 +144,24 @@ class PagedBackend(AttentionBackend):
         qk = x * cos + torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1) * sin
         return self.forward(qk[:, :heads], qk[:, heads:], qkv[:, heads + KV:], layer, meta)
 
+    def qkv_rope(self, cos_table: torch.Tensor, sin_table: torch.Tensor, layer: int, meta: AttnMetadata,
+                 heads: int) -> tuple | None:
+        """rope_store's arguments for a one-row q|k|v GEMV that does its work (triton_gemv.gemv's rope), or
+        None where forward_qkv would not run rope_store (torch's RoPE, no rows path)."""
+        if not (self.fused_rope and self.use_triton is not False and "rows" in meta.extra):
+            return None
+        k_pool, v_pool = meta.kv[layer]
+        scratch = meta.extra.get("scratch")
+        return (cos_table, sin_table, meta.batch.positions, meta.slots, k_pool, v_pool,
+                -1 if scratch is None else scratch, heads)
+
+    def attend_rotated(self, q: torch.Tensor, layer: int, meta: AttnMetadata) -> torch.Tensor:
+        """forward_qkv after its rope_store: q (N, H, D) rotated, k and v in the pools already."""
+        tables, row_seq, limits = meta.extra["rows"]
+        k_pool, v_pool = meta.kv[layer]
+        return attend_rows(q, k_pool, v_pool, tables, row_seq, limits, meta.batch.block_size, q.shape[-1] ** -0.5,
+                           self.max_ctx)
+
     def forward(self, q, k, v, layer, meta):
         scratch = meta.extra.get("scratch")
         if scratch is not None:                              # a graph bucket: padding rows write the scratch slot

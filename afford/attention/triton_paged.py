@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, pdl_args, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, pdl_args, rope, tl, triton  # noqa: F401  (available: re-exported)
 
 if triton is not None:
     @triton.jit
@@ -28,16 +28,6 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-
-    @triton.jit
-    def _rope(x, partner, c, s, sign):
-        """HF's rotate-half RoPE of x, x * cos + cat(-x2, x1) * sin: `partner` holds x's element of the other
-        half, `sign` is -1 on the first half; rounded to x's dtype after each product and after the sum as
-        torch's separate operators round."""
-        dt = x.dtype
-        a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
-        b = (sign * partner.to(tl.float32) * s).to(dt).to(tl.float32)
-        return (a + b).to(dt)
 
     @triton.jit
     def _walk(q, K, V, tables, seq, kvh, start, hi, stride_ks, stride_kh, stride_tb, BS: tl.constexpr,
@@ -241,8 +231,8 @@ if triton is not None:
             c2 = tl.load(COS + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
             s1 = tl.load(SIN + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
             s2 = tl.load(SIN + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
-            o1 = _rope(x1, x2, c1, s1, -1.0)
-            o2 = _rope(x2, x1, c2, s2, 1.0)
+            o1 = rope(x1, x2, c1, s1, -1.0)
+            o2 = rope(x2, x1, c2, s2, 1.0)
             if h < H:
                 dst = QO + n * stride_qn + h * stride_qh
             else:
@@ -301,14 +291,14 @@ if triton is not None:
             src = QKV + r * stride_n
             x = tl.load(src + heads[:, None] * stride_h + d[None, :], mask=qm, other=0.0)
             xp = tl.load(src + heads[:, None] * stride_h + other[None, :], mask=qm, other=0.0)
-            q = _rope(x, xp, c[None, :], s[None, :], sign[None, :])
+            q = rope(x, xp, c[None, :], s[None, :], sign[None, :])
             if sp == pos // chunk:                                 # the split that holds the row's own token
                 kx = tl.load(src + (H + kvh) * stride_h + d, mask=dm, other=0.0)
                 kp = tl.load(src + (H + kvh) * stride_h + other, mask=dm, other=0.0)
                 v = tl.load(src + (H + KV + kvh) * stride_h + d, mask=dm, other=0.0)
                 slot = tl.load(SLOTS + r)
                 slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
-                tl.store(KP + slot * stride_ks + kvh * stride_kh + d, _rope(kx, kp, c, s, sign), mask=dm)
+                tl.store(KP + slot * stride_ks + kvh * stride_kh + d, rope(kx, kp, c, s, sign), mask=dm)
                 tl.store(VP + slot * stride_ks + kvh * stride_kh + d, v, mask=dm)
                 tl.debug_barrier()                                  # stored before this CTA reads them back
             q = q.to(tl.float32) * scale

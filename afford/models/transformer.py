@@ -391,6 +391,10 @@ class Transformer(nn.Module):
         # 165 kernels a step instead of 255, a batch-1 step 0.87-0.89 ms instead of 1.15-1.19 on an H200
         # (gpu_decode.py's A/B arm, runs 7-8: 1.31x tok/s); False: the fused-layer path above with cuBLAS
         self.fused_gemv = True
+        # ... and the q|k|v GEMV of those forwards leaving what RoPE + the K/V store would (triton_gemv.gemv's
+        # rope; the pairs / halves int4 layouts too): the rope_store kernel gone from each layer, the same
+        # numbers bit for bit. Off until a card times it (gpu_decode.py's afford_graphs_qkvrope_b1 arm)
+        self.fused_qkv_rope = False
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -549,6 +553,21 @@ class Transformer(nn.Module):
         self._gemv_key = key
         return self._gemv_ok
 
+    def _qkv_rope_tile(self) -> bool:
+        """The q|k|v role's one-row GEMV can do RoPE and the K/V store (fused_qkv_rope): a dense tile, or an
+        int4 one in the pairs or halves layout (not the tensor cores), an even number of rows a program."""
+        from afford.models import triton_gemv
+        from afford.models.quant import QuantLinear
+        qkv = self.model.layers[0].self_attn.qkv
+        if isinstance(qkv, QuantLinear):
+            cfg = triton_gemv.GEMV_W4_CONFIGS.get("qkv")
+            ok = cfg is not None and getattr(qkv, "_w4", None) is not None and triton_gemv.w4_kind(cfg) in (
+                ("pairs", False), ("halves", False))
+        else:
+            cfg = triton_gemv.GEMV_CONFIGS.get("qkv")
+            ok = cfg is not None
+        return ok and cfg[0] % 2 == 0
+
     def _hidden_gemv(self, x, meta, tables, add_rmsnorm, head: bool = False):
         """The paged layers for ONE row (1, hidden): every product a Triton GEMV (triton_gemv.py; int4 ones
         too) that also does the residual add and RMSNorm before it (q|k|v, gate|up) and SwiGLU after it
@@ -573,10 +592,16 @@ class Transformer(nn.Module):
                 y = F.silu(gate) * up
             return y, h
         a = None                      # the addend not yet in the residual stream x
+        rope = self.fused_qkv_rope and self._qkv_rope_tile() and hasattr(meta.backend, "qkv_rope")
         for i, layer in enumerate(self.model.layers):
             att, n1, n2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
-            qkv, x = mm("qkv", x, att.qkv, add=a, norm=n1.weight, eps=n1.eps)
-            o = meta.backend.forward_qkv(qkv.view(-1, att.h + 2 * att.kvh, att.d), att.h, *tables, i, meta)
+            to = meta.backend.qkv_rope(*tables, i, meta, att.h) if rope else None
+            if to is not None:        # q rotated, k and v stored by the GEMV itself
+                q, x = mm("qkv", x, att.qkv, add=a, norm=n1.weight, eps=n1.eps, rope=to)
+                o = meta.backend.attend_rotated(q, i, meta)
+            else:
+                qkv, x = mm("qkv", x, att.qkv, add=a, norm=n1.weight, eps=n1.eps)
+                o = meta.backend.forward_qkv(qkv.view(-1, att.h + 2 * att.kvh, att.d), att.h, *tables, i, meta)
             a, _ = mm("o", o.reshape(1, -1), att.o_proj)
             act, x = mm("gate_up", x, layer.mlp.gate_up, add=a, norm=n2.weight, eps=n2.eps, swiglu=True)
             a, _ = mm("down", act, layer.mlp.down_proj)

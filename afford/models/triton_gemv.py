@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, nvidia, pdl_args, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, nvidia, pdl_args, rope, tl, triton  # noqa: F401  (available: re-exported)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role. The
 # defaults: gpu_decode.py's gemv_sweep on an H200 (797054a), each role's fastest of SWEEP_CONFIGS over 22
@@ -129,6 +129,54 @@ if triton is not None:
         tl.store(Y + n, y.to(dt), mask=nm)
 
     @triton.jit
+    def _tile_rows(pid, N, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr):
+        """A program's BLOCK_N output rows and which exist. ROPE (a q|k|v product, heads of 2 HALF rows): rows
+        in RoPE's pairs, element i of a head beside element i + HALF, so the program holds both halves of each
+        rotation (_rope_rows) -- the same rows as without, in another order."""
+        t = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            p = t // 2                                                  # the pair: head p // HALF, element p % HALF
+            n = (p // HALF) * (2 * HALF) + p % HALF + (t % 2) * HALF
+        else:
+            n = t
+        return n, t < N
+
+    @triton.jit
+    def _rope_rows(Y, pid, N, y, COS, SIN, POS, SLOTS, KP, VP, scratch, stride_cos, stride_ks, stride_kh,
+                   BLOCK_N: tl.constexpr, RH: tl.constexpr, RKV: tl.constexpr, HALF: tl.constexpr):
+        """A q|k|v product's rows y (fp32, in _tile_rows' ROPE order) out as rope_store leaves them: rounded to
+        the dtype, RoPE at the row's position on q and k (triton_lib.rope, its rounding), q to Y (RH heads of
+        2 HALF), k and v into the pools at the row's slot (-1: the scratch slot) -- bit for bit rope_store's
+        result from the stored product."""
+        dt = Y.dtype.element_ty
+        x1, x2 = tl.split(tl.reshape(y.to(dt), (BLOCK_N // 2, 2)))    # element i, element i + HALF
+        p = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        pm = 2 * p < N
+        hd = p // HALF
+        i = p % HALF
+        pos = tl.load(POS).to(tl.int64)
+        c1 = tl.load(COS + pos * stride_cos + i, mask=pm, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + pos * stride_cos + HALF + i, mask=pm, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + pos * stride_cos + i, mask=pm, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + pos * stride_cos + HALF + i, mask=pm, other=0.0).to(tl.float32)
+        o1 = rope(x1, x2, c1, s1, -1.0)
+        o2 = rope(x2, x1, c2, s2, 1.0)
+        slot = tl.load(SLOTS)
+        slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)
+        isq = pm & (hd < RH)
+        isk = pm & (hd >= RH) & (hd < RH + RKV)
+        isv = pm & (hd >= RH + RKV)
+        q_at = Y + hd * (2 * HALF) + i
+        tl.store(q_at, o1, mask=isq)
+        tl.store(q_at + HALF, o2, mask=isq)
+        k_at = KP + slot * stride_ks + (hd - RH) * stride_kh + i
+        tl.store(k_at, o1, mask=isk)
+        tl.store(k_at + HALF, o2, mask=isk)
+        v_at = VP + slot * stride_ks + (hd - RH - RKV) * stride_kh + i
+        tl.store(v_at, x1, mask=isv)
+        tl.store(v_at + HALF, x2, mask=isv)
+
+    @triton.jit
     def _row_affine(S, Z, n, nm, F_OFF, ONE: tl.constexpr, SWIGLU: tl.constexpr):
         """One group a row: the rows' scales and zero points (and the up rows', with SwiGLU); 0 otherwise. The
         kernels load them first, with their first codes: left to _w4_finish, they were a DRAM round trip after
@@ -152,6 +200,12 @@ if triton is not None:
         """int4 rows' sums -> outputs. One group a row: s * (sum - off * sum(x)) + z * sum(x), off the code
         offset the sums carry, s / z (su / zu for the up rows) from _row_affine; several: the scales are in the
         sums already, the zero points in zacc."""
+        y, yu = _w4_rows(s, z, su, zu, sums, sums_u, zacc, zacc_u, xt, off, r, ONE, SWIGLU)
+        _store_out(Y, n, nm, y, yu, SWIGLU)
+
+    @triton.jit
+    def _w4_rows(s, z, su, zu, sums, sums_u, zacc, zacc_u, xt, off, r, ONE: tl.constexpr, SWIGLU: tl.constexpr):
+        """_w4_finish's rows (and up rows), fp32, before the store."""
         if ONE:
             y = s * (sums - off * xt) + z * xt
         else:
@@ -162,7 +216,7 @@ if triton is not None:
                 yu = su * (sums_u - off * xt) + zu * xt
             else:
                 yu = sums_u + zacc_u
-        _store_out(Y, n, nm, y * r, yu * r, SWIGLU)
+        return y * r, yu * r
 
     @triton.jit
     def _x_part(X, A, XO, G, k, km, wm, HAS_ADD: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr,
@@ -227,12 +281,14 @@ if triton is not None:
         return acc, acc_u, ss + sq
 
     @triton.jit
-    def _gemv_kernel(X, A, XO, G, W, Y, N, UP_OFF, eps, stride_w, K: tl.constexpr,
+    def _gemv_kernel(X, A, XO, G, W, Y, N, UP_OFF, eps, stride_w,
+                     COS, SIN, POS, SLOTS, KP, VP, scratch, stride_cos, stride_ks, stride_kh, K: tl.constexpr,
                      HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                     ROPE: tl.constexpr, RH: tl.constexpr, RKV: tl.constexpr, HALF: tl.constexpr):
+        # ROPE: a q|k|v product that leaves what rope_store would (_rope_rows; COS ... stride_kh its arguments)
         pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
+        n, nm = _tile_rows(pid, N, BLOCK_N, ROPE, HALF)
         kk = tl.arange(0, BLOCK_K)
         rows = W + n[:, None].to(tl.int64) * stride_w
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -245,7 +301,11 @@ if triton is not None:
             w, u = _step_rows(rows, rows + UP_OFF, k, nm, k < K, EVEN_K, SWIGLU, False)
             acc, acc_u, ss = _gemv_step(X, A, XO, G, pid, k, k < K, w, u, acc, acc_u, ss, HAS_ADD, NORM, SWIGLU, EVEN_K)
         r = _inv_rms(ss, eps, K, NORM)
-        _store_out(Y, n, nm, tl.sum(acc, axis=1) * r, tl.sum(acc_u, axis=1) * r, SWIGLU)
+        if ROPE:
+            _rope_rows(Y, pid, N, tl.sum(acc, axis=1) * r, COS, SIN, POS, SLOTS, KP, VP, scratch, stride_cos,
+                       stride_ks, stride_kh, BLOCK_N, RH, RKV, HALF)
+        else:
+            _store_out(Y, n, nm, tl.sum(acc, axis=1) * r, tl.sum(acc_u, axis=1) * r, SWIGLU)
 
     @triton.jit
     def _w4_col(c, j, K: tl.constexpr, HALVES: tl.constexpr):
@@ -342,10 +402,12 @@ if triton is not None:
             _x_part(X, A, XO, X, k0 + k, km, km, True, False, False)
 
     @triton.jit
-    def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups, K: tl.constexpr,
+    def _gemv_w4_kernel(X, A, XO, G, P, S, Z, Y, N, F_OFF, UP_OFF, eps, stride_p, n_groups,
+                        COS, SIN, POS, SLOTS, KP, VP, scratch, stride_cos, stride_ks, stride_kh, K: tl.constexpr,
                         GROUP: tl.constexpr, HAS_ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                         HALVES: tl.constexpr, X2D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN: tl.constexpr, PDL: tl.constexpr):
+                        EVEN: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, RH: tl.constexpr,
+                        RKV: tl.constexpr, HALF: tl.constexpr):
         # int4 codes two a byte, w = (q - 8) * s + z per (row, group). Layouts: pairs (triton_int4.pack: k
         # and k + 1 share a byte; x is loaded whole and split in registers) or halves (pack_halves: k and
         # k + K / 2 share a byte; x is loaded as two contiguous halves, no split). A step covers BLOCK_K
@@ -360,8 +422,7 @@ if triton is not None:
         END: tl.constexpr = K // 2 if HALVES else K
         STEP: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
         pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
+        n, nm = _tile_rows(pid, N, BLOCK_N, ROPE, HALF)     # (ROPE: as _gemv_kernel's)
         j = tl.arange(0, BLOCK_K // 2)
         kk = tl.arange(0, BLOCK_K)
         rows = P + n[:, None].to(tl.int64) * stride_p
@@ -391,8 +452,14 @@ if triton is not None:
         if X2D and HAS_ADD:
             if pid == 0:
                 _write_sum(X, A, XO, K, STEP)
-        _w4_finish(Y, n, nm, s, z, su, zu, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
-                   tl.sum(xsum, axis=XAX), 0.0, _inv_rms(ss, eps, K, NORM, XAX), ONE, SWIGLU)
+        if ROPE:
+            y, _ = _w4_rows(s, z, su, zu, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
+                            tl.sum(xsum, axis=XAX), 0.0, _inv_rms(ss, eps, K, NORM, XAX), ONE, SWIGLU)
+            _rope_rows(Y, pid, N, y, COS, SIN, POS, SLOTS, KP, VP, scratch, stride_cos, stride_ks, stride_kh,
+                       BLOCK_N, RH, RKV, HALF)
+        else:
+            _w4_finish(Y, n, nm, s, z, su, zu, tl.sum(acc, axis=1), tl.sum(acc_u, axis=1), zacc, zacc_u,
+                       tl.sum(xsum, axis=XAX), 0.0, _inv_rms(ss, eps, K, NORM, XAX), ONE, SWIGLU)
 
     @triton.constexpr_function
     def _nib_shift(j):
@@ -1010,18 +1077,40 @@ def w4_plan(K: int, group: int, config: tuple[int, ...], fp16: bool = False, asm
             -(-(K // 2) // half) if halves else -(-K // bk))
 
 
+def _rope_launch(rope: tuple | None, x: torch.Tensor, N: int, bn: int) -> tuple[dict, torch.Tensor | None]:
+    """The ROPE arguments of _gemv_kernel / _gemv_w4_kernel, and the q output (1, H, D) they write instead of y.
+    rope: (cos, sin, positions (1,), slots (1,), k_pool, v_pool, scratch, heads) -- rope_store's arguments."""
+    if rope is None:
+        return dict(COS=x, SIN=x, POS=x, SLOTS=x, KP=x, VP=x, scratch=0, stride_cos=0, stride_ks=0, stride_kh=0,
+                    ROPE=False, RH=1, RKV=1, HALF=1), None
+    cos, sin, positions, slots, k_pool, v_pool, scratch, heads = rope
+    KV, D = k_pool.shape[1], k_pool.shape[2]
+    if N != (heads + 2 * KV) * D or D % 2 or bn % 2 or k_pool.stride(2) != 1 or sin.stride(0) != cos.stride(0) \
+            or cos.stride(1) != 1 or sin.stride(1) != 1 or positions.numel() != 1 or slots.numel() != 1:
+        raise ValueError(f"a q|k|v GEMV with RoPE needs N = (heads + 2 K/V heads) x head dim ({heads}, {KV}, {D} -> "
+                         f"{(heads + 2 * KV) * D}; got {N}), an even head dim and rows a program ({bn}), one "
+                         f"position and slot, and cos / sin tables with contiguous rows of one stride")
+    q = torch.empty(1, heads, D, dtype=x.dtype, device=x.device)
+    return dict(COS=cos, SIN=sin, POS=positions, SLOTS=slots, KP=k_pool, VP=v_pool, scratch=scratch,
+                stride_cos=cos.stride(0), stride_ks=k_pool.stride(0), stride_kh=k_pool.stride(1), ROPE=True,
+                RH=heads, RKV=KV, HALF=D // 2), q
+
+
 def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
             config: tuple[int, ...], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-            eps: float = 0.0, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            eps: float = 0.0, swiglu: bool = False, rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """gemv() for int4 weights, w = (q - 8) * s + z: packed in the layout config's fifth element names
     (w4_kind: triton_int4.pack's pairs or pack_halves' halves, (N, K / 2) uint8; pack_octets' octets, (N, K / 8)
     int32, one group a row; pack_quads' quads, (ceil(N / 4), K / 2) int32, one group a row), scales / zeros
     (N, K / group) fp32. The tensor-core kernel (_gemv_w4_tc_kernel; halves, at least 16 rows a program) takes x
     as a bf16 operand for bf16 activations, fp16 for the others; quads (_gemv_w4q_kernel) takes x as fixed point
-    to 2^-22 of its largest element."""
+    to 2^-22 of its largest element. rope: as gemv's (the pairs and halves layouts, not the tensor cores)."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     layout, tc = w4_kind(config)
+    if rope is not None and (layout not in ("pairs", "halves") or tc or swiglu):
+        raise ValueError(f"gemv_w4 with RoPE runs the pairs and halves layouts (not the tensor cores), no swiglu; "
+                         f"got {config}")
     N, K = scales.shape[0], x.shape[1]
     bn, warps, stages = config[0], config[2], config[3]
     plan = w4_plan(K, group, config, fp16=x.dtype != torch.bfloat16, asm=nvidia(x))
@@ -1040,7 +1129,8 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
-    y = torch.empty(1, F, dtype=x.dtype, device=x.device)
+    rk, q = _rope_launch(rope, x, N, bn)             # with rope: the rotated q is the output
+    y = torch.empty(1, F, dtype=x.dtype, device=x.device) if q is None else q
     a = add.contiguous() if add is not None else x
     g = norm.contiguous() if norm is not None else x
     cst.update(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
@@ -1060,15 +1150,18 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
         kernel[(triton.cdiv(F, bn), split)](x, a, h, g, packed, scales, zeros, y, ws, cnt, *rows, scales.shape[1],
                                             **cst)
     else:
-        kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, *rows, scales.shape[1], **cst)
+        kernel[(triton.cdiv(F, bn),)](x, a, h, g, packed, scales, zeros, y, *rows, scales.shape[1], **rk, **cst)
     return y, h
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int], *, add: torch.Tensor | None = None,
-         norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False
+         norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False, rope: tuple | None = None
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (1, K), w (N, K) contiguous rows -> (y, h): y (1, N) -- (1, N / 2) with swiglu -- and h = x + add
-    (x itself without add), both in x's dtype. norm: RMSNorm's weight (K,) applied to h before the product."""
+    (x itself without add), both in x's dtype. norm: RMSNorm's weight (K,) applied to h before the product.
+    rope (a q|k|v product; rope_store's arguments (cos, sin, positions, slots, k_pool, v_pool, scratch, heads)):
+    the product's q and k rotated, k and v stored into the pools, and y the rotated q (1, heads, D) -- what
+    rope_store leaves from y, bit for bit, without y's round trip and the kernel."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv takes one row (1, K); got {tuple(x.shape)}")
     N, K = w.shape
@@ -1077,11 +1170,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int], *,
     x = x.contiguous()
     h = torch.empty_like(x) if add is not None else x
     F = N // 2 if swiglu else N
-    y = torch.empty(1, F, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config
     bk = min(bk, triton.next_power_of_2(K))
+    if rope is not None and swiglu:
+        raise ValueError("gemv: rope (a q|k|v product) and swiglu exclude each other")
+    rk, q = _rope_launch(rope, x, N, bn)             # with rope: the rotated q is the output
+    y = torch.empty(1, F, dtype=x.dtype, device=x.device) if q is None else q
     _gemv_kernel[(triton.cdiv(F, bn),)](
         x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, w, y, F, F * w.stride(0), eps,
-        w.stride(0), K=K, HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
+        w.stride(0), **rk, K=K, HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
         EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages, **pdl_args(x))
     return y, h

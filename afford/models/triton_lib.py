@@ -54,3 +54,16 @@ def pdl_args(t) -> dict:
     if PDL and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else torch_current()):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
+
+
+rope = None
+if triton is not None:
+    @triton.jit
+    def rope(x, partner, c, s, sign):
+        """HF's rotate-half RoPE of x, x * cos + cat(-x2, x1) * sin: `partner` holds x's element of the other
+        half, `sign` is -1 on the first half; rounded to x's dtype after each product and after the sum as
+        torch's separate operators round."""
+        dt = x.dtype
+        a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+        b = (sign * partner.to(tl.float32) * s).to(dt).to(tl.float32)
+        return (a + b).to(dt)
