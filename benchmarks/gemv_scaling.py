@@ -42,6 +42,10 @@ W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), 
             (8, 256, 1, 2, 5), (16, 1024, 4, 2, 5), (16, 256, 1, 2, 5, 4)]
 # products, the last with K split over 4 programs; run 11's octets and tensor-core tiles, slower than the others on
 # every shape, left this list)
+# --maxnreg's probe: the int4 defaults' tiles (GEMV_W4_CONFIGS: q|k|v, o, gate|up, down) and run 12's other
+# four-warp quads winner, timed again with their registers capped (157 / 128 / 128 / 118 a thread uncapped on
+# sm_90: 1-4 programs an SM, so under PDL the next kernel's programs may find no room to start and prefetch)
+MAXNREG_TILES = [(8, 2048, 4, 1), (16, 1024, 4, 2, 5), (16, 256, 1, 2, 5, 4), (4, 2048, 4, 1, 1), (16, 512, 2, 1, 5)]
 
 
 def chain_us(fns, device: str) -> float:
@@ -77,7 +81,8 @@ def best_tile(tiles, call, ref, copies: int, device: str) -> dict:
     return out
 
 
-def measure(N: int, K: int, device: str, copies_for: int, bf16_tiles: list, w4_tiles: list) -> dict:
+def measure(N: int, K: int, device: str, copies_for: int, bf16_tiles: list, w4_tiles: list,
+            maxnreg: tuple = ()) -> dict:
     gen = torch.Generator(device=device).manual_seed(N * 7 + K)
     copies = max(4, min(256, -(-copies_for // (N * K // 2))))      # int4 codes of all copies >= copies_for bytes
     ws = [torch.randn(N, K, generator=gen, device=device) * 0.02 for _ in range(copies)]
@@ -105,6 +110,11 @@ def measure(N: int, K: int, device: str, copies_for: int, bf16_tiles: list, w4_t
               for lay in sorted({tg.w4_kind(t)[0] for t in w4_tiles})}
     arms["afford_int4"] = best_tile(
         w4_tiles, lambda t, i: tg.gemv_w4(x, *packed[tg.w4_kind(t)[0]][i], K, t)[0], ref_q, copies, device)
+    for cap in maxnreg:                           # the same kernels with their registers capped
+        arms[f"afford_int4_r{cap}"] = best_tile(
+            [t for t in MAXNREG_TILES if tg.w4_kind(t)[0] in packed],
+            lambda t, i, cap=cap: tg.gemv_w4(x, *packed[tg.w4_kind(t)[0]][i], K, t, maxnreg=cap)[0], ref_q, copies,
+            device)
     for name, arm in arms.items():
         nbytes = row["int4_bytes" if "int4" in name else "bf16_bytes"]
         arm["tb_s"] = nbytes / arm["us"] / 1e6 if arm["us"] else None
@@ -133,9 +143,12 @@ def main():
     ap.add_argument("--w4-tiles", help="int4 tiles as BLOCK_N,BLOCK_K,warps,stages[,kind];... instead of W4_TILES")
     ap.add_argument("--bf16-tiles", help="bf16 tiles as BLOCK_N,BLOCK_K,warps,stages;... instead of BF16_TILES")
     ap.add_argument("--name", default="gemv_scaling", help="the result file's name (without .json)")
+    ap.add_argument("--maxnreg", default="", help="registers a thread, comma-separated: MAXNREG_TILES again with each "
+                    "cap (arms afford_int4_r<cap>, their own fits)")
     a = ap.parse_args()
     tiles = lambda spec: [tuple(int(v) for v in t.split(",")) for t in spec.split(";") if t.strip()]  # noqa: E731
     w4_tiles = tiles(a.w4_tiles) if a.w4_tiles else W4_TILES
+    caps = tuple(int(c) for c in a.maxnreg.split(",") if c.strip())
     bf16_tiles = tiles(a.bf16_tiles) if a.bf16_tiles else BF16_TILES
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -154,7 +167,7 @@ def main():
         list(dict.fromkeys(family + list(tinyllama.values()) + list(llama8b.values())))
     res["w4_tiles"], res["bf16_tiles"] = [list(t) for t in w4_tiles], [list(t) for t in bf16_tiles]
     for N, K in shapes:
-        row = measure(N, K, device, copies_for, bf16_tiles, w4_tiles)
+        row = measure(N, K, device, copies_for, bf16_tiles, w4_tiles, caps)
         res["shapes"][f"{N}x{K}"] = row
         print(f"{N}x{K}", {k: (round(v['us'], 2) if v['us'] else None, v.get('tile')) for k, v in row["arms"].items()},
               "int4 tiles", [(tuple(t), round(us, 2)) for t, us in row["arms"]["afford_int4"].get("per_tile", [])],
@@ -163,14 +176,16 @@ def main():
     if a.shapes:                             # a tile probe: the shapes' rows alone
         write(res, a, t0)
         return
-    arms = ["cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4"]
+    arms = ["cublas_bf16", "afford_bf16", "tinygemm_int4", "afford_int4"] + [f"afford_int4_r{c}" for c in caps]
     res["fit_k2048"] = {arm: fit([(r["int4_bytes" if "int4" in arm else "bf16_bytes"], r["arms"][arm]["us"])
                                   for r in (res["shapes"][f"{N}x{K}"] for N, K in family)]) for arm in arms}
     per_tile = {}                            # each int4 tile's own fit: a kernel's fixed part and rate, not the best's
     for N, K in family:
         r = res["shapes"][f"{N}x{K}"]
-        for t, us in r["arms"]["afford_int4"].get("per_tile", []):
-            per_tile.setdefault(str(tuple(t)), []).append((r["int4_bytes"], us))
+        for arm in ["afford_int4"] + [f"afford_int4_r{c}" for c in caps]:
+            cap = f" r{arm.split('_r')[1]}" if "_r" in arm else ""
+            for t, us in r["arms"][arm].get("per_tile", []):
+                per_tile.setdefault(str(tuple(t)) + cap, []).append((r["int4_bytes"], us))
     res["fit_k2048_int4_tiles"] = {t: fit(pts) for t, pts in per_tile.items()}
 
     def layer(roles):                        # one layer's four products: the faster of each kind's two kernels

@@ -1098,13 +1098,16 @@ def _rope_launch(rope: tuple | None, x: torch.Tensor, N: int, bn: int) -> tuple[
 
 def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
             config: tuple[int, ...], *, add: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-            eps: float = 0.0, swiglu: bool = False, rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            eps: float = 0.0, swiglu: bool = False, rope: tuple | None = None, maxnreg: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """gemv() for int4 weights, w = (q - 8) * s + z: packed in the layout config's fifth element names
     (w4_kind: triton_int4.pack's pairs or pack_halves' halves, (N, K / 2) uint8; pack_octets' octets, (N, K / 8)
     int32, one group a row; pack_quads' quads, (ceil(N / 4), K / 2) int32, one group a row), scales / zeros
     (N, K / group) fp32. The tensor-core kernel (_gemv_w4_tc_kernel; halves, at least 16 rows a program) takes x
     as a bf16 operand for bf16 activations, fp16 for the others; quads (_gemv_w4q_kernel) takes x as fixed point
-    to 2^-22 of its largest element. rope: as gemv's (the pairs and halves layouts, not the tensor cores)."""
+    to 2^-22 of its largest element. rope: as gemv's (the pairs and halves layouts, not the tensor cores).
+    maxnreg: cap the kernel's registers a thread (ptxas; gemv_scaling.py's --maxnreg probe: fewer registers let
+    more programs -- the next kernel's, under PDL -- share an SM)."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv_w4 takes one row (1, K); got {tuple(x.shape)}")
     layout, tc = w4_kind(config)
@@ -1135,6 +1138,8 @@ def gemv_w4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     g = norm.contiguous() if norm is not None else x
     cst.update(HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, num_warps=warps,
                num_stages=stages, **pdl_args(x))
+    if maxnreg:
+        cst["maxnreg"] = maxnreg
     rows = (F, F, F * packed.stride(0), eps, packed.stride(0))          # N, F_OFF, UP_OFF, eps, stride_p
     if layout == "quads":
         if swiglu and F % 4:
