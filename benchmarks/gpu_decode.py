@@ -592,10 +592,11 @@ def main():
             run_arm(f"afford_graphs_{'unfused' if fd else 'fused'}decode_b{B}",
                     lambda B=B, fd=fd: switched(B, runner.backend, "fused_decode", not fd))
             run_arm(f"afford_graphs_unfusedlayers_b{B}", lambda B=B: switched(B, llm.engine.model, "fused_cuda", False))
-        # the q|k|v GEMV doing RoPE + the K/V store (one-row steps: batch 1) against the rope_store kernel
+        # the q|k|v GEMV doing RoPE + the K/V store against the rope_store kernel (one-row steps: batch 1 only)
         qr = llm.engine.model.fused_qkv_rope
-        run_arm(f"afford_graphs_{'no' if qr else ''}qkvrope_b{batches[0]}",
-                lambda: switched(batches[0], llm.engine.model, "fused_qkv_rope", not qr))
+        if batches[0] == 1:
+            run_arm(f"afford_graphs_{'no' if qr else ''}qkvrope_b1", lambda: switched(1, llm.engine.model,
+                                                                                      "fused_qkv_rope", not qr))
         for B in batches:                  # A/B: the host reads each step's tokens before the next launches
             run_arm(f"afford_graphs_sync_b{B}", lambda B=B: switched(B, llm.engine, "async_scheduling", False))
 
@@ -783,7 +784,8 @@ def main():
     if w4:                                  # the sweep ran: its head tile, or tinygemm where none beat it
         head_w4["head"] = w4_chosen.get("head")
     for name, q, mode in (("afford_int4", "int4", "default"), (f"afford_int4_{sw}", "int4", "pdl"),
-                          ("afford_int4_head", "int4", "head"), ("afford_int4_qkvrope", "int4", "qkvrope"),
+                          ("afford_int4_head", "int4", "head"),
+                          (f"afford_int4_{'no' if bare_model.fused_qkv_rope else ''}qkvrope", "int4", "qkvrope"),
                           ("afford_int4_tinygemm", "int4", "tinygemm"),
                           ("afford_int4_swept", "int4", "swept"), (f"afford_int4_swept_{sw}", "int4", "swept_pdl"),
                           ("afford_int4_auto", "int4", "auto"), ("afford_int4_triton", "int4", "triton"),

@@ -365,9 +365,16 @@ def test_pdl_gives_the_same_logits(random_pair, dtype, quantization, monkeypatch
 
 
 @pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int4")])
-def test_qkv_gemv_with_rope_gives_the_same_logits(random_pair, dtype, quantization):
+def test_qkv_gemv_with_rope_gives_the_same_logits(random_pair, dtype, quantization, monkeypatch):
     """fused_qkv_rope (the one-row q|k|v GEMV doing RoPE and the K/V store, rope_store's kernel gone): the
-    logits without it bit for bit, eager and replayed from graphs; bf16, fp32 and int4 (the default tiles)."""
+    logits without it bit for bit, eager and replayed from graphs; bf16, fp32 and int4 (the default tiles).
+    Eager, rope_store runs for the steps' rows only without it (counted)."""
+    import afford.attention.paged as paged_mod
+    from afford.models import triton_gemv
+    monkeypatch.setattr(triton_gemv, "GEMV_W4_CONFIGS", dict(triton_gemv.GEMV_W4_CONFIGS))
+    calls = []
+    real = paged_mod.rope_store
+    monkeypatch.setattr(paged_mod, "rope_store", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     model = load_for_inference(random_pair[0], "cuda", dtype, quantization=quantization)
     outs = []
     for graphs in (False, True):
@@ -375,9 +382,12 @@ def test_qkv_gemv_with_rope_gives_the_same_logits(random_pair, dtype, quantizati
             model.fused_qkv_rope = rope
             runner = ModelRunner(model, BlockPool(64, 4), attention="paged", graphs=graphs)
             runner.pool.prepare_write(0, 24)
+            calls.clear()
             pre = runner.forward([0], [0], [list(range(3, 12))])
             steps = [runner.forward([0], [9 + i], [[4 + i]]) for i in range(4)]
             assert model._gemv_ready() and model._qkv_rope_tile()
+            if not graphs:             # eager: the steps' one-row calls of rope_store only without it
+                assert calls.count(1) == (0 if rope else 4 * len(model.model.layers)), calls
             outs.append(torch.cat([pre, *steps]))
     model.fused_qkv_rope = False
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])

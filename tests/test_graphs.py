@@ -253,40 +253,44 @@ print("ok")
 @needs_triton
 def test_qkv_gemv_with_rope_in_the_interpreter():
     """A q|k|v GEMV that does RoPE and the K/V store itself (gemv / gemv_w4 with rope=): the q, the pools and
-    the residual sum of the GEMV followed by rope_store, bit for bit -- dense, int4 pairs and halves, per-channel
-    and grouped scales, a real slot and a padding one (-1: the scratch slot), GQA; fp32 and fp16."""
+    the residual sum of the GEMV followed by rope_store, bit for bit -- dense, int4 pairs, halves and halves
+    with x in the codes' layout, per-channel and grouped scales, a real slot and a padding one (-1: the scratch
+    slot), GQA, a head dim of no power of two with rows that do not fill the last program; cos / sin tables
+    whose halves differ; fp32 and fp16."""
     code = """
 import torch
 from afford.attention.triton_paged import rope_store
 from afford.models.quant import quantize
 from afford.models.triton_gemv import gemv, gemv_w4, w4_kind, w4_pack
 g = torch.Generator().manual_seed(0)
-H, KV, D, K, S = 4, 2, 16, 128, 40
-N = (H + 2 * KV) * D
-cos = torch.randn(64, D // 2, generator=g).repeat(1, 2)
-sin = torch.randn(64, D // 2, generator=g).repeat(1, 2)
-for dt in (torch.float32, torch.float16):
-    x, a = (torch.randn(1, K, generator=g).to(dt) for _ in range(2))
-    gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt)
-    w = (torch.randn(N, K, generator=g) * 0.1).to(dt)
-    products = [(lambda cfg: (lambda **kw: gemv(x, w, cfg, add=a, norm=gam, eps=1e-5, **kw)))(cfg)
-                for cfg in ((4, 64, 4, 1), (8, 128, 4, 1))]
-    for group, cfg in ((K, (8, 128, 4, 1)), (32, (4, 32, 2, 1)), (K, (8, 64, 4, 1, 1)), (64, (4, 128, 4, 1, 1))):
-        q4, s4, z4 = quantize(w.float(), 4, group)
-        op = (w4_pack(q4, w4_kind(cfg)[0]), s4, z4)
-        products.append((lambda cfg, op, group: (lambda **kw: gemv_w4(x, *op, group, cfg, add=a, norm=gam, eps=1e-5,
-                                                                      **kw)))(cfg, op, group))
-    for run in products:
-        for pos, slot in ((17, 9), (5, -1)):
-            pos, slot = torch.tensor([pos]), torch.tensor([slot])
-            pools = [torch.randn(S + 1, KV, D, generator=g).to(dt) for _ in range(2)]
-            y, h = run()
-            kr, vr = (p.clone() for p in pools)
-            qr = rope_store(y.view(1, H + 2 * KV, D), cos, sin, pos, slot, kr, vr, S, H)
-            kp, vp = (p.clone() for p in pools)
-            q, h2 = run(rope=(cos, sin, pos, slot, kp, vp, S, H))
-            assert torch.equal(h2, h) and q.shape == qr.shape and torch.equal(q, qr), (dt, (q - qr).abs().max())
-            assert torch.equal(kp, kr) and torch.equal(vp, vr), dt
+K, S = 128, 40
+for H, KV, D, dense, w4 in ((4, 2, 16, ((4, 64, 4, 1), (8, 128, 4, 1)),
+                             ((K, (8, 128, 4, 1)), (32, (4, 32, 2, 1)), (K, (8, 64, 4, 1, 1)), (64, (4, 128, 4, 1, 1)),
+                              (K, (8, 64, 4, 1, 4)))),
+                            (3, 1, 24, ((16, 64, 4, 1),), ((K, (16, 128, 4, 1)), (K, (16, 64, 4, 1, 1))))):
+    N = (H + 2 * KV) * D                         # (120 rows: the last program of 16 half full)
+    cos, sin = torch.randn(64, D, generator=g), torch.randn(64, D, generator=g)
+    for dt in (torch.float32, torch.float16):
+        x, a = (torch.randn(1, K, generator=g).to(dt) for _ in range(2))
+        gam = (1 + 0.1 * torch.randn(K, generator=g)).to(dt)
+        w = (torch.randn(N, K, generator=g) * 0.1).to(dt)
+        products = [(lambda cfg: (lambda **kw: gemv(x, w, cfg, add=a, norm=gam, eps=1e-5, **kw)))(cfg) for cfg in dense]
+        for group, cfg in w4:
+            q4, s4, z4 = quantize(w.float(), 4, group)
+            op = (w4_pack(q4, w4_kind(cfg)[0]), s4, z4)
+            products.append((lambda cfg, op, group: (lambda **kw: gemv_w4(x, *op, group, cfg, add=a, norm=gam,
+                                                                          eps=1e-5, **kw)))(cfg, op, group))
+        for run in products:
+            for pos, slot in ((17, 9), (5, -1)):
+                pos, slot = torch.tensor([pos]), torch.tensor([slot])
+                pools = [torch.randn(S + 1, KV, D, generator=g).to(dt) for _ in range(2)]
+                y, h = run()
+                kr, vr = (p.clone() for p in pools)
+                qr = rope_store(y.view(1, H + 2 * KV, D), cos, sin, pos, slot, kr, vr, S, H)
+                kp, vp = (p.clone() for p in pools)
+                q, h2 = run(rope=(cos, sin, pos, slot, kp, vp, S, H))
+                assert torch.equal(h2, h) and q.shape == qr.shape and torch.equal(q, qr), (dt, D, (q - qr).abs().max())
+                assert torch.equal(kp, kr) and torch.equal(vp, vr), (dt, D)
 print("ok")
 """
     interpret(code)
@@ -300,7 +304,10 @@ ROPE_CHECK = """    kv_plain = [(k.clone(), v.clone()) for k, v in runner.kv]
         v[meta.slots] = 0
     m.fused_qkv_rope = True
     assert m._qkv_rope_tile() and meta.backend.qkv_rope(m.rope_cos, m.rope_sin, 0, meta, 4) is not None
+    import afford.attention.paged as paged_mod
+    keep, paged_mod.rope_store = paged_mod.rope_store, None       # the rope_store kernel must not run now
     out_rope = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
+    paged_mod.rope_store = keep
     m.fused_qkv_rope = False
     assert torch.equal(out_rope, out), (out_rope - out).abs().max()
     for (k, v), (kp, vp) in zip(runner.kv, kv_plain):

@@ -147,8 +147,10 @@ class PagedBackend(AttentionBackend):
     def qkv_rope(self, cos_table: torch.Tensor, sin_table: torch.Tensor, layer: int, meta: AttnMetadata,
                  heads: int) -> tuple | None:
         """rope_store's arguments for a one-row q|k|v GEMV that does its work (triton_gemv.gemv's rope), or
-        None where forward_qkv would not run rope_store (torch's RoPE, no rows path)."""
-        if not (self.fused_rope and self.use_triton is not False and "rows" in meta.extra):
+        None where forward_qkv would not run rope_store (torch's RoPE, no rows path) or runs attend_decode
+        (fused_decode on: that kernel rotates and stores itself)."""
+        if not (self.fused_rope and self.use_triton is not False and "rows" in meta.extra) \
+                or (self.fused_decode and meta.extra.get("decode")):
             return None
         k_pool, v_pool = meta.kv[layer]
         scratch = meta.extra.get("scratch")

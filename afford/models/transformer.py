@@ -393,7 +393,8 @@ class Transformer(nn.Module):
         self.fused_gemv = True
         # ... and the q|k|v GEMV of those forwards leaving what RoPE + the K/V store would (triton_gemv.gemv's
         # rope; the pairs / halves int4 layouts too): the rope_store kernel gone from each layer, the same
-        # numbers bit for bit. Off until a card times it (gpu_decode.py's afford_graphs_qkvrope_b1 arm)
+        # numbers bit for bit (the backend's fused_decode, where on, does that work in attention instead). Off
+        # until a card times it (gpu_decode.py's afford_graphs_qkvrope_b1 arm)
         self.fused_qkv_rope = False
         cos, sin = self.rope_tables(cfg, self.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -554,19 +555,19 @@ class Transformer(nn.Module):
         return self._gemv_ok
 
     def _qkv_rope_tile(self) -> bool:
-        """The q|k|v role's one-row GEMV can do RoPE and the K/V store (fused_qkv_rope): a dense tile, or an
-        int4 one in the pairs or halves layout (not the tensor cores), an even number of rows a program."""
+        """Every layer's q|k|v one-row GEMV can do RoPE and the K/V store (fused_qkv_rope): a dense tile, or
+        an int4 one in the pairs or halves layout (not the tensor cores), an even number of rows a program."""
         from afford.models import triton_gemv
         from afford.models.quant import QuantLinear
-        qkv = self.model.layers[0].self_attn.qkv
-        if isinstance(qkv, QuantLinear):
-            cfg = triton_gemv.GEMV_W4_CONFIGS.get("qkv")
-            ok = cfg is not None and getattr(qkv, "_w4", None) is not None and triton_gemv.w4_kind(cfg) in (
-                ("pairs", False), ("halves", False))
-        else:
+
+        def ok(qkv):
+            if isinstance(qkv, QuantLinear):
+                cfg = triton_gemv.GEMV_W4_CONFIGS.get("qkv")
+                return cfg is not None and cfg[0] % 2 == 0 and getattr(qkv, "_w4", None) is not None \
+                    and triton_gemv.w4_kind(cfg) in (("pairs", False), ("halves", False))
             cfg = triton_gemv.GEMV_CONFIGS.get("qkv")
-            ok = cfg is not None
-        return ok and cfg[0] % 2 == 0
+            return cfg is not None and cfg[0] % 2 == 0
+        return all(ok(layer.self_attn.qkv) for layer in self.model.layers)
 
     def _hidden_gemv(self, x, meta, tables, add_rmsnorm, head: bool = False):
         """The paged layers for ONE row (1, hidden): every product a Triton GEMV (triton_gemv.py; int4 ones
@@ -585,6 +586,8 @@ class Transformer(nn.Module):
                     return gemv_w4(v, *m._w4, m.group, GEMV_W4_CONFIGS[role], **kw)
             elif GEMV_CONFIGS.get(role) is not None:
                 return gemv(v, m.weight, GEMV_CONFIGS[role], **kw)
+            if kw.get("rope") is not None:    # (_qkv_rope_tile checked every layer's q|k|v has a tile)
+                raise RuntimeError(f"{role}: no one-row GEMV tile to do RoPE and the K/V store")
             h = v if kw.get("add") is None else v + kw["add"]
             y = m(F.rms_norm(h, (h.shape[-1],), kw["norm"], kw["eps"]) if kw.get("norm") is not None else h)
             if kw.get("swiglu"):

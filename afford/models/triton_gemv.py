@@ -1086,10 +1086,13 @@ def _rope_launch(rope: tuple | None, x: torch.Tensor, N: int, bn: int) -> tuple[
     cos, sin, positions, slots, k_pool, v_pool, scratch, heads = rope
     KV, D = k_pool.shape[1], k_pool.shape[2]
     if N != (heads + 2 * KV) * D or D % 2 or bn % 2 or k_pool.stride(2) != 1 or sin.stride(0) != cos.stride(0) \
-            or cos.stride(1) != 1 or sin.stride(1) != 1 or positions.numel() != 1 or slots.numel() != 1:
+            or cos.stride(1) != 1 or sin.stride(1) != 1 or positions.numel() != 1 or slots.numel() != 1 \
+            or v_pool.shape != k_pool.shape or v_pool.stride() != k_pool.stride() or cos.shape[1] < D \
+            or sin.shape != cos.shape:
         raise ValueError(f"a q|k|v GEMV with RoPE needs N = (heads + 2 K/V heads) x head dim ({heads}, {KV}, {D} -> "
                          f"{(heads + 2 * KV) * D}; got {N}), an even head dim and rows a program ({bn}), one "
-                         f"position and slot, and cos / sin tables with contiguous rows of one stride")
+                         f"position and slot, K and V pools of one shape and layout, and cos / sin tables of "
+                         f"one shape, at least the head dim wide, with contiguous rows of one stride")
     q = torch.empty(1, heads, D, dtype=x.dtype, device=x.device)
     return dict(COS=cos, SIN=sin, POS=positions, SLOTS=slots, KP=k_pool, VP=v_pool, scratch=scratch,
                 stride_cos=cos.stride(0), stride_ks=k_pool.stride(0), stride_kh=k_pool.stride(1), ROPE=True,
