@@ -39,7 +39,8 @@ BF16_TILES = [(2, 2048, 4, 1), (4, 2048, 4, 1), (4, 1024, 4, 1), (8, 1024, 4, 1)
 W4_TILES = [(4, 2048, 4, 1), (8, 1024, 4, 1), (8, 1024, 4, 3), (16, 512, 4, 1), (4, 1024, 2, 1, 1), (4, 2048, 4, 1, 1),
             (4, 1024, 2, 1, 4), (8, 512, 2, 1, 4),         # halves with x in the codes' layout (X2D)
             (16, 256, 1, 1, 5), (16, 256, 1, 2, 5), (16, 512, 2, 1, 5), (32, 256, 1, 1, 5),   # quads (integer dot
-            (8, 256, 1, 2, 5), (16, 1024, 4, 2, 5), (16, 256, 1, 2, 5, 4)]
+            (8, 256, 1, 2, 5), (16, 1024, 4, 2, 5), (16, 256, 1, 2, 5, 4),
+            (2, 2048, 8, 1, 1), (1, 2048, 4, 1, 1), (2, 2048, 4, 1, 1), (8, 2048, 4, 1, 5)]   # few weights a thread
 # products, the last with K split over 4 programs; run 11's octets and tensor-core tiles, slower than the others on
 # every shape, left this list)
 # --maxnreg's probe: the int4 defaults' tiles (GEMV_W4_CONFIGS: q|k|v, o, gate|up, down) and run 12's other

@@ -69,6 +69,14 @@ W4_SWEEP_CONFIGS += [c + (5,) for c in ((16, 256, 1, 1), (16, 256, 1, 2), (32, 2
                                         (16, 512, 2, 1), (32, 512, 2, 1), (8, 512, 2, 2), (16, 1024, 4, 1),
                                         (16, 1024, 4, 2))]
 W4_SWEEP_CONFIGS += [(16, 256, 1, 2, 5, 2), (16, 256, 1, 2, 5, 4)]
+# few weights a thread (16-32 at K = 2048, where the tiles above give 64-256): run 12's fits put int4's fixed
+# part at 2.4 us a product against bf16's 1.0, and a program's instructions after its input arrives run as one
+# dependent chain -- sm_90 SASS, q|k|v with add + norm: bf16 (4, 2048, 4, 1) 536 a program, halves (4, 2048, 4,
+# 1, 1) 752, pairs (8, 2048, 4, 1) 1,216, quads (16, 1024, 4, 2, 5) 1,336; halves (2, 2048, 8, 1, 1) 360,
+# (1, 2048, 4, 1, 1) 376
+W4_SWEEP_CONFIGS += [(2, 2048, 4, 1, 1), (2, 2048, 8, 1, 1), (1, 2048, 4, 1, 1), (4, 2048, 8, 1, 1),   # halves
+                     (2, 2048, 4, 1), (4, 2048, 8, 1),                                                  # pairs
+                     (8, 2048, 4, 1, 5), (16, 2048, 8, 1, 5)]                                           # quads
 # (quads, integer dot products: a step of 256 weights a warp keeps one word column a thread; stages 2 prefetch.
 # One warp and 8 steps a row: the fewest instructions a weight (sm_90 SASS); more warps, fewer steps, or a sixth
 # element splitting a row's K over 2-4 programs: more programs and bytes in flight for the 2048-row matrices,
