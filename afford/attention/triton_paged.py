@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, pdl_args, rope, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, pdl_args, rope, rope_halves, tl, triton  # noqa: F401  (available: re-exported)
 
 if triton is not None:
     @triton.jit
@@ -226,13 +226,7 @@ if triton is not None:
         slot = tl.load(SLOTS + n)
         slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)    # padding rows write the scratch slot
         if h < H + KV:
-            pos = tl.load(POS + n).to(tl.int64)
-            c1 = tl.load(COS + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
-            c2 = tl.load(COS + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
-            s1 = tl.load(SIN + pos * stride_cos + j, mask=jm, other=0.0).to(tl.float32)
-            s2 = tl.load(SIN + pos * stride_cos + HALF + j, mask=jm, other=0.0).to(tl.float32)
-            o1 = rope(x1, x2, c1, s1, -1.0)
-            o2 = rope(x2, x1, c2, s2, 1.0)
+            o1, o2 = rope_halves(x1, x2, COS, SIN, tl.load(POS + n).to(tl.int64), stride_cos, j, jm, HALF)
             if h < H:
                 dst = QO + n * stride_qn + h * stride_qh
             else:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from afford.models.triton_lib import available, nvidia, pdl_args, rope, tl, triton  # noqa: F401  (available: re-exported)
+from afford.models.triton_lib import available, nvidia, pdl_args, rope_halves, tl, triton  # noqa: F401  (available: re-exported)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per matrix role; None: F.linear (cuBLAS) for that role. The
 # defaults: gpu_decode.py's gemv_sweep on an H200 (797054a), each role's fastest of SWEEP_CONFIGS over 22
@@ -153,22 +153,16 @@ if triton is not None:
     def _rope_rows(Y, pid, N, y, COS, SIN, POS, SLOTS, KP, VP, scratch, stride_cos, stride_ks, stride_kh,
                    BLOCK_N: tl.constexpr, RH: tl.constexpr, RKV: tl.constexpr, HALF: tl.constexpr):
         """A q|k|v product's rows y (fp32, in _tile_rows' ROPE order) out as rope_store leaves them: rounded to
-        the dtype, RoPE at the row's position on q and k (triton_lib.rope, its rounding), q to Y (RH heads of
-        2 HALF), k and v into the pools at the row's slot (-1: the scratch slot) -- bit for bit rope_store's
-        result from the stored product."""
+        the dtype, RoPE at the row's position on q and k (triton_lib.rope_halves, as rope_store rounds), q to Y
+        (RH heads of 2 HALF), k and v into the pools at the row's slot (-1: the scratch slot) -- bit for bit
+        rope_store's result from the stored product."""
         dt = Y.dtype.element_ty
         x1, x2 = tl.split(tl.reshape(y.to(dt), (BLOCK_N // 2, 2)))    # element i, element i + HALF
         p = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         pm = 2 * p < N
         hd = p // HALF
         i = p % HALF
-        pos = tl.load(POS).to(tl.int64)
-        c1 = tl.load(COS + pos * stride_cos + i, mask=pm, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + pos * stride_cos + HALF + i, mask=pm, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + pos * stride_cos + i, mask=pm, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + pos * stride_cos + HALF + i, mask=pm, other=0.0).to(tl.float32)
-        o1 = rope(x1, x2, c1, s1, -1.0)
-        o2 = rope(x2, x1, c2, s2, 1.0)
+        o1, o2 = rope_halves(x1, x2, COS, SIN, tl.load(POS).to(tl.int64), stride_cos, i, pm, HALF)
         slot = tl.load(SLOTS)
         slot = tl.where(slot >= 0, slot, scratch).to(tl.int64)
         isq = pm & (hd < RH)
@@ -1193,7 +1187,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int], *,
     rk, q = _rope_launch(rope, x, N, bn)             # with rope: the rotated q is the output
     y = torch.empty(1, F, dtype=x.dtype, device=x.device) if q is None else q
     _gemv_kernel[(triton.cdiv(F, bn),)](
-        x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, w, y, F, F * w.stride(0), eps,
-        w.stride(0), **rk, K=K, HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages, **pdl_args(x))
+        x, add.contiguous() if add is not None else x, h, norm if norm is not None else x, w, y, F, F * w.stride(0),
+        eps, w.stride(0), **rk, K=K, HAS_ADD=add is not None, NORM=norm is not None, SWIGLU=swiglu, BLOCK_N=bn,
+        BLOCK_K=bk, EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages, **pdl_args(x))
     return y, h

@@ -56,7 +56,7 @@ def pdl_args(t) -> dict:
     return {"PDL": False}
 
 
-rope = None
+rope = rope_halves = None
 if triton is not None:
     @triton.jit
     def rope(x, partner, c, s, sign):
@@ -67,3 +67,13 @@ if triton is not None:
         a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
         b = (sign * partner.to(tl.float32) * s).to(dt).to(tl.float32)
         return (a + b).to(dt)
+
+    @triton.jit
+    def rope_halves(x1, x2, COS, SIN, pos, stride_cos, i, m, HALF: tl.constexpr):
+        """rope() of a head's two halves at once: x1 its elements i, x2 its elements i + HALF (m: which exist),
+        cos / sin from the tables' row `pos` -> the rotated (x1, x2)."""
+        c1 = tl.load(COS + pos * stride_cos + i, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + pos * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + pos * stride_cos + i, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + pos * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
+        return rope(x1, x2, c1, s1, -1.0), rope(x2, x1, c2, s2, 1.0)
