@@ -183,8 +183,7 @@ def main():
     per_tile = {}                            # each int4 tile's own fit: a kernel's fixed part and rate, not the best's
     for N, K in family:
         r = res["shapes"][f"{N}x{K}"]
-        for arm in ["afford_int4"] + [f"afford_int4_r{c}" for c in caps]:
-            cap = f" r{arm.split('_r')[1]}" if "_r" in arm else ""
+        for arm, cap in [("afford_int4", "")] + [(f"afford_int4_r{c}", f" r{c}") for c in caps]:
             for t, us in r["arms"][arm].get("per_tile", []):
                 per_tile.setdefault(str(tuple(t)) + cap, []).append((r["int4_bytes"], us))
     res["fit_k2048_int4_tiles"] = {t: fit(pts) for t, pts in per_tile.items()}

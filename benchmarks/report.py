@@ -456,26 +456,22 @@ def gpu_decode(r) -> None:
         print("\nProgrammatic dependent launch (afford/models/triton_lib.py) on vs off, graphs:\n\n"
               + table(["arm", "PDL tok/s", "no PDL tok/s", "PDL / no PDL", "decode ms PDL / no PDL",
                        "switched arm's graph replay ms", "same tokens"], pdl))
-    for b in (1, 16, 64):                  # decode attention in one kernel against the three kernels
-        for name, one_default in (("unfuseddecode", True), ("fuseddecode", False)):   # the switched arm's name
+    def switch_ab(b, names, title, on, off):
+        """A switch's A/B against the default arm at batch b: names = (the switched arm's name when the switch is
+        on by default, when it is off); on / off: what each side runs."""
+        for name, on_default in zip(names, (True, False)):
             v, g = a.get(f"afford_graphs_{name}_b{b}"), a.get(f"afford_graphs_b{b}")
-            if not (v and g):
-                continue
-            one, three = (g, v) if one_default else (v, g)
-            print(f"\nDecode attention in one kernel (attend_decode) against rope_store + split + merge, batch {b}"
-                  f" ({'one' if one_default else 'three'} the default): {one['tok_s']:.0f} vs {three['tok_s']:.0f} "
-                  f"tok/s ({one['tok_s'] / three['tok_s']:.2f}x; decode step {one['decode_ms']:.3f} vs "
-                  f"{three['decode_ms']:.3f} ms, the switched arm's graph replay {v.get('graph_replay_ms') or 0:.3f}"
-                  f" ms); same tokens {v['same_tokens_as_default']:.0%}")
-    for name, on_default in (("noqkvrope_b1", True), ("qkvrope_b1", False)):   # the switched arm's name
-        v, g = a.get(f"afford_graphs_{name}"), a.get("afford_graphs_b1")
-        if v and g:
-            on, off = (g, v) if on_default else (v, g)
-            print(f"\nThe q|k|v GEMV doing RoPE + the K/V store (fused_qkv_rope) against the rope_store kernel, batch "
-                  f"1 ({'on' if on_default else 'off'} by default): {on['tok_s']:.0f} vs {off['tok_s']:.0f} tok/s "
-                  f"({on['tok_s'] / off['tok_s']:.2f}x; decode step {on['decode_ms']:.3f} vs {off['decode_ms']:.3f} ms, "
-                  f"the switched arm's graph replay {v.get('graph_replay_ms') or 0:.3f} ms); same tokens "
-                  f"{v['same_tokens_as_default']:.0%}")
+            if v and g:
+                x, y = (g, v) if on_default else (v, g)
+                print(f"\n{title}, batch {b} ({'on' if on_default else 'off'} by default): {on} {x['tok_s']:.0f} vs "
+                      f"{off} {y['tok_s']:.0f} tok/s ({x['tok_s'] / y['tok_s']:.2f}x; decode step {x['decode_ms']:.3f} "
+                      f"vs {y['decode_ms']:.3f} ms, the switched arm's graph replay {v.get('graph_replay_ms') or 0:.3f}"
+                      f" ms); same tokens {v['same_tokens_as_default']:.0%}")
+    for b in (1, 16, 64):
+        switch_ab(b, ("unfuseddecode", "fuseddecode"), "Decode attention in one kernel (fused_decode)",
+                  "attend_decode", "rope_store + split + merge")
+    switch_ab(1, ("noqkvrope", "qkvrope"), "The q|k|v GEMV doing RoPE + the K/V store (fused_qkv_rope)",
+              "in the GEMV", "the rope_store kernel")
     sv, g = a.get("afford_graphs_swept_b1"), a.get("afford_graphs_b1")
     if sv and g:
         print(f"\nThe sweep's tiles {sv['configs']} instead of the defaults, batch 1: {sv['tok_s']:.0f} vs "

@@ -595,7 +595,7 @@ class Transformer(nn.Module):
                 y = F.silu(gate) * up
             return y, h
         a = None                      # the addend not yet in the residual stream x
-        rope = self.fused_qkv_rope and self._qkv_rope_tile() and hasattr(meta.backend, "qkv_rope")
+        rope = self.fused_qkv_rope and self._qkv_rope_tile()
         for i, layer in enumerate(self.model.layers):
             att, n1, n2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
             to = meta.backend.qkv_rope(*tables, i, meta, att.h) if rope else None
