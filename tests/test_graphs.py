@@ -304,7 +304,7 @@ ROPE_CHECK = """    kv_plain = [(k.clone(), v.clone()) for k, v in runner.kv]
         v[meta.slots] = 0
     m.fused_qkv_rope = True
     assert m._qkv_rope_tile()
-    assert meta.backend.qkv_rope(m.rope_cos, m.rope_sin, 0, meta, m.cfg.num_attention_heads) is not None
+    assert meta.backend.qkv_rope(m.rope_cos, m.rope_sin, 0, meta, m.model.layers[0].self_attn.h) is not None
     import afford.attention.paged as paged_mod
     keep, paged_mod.rope_store = paged_mod.rope_store, None       # the rope_store kernel must not run now
     out_rope = m._hidden_gemv(m.model.embed_tokens(ids), meta, (m.rope_cos, m.rope_sin), add_rmsnorm)
